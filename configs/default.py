@@ -1,0 +1,70 @@
+"""Every knob of sft_jax, with its default. Other configs start from this one.
+
+    python -m sft_jax.main --config configs/default.py --workdir /tmp/run \
+        --config.train.steps=100 --config.mesh.fsdp=-1
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # one seed for init, data order and dropout
+
+    c.model = ml_collections.ConfigDict()
+    # A GPTConfig preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, tiny, tiny-llama.
+    c.model.preset = "tiny"
+    # "" = random init; "hf:<hub id | HF folder | GGUF file>" starts from pretrained weights.
+    c.model.init_from = ""
+    c.model.tokenizer = ""  # tokenizer name or folder; "" = from init_from, else the preset's
+    c.model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU
+    c.model.param_dtype = "float32"  # storage dtype of parameters and optimizer moments
+    c.model.remat = "none"  # "none" | "full" | "dots": trade compute for activation memory
+    c.model.scan_layers = True  # scan one block over layers: compile time independent of depth
+    c.model.dropout = 0.0  # residual/embedding dropout during training
+
+    c.data = ml_collections.ConfigDict()
+    # JSON/JSONL path or glob, "hf:<name>", or generated tasks "synthetic:<task>:<n>".
+    c.data.train = "synthetic:mix:2000"
+    c.data.validation = "0.05"  # a source like data.train, a held-out fraction of it, or ""
+    c.data.format = "alpaca"  # row shape: alpaca (instruction, input, output)
+    c.data.template = "alpaca"  # prompt template
+    c.data.train_on = "response"  # "response": loss on the response + EOS only; "all": every token
+    c.data.max_seq_len = 128  # tokens per row
+    # Pack several examples per row (segment ids); False = one example per row, padded.
+    c.data.packing = True
+    c.data.too_long = "drop"  # examples over max_seq_len: "drop" (counted), "truncate" or "error"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 0  # optimizer steps; 0 = derive from train.epochs
+    c.train.epochs = 1.0  # passes over the packed training rows (steps win when both are set)
+    c.train.batch_size = 8  # global batch in rows, over all devices and hosts
+    c.train.micro_steps = 1  # gradient accumulation: micro-batches per step (batch_size divisible)
+    c.train.log_every = 10  # steps between metric records
+    c.train.eval_every = 100  # steps between validation passes (0 = only at the end)
+    c.train.eval_batch_size = 0  # 0 = train.batch_size
+    c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = data sheet, or measured on CPU
+    c.train.progress_bar = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 3e-4  # peak learning rate
+    c.optim.warmup_steps = 0  # linear warmup from 0
+    c.optim.decay = "cosine"  # after warmup: cosine | linear | constant
+    c.optim.end_learning_rate_ratio = 0.1  # final lr as a fraction of the peak
+    c.optim.weight_decay = 0.0  # AdamW decoupled decay, on dense kernels only
+    c.optim.decay_embeddings = False  # also decay the embedding tables
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.save_every = 500  # steps between checkpoints (the last step is always saved)
+    c.checkpoint.keep = 3  # newest checkpoints kept
+    c.checkpoint.async_save = True  # write in the background while training goes on
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # replicated data parallelism
+    c.mesh.fsdp = -1  # sharded data parallelism (params + optimizer state); -1 = the rest
+    c.mesh.tensor = 1  # tensor parallelism over heads, MLP width and vocabulary
+    return c

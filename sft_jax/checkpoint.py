@@ -1,0 +1,76 @@
+"""Orbax checkpoints of the whole train state plus a JSON record of the run.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,meta}`. `state` is the TrainState (params,
+optimizer state, step, RNG); `meta` is JSON: the data position (the step: batches are
+step-indexed, so the step alone says where the data continues), the model config and the
+tokenizer/template the run trained with, so tools can rebuild the model from the
+checkpoint alone. Restores go into abstract arrays that carry the *current* shardings, so a
+checkpoint written on one mesh loads onto another.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """A thin, typed face on `ocp.CheckpointManager` for the train loop and tools."""
+
+    def __init__(self, workdir: str, save_every: int = 0, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            # save_every=0: only explicit `force` saves (the final step).
+            save_interval_steps=save_every if save_every > 0 else 10**12,
+            max_to_keep=keep if keep > 0 else None,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+        """Save if `step` is on the interval (or `force`); returns whether a save started."""
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """The state at `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["meta"]
+
+    def restore_meta(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry the target shardings: the restore target."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
+    )

@@ -1,0 +1,109 @@
+"""The edge between `ml_collections` configs and the frozen dataclasses the modules take.
+
+Everything a user can get wrong in a config is checked here, before anything compiles, and
+the message names the config key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import ml_collections
+
+from sft_jax.data import DataSpec
+from sft_jax.model import GPTConfig
+from sft_jax.optim import OptimConfig
+
+# Tokenizer of each preset when neither model.tokenizer nor model.init_from names one.
+PRESET_TOKENIZERS = {"gpt2": "gpt2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def model_config(c: ml_collections.ConfigDict) -> GPTConfig:
+    m = c.model
+    return GPTConfig.preset(
+        m.preset,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+        scan_layers=m.scan_layers,
+        dropout=m.dropout,
+    )
+
+
+def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
+    fields = {f.name for f in dataclasses.fields(OptimConfig)}
+    unknown = set(c.optim.keys()) - fields
+    if unknown:
+        raise ValueError(f"config: unknown optim keys {sorted(unknown)}; valid: {sorted(fields)}")
+    return OptimConfig(**c.optim.to_dict())
+
+
+def data_spec(c: ml_collections.ConfigDict) -> DataSpec:
+    d = c.data
+    return DataSpec(
+        train=d.train,
+        validation=str(d.validation),
+        format=d.format,
+        template=d.template,
+        train_on=d.train_on,
+        max_seq_len=d.max_seq_len,
+        packing=d.packing,
+        too_long=d.too_long,
+        seed=c.seed,
+    )
+
+
+def tokenizer_name(c: ml_collections.ConfigDict) -> str:
+    if c.model.tokenizer:
+        return c.model.tokenizer
+    if c.model.init_from.startswith("hf:"):
+        return c.model.init_from[3:]
+    family = "gpt2" if GPTConfig.preset(c.model.preset).family == "gpt2" else "smollm2"
+    return PRESET_TOKENIZERS[family]
+
+
+def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[str, int]) -> None:
+    """Fail before compiling on settings that cannot work together."""
+    if c.data.max_seq_len > model_cfg.max_seq_len:
+        raise ValueError(
+            f"config: data.max_seq_len={c.data.max_seq_len} exceeds the {model_cfg.max_seq_len} "
+            f"positions of model.preset={c.model.preset!r}; lower data.max_seq_len"
+        )
+    if c.train.steps <= 0 and c.train.epochs <= 0:
+        raise ValueError("config: set train.steps > 0 or train.epochs > 0")
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    b, k = c.train.batch_size, c.train.micro_steps
+    if k < 1 or b % k:
+        raise ValueError(
+            f"config: train.batch_size={b} is not divisible by train.micro_steps={k}; "
+            "choose a batch size that is a multiple of micro_steps"
+        )
+    if (b // k) % batch_shards:
+        raise ValueError(
+            f"config: each micro-batch of {b // k} rows (train.batch_size / train.micro_steps) "
+            f"must divide over mesh.data × mesh.fsdp = {batch_shards} devices; use a "
+            f"train.batch_size that is a multiple of {batch_shards * k}"
+        )
+    eval_b = c.train.eval_batch_size or b
+    if eval_b % batch_shards:
+        raise ValueError(
+            f"config: train.eval_batch_size={eval_b} must be a multiple of "
+            f"mesh.data × mesh.fsdp = {batch_shards}"
+        )
+    for key in ("log_every", "eval_every"):
+        if c.train[key] < 0:
+            raise ValueError(f"config: train.{key} must be >= 0")
+    if c.train.log_every == 0:
+        raise ValueError("config: train.log_every must be >= 1")
+
+
+def total_steps(c: ml_collections.ConfigDict, batches_per_epoch: int) -> int:
+    if c.train.steps > 0:
+        return int(c.train.steps)
+    return max(1, math.ceil(c.train.epochs * batches_per_epoch))
+
+
+def to_json(c: ml_collections.ConfigDict) -> dict:
+    return json.loads(c.to_json())

@@ -1,0 +1,53 @@
+"""Command line: `python -m sft_jax.main --config configs/X.py --workdir DIR [--config.a.b=v]`.
+
+Flags, multi-host initialisation, then one call to `train.train_and_evaluate`.
+"""
+
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sft_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
+flags.DEFINE_string(
+    "workdir", None, "Where metrics, events and checkpoints go; resumed if present."
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process GPU/CPU).")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (multi-process GPU/CPU).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process GPU/CPU).")
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() with auto-detection (TPU pod, SLURM, MPI).",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    elif FLAGS.multihost or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        # A TPU pod slice (several worker hosts), SLURM or MPI: JAX finds its peers itself.
+        # Decided from the environment: touching the backend first would make this fail.
+        jax.distributed.initialize()
+    logging.info(
+        "process %d of %d, %d local devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+    )
+    train.train_and_evaluate(FLAGS.config, os.path.abspath(os.path.expanduser(FLAGS.workdir)))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,452 @@
+"""A GPT in Flax linen: the GPT-2 and Llama families behind one code path.
+
+Family differences are config fields, not subclasses:
+
+| field           | GPT-2                    | Llama (SmolLM2, TinyLlama, Qwen2 with qkv_bias) |
+|-----------------|--------------------------|-------------------------------------------------|
+| `positions`     | "learned" (wpe table)    | "rope"                                          |
+| `norm`          | "layernorm" (with bias)  | "rmsnorm"                                       |
+| `mlp`           | "gelu" (tanh approx.)    | "swiglu"                                        |
+| `n_kv_heads`    | = n_heads                | ≤ n_heads (grouped-query attention)             |
+| `bias`          | True everywhere          | False (`qkv_bias` True for Qwen2)               |
+
+Parameter names mirror the Hugging Face checkpoints of each family (`wte`, `h`, `attn/c_attn`
+… for GPT-2; `embed_tokens`, `layers`, `self_attn/q_proj` … for Llama), so weight conversion
+is a table of names and reshapes. Every parameter carries logical axis names; the mapping of
+those names onto a device mesh lives in `sharding.py` only.
+
+Attention follows the batch contract (DESIGN.md): position i attends to j only if j <= i
+and both carry the same non-zero segment id, so several examples packed in one row give
+the same logits as each example alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Layers are stacked along this leading axis when `scan_layers` is on.
+LAYERS_AXIS = "layers"
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Architecture and numerics of a GPT. Frozen: safe as a static jit argument."""
+
+    vocab_size: int = 50257
+    max_seq_len: int = 1024  # longest sequence the positions support
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 12
+    d_ff: int = 3072
+    head_dim: int = 0  # 0 = d_model // n_heads
+    positions: str = "learned"  # "learned" | "rope"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    bias: bool = True  # biases on every dense layer and norm (GPT-2)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by `bias`
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    dropout: float = 0.0  # residual and embedding dropout (training only)
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    remat: str = "none"  # "none" | "full" | "dots": rematerialise each block in the backward pass
+    scan_layers: bool = True  # one compiled block, scanned: compile time independent of depth
+
+    def __post_init__(self):
+        _check(self.positions in ("learned", "rope"), "positions", self.positions)
+        _check(self.norm in ("layernorm", "rmsnorm"), "norm", self.norm)
+        _check(self.mlp in ("gelu", "swiglu"), "mlp", self.mlp)
+        _check(self.remat in ("none", "full", "dots"), "remat", self.remat)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.positions == "learned" and self.n_kv_heads != self.n_heads:
+            raise ValueError(
+                "model: the GPT-2 family has no grouped-query attention; set n_kv_heads = n_heads"
+            )
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly"
+            )
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def family(self) -> str:
+        """ "gpt2" or "llama": decides parameter names (they mirror the HF checkpoints)."""
+        return "gpt2" if self.positions == "learned" else "llama"
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A named architecture, optionally with fields replaced (e.g. dtype, remat)."""
+        if name not in PRESETS:
+            raise ValueError(
+                f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}"
+            )
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count from the shapes (no arrays allocated)."""
+        d, f, hd = self.d_model, self.d_ff, self.dim_per_head
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        attn = d * (q + 2 * kv) + q * d
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+        norms = (2 if self.bias else 1) * d * 2
+        biases = 0
+        if self.bias:
+            biases = (q + 2 * kv) + d + f + d
+        elif self.qkv_bias:
+            biases = q + 2 * kv
+        per_layer = attn + mlp + norms + biases
+        total = self.n_layers * per_layer + (2 if self.bias else 1) * d
+        if include_embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            if self.positions == "learned":
+                total += self.max_seq_len * d
+        elif not self.tie_embeddings:
+            total += self.vocab_size * d  # the untied head is a matmul like any other
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention
+        scores and values, counted once for the causal half (2·2·T·q_dim per layer, ×3)."""
+        matmul = 6 * (self.num_params(include_embeddings=False) + self.vocab_size * self.d_model)
+        if not self.tie_embeddings:
+            matmul -= 6 * self.vocab_size * self.d_model  # already counted as a weight
+        attention = 6 * self.n_layers * seq_len * self.n_heads * self.dim_per_head
+        return float(matmul + attention)
+
+
+def _check(ok: bool, field: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"model: invalid {field}={value!r}")
+
+
+_GPT2 = dict(positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
+_LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(**_GPT2),
+    "gpt2-medium": GPTConfig(
+        d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=4096, **_GPT2
+    ),
+    "gpt2-large": GPTConfig(
+        d_model=1280, n_layers=36, n_heads=20, n_kv_heads=20, d_ff=5120, **_GPT2
+    ),
+    "gpt2-xl": GPTConfig(d_model=1600, n_layers=48, n_heads=25, n_kv_heads=25, d_ff=6400, **_GPT2),
+    "smollm2-135m": GPTConfig(
+        vocab_size=49152,
+        max_seq_len=8192,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_ff=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_embeddings=True,
+        **_LLAMA,
+    ),
+    # Tiny models for tests and CPU demos; the GPT-2 one uses the real GPT-2 vocabulary.
+    "tiny": GPTConfig(
+        max_seq_len=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, **_GPT2
+    ),
+    "tiny-llama": GPTConfig(
+        vocab_size=49152,
+        max_seq_len=256,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=192,
+        tie_embeddings=False,
+        **_LLAMA,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _param(init, *axes: str | None):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _dense_init():
+    return nn.initializers.normal(stddev=0.02)
+
+
+class Dense(nn.Module):
+    """x @ kernel (+ bias). `kernel_axes` names each kernel dimension; `features` may be a
+    tuple so a kernel keeps head structure ([d_model, heads, head_dim]) for tensor parallelism."""
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    use_bias: bool
+    in_dims: int = 1  # how many trailing dims of x are contracted
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[-self.in_dims :]
+        kernel = self.param(
+            "kernel",
+            _param(self.kernel_init or _dense_init(), *self.kernel_axes),
+            (*in_shape, *self.features),
+            self.param_dtype,
+        )
+        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((contract, tuple(range(self.in_dims))), ((), ())),
+        )
+        if self.use_bias:
+            bias_axes = self.kernel_axes[self.in_dims :]
+            bias = self.param(
+                "bias", _param(nn.initializers.zeros, *bias_axes), self.features, self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama), statistics in float32."""
+
+    kind: str
+    eps: float
+    use_bias: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        scale = self.param("scale", _param(nn.initializers.ones, "norm"), (d,), self.param_dtype)
+        y = y * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", _param(nn.initializers.zeros, "norm"), (d,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, HF Llama convention (rotate the two halves of each head).
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: Array) -> Array:
+    """[batch, 1, seq, seq] bool: causal, same segment, never padding (segment 0)."""
+    seq = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=jnp.bool_))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = (segment_ids != 0)[:, :, None]
+    return (causal[None] & same & real)[:, None]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention with softmax in float32.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim];
+    mask: [batch, 1, seq, seq]. Returns [batch, seq, heads, head_dim]."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)  # [batch, seq, kv_heads, group, head_dim]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)
+    # A finite minimum, not -inf: padding queries see no key at all and must not give NaN.
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+        cfg = self.cfg
+        hd, dt, pdt = cfg.dim_per_head, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dense = functools.partial(Dense, dtype=dt, param_dtype=pdt)
+        if cfg.family == "gpt2":
+            # Fused q|k|v as in GPT-2's c_attn, kept as [d_model, 3, heads, head_dim].
+            qkv = dense(
+                (3, cfg.n_heads, hd), ("embed", "qkv", "heads", "head_dim"), cfg.bias, name="c_attn"
+            )(x)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            qkv_bias = cfg.bias or cfg.qkv_bias
+            q = dense((cfg.n_heads, hd), ("embed", "heads", "head_dim"), qkv_bias, name="q_proj")(x)
+            k = dense(
+                (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), qkv_bias, name="k_proj"
+            )(x)
+            v = dense(
+                (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), qkv_bias, name="v_proj"
+            )(x)
+        if cfg.positions == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        out = dot_product_attention(q, k, v, mask)  # [batch, seq, heads, head_dim]
+        name = "c_proj" if cfg.family == "gpt2" else "o_proj"
+        return dense(
+            (cfg.d_model,), ("heads", "head_dim", "embed"), cfg.bias, in_dims=2, name=name
+        )(out)
+
+
+class MLP(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        dense = functools.partial(
+            Dense, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype)
+        )
+        if cfg.mlp == "gelu":
+            h = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="c_fc")(x)
+            h = jax.nn.gelu(h, approximate=True)
+            h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+            return dense((cfg.d_model,), ("mlp", "embed"), cfg.bias, name="c_proj")(h)
+        gate = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="gate_proj")(x)
+        up = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="up_proj")(x)
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return dense((cfg.d_model,), ("mlp", "embed"), cfg.bias, name="down_proj")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Signature fits `nn.scan`: (carry, *broadcast) → (carry, None)."""
+
+    cfg: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array):
+        cfg = self.cfg
+        gpt2 = cfg.family == "gpt2"
+        norm = functools.partial(
+            Norm, cfg.norm, cfg.norm_eps, cfg.bias, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        )
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h = norm(name="ln_1" if gpt2 else "input_layernorm")(x)
+        h = Attention(cfg, name="attn" if gpt2 else "self_attn")(h, positions, mask)
+        x = x + drop(h)
+        h = norm(name="ln_2" if gpt2 else "post_attention_layernorm")(x)
+        x = x + drop(MLP(cfg, name="mlp")(h))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, None
+
+
+def _block_class(cfg: GPTConfig):
+    if cfg.remat == "none":
+        return Block
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots
+    # Arguments 1.. (positions, mask) and `deterministic` are not differentiated.
+    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class GPT(nn.Module):
+    """`GPT(cfg).apply({"params": p}, tokens, positions=…, segment_ids=…)` → float32 logits."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """tokens, positions, segment_ids: [batch, seq] int32 → logits [batch, seq, vocab] float32.
+
+        Defaults: positions 0..seq-1 and a single segment (one example per row)."""
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        gpt2 = cfg.family == "gpt2"
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        mask = attention_mask(segment_ids)
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=_param(_dense_init(), "vocab", "embed"),
+            dtype=dt,
+            param_dtype=pdt,
+            name="wte" if gpt2 else "embed_tokens",
+        )
+        x = embed(tokens)  # [batch, seq, d_model]
+        if cfg.positions == "learned":
+            wpe = self.param(
+                "wpe",
+                _param(nn.initializers.normal(stddev=0.01), None, "embed"),
+                (cfg.max_seq_len, cfg.d_model),
+                pdt,
+            )
+            x = x + jnp.take(wpe, positions, axis=0).astype(dt)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+        block = _block_class(cfg)
+        layers_name = "h" if gpt2 else "layers"
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
+            )
+            x, _ = stack(cfg, deterministic, name=layers_name)(x, positions, mask)
+        else:
+            for i in range(cfg.n_layers):
+                x, _ = block(cfg, deterministic, name=f"{layers_name}_{i}")(x, positions, mask)
+
+        x = Norm(cfg.norm, cfg.norm_eps, cfg.bias, dt, pdt, name="ln_f" if gpt2 else "norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Dense(
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
+                False,
+                dtype=dt,
+                param_dtype=pdt,
+                name="lm_head",
+            )(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        return logits.astype(jnp.float32)

@@ -1,0 +1,127 @@
+"""Pure train and eval steps, jitted once by `train.py` with shardings and donation.
+
+Gradient accumulation splits the global batch into `micro_steps` micro-batches and sums
+gradients of the loss *sum*; the one division by the global loss-token count afterwards
+makes loss and gradient exactly those of the whole batch (DESIGN.md, the loss contract).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from sft_jax import losses
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; each step folds in its step number
+
+
+def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state. Under `jax.eval_shape` it gives the shapes and logical axis boxes from
+    which `sharding.tree_shardings` derives every leaf's sharding."""
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    params = model.init(init_rng, dummy)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+    )
+
+
+def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = None):
+    """(Σ mask·nll, Σ mask) of one (micro-)batch; dropout on when `rng` is given."""
+    logits = model.apply(
+        {"params": params},
+        batch["tokens"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
+    return losses.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+
+def _split_micro(batch: Batch, micro_steps: int) -> Batch:
+    """[B, T] → [micro_steps, B/micro_steps, T], micro-batch j = rows j, j+k, j+2k …
+
+    Interleaved rather than contiguous: each device's shard of the rows stays on that
+    device, so splitting needs no communication."""
+
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // micro_steps, micro_steps, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    micro_steps: int = 1,
+    dropout: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch [B, T]. A non-finite loss or gradient leaves the
+    state unchanged and reports `finite=False`, so a bad state never exists to be saved."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def micro(carry, xs):
+        grads_acc, loss_acc, count_acc = carry
+        mb, i = xs
+        (loss_sum, count), grads = grad_fn(
+            state.params, mb, model, jax.random.fold_in(rng, i) if dropout else None
+        )
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+        return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    if micro_steps == 1:
+        (grads, loss_sum, count), _ = micro(init, (batch, 0))
+    else:
+        micro_batches = _split_micro(batch, micro_steps)
+        (grads, loss_sum, count), _ = jax.lax.scan(
+            micro, init, (micro_batches, jnp.arange(micro_steps))
+        )
+
+    denom = jnp.maximum(count, 1.0)
+    loss = loss_sum / denom
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    # Keep the old state (but count the step) when anything is non-finite.
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    kept = kept.replace(step=state.step + 1)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+        "loss_tokens": count,
+        "finite": finite,
+    }
+    return kept, metrics
+
+
+def eval_step(params, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+    """Loss sums of one evaluation batch; the caller sums over batches, then divides."""
+    loss_sum, count = loss_sums(params, batch, model)
+    return {"loss_sum": loss_sum, "loss_tokens": count}

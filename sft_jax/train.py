@@ -1,0 +1,224 @@
+"""The one orchestrator: config → mesh → data → model/optimizer → abstract state →
+shardings → restore or init → jitted steps → loop (log, evaluate, checkpoint).
+
+Init order (big_vision's): resume from the workdir's latest checkpoint > pretrained
+weights (`model.init_from`) > random init. No math here; it lives in steps/losses/model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sft_jax import checkpoint as ckpt_lib
+from sft_jax import config as config_lib
+from sft_jax import data as data_lib
+from sft_jax import metrics as metrics_lib
+from sft_jax import optim, sharding, steps
+from sft_jax.model import GPT
+
+
+def global_batch(local: dict[str, np.ndarray], batch_sharding, global_rows: int) -> dict:
+    """This process's rows → one global jax.Array per field, sharded over (data, fsdp)."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, v, (global_rows, *v.shape[1:]))
+        for k, v in local.items()
+    }
+
+
+def evaluate(eval_fn, params, rows, batch_size, batch_sharding) -> dict[str, float]:
+    """Token-weighted validation loss over every row once."""
+    loss_sum = count = 0.0
+    pid, pcount = jax.process_index(), jax.process_count()
+    for local in data_lib.eval_batches(rows, batch_size, pid, pcount):
+        out = eval_fn(params, global_batch(local, batch_sharding, batch_size))
+        loss_sum += float(out["loss_sum"])
+        count += float(out["loss_tokens"])
+    loss = loss_sum / max(count, 1.0)
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": float(np.exp(min(loss, 50.0))),
+        "eval_loss_tokens": count,
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train per `config`, writing metrics, events and checkpoints under `workdir`.
+
+    Returns the last logged metrics (and the final evaluation)."""
+    config = ml_collections.ConfigDict(config)  # a copy we may read freely
+    is_main = jax.process_index() == 0
+    model_cfg = config_lib.model_config(config)
+    optim_cfg = config_lib.optim_config(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    config_lib.check(config, model_cfg, dict(mesh.shape))
+    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
+
+    # ---- data: rows → token ids + masks → packed rows, once; batches are step-indexed.
+    tokenizer_name = config_lib.tokenizer_name(config)
+    tokenizer = data_lib.load_tokenizer(tokenizer_name)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ValueError(
+            f"config: the tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but "
+            f"model.preset={config.model.preset!r} only {model_cfg.vocab_size}; "
+            "choose a matching model.tokenizer"
+        )
+    splits = data_lib.build_splits(config_lib.data_spec(config), tokenizer)
+    logging.info("data: %s", splits.stats)
+    batch_size = config.train.batch_size
+    num_steps = config_lib.total_steps(
+        config, data_lib.num_batches_per_epoch(splits.train, batch_size)
+    )
+    eval_batch_size = config.train.eval_batch_size or batch_size
+
+    # ---- model, optimizer, and the state's shapes and shardings before any array exists.
+    model = GPT(model_cfg)
+    tx, schedule = optim.make_optimizer(optim_cfg, num_steps)
+    init_fn = functools.partial(steps.init_state, model=model, tx=tx)
+    boxed_abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    state_shardings = sharding.tree_shardings(boxed_abstract, mesh)
+    abstract_state = nn.meta.unbox(boxed_abstract)
+    batch_sharding = sharding.batch_sharding(mesh)
+    rules = sharding.activation_rules(
+        mesh,
+        {
+            "act_heads": model_cfg.n_heads,
+            "act_mlp": model_cfg.d_ff,
+            "act_vocab": model_cfg.vocab_size,
+        },
+    )
+
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, config.checkpoint.save_every, config.checkpoint.keep, config.checkpoint.async_save
+    )
+    meta = {
+        "config": config_lib.to_json(config),
+        "model": dataclasses.asdict(model_cfg),
+        "tokenizer": tokenizer_name,
+        "template": config.data.template,
+    }
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            target = ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
+            state, _ = checkpointer.restore(latest, target)
+            logging.info("resumed from %s at step %d", checkpointer.directory, latest)
+        elif config.model.init_from:
+            raise ValueError(
+                f"config: model.init_from={config.model.init_from!r} needs Hugging Face import "
+                "(sft_jax.hf), which this version does not have yet; use model.init_from=''"
+            )
+        else:
+            init = jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=state_shardings)
+            state = init(jax.random.key(config.seed))
+        start_step = int(jax.device_get(state.step))
+
+        train_step = jax.jit(
+            functools.partial(
+                steps.train_step,
+                model=model,
+                tx=tx,
+                schedule=schedule,
+                micro_steps=config.train.micro_steps,
+                dropout=model_cfg.dropout > 0,
+            ),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, None),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(
+            functools.partial(steps.eval_step, model=model),
+            in_shardings=(state_shardings.params, batch_sharding),
+        )
+
+        peak, peak_source = metrics_lib.peak_flops_per_device(config.train.peak_flops)
+        flops_per_row = model_cfg.flops_per_token(config.data.max_seq_len) * config.data.max_seq_len
+        logging.info("peak %.3g FLOP/s per device (%s); %d steps", peak, peak_source, num_steps)
+        logger = metrics_lib.MetricsLogger(
+            workdir, num_steps, start_step, enabled=is_main, progress_bar=config.train.progress_bar
+        )
+
+        window: list[dict] = []  # host copies of per-step metrics since the last record
+        window_start = time.perf_counter()
+        pending = None  # (step, device metrics) of the step before: read one step late so
+        # the host never waits for the device before dispatching the next step.
+        last: dict[str, float] = {}
+
+        def finish(step_and_metrics) -> None:
+            step, device_metrics = step_and_metrics
+            host = jax.device_get(device_metrics)
+            if not bool(host["finite"]):
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {step + 1} (loss={float(host['loss'])}, "
+                    f"grad_norm={float(host['grad_norm'])}); the update was not applied and "
+                    "nothing was saved. Lower optim.learning_rate or check the data."
+                )
+            window.append(host)
+
+        pid, pcount = jax.process_index(), jax.process_count()
+        for step in range(start_step, num_steps):
+            local = data_lib.batch_at(splits.train, step, batch_size, config.seed, pid, pcount)
+            batch = global_batch(local, batch_sharding, batch_size)
+            state, device_metrics = train_step(state, batch)
+            if pending is not None:
+                finish(pending)
+            pending = (step, device_metrics)
+            done = step + 1
+            if done % config.train.log_every == 0 or done == num_steps:
+                finish(pending)
+                pending = None
+                elapsed = time.perf_counter() - window_start
+                last = _window_record(window, elapsed, flops_per_row, batch_size, peak * mesh.size)
+                window, window_start = [], time.perf_counter()
+            evaluating = splits.validation is not None and (
+                done == num_steps
+                or (config.train.eval_every > 0 and done % config.train.eval_every == 0)
+            )
+            if evaluating:
+                last.update(
+                    evaluate(
+                        eval_fn, state.params, splits.validation, eval_batch_size, batch_sharding
+                    )
+                )
+                window_start = time.perf_counter()  # evaluation time is not training time
+            if last and (done % config.train.log_every == 0 or done == num_steps or evaluating):
+                logger.write(done, last)
+                logger.progress(done, last.get("loss"), last.get("tokens_per_sec"))
+                last = {k: v for k, v in last.items() if not k.startswith("eval_")}
+            if done < num_steps and checkpointer.save(done, state, meta):
+                logging.info("checkpoint at step %d", done)
+        if pending is not None:
+            finish(pending)
+        if start_step < num_steps or checkpointer.latest_step() != num_steps:
+            checkpointer.save(num_steps, state, meta, force=True)
+        checkpointer.close()
+        logger.close()
+        if is_main:
+            logging.info("done: step %d, checkpoints in %s", num_steps, checkpointer.directory)
+    return last
+
+
+def _window_record(window, elapsed, flops_per_row, batch_size, peak_total) -> dict[str, float]:
+    """Metrics of the steps since the last record: token-weighted loss, throughput, MFU."""
+    loss_tokens = sum(float(m["loss_tokens"]) for m in window)
+    loss_sum = sum(float(m["loss"]) * float(m["loss_tokens"]) for m in window)
+    tokens = sum(float(m["tokens"]) for m in window)
+    steps_per_sec = len(window) / max(elapsed, 1e-9)
+    return {
+        "loss": loss_sum / max(loss_tokens, 1.0),
+        "learning_rate": float(window[-1]["learning_rate"]),
+        "grad_norm": float(window[-1]["grad_norm"]),
+        "tokens": tokens,
+        "loss_tokens": loss_tokens,
+        "tokens_per_sec": tokens / max(elapsed, 1e-9),
+        "step_time_s": 1.0 / steps_per_sec,
+        "mfu": flops_per_row * batch_size * steps_per_sec / peak_total if peak_total else 0.0,
+    }

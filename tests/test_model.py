@@ -1,0 +1,146 @@
+"""The GPT: packed rows equal separate examples, padding isolated, numerics options agree."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_jax.model import GPT, PRESETS, GPTConfig, attention_mask
+
+VOCAB = 512
+
+
+def _init(cfg, seq=16):
+    model = GPT(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))["params"])
+    return model, params
+
+
+def _tokens(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, shape), jnp.int32)
+
+
+FAMILIES = [
+    pytest.param(dict(preset="tiny"), id="gpt2"),
+    pytest.param(dict(preset="tiny-llama"), id="llama-gqa"),
+    pytest.param(dict(preset="tiny-llama", qkv_bias=True, tie_embeddings=True), id="qwen2-like"),
+    pytest.param(dict(preset="tiny", scan_layers=False), id="gpt2-unscanned"),
+]
+
+
+@pytest.mark.parametrize("kw", FAMILIES)
+def test_packed_row_equals_each_example_alone(kw):
+    kw = dict(kw)
+    cfg = GPTConfig.preset(kw.pop("preset"), vocab_size=VOCAB, **kw)
+    model, params = _init(cfg)
+    a, b = _tokens((1, 11), 1), _tokens((1, 7), 2)
+    alone_a = model.apply({"params": params}, a)
+    alone_b = model.apply({"params": params}, b)
+    # Row: a, then b, then 6 padding positions holding arbitrary tokens.
+    row = jnp.concatenate([a, b, _tokens((1, 6), 3)], axis=1)
+    segments = jnp.asarray([[1] * 11 + [2] * 7 + [0] * 6])
+    positions = jnp.asarray([list(range(11)) + list(range(7)) + [0] * 6])
+    packed = model.apply({"params": params}, row, positions=positions, segment_ids=segments)
+    assert packed.dtype == jnp.float32
+    np.testing.assert_allclose(packed[:, :11], alone_a, atol=2e-5)
+    np.testing.assert_allclose(packed[:, 11:18], alone_b, atol=2e-5)
+    assert np.isfinite(np.asarray(packed)).all()  # padding queries see nothing, yet no NaN
+
+
+def test_attention_mask_contract():
+    seg = jnp.asarray([[1, 1, 2, 2, 0]])
+    m = np.asarray(attention_mask(seg))[0, 0]
+    expected = np.array(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool
+    )
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_scan_and_unrolled_layers_compute_the_same_function():
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=VOCAB)
+    model, params = _init(cfg)
+    unrolled = GPT(GPTConfig.preset("tiny-llama", vocab_size=VOCAB, scan_layers=False))
+    layers = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(2)}
+    params_u = {k: v for k, v in params.items() if k != "layers"} | layers
+    x = _tokens((2, 12))
+    np.testing.assert_allclose(
+        model.apply({"params": params}, x), unrolled.apply({"params": params_u}, x), atol=1e-5
+    )
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+    """GQA with 2 KV heads = full multi-head attention whose K/V heads are repeated."""
+    gqa_cfg = GPTConfig.preset("tiny-llama", vocab_size=VOCAB)
+    mha_cfg = GPTConfig.preset("tiny-llama", vocab_size=VOCAB, n_kv_heads=4)
+    gqa, p = _init(gqa_cfg)
+    mha = GPT(mha_cfg)
+    p_mha = jax.tree.map(lambda x: x, p)
+    for name in ("k_proj", "v_proj"):
+        k = p["layers"]["self_attn"][name]["kernel"]  # [layers, embed, kv_heads, head_dim]
+        p_mha["layers"]["self_attn"][name]["kernel"] = jnp.repeat(k, 2, axis=2)
+    x = _tokens((2, 10))
+    np.testing.assert_allclose(
+        gqa.apply({"params": p}, x), mha.apply({"params": p_mha}, x), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_changes_memory_not_gradients(remat):
+    base = GPTConfig.preset("tiny", vocab_size=VOCAB)
+    model, params = _init(base)
+    remat_model = GPT(GPTConfig.preset("tiny", vocab_size=VOCAB, remat=remat))
+    x = _tokens((2, 12))
+
+    def loss(m):
+        return lambda p: jnp.mean(m.apply({"params": p}, x) ** 2)
+
+    g0 = jax.grad(loss(model))(params)
+    g1 = jax.grad(loss(remat_model))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    cfg = GPTConfig.preset("tiny", vocab_size=VOCAB, dtype="bfloat16")
+    model, params = _init(cfg)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    x = _tokens((1, 8))
+    logits = model.apply({"params": params}, x)
+    ref = GPT(GPTConfig.preset("tiny", vocab_size=VOCAB)).apply({"params": params}, x)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, ref, atol=0.1)  # bf16 rounding, same function
+
+
+def test_every_parameter_has_logical_axes():
+    for name in ("tiny", "tiny-llama"):
+        boxed = jax.eval_shape(
+            GPT(GPTConfig.preset(name)).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)
+        )["params"]
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+        assert all(len(x.names) == x.value.ndim for x in leaves)
+
+
+@pytest.mark.parametrize(
+    "name,expected_millions",
+    [
+        ("gpt2", 124.4),
+        ("gpt2-medium", 354.8),
+        ("gpt2-large", 774.0),
+        ("gpt2-xl", 1557.6),
+        ("smollm2-135m", 134.5),
+    ],
+)
+def test_real_size_presets_have_the_published_parameter_counts(name, expected_millions):
+    cfg = PRESETS[name]
+    boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    count = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(boxed)))
+    assert count == cfg.num_params()
+    assert abs(count / 1e6 - expected_millions) < 0.1, count
+
+
+def test_bad_config_messages_name_the_field():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        GPTConfig.preset("tiny-llama", n_kv_heads=3)
+    with pytest.raises(ValueError, match="model.preset"):
+        GPTConfig.preset("gpt5")
