@@ -7,9 +7,11 @@ weights (`model.init_from`) > random init. No math here; it lives in steps/losse
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -49,6 +51,63 @@ def evaluate(eval_fn, params, rows, batch_size, batch_sharding) -> dict[str, flo
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The state's layout on the mesh and the jitted functions that use it."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple  # logical axis rules for activations, active while tracing
+    abstract_state: steps.TrainState  # ShapeDtypeStructs
+    state_shardings: steps.TrainState  # NamedShardings, same tree
+    batch_sharding: jax.sharding.NamedSharding
+    init: Callable  # rng -> TrainState, laid out by state_shardings
+    train_step: Callable  # (state, batch) -> (state, metrics); state donated
+    eval_step: Callable  # (params, batch) -> {loss_sum, loss_tokens}
+
+    @contextlib.contextmanager
+    def context(self):
+        """Call (and so trace) the functions inside this: mesh and rules for constraints."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+
+def build_steps(model: GPT, tx, schedule, mesh, micro_steps: int = 1) -> StepFns:
+    """Shapes before arrays: eval_shape the init, derive every leaf's sharding from the
+    logical axis rules, then jit init and steps with those shardings."""
+    cfg = model.cfg
+    init_fn = functools.partial(steps.init_state, model=model, tx=tx)
+    boxed_abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    state_shardings = sharding.tree_shardings(boxed_abstract, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    sizes = {"act_heads": cfg.n_heads, "act_mlp": cfg.d_ff, "act_vocab": cfg.vocab_size}
+    train_step = functools.partial(
+        steps.train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        micro_steps=micro_steps,
+        dropout=cfg.dropout > 0,
+    )
+    return StepFns(
+        mesh=mesh,
+        rules=sharding.activation_rules(mesh, sizes),
+        abstract_state=nn.meta.unbox(boxed_abstract),
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        init=jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=state_shardings),
+        train_step=jax.jit(
+            train_step,
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, None),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(
+            functools.partial(steps.eval_step, model=model),
+            in_shardings=(state_shardings.params, batch_sharding),
+        ),
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train per `config`, writing metrics, events and checkpoints under `workdir`.
 
@@ -81,19 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- model, optimizer, and the state's shapes and shardings before any array exists.
     model = GPT(model_cfg)
     tx, schedule = optim.make_optimizer(optim_cfg, num_steps)
-    init_fn = functools.partial(steps.init_state, model=model, tx=tx)
-    boxed_abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    state_shardings = sharding.tree_shardings(boxed_abstract, mesh)
-    abstract_state = nn.meta.unbox(boxed_abstract)
-    batch_sharding = sharding.batch_sharding(mesh)
-    rules = sharding.activation_rules(
-        mesh,
-        {
-            "act_heads": model_cfg.n_heads,
-            "act_mlp": model_cfg.d_ff,
-            "act_vocab": model_cfg.vocab_size,
-        },
-    )
+    fns = build_steps(model, tx, schedule, mesh, config.train.micro_steps)
+    batch_sharding = fns.batch_sharding
 
     checkpointer = ckpt_lib.Checkpointer(
         workdir, config.checkpoint.save_every, config.checkpoint.keep, config.checkpoint.async_save
@@ -105,10 +153,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "template": config.data.template,
     }
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with fns.context():
         latest = checkpointer.latest_step()
         if latest is not None:
-            target = ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
+            target = ckpt_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
             state, _ = checkpointer.restore(latest, target)
             logging.info("resumed from %s at step %d", checkpointer.directory, latest)
         elif config.model.init_from:
@@ -117,27 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "(sft_jax.hf), which this version does not have yet; use model.init_from=''"
             )
         else:
-            init = jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=state_shardings)
-            state = init(jax.random.key(config.seed))
+            state = fns.init(jax.random.key(config.seed))
         start_step = int(jax.device_get(state.step))
-
-        train_step = jax.jit(
-            functools.partial(
-                steps.train_step,
-                model=model,
-                tx=tx,
-                schedule=schedule,
-                micro_steps=config.train.micro_steps,
-                dropout=model_cfg.dropout > 0,
-            ),
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, None),
-            donate_argnums=0,
-        )
-        eval_fn = jax.jit(
-            functools.partial(steps.eval_step, model=model),
-            in_shardings=(state_shardings.params, batch_sharding),
-        )
+        train_step, eval_fn = fns.train_step, fns.eval_step
 
         peak, peak_source = metrics_lib.peak_flops_per_device(config.train.peak_flops)
         flops_per_row = model_cfg.flops_per_token(config.data.max_seq_len) * config.data.max_seq_len
