@@ -20,11 +20,9 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """A thin, typed face on `ocp.CheckpointManager` for the train loop and tools."""
 
-    def __init__(self, workdir: str, save_every: int = 0, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
-            # save_every=0: only explicit `force` saves (the final step).
-            save_interval_steps=save_every if save_every > 0 else 10**12,
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
         )

@@ -3,8 +3,11 @@
 Flags, multi-host initialisation, then one call to `train.train_and_evaluate`.
 """
 
+import logging as std_logging
 import os
+import re
 
+import datasets
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,9 +30,18 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Orbax logs every file it writes at INFO; keep its warnings and errors only."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    datasets.disable_progress_bars()
     if FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
@@ -49,5 +61,20 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, os.path.abspath(os.path.expanduser(FLAGS.workdir)))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a one-line message instead of a traceback for a mistyped
+    `--config.a.b=v` key (ml_collections raises AttributeError/KeyError for those)."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        suggestion = re.search(r'Did you mean "([^"]+)"', str(e))
+        keys = " ".join(a.split("=")[0] for a in argv[1:] if a.startswith("--config."))
+        raise SystemExit(
+            f"config: unknown key among {keys}"
+            + (f' (did you mean "{suggestion.group(1)}"?)' if suggestion else "")
+            + ". Every key is listed, with a comment, in configs/default.py."
+        ) from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

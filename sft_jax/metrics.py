@@ -84,7 +84,10 @@ class MetricsLogger:
         if progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            # disable=None: no bar when stderr is not a terminal (logs, CI).
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None
+            )
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -144,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch_sharding = fns.batch_sharding
 
     checkpointer = ckpt_lib.Checkpointer(
-        workdir, config.checkpoint.save_every, config.checkpoint.keep, config.checkpoint.async_save
+        workdir, config.checkpoint.keep, config.checkpoint.async_save
     )
     meta = {
         "config": config_lib.to_json(config),
@@ -176,19 +176,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             workdir, num_steps, start_step, enabled=is_main, progress_bar=config.train.progress_bar
         )
 
+        def every(n: int, done: int) -> bool:
+            return done == num_steps or (n > 0 and done % n == 0)
+
         window: list[dict] = []  # host copies of per-step metrics since the last record
         window_start = time.perf_counter()
-        pending = None  # (step, device metrics) of the step before: read one step late so
-        # the host never waits for the device before dispatching the next step.
-        last: dict[str, float] = {}
+        # Metrics are read one step late, so the host dispatches step i+1 before it waits for
+        # step i; before anything is logged or saved, the step is read and checked first.
+        pending: tuple[int, dict] | None = None
+        record: dict[str, float] = {}
+        compile_s: float | None = None
+        untimed = 0  # leading steps of the window outside the timing (the compiling one)
 
-        def finish(step_and_metrics) -> None:
-            step, device_metrics = step_and_metrics
-            host = jax.device_get(device_metrics)
+        def check_pending() -> None:
+            nonlocal pending
+            if pending is None:
+                return
+            step, host = pending[0], jax.device_get(pending[1])
+            pending = None
             if not bool(host["finite"]):
                 raise FloatingPointError(
-                    f"non-finite loss or gradient at step {step + 1} (loss={float(host['loss'])}, "
-                    f"grad_norm={float(host['grad_norm'])}); the update was not applied and "
+                    f"non-finite loss or gradient at step {step} (loss={float(host['loss'])}, "
+                    f"grad_norm={float(host['grad_norm'])}): the update was not applied and "
                     "nothing was saved. Lower optim.learning_rate or check the data."
                 )
             window.append(host)
@@ -196,57 +205,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pid, pcount = jax.process_index(), jax.process_count()
         for step in range(start_step, num_steps):
             local = data_lib.batch_at(splits.train, step, batch_size, config.seed, pid, pcount)
-            batch = global_batch(local, batch_sharding, batch_size)
-            state, device_metrics = train_step(state, batch)
-            if pending is not None:
-                finish(pending)
-            pending = (step, device_metrics)
-            done = step + 1
-            if done % config.train.log_every == 0 or done == num_steps:
-                finish(pending)
-                pending = None
-                elapsed = time.perf_counter() - window_start
-                last = _window_record(window, elapsed, flops_per_row, batch_size, peak * mesh.size)
-                window, window_start = [], time.perf_counter()
-            evaluating = splits.validation is not None and (
-                done == num_steps
-                or (config.train.eval_every > 0 and done % config.train.eval_every == 0)
+            state, device_metrics = train_step(
+                state, global_batch(local, batch_sharding, batch_size)
             )
+            check_pending()
+            done = step + 1
+            pending = (done, device_metrics)
+            if step == start_step:  # the first call compiles: time it apart from training
+                check_pending()
+                compile_s = time.perf_counter() - window_start
+                logging.info("first step (compile included) took %.1f s", compile_s)
+                window_start, untimed = time.perf_counter(), 1
+            logging_now = every(config.train.log_every, done)
+            evaluating = splits.validation is not None and every(config.train.eval_every, done)
+            saving = every(config.checkpoint.save_every, done)
+            if not (logging_now or evaluating or saving):
+                continue
+            check_pending()
+            record = {}
+            if logging_now:
+                elapsed = time.perf_counter() - window_start
+                record = _window_record(
+                    window, untimed, elapsed, flops_per_row, batch_size, peak * mesh.size
+                )
+                if compile_s is not None:
+                    record["compile_s"], compile_s, untimed = compile_s, None, 0
             if evaluating:
-                last.update(
+                record.update(
                     evaluate(
                         eval_fn, state.params, splits.validation, eval_batch_size, batch_sharding
                     )
                 )
-                window_start = time.perf_counter()  # evaluation time is not training time
-            if last and (done % config.train.log_every == 0 or done == num_steps or evaluating):
-                logger.write(done, last)
-                logger.progress(done, last.get("loss"), last.get("tokens_per_sec"))
-                last = {k: v for k, v in last.items() if not k.startswith("eval_")}
-            if done < num_steps and checkpointer.save(done, state, meta):
-                logging.info("checkpoint at step %d", done)
-        if pending is not None:
-            finish(pending)
-        if start_step < num_steps or checkpointer.latest_step() != num_steps:
-            checkpointer.save(num_steps, state, meta, force=True)
-        checkpointer.close()
+            if record:
+                logger.write(done, record)
+                logger.progress(done, record.get("loss"), record.get("tokens_per_sec"))
+            if saving and checkpointer.latest_step() != done:
+                checkpointer.save(done, state, meta)
+            if logging_now:
+                window, window_start = [], time.perf_counter()  # eval/save time is not training
+        checkpointer.close()  # waits for the last (async) save
         logger.close()
         if is_main:
             logging.info("done: step %d, checkpoints in %s", num_steps, checkpointer.directory)
-    return last
+    return record
 
 
-def _window_record(window, elapsed, flops_per_row, batch_size, peak_total) -> dict[str, float]:
-    """Metrics of the steps since the last record: token-weighted loss, throughput, MFU."""
+def _window_record(
+    window, untimed, elapsed, flops_per_row, batch_size, peak_total
+) -> dict[str, float]:
+    """Metrics of the steps since the last record: token-weighted loss over all of them,
+    throughput and MFU over the `elapsed` seconds that the steps after `untimed` took."""
     loss_tokens = sum(float(m["loss_tokens"]) for m in window)
     loss_sum = sum(float(m["loss"]) * float(m["loss_tokens"]) for m in window)
-    tokens = sum(float(m["tokens"]) for m in window)
-    steps_per_sec = len(window) / max(elapsed, 1e-9)
+    timed = window[untimed:] or window
+    tokens = sum(float(m["tokens"]) for m in timed)
+    steps_per_sec = len(timed) / max(elapsed, 1e-9)
     return {
         "loss": loss_sum / max(loss_tokens, 1.0),
         "learning_rate": float(window[-1]["learning_rate"]),
         "grad_norm": float(window[-1]["grad_norm"]),
-        "tokens": tokens,
+        "tokens": sum(float(m["tokens"]) for m in window),
         "loss_tokens": loss_tokens,
         "tokens_per_sec": tokens / max(elapsed, 1e-9),
         "step_time_s": 1.0 / steps_per_sec,

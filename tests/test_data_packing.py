@@ -1,0 +1,136 @@
+"""Packing keeps every example whole and recoverable; padding is inert; BFD is dense."""
+
+import os
+
+import numpy as np
+import pytest
+
+from sft_jax.data import load_tokenizer, packing, sources, templates
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_en_demo.json")
+
+
+def _example(n, tag, rng):
+    """n+1 ids whose first id is a unique tag, random trainable flags."""
+    ids = np.concatenate([[tag], rng.integers(1, 50000, n)]).astype(np.int32)
+    return ids, rng.random(n + 1) < 0.5
+
+
+def test_example_fields_golden():
+    ids = np.array([5, 6, 7, 8], np.int32)
+    trainable = np.array([False, False, True, True])
+    f = packing.example_fields((ids, trainable))
+    assert f["tokens"].tolist() == [5, 6, 7]
+    assert f["targets"].tolist() == [6, 7, 8]
+    assert f["loss_mask"].tolist() == [0.0, 1.0, 1.0]
+    assert f["positions"].tolist() == [0, 1, 2]
+
+
+def test_pack_golden_best_fit_decreasing():
+    rng = np.random.default_rng(0)
+    # Contributed lengths 5, 3, 4, 2, 2 into rows of 8. Longest first: 5 opens row 0 (3 free);
+    # 4 does not fit, opens row 1 (4 free); 3 fills row 0 exactly; both 2s go to row 1.
+    examples = [_example(n, 100 + i, rng) for i, n in enumerate([5, 3, 4, 2, 2])]
+    rows = packing.pack(examples, 8)
+    assert rows["segment_ids"].tolist() == [
+        [1, 1, 1, 1, 1, 2, 2, 2],
+        [1, 1, 1, 1, 2, 2, 3, 3],
+    ]
+    assert rows["positions"].tolist() == [
+        [0, 1, 2, 3, 4, 0, 1, 2],
+        [0, 1, 2, 3, 0, 1, 0, 1],
+    ]
+    # Which example went where: the tag is each segment's first token.
+    assert rows["tokens"][0, [0, 5]].tolist() == [100, 101]
+    assert rows["tokens"][1, [0, 4, 6]].tolist() == [102, 103, 104]
+    assert packing.packing_efficiency(rows) == 1.0
+
+
+def test_best_fit_prefers_fullest_row_over_first_row():
+    rng = np.random.default_rng(0)
+    # 8 -> row 0 (2 free); 6 -> row 1 (4 free); 3 -> row 1 (1 free). The 1 fits both rows:
+    # first fit would pick row 0, best fit picks row 1, the fuller one.
+    examples = [_example(n, 100 + i, rng) for i, n in enumerate([1, 3, 6, 8])]
+    rows = packing.pack(examples, 10)
+    assert rows["segment_ids"].tolist() == [
+        [1] * 8 + [0] * 2,
+        [1] * 6 + [2] * 3 + [3],
+    ]
+    assert rows["tokens"][1, [0, 6, 9]].tolist() == [102, 101, 100]
+
+
+def _segments(rows):
+    """{tag: (row, start, fields)} for every segment, checking contiguity on the way."""
+    found = {}
+    for r, seg in enumerate(rows["segment_ids"]):
+        ids = [s for s in np.unique(seg) if s]
+        assert ids == list(range(1, len(ids) + 1)), "segment ids must be 1..k"
+        # Non-decreasing until padding, then only padding: segments are contiguous blocks.
+        used = seg[seg != 0]
+        assert (np.diff(used) >= 0).all() and (seg[len(used) :] == 0).all()
+        for s in ids:
+            where = np.flatnonzero(seg == s)
+            assert (np.diff(where) == 1).all()
+            fields = {k: rows[k][r, where] for k in ("tokens", "targets", "loss_mask", "positions")}
+            tag = int(fields["tokens"][0])
+            assert tag not in found, "an example appears twice"
+            found[tag] = (r, int(where[0]), fields)
+    return found
+
+
+@pytest.mark.parametrize("fn", [packing.pack, packing.pad])
+def test_every_example_recoverable(fn):
+    rng = np.random.default_rng(1)
+    seq_len = 64
+    lengths = rng.integers(1, seq_len + 1, 300)
+    examples = [_example(int(n), 60000 + i, rng) for i, n in enumerate(lengths)]
+    rows = fn(examples, seq_len)
+    assert {k: v.dtype for k, v in rows.items()} == packing.FIELDS
+    assert all(v.shape == rows["tokens"].shape for v in rows.values())
+    assert rows["tokens"].shape[1] == seq_len
+    found = _segments(rows)
+    assert len(found) == len(examples)
+    for i, ex in enumerate(examples):
+        _, _, got = found[60000 + i]
+        want = packing.example_fields(ex)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    pad = rows["segment_ids"] == 0
+    for k in ("tokens", "targets", "loss_mask", "positions"):
+        assert (rows[k][pad] == 0).all(), k
+    total = int(lengths.sum())
+    assert int((~pad).sum()) == total
+    if fn is packing.pad:
+        assert len(rows["tokens"]) == len(examples)
+        assert [found[60000 + i][0] for i in range(len(examples))] == list(range(len(examples)))
+    else:
+        assert len(rows["tokens"]) < len(examples)
+        assert packing.packing_efficiency(rows) > 0.9
+
+
+def test_pack_is_deterministic():
+    rng = np.random.default_rng(2)
+    examples = [_example(int(n), 1000 + i, rng) for i, n in enumerate(rng.integers(1, 33, 200))]
+    a, b = packing.pack(examples, 32), packing.pack(examples, 32)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_too_long_example_is_rejected():
+    rng = np.random.default_rng(3)
+    with pytest.raises(ValueError, match="example 1"):
+        packing.pack([_example(3, 1, rng), _example(9, 2, rng)], 8)
+
+
+@pytest.mark.skipif(not os.path.exists(DEMO), reason="needs ../shared/data/alpaca_en_demo.json")
+def test_packing_efficiency_on_alpaca_demo():
+    tok = load_tokenizer("gpt2")
+    rows = sources.read_rows(DEMO)
+    examples = templates.tokenize_many([templates.render(r) for r in rows], tok)
+    fitting = [e for e in examples if len(e[0]) <= 513]
+    assert len(rows) == 999 and 0.95 < len(fitting) / len(rows) < 1.0
+    packed = packing.pack(fitting, 512)
+    padded = packing.pad(fitting, 512)
+    assert packing.packing_efficiency(packed) > 0.95
+    assert packing.packing_efficiency(padded) < 0.5  # Why packing exists.
+    assert packed["loss_mask"].sum() == padded["loss_mask"].sum()

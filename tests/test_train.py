@@ -1,0 +1,121 @@
+"""The train loop end to end: the real `main` in a subprocess, overfitting, resume, and
+config mistakes caught before anything compiles."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from sft_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(workdir, *overrides):
+    cmd = [
+        sys.executable,
+        "-m",
+        "sft_jax.main",
+        "--config",
+        "configs/tiny.py",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_main_trains_writes_outputs_and_resumes(tmp_path):
+    common = [
+        "--config.train.log_every=2",
+        "--config.train.eval_every=3",
+        "--config.optim.warmup_steps=1",
+        "--config.checkpoint.save_every=3",
+    ]
+    first = _main(tmp_path, "--config.train.steps=6", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [2, 3, 4, 6]
+    for r in records:
+        if r["step"] != 3:  # step 3 is an evaluation-only record
+            for key in (
+                "loss",
+                "learning_rate",
+                "grad_norm",
+                "tokens",
+                "loss_tokens",
+                "tokens_per_sec",
+                "mfu",
+            ):
+                assert key in r, (key, r)
+            assert 0 < r["loss_tokens"] < r["tokens"]
+    assert "eval_loss" in records[1] and "eval_loss" in records[3]
+    assert "compile_s" in records[0]
+    assert os.listdir(tmp_path / "tensorboard")[0].startswith("events.out.tfevents")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+
+    # A second run on the same workdir resumes at the saved step and continues.
+    second = _main(tmp_path, "--config.train.steps=8", *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "at step 6" in second.stderr
+    assert [r["step"] for r in _records(tmp_path)][4:] == [8]
+    assert "8" in os.listdir(tmp_path / "checkpoints")
+
+
+def test_unknown_config_key_is_named_with_a_suggestion(tmp_path):
+    out = _main(tmp_path, "--config.train.stepz=3")
+    assert out.returncode != 0
+    assert "--config.train.stepz" in out.stderr and 'did you mean "steps"' in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def _config(**overrides):
+    c = tiny.get_config()
+    c.train.progress_bar = False
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_handful_of_examples(tmp_path):
+    c = _config(
+        data__train="synthetic:mix:8",
+        data__validation="",
+        data__packing=False,
+        data__max_seq_len=64,
+        train__steps=60,
+        train__log_every=5,
+        optim__learning_rate=1e-2,
+        optim__warmup_steps=5,
+        checkpoint__save_every=0,
+    )
+    train.train_and_evaluate(c, str(tmp_path))
+    losses = [r["loss"] for r in _records(tmp_path)]
+    assert losses[-1] < losses[0] / 10, losses  # memorised: falls by more than 10×
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(mesh__data=3), "3 does not divide 8"),
+        (dict(train__batch_size=12), "multiple of 8"),
+        (dict(train__micro_steps=3), "not divisible by train.micro_steps=3"),
+        (dict(data__max_seq_len=512), "data.max_seq_len=512 exceeds the 256 positions"),
+        (dict(optim__warmup_steps=10_000), "optim.warmup_steps"),
+        (dict(model__preset="gpt5"), "model.preset"),
+    ],
+)
+def test_config_mistakes_fail_before_compiling_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(_config(**overrides), str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "1")
