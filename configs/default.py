@@ -14,8 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     # A GPTConfig preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, tiny, tiny-llama.
     c.model.preset = "tiny"
-    # "" = random init; "hf:<hub id | HF folder | GGUF file>" starts from pretrained weights.
+    # "" = random init; "hf:<hub id | HF folder | GGUF file | asset:name>" starts from
+    # pretrained weights, and the architecture comes from there (model.preset is unused).
     c.model.init_from = ""
+    c.model.allow_pickle = False  # allow pickled pytorch_model.bin weights (they can run code)
     c.model.tokenizer = ""  # tokenizer name or folder; "" = from init_from, else the preset's
     c.model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU
     c.model.param_dtype = "float32"  # storage dtype of parameters and optimizer moments
@@ -62,6 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.save_every = 500  # steps between checkpoints (the last step is always saved)
     c.checkpoint.keep = 3  # newest checkpoints kept
     c.checkpoint.async_save = True  # write in the background while training goes on
+
+    c.export = ml_collections.ConfigDict()
+    # At the end of the run, write a Hugging Face folder here ("" = no; relative = in workdir).
+    # Any checkpoint can also be exported later: python tools/export_hf.py --workdir DIR --out X
+    c.export.hf_dir = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # replicated data parallelism

@@ -54,6 +54,24 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the params of the state at `step` (no optimizer state is read): for export
+        and inference. `abstract_params` carries the target shardings."""
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params
+        )
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    {"params": abstract_params},
+                    restore_args={"params": restore_args},
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored["state"]["params"]
+
     def restore_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"

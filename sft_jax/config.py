@@ -20,16 +20,33 @@ from sft_jax.optim import OptimConfig
 PRESET_TOKENIZERS = {"gpt2": "gpt2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
+def init_source(c: ml_collections.ConfigDict) -> str:
+    """The pretrained source named by model.init_from ("" for random init)."""
+    init_from = c.model.init_from
+    if init_from and not init_from.startswith("hf:"):
+        raise ValueError(
+            f"config: model.init_from={init_from!r} must be '' (random init) or "
+            "'hf:<hub id | HF folder | GGUF file | asset:name>'"
+        )
+    return init_from.removeprefix("hf:")
+
+
 def model_config(c: ml_collections.ConfigDict) -> GPTConfig:
+    """The architecture from model.init_from's config if set (model.preset is then unused),
+    else from model.preset; numerics (dtype, remat, …) always from the config."""
     m = c.model
-    return GPTConfig.preset(
-        m.preset,
+    numerics = dict(
         dtype=m.dtype,
         param_dtype=m.param_dtype,
         remat=m.remat,
         scan_layers=m.scan_layers,
         dropout=m.dropout,
     )
+    if init_source(c):
+        from sft_jax import hf
+
+        return dataclasses.replace(hf.load_config(init_source(c)), **numerics)
+    return GPTConfig.preset(m.preset, **numerics)
 
 
 def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
@@ -58,8 +75,8 @@ def data_spec(c: ml_collections.ConfigDict) -> DataSpec:
 def tokenizer_name(c: ml_collections.ConfigDict) -> str:
     if c.model.tokenizer:
         return c.model.tokenizer
-    if c.model.init_from.startswith("hf:"):
-        return c.model.init_from[3:]
+    if init_source(c):
+        return init_source(c)
     family = "gpt2" if GPTConfig.preset(c.model.preset).family == "gpt2" else "smollm2"
     return PRESET_TOKENIZERS[family]
 

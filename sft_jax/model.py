@@ -57,6 +57,9 @@ class GPTConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3 frequency scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), or () for plain RoPE.
+    rope_llama3_scaling: tuple = ()
     dropout: float = 0.0  # residual and embedding dropout (training only)
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of the parameters
@@ -251,12 +254,26 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: GPTConfig) -> Array:
+    """Inverse frequencies [head_dim // 2] of RoPE, with Llama 3 scaling when configured."""
+    half = cfg.dim_per_head // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if not cfg.rope_llama3_scaling:
+        return inv_freq
+    factor, low, high, original = cfg.rope_llama3_scaling
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.where(medium, blended, scaled)
+
+
+def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     """Rotary embedding, HF Llama convention (rotate the two halves of each head).
 
-    x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq]; inv_freq: [head_dim // 2]."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, half]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
@@ -315,7 +332,8 @@ class Attention(nn.Module):
                 (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), qkv_bias, name="v_proj"
             )(x)
         if cfg.positions == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         out = dot_product_attention(q, k, v, mask)  # [batch, seq, heads, head_dim]
         name = "c_proj" if cfg.family == "gpt2" else "o_proj"

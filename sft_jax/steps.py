@@ -32,10 +32,14 @@ def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformatio
     """A fresh state. Under `jax.eval_shape` it gives the shapes and logical axis boxes from
     which `sharding.tree_shardings` derives every leaf's sharding."""
     init_rng, state_rng = jax.random.split(rng)
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    params = model.init(init_rng, dummy)["params"]
+    params = model.init(init_rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    return state_from_params(params, state_rng, tx)
+
+
+def state_from_params(params, rng: jax.Array, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state around given (e.g. pretrained) params."""
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
     )
 
 

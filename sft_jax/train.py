@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable
 
@@ -22,8 +23,8 @@ from absl import logging
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import config as config_lib
 from sft_jax import data as data_lib
+from sft_jax import hf, optim, sharding, steps
 from sft_jax import metrics as metrics_lib
-from sft_jax import optim, sharding, steps
 from sft_jax.model import GPT
 
 
@@ -61,6 +62,7 @@ class StepFns:
     state_shardings: steps.TrainState  # NamedShardings, same tree
     batch_sharding: jax.sharding.NamedSharding
     init: Callable  # rng -> TrainState, laid out by state_shardings
+    init_from_params: Callable  # (params, rng) -> TrainState around given (pretrained) params
     train_step: Callable  # (state, batch) -> (state, metrics); state donated
     eval_step: Callable  # (params, batch) -> {loss_sum, loss_tokens}
 
@@ -95,6 +97,12 @@ def build_steps(model: GPT, tx, schedule, mesh, micro_steps: int = 1) -> StepFns
         state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         init=jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=state_shardings),
+        init_from_params=jax.jit(
+            functools.partial(steps.state_from_params, tx=tx),
+            in_shardings=(state_shardings.params, None),
+            out_shardings=state_shardings,
+            donate_argnums=0,
+        ),
         train_step=jax.jit(
             train_step,
             in_shardings=(state_shardings, batch_sharding),
@@ -146,6 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer = ckpt_lib.Checkpointer(
         workdir, config.checkpoint.keep, config.checkpoint.async_save
     )
+    if is_main:  # the tokenizer travels with the run: export and generation use this copy
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     meta = {
         "config": config_lib.to_json(config),
         "model": dataclasses.asdict(model_cfg),
@@ -159,11 +169,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             target = ckpt_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
             state, _ = checkpointer.restore(latest, target)
             logging.info("resumed from %s at step %d", checkpointer.directory, latest)
-        elif config.model.init_from:
-            raise ValueError(
-                f"config: model.init_from={config.model.init_from!r} needs Hugging Face import "
-                "(sft_jax.hf), which this version does not have yet; use model.init_from=''"
+        elif config_lib.init_source(config):
+            source = config_lib.init_source(config)
+            param_shardings = fns.state_shardings.params
+            _, params = hf.load_hf(
+                source,
+                allow_pickle=config.model.allow_pickle,
+                param_dtype=model_cfg.param_dtype,
+                scan_layers=model_cfg.scan_layers,
+                # Each tensor goes to its devices as soon as it is converted.
+                place=lambda path, leaf: jax.device_put(leaf, hf.get_path(param_shardings, path)),
+                shapes=fns.abstract_state.params,
             )
+            state = fns.init_from_params(params, jax.random.key(config.seed))
+            logging.info("initialised from pretrained weights %s", source)
         else:
             state = fns.init(jax.random.key(config.seed))
         start_step = int(jax.device_get(state.step))
@@ -243,6 +262,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 checkpointer.save(done, state, meta)
             if logging_now:
                 window, window_start = [], time.perf_counter()  # eval/save time is not training
+        if config.export.hf_dir:
+            out = os.path.join(workdir, os.path.expanduser(config.export.hf_dir))
+            hf.save_hf(model_cfg, state.params, out, tokenizer=tokenizer)
+            logging.info("exported the final params to %s (Hugging Face format)", out)
         checkpointer.close()  # waits for the last (async) save
         logger.close()
         if is_main:

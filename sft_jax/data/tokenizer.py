@@ -71,10 +71,24 @@ def _load_gpt2() -> transformers.PreTrainedTokenizerBase:
     return tok
 
 
+def _load_gguf(source: str) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer stored inside a GGUF file (llama.cpp's format), e.g. SmolLM2's."""
+    from sft_jax import assets
+
+    path = assets.resolve_source(source)
+    if not os.path.isfile(path):
+        raise ValueError(f"model.tokenizer: GGUF file {path!r} does not exist")
+    return transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+    )
+
+
 def load_tokenizer(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
     """Loads a fast tokenizer by name (`gpt2` works offline) or from a local HF folder."""
     if name_or_path in GPT2_NAMES:
         tok = _load_gpt2()
+    elif name_or_path.endswith(".gguf") or name_or_path.startswith("asset:"):
+        tok = _load_gguf(name_or_path)
     else:
         try:
             tok = transformers.AutoTokenizer.from_pretrained(name_or_path)

@@ -1,0 +1,59 @@
+"""Open a training run from its workdir: model config, tokenizer and params of a checkpoint,
+without the optimizer state. Used by export and generation tools."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sft_jax import checkpoint as ckpt_lib
+from sft_jax.data import load_tokenizer
+from sft_jax.model import GPT, GPTConfig
+
+
+@dataclasses.dataclass
+class Run:
+    model_cfg: GPTConfig
+    params: dict
+    tokenizer: object
+    meta: dict  # what the run saved next to the state: config, model, tokenizer, template
+    step: int
+
+
+def model_config_from_meta(meta: dict) -> GPTConfig:
+    """JSON turned tuples into lists; the dataclass wants them back."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
+    return GPTConfig(**fields)
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """The params of checkpoint `step` (default: latest) of the run in `workdir`, replicated
+    on the local devices."""
+    ckpt = ckpt_lib.Checkpointer(workdir)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise ValueError(f"{workdir}: no checkpoints under {ckpt.directory}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{workdir}: no checkpoint at step {step}; there are {steps}")
+    meta = ckpt.restore_meta(step)
+    cfg = model_config_from_meta(meta)
+    boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(jax.local_devices(), ("all",)), jax.sharding.PartitionSpec()
+    )
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        nn.meta.unbox(boxed)["params"],
+    )
+    params = ckpt.restore_params(step, target)
+    ckpt.close()
+    saved_tokenizer = os.path.join(workdir, "tokenizer")
+    tokenizer = load_tokenizer(
+        saved_tokenizer if os.path.isdir(saved_tokenizer) else meta["tokenizer"]
+    )
+    return Run(model_cfg=cfg, params=params, tokenizer=tokenizer, meta=meta, step=step)

