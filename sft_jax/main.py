@@ -58,7 +58,13 @@ def main(argv):
         jax.process_count(),
         jax.local_device_count(),
     )
-    train.train_and_evaluate(FLAGS.config, os.path.abspath(os.path.expanduser(FLAGS.workdir)))
+    try:
+        train.train_and_evaluate(FLAGS.config, os.path.abspath(os.path.expanduser(FLAGS.workdir)))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # Bad config or data: our messages name the key and the fix; the traceback would
+        # only bury them. It stays available for debugging.
+        logging.debug("traceback", exc_info=True)
+        raise SystemExit(f"error: {e}\n(--verbosity=1 shows the traceback)") from None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

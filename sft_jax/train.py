@@ -133,9 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tokenizer = data_lib.load_tokenizer(tokenizer_name)
     if len(tokenizer) > model_cfg.vocab_size:
         raise ValueError(
-            f"config: the tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but "
-            f"model.preset={config.model.preset!r} only {model_cfg.vocab_size}; "
-            "choose a matching model.tokenizer"
+            f"config: the tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the "
+            f"model ({config.model.init_from or config.model.preset}) only "
+            f"{model_cfg.vocab_size}; set model.tokenizer to the model's own (or leave it '')"
         )
     splits = data_lib.build_splits(config_lib.data_spec(config), tokenizer)
     logging.info("data: %s", splits.stats)
