@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 500  # steps between checkpoints (the last step is always saved)
+    c.checkpoint.save_every_seconds = 0.0  # also save when this much time passed (0 = off)
     c.checkpoint.keep = 3  # newest checkpoints kept
     c.checkpoint.async_save = True  # write in the background while training goes on
 

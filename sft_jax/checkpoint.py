@@ -11,10 +11,12 @@ checkpoint written on one mesh loads onto another.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class Checkpointer:
@@ -54,6 +56,39 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
+    def restore_latest_good(
+        self, abstract_state: Any, validate: Callable[[dict], None] | None = None
+    ) -> tuple[Any, dict, int] | None:
+        """(state, meta, step) of the newest checkpoint that restores; a damaged newer one
+        (killed mid-write, truncated, disk full) is skipped with a warning. None if there is
+        no checkpoint at all. `validate(meta)` may raise to refuse an incompatible run; that
+        error is not mistaken for damage."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                meta = self.restore_meta(step)
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                logging.warning("checkpoint %s/%d has no readable metadata (%s); trying the "
+                                "previous one", self.directory, step, e)  # fmt: skip
+                continue
+            if validate is not None:
+                validate(meta)
+            try:
+                state, _ = self.restore(step, abstract_state)
+            except Exception as e:
+                logging.warning(
+                    "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                    self.directory, step, type(e).__name__, str(e)[:300],
+                )  # fmt: skip
+                continue
+            return state, meta, step
+        if steps:
+            raise ValueError(
+                f"none of the checkpoints {sorted(steps)} in {self.directory} can be restored; "
+                "move the folder away to start afresh"
+            )
+        return None
+
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the params of the state at `step` (no optimizer state is read): for export
         and inference. `abstract_params` carries the target shardings."""
@@ -83,6 +118,30 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def check_compatible(saved_model: dict, current_model: dict, directory: str) -> None:
+    """Fail, naming the fields, when the checkpoint's architecture differs from the config's
+    in a way that changes parameter shapes or meaning (numerics such as dtype or remat may
+    change between runs)."""
+    free = {"dtype", "remat", "dropout"}
+    differ = sorted(
+        k for k in set(saved_model) | set(current_model)
+        if k not in free and _plain(saved_model.get(k)) != _plain(current_model.get(k))
+    )  # fmt: skip
+    if differ:
+        detail = ", ".join(
+            f"{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
+            for k in differ
+        )
+        raise ValueError(
+            f"the checkpoints in {directory} were written by a different model ({detail}); "
+            "use the same model.* settings to resume, or a new --workdir"
+        )
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, (tuple, list)) else v
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

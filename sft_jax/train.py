@@ -23,7 +23,7 @@ from absl import logging
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import config as config_lib
 from sft_jax import data as data_lib
-from sft_jax import hf, optim, sharding, steps
+from sft_jax import hf, optim, preemption, sharding, steps
 from sft_jax import metrics as metrics_lib
 from sft_jax.model import GPT
 
@@ -164,11 +164,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     }
 
     with fns.context():
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            target = ckpt_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
-            state, _ = checkpointer.restore(latest, target)
-            logging.info("resumed from %s at step %d", checkpointer.directory, latest)
+        target = ckpt_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
+        resumed = checkpointer.restore_latest_good(
+            target,
+            validate=lambda saved: ckpt_lib.check_compatible(
+                saved["model"], meta["model"], checkpointer.directory
+            ),
+        )
+        if resumed is not None:
+            state, _, resumed_step = resumed
+            logging.info("resumed from %s at step %d", checkpointer.directory, resumed_step)
         elif config_lib.init_source(config):
             source = config_lib.init_source(config)
             param_shardings = fns.state_shardings.params
@@ -222,46 +227,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             window.append(host)
 
         pid, pcount = jax.process_index(), jax.process_count()
-        for step in range(start_step, num_steps):
-            local = data_lib.batch_at(splits.train, step, batch_size, config.seed, pid, pcount)
-            state, device_metrics = train_step(
-                state, global_batch(local, batch_sharding, batch_size)
-            )
-            check_pending()
-            done = step + 1
-            pending = (done, device_metrics)
-            if step == start_step:  # the first call compiles: time it apart from training
-                check_pending()
-                compile_s = time.perf_counter() - window_start
-                logging.info("first step (compile included) took %.1f s", compile_s)
-                window_start, untimed = time.perf_counter(), 1
-            logging_now = every(config.train.log_every, done)
-            evaluating = splits.validation is not None and every(config.train.eval_every, done)
-            saving = every(config.checkpoint.save_every, done)
-            if not (logging_now or evaluating or saving):
-                continue
-            check_pending()
-            record = {}
-            if logging_now:
-                elapsed = time.perf_counter() - window_start
-                record = _window_record(
-                    window, untimed, elapsed, flops_per_row, batch_size, peak * mesh.size
+        last_save_time = time.monotonic()
+        with preemption.StopSignal() as stop:
+            for step in range(start_step, num_steps):
+                local = data_lib.batch_at(splits.train, step, batch_size, config.seed, pid, pcount)
+                state, device_metrics = train_step(
+                    state, global_batch(local, batch_sharding, batch_size)
                 )
-                if compile_s is not None:
-                    record["compile_s"], compile_s, untimed = compile_s, None, 0
-            if evaluating:
-                record.update(
-                    evaluate(
-                        eval_fn, state.params, splits.validation, eval_batch_size, batch_sharding
+                check_pending()
+                done = step + 1
+                pending = (done, device_metrics)
+                if step == start_step:  # the first call compiles: time it apart from training
+                    check_pending()
+                    compile_s = time.perf_counter() - window_start
+                    logging.info("first step (compile included) took %.1f s", compile_s)
+                    window_start, untimed = time.perf_counter(), 1
+                logging_now = every(config.train.log_every, done)
+                evaluating = splits.validation is not None and every(config.train.eval_every, done)
+                preempted = stop.stop_requested(done)
+                saving = (
+                    every(config.checkpoint.save_every, done)
+                    or preempted
+                    or (
+                        config.checkpoint.save_every_seconds > 0
+                        and time.monotonic() - last_save_time
+                        >= config.checkpoint.save_every_seconds
                     )
                 )
-            if record:
-                logger.write(done, record)
-                logger.progress(done, record.get("loss"), record.get("tokens_per_sec"))
-            if saving and checkpointer.latest_step() != done:
-                checkpointer.save(done, state, meta)
-            if logging_now:
-                window, window_start = [], time.perf_counter()  # eval/save time is not training
+                if not (logging_now or evaluating or saving):
+                    continue
+                check_pending()
+                record = {}
+                if logging_now:
+                    elapsed = time.perf_counter() - window_start
+                    record = _window_record(
+                        window, untimed, elapsed, flops_per_row, batch_size, peak * mesh.size
+                    )
+                    if compile_s is not None:
+                        record["compile_s"], compile_s, untimed = compile_s, None, 0
+                if evaluating:
+                    record.update(
+                        evaluate(
+                            eval_fn,
+                            state.params,
+                            splits.validation,
+                            eval_batch_size,
+                            batch_sharding,
+                        )
+                    )
+                if record:
+                    logger.write(done, record)
+                    logger.progress(done, record.get("loss"), record.get("tokens_per_sec"))
+                if saving and checkpointer.latest_step() != done:
+                    checkpointer.save(done, state, meta)
+                    last_save_time = time.monotonic()
+                if logging_now:
+                    window, window_start = [], time.perf_counter()  # eval/save time is not training
+                if preempted:
+                    checkpointer.close()
+                    logger.close()
+                    logging.warning(
+                        "stopped at step %d of %d on request; checkpoint saved in %s/%d. Run the "
+                        "same command to resume.", done, num_steps, checkpointer.directory, done,
+                    )  # fmt: skip
+                    return record
         if config.export.hf_dir:
             out = os.path.join(workdir, os.path.expanduser(config.export.hf_dir))
             hf.save_hf(model_cfg, state.params, out, tokenizer=tokenizer)

@@ -1,0 +1,140 @@
+"""Runs that survive: SIGKILL anywhere and SIGTERM resume to the same bits, damaged
+checkpoints are skipped, divergence stops before saving, a changed model is refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sft_jax import runs, train
+from tests.test_train import ROOT, _config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+ARGS = [
+    "--config", "configs/tiny.py", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+    "--config.train.eval_every=0", "--config.checkpoint.save_every=2",
+    "--config.data.train=synthetic:mix:400", "--config.data.validation=",
+    "--config.optim.warmup_steps=2", "--config.train.progress_bar=False",
+]  # fmt: skip
+
+
+def _start(workdir):
+    cmd = [sys.executable, "-m", "sft_jax.main", f"--workdir={workdir}", *ARGS]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.strip()]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+def _finish(workdir):
+    proc = _start(workdir)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def _final_params(workdir):
+    run = runs.load_run(str(workdir))
+    assert run.step == STEPS
+    return jax.tree.leaves(jax.device_get(run.params))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _finish(workdir)
+    return _final_params(workdir)
+
+
+def _assert_bitwise(params, reference):
+    assert len(params) == len(reference)
+    for a, b in zip(params, reference, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_anywhere_then_resume_is_bitwise_the_same_run(tmp_path, reference):
+    # One run killed three times (at different steps, a save possibly half written),
+    # restarted after each kill: it must end with the uninterrupted run's bits.
+    for kill_at in (1, 5, 10):
+        proc = _start(tmp_path)
+        _wait_for_step(tmp_path, kill_at, proc)
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+    err = _finish(tmp_path)
+    assert "resumed from" in err
+    _assert_bitwise(_final_params(tmp_path), reference)
+
+
+def test_sigterm_saves_the_step_reached_exits_0_and_resumes(tmp_path, reference):
+    proc = _start(tmp_path)
+    _wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM received" in err and "stopped at step" in err
+    stopped = int(err.split("stopped at step ")[1].split()[0])
+    assert 3 <= stopped < STEPS
+    assert str(stopped) in os.listdir(tmp_path / "checkpoints")
+    err = _finish(tmp_path)
+    assert f"at step {stopped}" in err
+    _assert_bitwise(_final_params(tmp_path), reference)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    c = _config(
+        train__steps=4, checkpoint__save_every=2, data__validation="", optim__warmup_steps=1,
+        checkpoint__async_save=False, train__log_every=1,
+    )  # fmt: skip
+    train.train_and_evaluate(c, str(tmp_path))
+    latest = tmp_path / "checkpoints" / "4" / "state"
+    # Truncate every data file of the newest checkpoint, as a crash mid-write would.
+    for root, _, files in os.walk(latest):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(3)
+    c.train.steps = 6
+    train.train_and_evaluate(c, str(tmp_path))  # resumes from 2, not 4
+    assert "checkpoints/4 cannot be restored" in caplog.text
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 3, 4, 5, 6]
+
+
+def test_divergence_stops_the_run_and_every_checkpoint_is_finite(tmp_path):
+    c = _config(train__steps=8, checkpoint__save_every=1, data__validation="",
+                optim__warmup_steps=0, optim__learning_rate=1e30, optim__decay="constant",
+                train__log_every=1)  # fmt: skip
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
+        train.train_and_evaluate(c, str(tmp_path))
+    run = runs.load_run(str(tmp_path))
+    assert run.step < 8
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(run.params))
+
+
+def test_resuming_with_a_different_model_names_the_fields(tmp_path):
+    c = _config(train__steps=2, data__validation="", optim__warmup_steps=0)
+    train.train_and_evaluate(c, str(tmp_path))
+    c.model.preset = "gpt2"  # same vocabulary, other shapes
+    with pytest.raises(ValueError, match=r"different model \(d_ff: checkpoint 256 vs config 3072"):
+        train.train_and_evaluate(c, str(tmp_path))
