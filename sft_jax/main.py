@@ -43,6 +43,9 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     datasets.disable_progress_bars()
     if FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # CPU processes need a collectives library to talk to each other (tests, CPU
+        # clusters); GPU and TPU backends ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,

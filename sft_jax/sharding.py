@@ -75,6 +75,9 @@ def make_mesh(
             f"but there are {n} devices; make the product {n} or set one size to -1"
         )
     shape = tuple(sizes[a] for a in MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        return _multislice_mesh(shape, slices, devices)
     # Auto axes: the compiler propagates shardings from our annotations (GSPMD), rather than
     # every op carrying an explicit sharding in its type.
     auto = (AxisType.Auto,) * len(MESH_AXES)
@@ -83,6 +86,23 @@ def make_mesh(
     except (ValueError, NotImplementedError, AssertionError):
         # jax.make_mesh needs a topology it knows; fall back to device order.
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _multislice_mesh(shape: tuple[int, int, int], slices: int, devices) -> Mesh:
+    """Several TPU slices joined over the data-centre network (DCN): only the data axis
+    crosses slices (one gradient all-reduce per step); fsdp and tensor, which talk every
+    layer, stay on the fast links (ICI) inside a slice."""
+    from jax.experimental import mesh_utils
+
+    data, fsdp, tensor = shape
+    if data % slices:
+        raise ValueError(
+            f"mesh: {slices} TPU slices need mesh.data to be a multiple of {slices} (it is "
+            f"{data}): the data axis is the one that spans slices"
+        )
+    ici, dcn = (data // slices, fsdp, tensor), (slices, 1, 1)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -49,7 +49,7 @@ def _run(mesh, micro_steps=1, n_steps=4, preset="tiny"):
     return losses, jax.device_get(state.params), state, fns
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 2, 4), (8, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 2, 4), (8, 1, 1), (1, 8, 1), (2, 2, 2)])
 def test_mesh_training_matches_one_device(shape):
     one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     ref_losses, ref_params, _, _ = _run(one)

@@ -1,0 +1,87 @@
+"""A real multi-process run: 2 processes × 4 faked CPU devices on loopback (JAX's CPU
+collectives over gloo), against the same run in one process on 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train import ROOT
+
+pytestmark = pytest.mark.slow
+
+ARGS = [
+    "--config", "configs/tiny.py", "--config.train.steps=6", "--config.train.log_every=1",
+    "--config.train.eval_every=3", "--config.checkpoint.save_every=3",
+    "--config.data.train=synthetic:mix:400", "--config.data.validation=0.1",
+    "--config.optim.warmup_steps=1", "--config.train.progress_bar=False",
+]  # fmt: skip
+
+
+def _env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in records]
+
+
+@pytest.mark.parametrize("mesh", [["--config.mesh.fsdp=-1"],
+                                  ["--config.mesh.data=2", "--config.mesh.tensor=2"]],
+                         ids=["fsdp8", "data2-fsdp2-tensor2"])  # fmt: skip
+def test_two_processes_train_like_one(tmp_path, mesh):
+    single = tmp_path / "single"
+    out = subprocess.run(
+        [sys.executable, "-m", "sft_jax.main", f"--workdir={single}", *ARGS, *mesh],
+        cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    multi = tmp_path / "multi"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sft_jax.main",
+                f"--workdir={multi}",
+                *ARGS,
+                *mesh,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "process 1 of 2, 4 local devices" in errs[1]
+
+    ref, got = _losses(single), _losses(multi)
+    assert [r[0] for r in got] == [r[0] for r in ref]
+    for (_, loss_a, eval_a), (_, loss_b, eval_b) in zip(got, ref, strict=True):
+        assert loss_a == pytest.approx(loss_b, rel=1e-5)
+        assert (eval_a is None) == (eval_b is None)
+        if eval_a is not None:
+            assert eval_a == pytest.approx(eval_b, rel=1e-5)
+    # Only process 0 writes metrics and events; checkpoints are written together.
+    assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"]
+    assert len(os.listdir(multi / "tensorboard")) == 1
