@@ -282,13 +282,32 @@ def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array) -> Array:
-    """[batch, 1, seq, seq] bool: causal, same segment, never padding (segment 0)."""
-    seq = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=jnp.bool_))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+def attention_mask(
+    segment_ids: Array, key_segment_ids: Array | None = None, query_offset: Array | int = 0
+) -> Array:
+    """[batch, 1, queries, keys] bool: causal, same segment, never padding (segment 0).
+
+    Training: queries and keys are the same row. Decoding with a KV cache: the keys are the
+    cache's slots (`key_segment_ids` [batch, slots]) and query i sits at slot
+    `query_offset + i`."""
+    if key_segment_ids is None:
+        key_segment_ids = segment_ids
+    q_slots = query_offset + jnp.arange(segment_ids.shape[-1])
+    causal = jnp.arange(key_segment_ids.shape[-1])[None, :] <= q_slots[:, None]
+    same = segment_ids[:, :, None] == key_segment_ids[:, None, :]
     real = (segment_ids != 0)[:, :, None]
     return (causal[None] & same & real)[:, None]
+
+
+def init_cache(cfg: GPTConfig, batch: int, slots: int) -> dict[str, Array]:
+    """An empty KV cache for decoding: keys/values per layer and the segment id of each
+    slot (0 = empty, never attended to)."""
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.dim_per_head)
+    return {
+        "k": jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+        "v": jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+        "segment_ids": jnp.zeros((batch, slots), jnp.int32),
+    }
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -312,7 +331,9 @@ class Attention(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, positions: Array, mask: Array, cache=None):
+        """cache: None (training) or (k, v, slot) of this layer; then returns (out, (k, v))
+        with this call's keys and values written at `slot`."""
         cfg = self.cfg
         hd, dt, pdt = cfg.dim_per_head, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         dense = functools.partial(Dense, dtype=dt, param_dtype=pdt)
@@ -335,11 +356,18 @@ class Attention(nn.Module):
             inv_freq = rope_frequencies(cfg)
             q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        new_cache = None
+        if cache is not None:
+            cache_k, cache_v, slot = cache  # [batch, slots, kv_heads, head_dim]
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
+            new_cache = (k, v)
         out = dot_product_attention(q, k, v, mask)  # [batch, seq, heads, head_dim]
         name = "c_proj" if cfg.family == "gpt2" else "o_proj"
-        return dense(
-            (cfg.d_model,), ("heads", "head_dim", "embed"), cfg.bias, in_dims=2, name=name
-        )(out)
+        out = dense((cfg.d_model,), ("heads", "head_dim", "embed"), cfg.bias, in_dims=2, name=name)(
+            out
+        )
+        return out if cache is None else (out, new_cache)
 
 
 class MLP(nn.Module):
@@ -363,13 +391,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. Signature fits `nn.scan`: (carry, *broadcast) → (carry, None)."""
+    """Pre-norm transformer block. Signature fits `nn.scan`: (carry, broadcast…, scanned)
+    → (carry, scanned out): the layer's KV cache goes in and out as the scanned part."""
 
     cfg: GPTConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array):
+    def __call__(self, x: Array, positions: Array, mask: Array, slot=None, layer_cache=None):
         cfg = self.cfg
         gpt2 = cfg.family == "gpt2"
         norm = functools.partial(
@@ -377,12 +406,17 @@ class Block(nn.Module):
         )
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h = norm(name="ln_1" if gpt2 else "input_layernorm")(x)
-        h = Attention(cfg, name="attn" if gpt2 else "self_attn")(h, positions, mask)
+        attention = Attention(cfg, name="attn" if gpt2 else "self_attn")
+        new_cache = None
+        if layer_cache is None:
+            h = attention(h, positions, mask)
+        else:
+            h, new_cache = attention(h, positions, mask, (*layer_cache, slot))
         x = x + drop(h)
         h = norm(name="ln_2" if gpt2 else "post_attention_layernorm")(x)
         x = x + drop(MLP(cfg, name="mlp")(h))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, None
+        return x, new_cache
 
 
 def _block_class(cfg: GPTConfig):
@@ -405,10 +439,14 @@ class GPT(nn.Module):
         positions: Array | None = None,
         segment_ids: Array | None = None,
         deterministic: bool = True,
-    ) -> Array:
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | int = 0,
+    ):
         """tokens, positions, segment_ids: [batch, seq] int32 → logits [batch, seq, vocab] float32.
 
-        Defaults: positions 0..seq-1 and a single segment (one example per row)."""
+        Defaults: positions 0..seq-1 and a single segment (one example per row).
+        Decoding: with `cache` (from `init_cache`), the tokens are written to cache slots
+        `cache_index …` and attend to every earlier filled slot; returns (logits, new cache)."""
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         gpt2 = cfg.family == "gpt2"
@@ -416,7 +454,15 @@ class GPT(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        mask = attention_mask(segment_ids)
+        layer_caches = None
+        if cache is None:
+            mask = attention_mask(segment_ids)
+        else:
+            key_segments = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
+            )
+            mask = attention_mask(segment_ids, key_segments, cache_index)
+            layer_caches = (cache["k"], cache["v"])  # [layers, batch, slots, kv_heads, head_dim]
 
         embed = nn.Embed(
             cfg.vocab_size,
@@ -445,14 +491,24 @@ class GPT(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
             )
-            x, _ = stack(cfg, deterministic, name=layers_name)(x, positions, mask)
+            x, new_caches = stack(cfg, deterministic, name=layers_name)(
+                x, positions, mask, cache_index, layer_caches
+            )
         else:
+            outs = []
             for i in range(cfg.n_layers):
-                x, _ = block(cfg, deterministic, name=f"{layers_name}_{i}")(x, positions, mask)
+                layer = None if cache is None else tuple(c[i] for c in layer_caches)
+                x, out = block(cfg, deterministic, name=f"{layers_name}_{i}")(
+                    x, positions, mask, cache_index, layer
+                )
+                outs.append(out)
+            new_caches = (
+                None if cache is None else tuple(jnp.stack(c) for c in zip(*outs, strict=True))
+            )
 
         x = Norm(cfg.norm, cfg.norm_eps, cfg.bias, dt, pdt, name="ln_f" if gpt2 else "norm")(x)
         if cfg.tie_embeddings:
@@ -467,4 +523,8 @@ class GPT(nn.Module):
                 name="lm_head",
             )(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        new_k, new_v = new_caches
+        return logits, {"k": new_k, "v": new_v, "segment_ids": key_segments}

@@ -291,25 +291,28 @@ def test_smollm2_from_its_packaged_gguf_matches_transformers():
 
     # Greedy continuation, 20 tokens, token for token. Ours re-runs the whole (padded) prefix
     # each step: one compiled shape, no cache needed for a check.
-    # min_new_tokens makes transformers mask the end tokens until 20 are out; ours does the same.
-    new = 20
-    eos = ref.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos)
-    with torch.no_grad():
-        expected = ref.generate(
-            torch.tensor([ids]), max_new_tokens=new, do_sample=False, min_new_tokens=new
-        )[0, len(ids) :].tolist()
-    total = len(ids) + new
-    model = GPT(cfg)
-    forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, segment_ids=s))
-    tokens = np.zeros((1, total), np.int32)
-    tokens[0, : len(ids)] = ids
-    got = []
-    for n in range(len(ids), total):
-        segments = (np.arange(total) < n).astype(np.int32)[None]
-        logits = np.array(forward(params, tokens, segments)[0, n - 1])
-        logits[eos] = -np.inf
-        nxt = int(np.argmax(logits))
-        tokens[0, n] = nxt
-        got.append(nxt)
-    assert got == expected, (tok.decode(got), tok.decode(expected))
+    # KV-cache greedy decoding, a batch of prompts of different lengths, against
+    # transformers' greedy generate on each prompt alone: token for token, 32 new tokens.
+    from sft_jax.generate import Generator, Sampling, end_token_ids
+
+    questions = ["What is the capital of France?", "Write a short poem about the sea.",
+                 "Explain in detail how a bicycle works."]  # fmt: skip
+    prompts = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in questions
+    ]
+    end_ids = end_token_ids(tok, ref.generation_config.to_dict())
+    ours = Generator(cfg, params, end_ids).generate(prompts, Sampling(max_new_tokens=32))
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            expected = ref.generate(
+                torch.tensor([prompt]), max_new_tokens=32, do_sample=False
+            )[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(expected) if t in end_ids), len(expected))
+        assert got == expected[:cut], (tok.decode(got), tok.decode(expected))
+    assert max(len(g) for g in ours) == 32  # at least one answer ran the full 32 tokens
