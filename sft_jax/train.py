@@ -226,6 +226,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             window.append(host)
 
+        if start_step == 0 and splits.validation is not None:
+            # The starting point, so the curve and the report show what training changed.
+            before = evaluate(eval_fn, state.params, splits.validation, eval_batch_size,
+                              batch_sharding)  # fmt: skip
+            logger.write(0, before)
         pid, pcount = jax.process_index(), jax.process_count()
         last_save_time = time.monotonic()
         with preemption.StopSignal() as stop:

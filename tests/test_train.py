@@ -43,8 +43,9 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path):
     first = _main(tmp_path, "--config.train.steps=6", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     records = _records(tmp_path)
-    assert [r["step"] for r in records] == [2, 3, 4, 6]
-    for r in records:
+    assert [r["step"] for r in records] == [0, 2, 3, 4, 6]
+    assert set(records[0]) == {"step", "eval_loss", "eval_perplexity", "eval_loss_tokens"}
+    for r in records[1:]:
         if r["step"] != 3:  # step 3 is an evaluation-only record
             for key in (
                 "loss",
@@ -57,8 +58,9 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path):
             ):
                 assert key in r, (key, r)
             assert 0 < r["loss_tokens"] < r["tokens"]
-    assert "eval_loss" in records[1] and "eval_loss" in records[3]
-    assert "compile_s" in records[0]
+    assert "eval_loss" in records[2] and "eval_loss" in records[4]
+    assert records[4]["eval_loss"] < records[0]["eval_loss"]
+    assert "compile_s" in records[1]
     assert os.listdir(tmp_path / "tensorboard")[0].startswith("events.out.tfevents")
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
 
@@ -66,7 +68,7 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path):
     second = _main(tmp_path, "--config.train.steps=8", *common)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 6" in second.stderr
-    assert [r["step"] for r in _records(tmp_path)][4:] == [8]
+    assert [r["step"] for r in _records(tmp_path)][5:] == [8]
     assert "8" in os.listdir(tmp_path / "checkpoints")
 
 

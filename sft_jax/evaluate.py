@@ -1,0 +1,137 @@
+"""What the fine-tuning changed: responses to held-out prompts before and after, scored
+where answers are checkable, a side-by-side Markdown report, and the loss curve as a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+
+from sft_jax.generate import Generator, Sampling
+
+
+def respond(
+    generator: Generator,
+    tokenizer,
+    prompts: Sequence[str],
+    sampling: Sampling,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+) -> list[str]:
+    """Response text for each rendered prompt, cut at the first stop string."""
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        for new in generator.generate(ids, sampling, stop=stop, tokenizer=tokenizer):
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            for s in stop:
+                text = text.split(s)[0]
+            out.append(text.strip())
+    return out
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def score(response: str, reference: str) -> dict[str, bool]:
+    """exact: the same text (case, spacing and a final period aside); contains: the
+    reference appears in the response."""
+    return {
+        "exact": _normal(response) == _normal(reference),
+        "contains": _normal(reference) in _normal(response),
+    }
+
+
+def summarize(records: Sequence[dict]) -> dict[str, float]:
+    n = max(len(records), 1)
+    return {
+        "exact_match": sum(r["exact"] for r in records) / n,
+        "contains": sum(r["contains"] for r in records) / n,
+    }
+
+
+def generation_records(
+    prompts: Sequence[str], references: Sequence[str], responses: Sequence[str]
+) -> list[dict]:
+    return [
+        {"prompt": p, "reference": r, "response": out, **score(out, r)}
+        for p, r, out in zip(prompts, references, responses, strict=True)
+    ]
+
+
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def report_markdown(
+    before: Sequence[dict],
+    after: Sequence[dict],
+    loss_before: float | None,
+    loss_after: float | None,
+    title: str = "Before and after fine-tuning",
+    shown: int = 10,
+) -> str:
+    """Scores, validation loss and the same prompts side by side."""
+    b, a = summarize(before), summarize(after)
+    lines = [f"# {title}", "", "| | before | after |", "|---|---|---|"]
+    if loss_before is not None and loss_after is not None:
+        lines.append(f"| validation loss | {loss_before:.4f} | {loss_after:.4f} |")
+    lines += [
+        f"| exact match ({len(after)} held-out prompts) | {b['exact_match']:.0%} | "
+        f"{a['exact_match']:.0%} |",
+        f"| reference contained in response | {b['contains']:.0%} | {a['contains']:.0%} |",
+        "",
+        "| prompt | reference | before | after |",
+        "|---|---|---|---|",
+    ]
+    for x, y in list(zip(before, after, strict=True))[:shown]:
+        mark = lambda r: "✅ " if r["exact"] else ""
+        lines.append(
+            f"| {_cell(x['prompt'], 200)} | {_cell(x['reference'])} | "
+            f"{mark(x)}{_cell(x['response'])} | {mark(y)}{_cell(y['response'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> str:
+    """Train loss and validation loss over steps, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train, evals = [], []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                train.append((r["step"], r["loss"]))
+            if "eval_loss" in r:
+                evals.append((r["step"], r["eval_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss (response tokens)")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+PromptFn = Callable[[dict], tuple[str, str]]  # row -> (rendered prompt, reference answer)
