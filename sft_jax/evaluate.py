@@ -21,10 +21,13 @@ def respond(
 ) -> list[str]:
     """Response text for each rendered prompt, cut at the first stop string."""
     out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        for new in generator.generate(ids, sampling, stop=stop, tokenizer=tokenizer):
+    all_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(ids) for ids in all_ids)  # one padded width: one compile for all batches
+    for i in range(0, len(all_ids), batch_size):
+        ids = all_ids[i : i + batch_size]
+        ids += [ids[-1]] * (batch_size - len(ids))  # a full last batch: the same shape again
+        news = generator.generate(ids, sampling, stop=stop, tokenizer=tokenizer, min_width=width)
+        for new in news[: len(prompts) - i]:
             text = tokenizer.decode(new, skip_special_tokens=True)
             for s in stop:
                 text = text.split(s)[0]

@@ -10,13 +10,14 @@ positions start at 0 where its prompt starts (the same contract as training).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.model import GPT, GPTConfig, init_cache
+from sft_jax.model import GPT, GPTConfig, init_cache, unstack_layers
 
 BUCKET = 16  # prompt and cache lengths are rounded up to this: few shapes, few compiles
 
@@ -52,32 +53,42 @@ def _round_up(n: int, k: int = BUCKET) -> int:
     return -(-n // k) * k
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(cfg: GPTConfig):
+    """Jitted prefill and decode step for a model config, shared by every Generator of that
+    config (before/after-training generation compiles once)."""
+    model = GPT(cfg)
+
+    def prefill(params, tokens, positions, segments, cache):
+        logits, cache = model.apply(
+            {"params": params}, tokens, positions=positions, segment_ids=segments,
+            cache=cache, cache_index=0,
+        )  # fmt: skip
+        return logits[:, -1], cache
+
+    def step(params, logits, cache, slot, positions, rng, sampling):
+        token = sample(logits, jax.random.fold_in(rng, slot), sampling)
+        logits, cache = model.apply(
+            {"params": params}, token[:, None], positions=positions[:, None],
+            segment_ids=jnp.ones_like(token)[:, None], cache=cache, cache_index=slot,
+        )  # fmt: skip
+        return token, logits[:, 0], cache
+
+    return (
+        jax.jit(prefill, donate_argnums=4),
+        jax.jit(step, static_argnames="sampling", donate_argnums=2),
+    )
+
+
 class Generator:
     """Decodes for one model and its params; compiled functions are cached per shape."""
 
-    def __init__(self, cfg: GPTConfig, params, end_ids: Sequence[int] = ()):
-        self.cfg = cfg
-        self.params = params
+    def __init__(self, cfg: GPTConfig, params, end_ids: Sequence[int] = (), unroll: bool = True):
+        # Unrolled layers decode ~1.7x faster on CPU (SmolLM2-135M, batch 8: 0.19 s vs
+        # 0.32 s a step) at the cost of a second copy of the weights and a longer compile.
+        self.cfg, self.params = unstack_layers(cfg, params) if unroll else (cfg, params)
         self.end_ids = tuple(end_ids)
-        model = GPT(cfg)
-
-        def prefill(params, tokens, positions, segments, cache):
-            logits, cache = model.apply(
-                {"params": params}, tokens, positions=positions, segment_ids=segments,
-                cache=cache, cache_index=0,
-            )  # fmt: skip
-            return logits[:, -1], cache
-
-        def step(params, logits, cache, slot, positions, rng, sampling):
-            token = sample(logits, jax.random.fold_in(rng, slot), sampling)
-            logits, cache = model.apply(
-                {"params": params}, token[:, None], positions=positions[:, None],
-                segment_ids=jnp.ones_like(token)[:, None], cache=cache, cache_index=slot,
-            )  # fmt: skip
-            return token, logits[:, 0], cache
-
-        self._prefill = jax.jit(prefill, donate_argnums=4)
-        self._step = jax.jit(step, static_argnames="sampling", donate_argnums=2)
+        self._prefill, self._step = _compiled(self.cfg)
 
     def generate(
         self,
@@ -86,14 +97,16 @@ class Generator:
         stop: Sequence[str] = (),
         tokenizer=None,
         return_logits: bool = False,
+        min_width: int = 0,
     ):
         """New token ids per prompt, without the end token. With `stop` strings (needs the
         tokenizer) a row stops once its text contains one; the text is cut there by the
-        caller (`decode_response`). `return_logits` also returns each step's logits."""
+        caller. `return_logits` also returns each step's logits. `min_width`: pad prompts
+        to at least this many tokens, so that several calls share one compiled shape."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
         lengths = np.array([len(p) for p in prompts])
-        width = _round_up(int(lengths.max()))
+        width = _round_up(max(int(lengths.max()), min_width))
         slots = _round_up(width + sampling.max_new_tokens)
         longest = int(lengths.max()) + sampling.max_new_tokens
         if self.cfg.positions == "learned" and longest > self.cfg.max_seq_len:

@@ -299,6 +299,20 @@ def attention_mask(
     return (causal[None] & same & real)[:, None]
 
 
+def unstack_layers(cfg: GPTConfig, params: dict) -> tuple[GPTConfig, dict]:
+    """The same model with one parameter subtree per layer (`h_0`, `h_1`, …) instead of one
+    stacked `h`: slower to compile, but XLA on CPU runs it faster (no per-layer slicing
+    of the stacked weights), which matters for token-by-token decoding."""
+    if not cfg.scan_layers:
+        return cfg, params
+    name = "h" if cfg.family == "gpt2" else "layers"
+    layers = {
+        f"{name}_{i}": jax.tree.map(lambda x, i=i: x[i], params[name]) for i in range(cfg.n_layers)
+    }
+    rest = {k: v for k, v in params.items() if k != name}
+    return dataclasses.replace(cfg, scan_layers=False), rest | layers
+
+
 def init_cache(cfg: GPTConfig, batch: int, slots: int) -> dict[str, Array]:
     """An empty KV cache for decoding: keys/values per layer and the segment id of each
     slot (0 = empty, never attended to)."""

@@ -25,7 +25,7 @@ PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21
 def test_cached_decoding_equals_full_recomputation(preset, scan_layers):
     cfg = GPTConfig.preset(preset, vocab_size=VOCAB, scan_layers=scan_layers)
     params = _params(cfg)
-    gen = Generator(cfg, params)
+    gen = Generator(cfg, params, unroll=False)
     new = 6
     out, step_logits = gen.generate(PROMPTS, Sampling(max_new_tokens=new), return_logits=True)
     model = GPT(cfg)
