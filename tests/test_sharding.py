@@ -73,3 +73,19 @@ def test_llama_with_accumulation_on_fsdp_tensor_mesh_matches_one_device():
     ref, _, _, _ = _run(one, micro_steps=2, preset="tiny-llama", n_steps=3)
     got, _, _, _ = _run(sharding.make_mesh(1, 2, 4), micro_steps=2, preset="tiny-llama", n_steps=3)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_logits_and_loss_stay_vocab_sharded_under_tensor_parallelism():
+    """With tensor=4 no device ever holds [rows, seq, full vocab]: XLA's compiled program
+    has only [rows, seq, vocab/4] logits."""
+    import re
+
+    model = GPT(GPTConfig.preset("tiny", vocab_size=512))
+    tx, schedule = make_optimizer(OptimConfig(), 10)
+    fns = train.build_steps(model, tx, schedule, sharding.make_mesh(1, 2, 4))
+    with fns.context():
+        state = fns.init(jax.random.key(0))
+        batch = jax.device_put(make_batch(rows=8, seq=16), fns.batch_sharding)
+        hlo = fns.train_step.lower(state, batch).compile().as_text()
+    assert re.search(r"f32\[4,16,128\]", hlo)  # the local logits shard: 8/2 rows, 512/4 vocab
+    assert not re.search(r"f32\[\d+,16,512\]", hlo)
