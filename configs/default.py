@@ -26,16 +26,47 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0  # residual/embedding dropout during training
 
     c.data = ml_collections.ConfigDict()
-    # JSON/JSONL path or glob, "hf:<name>", or generated tasks "synthetic:<task>:<n>".
+    # Sources: a .json/.jsonl/.csv/.parquet path, glob or folder, a save_to_disk folder
+    # (path[@split]), "hf:<name>[:<config>][@<split>]", or generated tasks "synthetic:<task>:<n>".
     c.data.train = "synthetic:mix:2000"
-    c.data.validation = "0.05"  # a source like data.train, a held-out fraction of it, or ""
-    c.data.format = "alpaca"  # row shape: alpaca (instruction, input, output)
-    c.data.template = "alpaca"  # prompt template
-    c.data.train_on = "response"  # "response": loss on the response + EOS only; "all": every token
+    c.data.validation = "0.05"  # a source like data.train, a held-out fraction of its rows, or ""
+    # Row shape: alpaca (instruction, input, output), prompt_completion, messages (role/content,
+    # multi-turn), sharegpt (conversations: from/value), or auto (from the first row's fields).
+    c.data.format = "auto"
+    # Rename fields: "instruction=question,output=answer"; add role names: "role.assistant=bot".
+    c.data.fields = ""
+    # alpaca | human_assistant | chatml | raw (prompt + completion + EOS) | tokenizer (the
+    # tokenizer's own chat template) | format (the strings below) | path/to/template.jinja
+    c.data.template = "alpaca"
+    # data.template=format: one format string per role; fields {content}, {input} (Alpaca's),
+    # {eos}, {bos}. From {content} to the end of `assistant` is trained (trailing space not).
+    c.data.template_format = ml_collections.ConfigDict()
+    c.data.template_format.system = "{content}\n\n"
+    c.data.template_format.user = "{content}\n\n"
+    c.data.template_format.user_with_input = ""  # "" = the user string with content + input
+    c.data.template_format.assistant = "{content}{eos}"
+    c.data.template_format.separator = ""  # after an assistant turn that more turns follow
+    c.data.template_format.default_system = ""  # when a conversation has no system message
+    c.data.template_format.default_system_with_input = ""  # …and its user turn has an input
+    c.data.train_on = "response"  # "response": loss on responses + their EOS only; "all": all
+    c.data.assistant_turns = "all"  # conversations: train every assistant turn, or only the "last"
     c.data.max_seq_len = 128  # tokens per row
-    # Pack several examples per row (segment ids); False = one example per row, padded.
+    # Over max_seq_len: "truncate" cuts the response (its EOS is lost, counted), "drop", "error".
+    c.data.too_long = "truncate"
+    # A prompt that fills max_seq_len alone: "drop" (counted) or "truncate_left" (cut its start).
+    c.data.long_prompt = "drop"
+    # Pack several examples per row (best-fit decreasing, segment ids); False = one example
+    # per row, each batch padded to its longest row (rounded up to data.pad_multiple).
     c.data.packing = True
-    c.data.too_long = "drop"  # examples over max_seq_len: "drop" (counted), "truncate" or "error"
+    c.data.max_segments = 64  # examples per packed row at most (0 = no cap)
+    c.data.pad_multiple = 64  # packing=False: pad widths to a multiple of this (fewer compiles)
+    c.data.on_bad_row = "error"  # "error": stop at the first bad row, naming it; "skip": count it
+    c.data.max_drop_fraction = 0.1  # error if a split drops more of its rows than this
+    c.data.streaming = False  # stream hub data sets instead of reading their Arrow copy
+    # Tokenized, packed data is cached on disk, keyed by data, config, tokenizer and code.
+    c.data.cache = True
+    c.data.cache_dir = ""  # "" = $SFT_JAX_CACHE/data, else ~/.cache/sft_jax/data
+    c.data.num_workers = -1  # tokenizing processes: -1 = one per core for >16k rows; 0 = none
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 0  # optimizer steps; 0 = derive from train.epochs

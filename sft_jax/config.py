@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from sft_jax.data import DataSpec
+from sft_jax.data import DataSpec, FormatTemplate
 from sft_jax.model import GPTConfig
 from sft_jax.optim import OptimConfig
 
@@ -58,16 +58,20 @@ def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
 
 
 def data_spec(c: ml_collections.ConfigDict) -> DataSpec:
-    d = c.data
+    """`c.data` as a DataSpec; every key of `c.data` must be a DataSpec field."""
+    d = c.data.to_dict()
+    names = {f.name for f in dataclasses.fields(DataSpec)} - {"seed"}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"config: unknown data keys {sorted(unknown)}; valid: {sorted(names)}")
+    fmt = d.pop("template_format", None) or {}
+    try:
+        template_format = FormatTemplate(**fmt)
+    except TypeError as e:
+        raise ValueError(f"config: data.template_format: {e}") from None
     return DataSpec(
-        train=d.train,
-        validation=str(d.validation),
-        format=d.format,
-        template=d.template,
-        train_on=d.train_on,
-        max_seq_len=d.max_seq_len,
-        packing=d.packing,
-        too_long=d.too_long,
+        **{**d, "validation": str(d.get("validation", ""))},
+        template_format=template_format,
         seed=c.seed,
     )
 

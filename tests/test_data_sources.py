@@ -1,10 +1,13 @@
-"""Reading rows: JSON, JSONL, globs, folders, synthetic; errors that point at the bad row."""
+"""Reading raw rows: JSON, JSONL, CSV, Parquet, globs, folders, save_to_disk, synthetic;
+where each row came from; bad files named with their line."""
 
 import json
 
+import datasets
 import pytest
 
 from sft_jax.data import sources, synthetic
+from sft_jax.data.errors import BadRow
 
 ROWS = [
     {"instruction": "a", "input": "x", "output": "b"},
@@ -19,113 +22,130 @@ def _jsonl(path, rows, blank_lines=False):
     return str(path)
 
 
-def test_json_list_and_jsonl(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps(ROWS), encoding="utf-8")
-    assert sources.read_rows(str(tmp_path / "a.json")) == ROWS
-    assert sources.read_rows(_jsonl(tmp_path / "b.jsonl", ROWS, blank_lines=True)) == ROWS
+def _read(text, **kw):
+    src = sources.Source(text, "data.train", **kw)
+    return src, list(src.rows())
 
 
-def test_input_optional_and_extra_columns_dropped(tmp_path):
-    raw = [
-        {"instruction": "a", "output": "b", "id": 7},
-        {"instruction": "c", "input": None, "output": "d", "id": 8},
+def test_json_list_and_jsonl_with_places(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ROWS, indent=1), encoding="utf-8")
+    src, rows = _read(str(tmp_path / "a.json"))
+    assert rows == ROWS and src.where(1) == f"{tmp_path / 'a.json'}, item 2"
+    src, rows = _read(_jsonl(tmp_path / "b.jsonl", ROWS, blank_lines=True))
+    assert rows == ROWS
+    assert [src.where(i).rsplit(", ", 1)[1] for i in range(3)] == ["line 1", "line 3", "line 5"]
+    # A .json file holding JSON Lines is read as such.
+    _jsonl(tmp_path / "c.json", ROWS)
+    assert _read(str(tmp_path / "c.json"))[1] == ROWS
+
+
+def test_values_keep_their_json_types(tmp_path):
+    # No type coercion across rows (pyarrow would make column types agree).
+    raw = [{"instruction": "a", "output": 5}, {"instruction": "b", "output": "x"}]
+    assert _read(_jsonl(tmp_path / "t.jsonl", raw))[1] == raw
+
+
+def test_csv_reads_every_cell_as_text(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,input,output\nhi,,007\n"multi\nline",x,"a, b"\n', encoding="utf-8")
+    src, rows = _read(str(path))
+    assert rows == [
+        {"instruction": "hi", "input": "", "output": "007"},
+        {"instruction": "multi\nline", "input": "x", "output": "a, b"},
     ]
-    got = sources.read_rows(_jsonl(tmp_path / "x.jsonl", raw))
-    assert got == [
-        {"instruction": "a", "input": "", "output": "b"},
-        {"instruction": "c", "input": "", "output": "d"},
-    ]
+    assert src.where(1) == f"{path}, row 2"
 
 
-def test_glob_and_folder_read_files_in_sorted_order(tmp_path):
-    _jsonl(tmp_path / "part-2.jsonl", ROWS[2:])
-    _jsonl(tmp_path / "part-1.jsonl", ROWS[:2])
+def test_parquet_and_glob_across_formats(tmp_path):
+    datasets.Dataset.from_list(ROWS[:2]).to_parquet(str(tmp_path / "p-1.parquet"))
+    _jsonl(tmp_path / "p-2.jsonl", ROWS[2:])
     (tmp_path / "notes.txt").write_text("not data", encoding="utf-8")
-    assert sources.read_rows(str(tmp_path / "part-*.jsonl")) == ROWS
-    assert sources.read_rows(str(tmp_path)) == ROWS
+    src, rows = _read(str(tmp_path / "p-*"))
+    assert rows == ROWS
+    assert src.where(2) == f"{tmp_path / 'p-2.jsonl'}, line 1"
+    # A folder: every data file in it, sorted; other files ignored.
+    assert _read(str(tmp_path))[1] == ROWS
+
+
+def test_glob_with_a_non_data_file_is_refused(tmp_path):
+    _jsonl(tmp_path / "x-1.jsonl", ROWS)
+    (tmp_path / "x-2.txt").write_text("hi", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"x-2\.txt is not \.json, \.jsonl, \.csv or \.parquet"):
+        _read(str(tmp_path / "x-*"))
+
+
+def test_save_to_disk_folders(tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
+    src, rows = _read(str(tmp_path / "one"))
+    assert rows == ROWS and src.kind == "saved" and src.where(2) == "row 3"
+    dd = datasets.DatasetDict(
+        train=datasets.Dataset.from_list(ROWS), test=datasets.Dataset.from_list(ROWS[:1])
+    )
+    dd.save_to_disk(str(tmp_path / "dict"))
+    assert _read(str(tmp_path / "dict") + "@test")[1] == ROWS[:1]
+    with pytest.raises(ValueError, match=r"splits \['test', 'train'\]; name one as .*@<split>"):
+        _read(str(tmp_path / "dict"))
 
 
 def test_synthetic_source():
-    got = sources.read_rows("synthetic:add:7:seed=2")
-    assert got == synthetic.generate_rows("add", 7, 2)
+    assert _read("synthetic:add:7:seed=2")[1] == synthetic.generate_rows("add", 7, 2)
+    with pytest.raises(ValueError, match=r"data\.validation: bad synthetic source"):
+        sources.Source("synthetic:mix:zero", "data.validation")
 
 
 def test_missing_file_names_path_and_key(tmp_path):
     path = str(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match=r"data\.validation") as e:
-        sources.read_rows(path, "data.validation")
-    assert path in str(e.value)
-    with pytest.raises(ValueError, match="no such file"):
-        sources.read_rows(str(tmp_path / "*.json"))
+        sources.Source(path, "data.validation")
+    assert path in str(e.value) and "no such file" in str(e.value)
 
 
-OK = json.dumps(ROWS[0])
-
-# (file name, file text, fragments the error message must hold)
-BAD = [
-    # Row 3 lacks "output"; the blank lines make it line 5 of the file.
-    (
-        "a.jsonl",
-        f'{OK}\n\n{OK}\n\n{{"instruction": "x"}}\n{OK}\n',
-        ["a.jsonl, line 5", "'output'", "missing"],
-    ),
-    (
-        "b.jsonl",
-        f'{OK}\n{{"instruction": "q", "output": 5}}\n',
-        ["b.jsonl, line 2", "'output'", "must be a string"],
-    ),
-    (
-        "c.jsonl",
-        '{"instruction": ["q"], "output": "a"}\n',
-        ["c.jsonl, line 1", "'instruction'", "string"],
-    ),
-    (
-        "d.jsonl",
-        '{"instruction": "q", "input": 3, "output": "a"}\n',
-        ["d.jsonl, line 1", "'input'"],
-    ),
-    ("e.json", f'[{OK}, {{"output": "o"}}]', ["e.json, item 2", "'instruction'", "missing"]),
-]
-
-
-@pytest.mark.parametrize("name,text,fragments", BAD)
-def test_bad_row_message_points_at_row_and_field(tmp_path, name, text, fragments):
-    (tmp_path / name).write_text(text, encoding="utf-8")
-    with pytest.raises(ValueError) as e:
-        sources.read_rows(str(tmp_path / name), "data.validation")
-    for fragment in [*fragments, "data.validation"]:
-        assert fragment in str(e.value)
-
-
-def test_bad_row_in_second_file_of_a_glob(tmp_path):
-    _jsonl(tmp_path / "m-1.jsonl", ROWS)
-    _jsonl(tmp_path / "m-2.jsonl", [ROWS[0], {"output": "o"}])
-    with pytest.raises(ValueError, match=r"m-\*\.jsonl.*m-2\.jsonl, line 2: field 'instruction'"):
-        sources.read_rows(str(tmp_path / "m-*.jsonl"))
+def test_malformed_and_non_utf8_lines_become_bad_rows_with_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    ok = json.dumps(ROWS[0]).encode()
+    path.write_bytes(ok + b'\n{"instruction": \n' + ok + b"\n\n" + b'{"output": "caf\xe9"}\n')
+    src, rows = _read(str(path))
+    assert rows[0] == ROWS[0] and rows[2] == ROWS[0]
+    assert isinstance(rows[1], BadRow) and rows[1].reason == "malformed_json"
+    assert "not valid JSON" in rows[1].problem and src.where(1) == f"{path}, line 2"
+    assert isinstance(rows[3], BadRow) and rows[3].reason == "not_utf8"
+    assert "byte 0xe9 at line 5, column 16 is not UTF-8" in rows[3].problem
+    assert src.where(3) == f"{path}, line 5"
 
 
 @pytest.mark.parametrize(
-    "name,text,where",  # JSON reports the line where it noticed: the missing comma's next.
+    "name,data,fragment",
     [
-        ("broken.jsonl", f'{OK}\n\n{{"instruction": \n{OK}\n', "broken.jsonl, line 3"),
-        ("broken.json", f"[\n{OK},\n{OK}\n{OK}]", "broken.json, line 4"),
+        ("broken.json", b'[\n{"a": 1},\n{"a": 2}\n{"a": 3}]', "broken.json, line 4, column 1"),
+        ("latin.json", b'[\n{"a": "ok"},\n{"a": "caf\xe9"}]', "byte 0xe9 at line 3, column 11"),
+        ("latin.csv", b"instruction,output\nok,fine\ncaf\xe9,x\n", "byte 0xe9 at line 3"),
+        ("obj.json", b'[\n{"a": 1}', "obj.json, line 2"),
     ],
 )
-def test_unparseable_json_names_file_and_line(tmp_path, name, text, where):
-    (tmp_path / name).write_text(text, encoding="utf-8")
+def test_whole_file_errors_name_file_and_line(tmp_path, name, data, fragment):
+    (tmp_path / name).write_bytes(data)
     with pytest.raises(ValueError, match=r"data\.train") as e:
-        sources.read_rows(str(tmp_path / name))
-    assert where in str(e.value)
+        list(sources.Source(str(tmp_path / name), "data.train").rows())
+    assert fragment in str(e.value)
 
 
-def test_bad_synthetic_source_names_the_key():
-    with pytest.raises(ValueError, match=r"data\.validation: bad synthetic source"):
-        sources.read_rows("synthetic:mix:zero", "data.validation")
+@pytest.mark.parametrize("name,text", [("e.jsonl", "\n\n"), ("e.json", "[]"), ("e.csv", "a,b\n")])
+def test_empty_file_is_an_error_or_skipped(tmp_path, name, text):
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{name} is empty.*data\.on_bad_row=skip"):
+        list(sources.Source(str(tmp_path / name), "data.train").rows())
+    _jsonl(tmp_path / "z.jsonl", ROWS)  # Sorted after the empty one.
+    src, rows = _read(str(tmp_path / "*"), skip_empty=True)
+    assert rows == ROWS and src.empty_files == [str(tmp_path / name)]
 
 
-def test_unknown_format():
-    with pytest.raises(ValueError, match=r"data\.format.*alpaca"):
-        sources.read_rows("synthetic:add:3", format="messages")
+def test_fingerprint_follows_content(tmp_path):
+    path = _jsonl(tmp_path / "f.jsonl", ROWS)
+    a = sources.Source(path, "data.train").fingerprint()
+    assert a == sources.Source(path, "data.train").fingerprint()
+    _jsonl(tmp_path / "f.jsonl", ROWS[:2])
+    assert sources.Source(path, "data.train").fingerprint() != a
+    assert sources.Source("synthetic:add:3", "k").fingerprint() == "synthetic:synthetic:add:3"
 
 
 @pytest.mark.parametrize(
@@ -139,3 +159,4 @@ def test_unknown_format():
 )
 def test_parse_hf(source, want):
     assert sources.parse_hf(source) == want
+    assert sources.Source(source, "data.train").kind == "hub"

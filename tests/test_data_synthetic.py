@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from sft_jax.data import load_tokenizer, synthetic, templates
+from sft_jax.data import encode, formats, load_tokenizer, synthetic, templates
 
 
 def _check(row):
@@ -61,7 +61,9 @@ def test_deterministic_and_seeded():
 def test_short_enough_for_a_tiny_model():
     tok = load_tokenizer("gpt2")
     rows = synthetic.generate_rows("mix", 300, seed=0)
-    examples = templates.tokenize_many([templates.render(r) for r in rows], tok)
+    msgs = [formats.to_messages(r, "alpaca") for r in rows]
+    rendered = [templates.render_format(templates.ALPACA, m, tok.eos_token) for m in msgs]
+    examples = encode.encode(rendered, tok)
     assert max(len(ids) for ids, _ in examples) <= 80
     assert max(int(tr.sum()) for _, tr in examples) <= 24  # Response tokens + EOS.
 

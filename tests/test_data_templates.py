@@ -1,12 +1,10 @@
-"""Golden tests for the Alpaca template and the loss mask it yields with GPT-2."""
+"""Golden tables for every built-in format template: the exact text, which characters are
+trained (⟦…⟧), and which GPT-2 tokens are trained; plus user format templates."""
 
 import numpy as np
 import pytest
-from tokenizers import processors
 
-from sft_jax.data import load_tokenizer, templates
-
-EOS = 50256
+from sft_jax.data import FormatTemplate, encode, formats, load_tokenizer, templates, view
 
 
 @pytest.fixture(scope="module")
@@ -14,127 +12,186 @@ def tok():
     return load_tokenizer("gpt2")
 
 
-WITH_INPUT = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
-NO_INPUT = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+ALPACA_ROW = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+CHAT_ROW = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+}
+ALPACA = formats.to_messages(ALPACA_ROW, "alpaca")
+CHAT = formats.to_messages(CHAT_ROW, "messages")
+PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+)
+EOT = "<|endoftext|>"
 
-# Written out in full, not built from the module's constants, so a typo there shows here.
-GOLDEN_TEXT = [
+# (template, messages, text with trained characters in ⟦⟧, text with trained GPT-2 tokens in ⟦⟧,
+#  the trained tokens). Written out in full, not built from the module's constants.
+GOLDEN = [
     (
-        WITH_INPUT,
-        "Below is an instruction that describes a task, paired with an input that provides "
-        "further context. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5",
+        "alpaca", ALPACA,
+        PREAMBLE_INPUT + "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n"
+        "### Response:\n⟦5<|endoftext|>⟧",
+        PREAMBLE_INPUT + "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n"
+        "### Response:\n⟦5<|endoftext|>⟧",
+        ["5", EOT],
     ),
     (
-        NO_INPUT,
+        "alpaca", CHAT,  # A system message replaces the preamble; turns repeat the blocks.
+        "Be brief.\n\n### Instruction:\nHi\n\n### Response:\n⟦Hello!<|endoftext|>⟧\n\n"
+        "### Instruction:\n2+2?\n\n### Response:\n⟦4<|endoftext|>⟧",
+        "Be brief.\n\n### Instruction:\nHi\n\n### Response:\n⟦Hello!<|endoftext|>⟧\n\n"
+        "### Instruction:\n2+2?\n\n### Response:\n⟦4<|endoftext|>⟧",
+        ["Hello", "!", EOT, "4", EOT],
+    ),
+    (
+        "human_assistant", ALPACA,
+        "Human: Add the numbers.\n\n2 and 3\n\nAssistant: ⟦5<|endoftext|>⟧",
+        # GPT-2 reads " 5" as one token: it carries a response character, so it trains.
+        "Human: Add the numbers.\n\n2 and 3\n\nAssistant:⟦ 5<|endoftext|>⟧",
+        [" 5", EOT],
+    ),
+    (
+        "human_assistant", CHAT,
+        "Be brief.\n\nHuman: Hi\n\nAssistant: ⟦Hello!<|endoftext|>⟧\n\nHuman: 2+2?\n\n"
+        "Assistant: ⟦4<|endoftext|>⟧",
+        "Be brief.\n\nHuman: Hi\n\nAssistant:⟦ Hello!<|endoftext|>⟧\n\nHuman: 2+2?\n\n"
+        "Assistant:⟦ 4<|endoftext|>⟧",
+        [" Hello", "!", EOT, " 4", EOT],
+    ),
+    (
+        "chatml", ALPACA,
+        "<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n"
+        "⟦5<|im_end|>⟧",
+        "<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n"
+        "⟦5<|im_end|>⟧",
+        # GPT-2 has no <|im_end|> token: its text is trained, piece by piece.
+        ["5", "<", "|", "im", "_", "end", "|", ">"],
+    ),
+    (
+        "chatml", CHAT,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n⟦Hello!<|im_end|>⟧\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦4<|im_end|>⟧",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n⟦Hello!<|im_end|>⟧\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦4<|im_end|>⟧",
+        ["Hello", "!"] + ["<", "|", "im", "_", "end", "|", ">"]
+        + ["4"] + ["<", "|", "im", "_", "end", "|", ">"],
+    ),
+    (
+        "raw", formats.to_messages({"prompt": "Q: 2+3?\nA:", "completion": " 5"}, "prompt_completion"),  # noqa: E501
+        "Q: 2+3?\nA:⟦ 5<|endoftext|>⟧",
+        "Q: 2+3?\nA:⟦ 5<|endoftext|>⟧",
+        [" 5", EOT],
+    ),
+    (
+        "raw", ALPACA,  # No separator: "3" + "5" tokenize as " 35", which trains (see above).
+        "Add the numbers.\n\n2 and 3⟦5<|endoftext|>⟧",
+        "Add the numbers.\n\n2 and⟦ 35<|endoftext|>⟧",
+        [" 35", EOT],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,messages,chars,tokens,trained", GOLDEN)
+def test_golden_text_and_mask(tok, name, messages, chars, tokens, trained):
+    r = templates.render_format(templates.BUILTIN[name], messages, tok.eos_token)
+    assert view.mark_text(r.text, r.spans) == chars
+    ((ids, mask),) = encode.encode([r], tok)
+    assert view.mark_tokens(ids, mask, tok) == tokens
+    assert [tok.decode([i]) for i in ids[mask]] == trained
+    # The contract: the EOS / end-of-turn text after every response is trained.
+    for s, e in r.spans:
+        assert r.text[s:e].endswith(("<|endoftext|>", "<|im_end|>"))
+
+
+def test_alpaca_without_input_is_the_classic_prompt(tok):
+    msgs = formats.to_messages({"instruction": "Name a colour.", "output": "Blue."}, "alpaca")
+    r = templates.render_format(templates.ALPACA, msgs, EOT)
+    assert view.mark_text(r.text, r.spans) == (
         "Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.",
-    ),
-]
+        "completes the request.\n\n### Instruction:\nName a colour.\n\n### Response:\n"
+        "⟦Blue.<|endoftext|>⟧"
+    )
 
 
-@pytest.mark.parametrize("row,text", GOLDEN_TEXT)
-def test_alpaca_golden_text_and_span(row, text):
-    r = templates.render(row, "alpaca")
-    assert r.text == text
-    assert r.spans == [(len(text) - len(row["output"]), len(text))]
-    assert r.text[slice(*r.spans[0])] == row["output"]
+def test_assistant_turns_last_trains_only_the_last(tok):
+    r = templates.render_format(templates.CHATML, CHAT, EOT, assistant_turns="last")
+    assert r.text == templates.render_format(templates.CHATML, CHAT, EOT).text
+    assert [r.text[s:e] for s, e in r.spans] == ["4<|im_end|>"]
 
 
-ROWS = [
-    WITH_INPUT,
-    NO_INPUT,
-    {"instruction": "Write a list.", "input": "", "output": "1. a\n2. b\n\nDone!"},
-    {"instruction": "Translate: {x}", "input": "{input} ok", "output": "Übersetzt: 中文 🤖"},
-    {"instruction": "Say nothing.", "input": "", "output": ""},
-]
+def test_train_on_all_trains_every_token_but_a_prepended_bos(tok):
+    r = templates.render_format(templates.ALPACA, ALPACA, EOT)
+    ((ids, mask),) = encode.encode([r], tok, "all")
+    assert mask.all() and tok.decode(ids) == r.text
+    ((ids_b, mask_b),) = encode.encode([r], tok, "all", bos=7)
+    assert ids_b[0] == 7 and not mask_b[0] and mask_b[1:].all()
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_mask_covers_exactly_response_and_eos(tok, row):
-    ids, trainable = templates.tokenize_rendered(templates.render(row), tok)
-    assert ids.dtype == np.int32 and trainable.dtype == np.bool_ and ids.shape == trainable.shape
-    assert ids[-1] == EOS and trainable[-1]
-    assert EOS not in ids[:-1].tolist()  # No BOS for GPT-2, no EOS elsewhere.
-    # Trainable tokens form one contiguous block at the end.
-    first = int(np.argmax(trainable))
-    assert trainable[first:].all() and not trainable[:first].any()
-    assert tok.decode(ids[trainable]) == row["output"] + "<|endoftext|>"
-    prompt = templates.render({**row, "output": ""}).text
-    assert tok.decode(ids[~trainable]) == prompt
-    # The first target after the prompt carries loss: targets = ids[1:], mask = trainable[1:].
-    n_prompt = int((~trainable).sum())
-    assert trainable[1:][n_prompt - 1]
+def test_braces_in_data_are_text(tok):
+    msgs = formats.to_messages(
+        {"instruction": "Fill {x} and {input}", "output": "{eos} {0}"}, "alpaca"
+    )
+    r = templates.render_format(templates.ALPACA, msgs, EOT)
+    assert "### Instruction:\nFill {x} and {input}\n\n" in r.text
+    assert [r.text[s:e] for s, e in r.spans] == ["{eos} {0}<|endoftext|>"]
+
+
+def test_user_format_template_golden(tok):
+    vicuna = FormatTemplate(
+        system="{content}\n\n",
+        user="USER: {content}\n",
+        assistant="ASSISTANT: {content}{eos}\n",
+        default_system="A chat.",
+    )
+    vicuna.check()
+    msgs = formats.to_messages({"prompt": "Hi", "completion": "Hello!"}, "prompt_completion")
+    r = templates.render_format(vicuna, msgs, EOT)
+    # Trailing template whitespace after the last trained span is dropped.
+    assert view.mark_text(r.text, r.spans) == (
+        "A chat.\n\nUSER: Hi\nASSISTANT: ⟦Hello!<|endoftext|>⟧"
+    )
+    r2 = templates.render_format(vicuna, CHAT, EOT)
+    assert view.mark_text(r2.text, r2.spans) == (
+        "Be brief.\n\nUSER: Hi\nASSISTANT: ⟦Hello!<|endoftext|>⟧\nUSER: 2+2?\n"
+        "ASSISTANT: ⟦4<|endoftext|>⟧"
+    )
+
+
+def test_user_template_with_bos_field(tok):
+    t = FormatTemplate(user="{bos}[INST] {content} [/INST]", assistant="{content}{eos}")
+    r = templates.render_format(t, ALPACA, "</s>", bos="<s>")
+    assert view.mark_text(r.text, r.spans) == (
+        "<s>[INST] Add the numbers.\n\n2 and 3 [/INST]⟦5</s>⟧"
+    )
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"assistant": "{content} and {content}"}, r"assistant.*exactly once"),
+        ({"assistant": "no content"}, r"assistant.*exactly once"),
+        ({"user": "{question}"}, r"data\.template_format\.user.*unknown field.*question"),
+        ({"system": "{content"}, r"data\.template_format\.system"),
+    ],
+)
+def test_bad_user_template_names_the_key(change, message):
+    with pytest.raises(ValueError, match=message):
+        FormatTemplate(**change).check()
 
 
 def test_eos_trainable_even_when_pad_is_eos(tok):
     tok2 = load_tokenizer("gpt2")
     tok2.pad_token = tok2.eos_token
-    assert tok2.pad_token_id == EOS
-    ids, trainable = templates.tokenize_rendered(templates.render(NO_INPUT), tok2)
-    assert ids[-1] == EOS and trainable[-1]
-
-
-def test_token_straddling_prompt_and_response_is_trainable(tok):
-    # The prompt ends in "\n"; GPT-2 splits "\n" + "\n\nYes" as "\n\n", "\n", "Yes".
-    row = {"instruction": "Go.", "input": "", "output": "\n\nYes"}
-    ids, trainable = templates.tokenize_rendered(templates.render(row), tok)
-    first = int(np.argmax(trainable))
-    assert ids[first] == 628  # "\n\n", half prompt, half response.
-    assert not trainable[first - 1]
-    # The whole straddling token trains: one extra prompt "\n", never a lost response char.
-    assert tok.decode(ids[trainable]) == "\n" + row["output"] + "<|endoftext|>"
-
-
-def test_train_on_all(tok):
-    ids, trainable = templates.tokenize_rendered(templates.render(WITH_INPUT), tok, "all")
-    ids_r, _ = templates.tokenize_rendered(templates.render(WITH_INPUT), tok, "response")
-    np.testing.assert_array_equal(ids, ids_r)
-    assert trainable.all()
-    assert tok.decode(ids[:1]) == "Below"  # No BOS prepended.
-
-
-def test_literal_eos_text_in_data_is_not_an_eos(tok):
-    row = {"instruction": "Quote <|endoftext|> please.", "input": "", "output": "a<|endoftext|>b"}
-    ids, trainable = templates.tokenize_rendered(templates.render(row), tok)
-    assert ids.tolist().count(EOS) == 1 and ids[-1] == EOS
-    assert tok.decode(ids[trainable]) == row["output"] + "<|endoftext|>"
-
-
-def test_tokenize_many_matches_one_by_one(tok):
-    rendered = [templates.render(r) for r in ROWS]
-    for (a_ids, a_tr), r in zip(templates.tokenize_many(rendered, tok), rendered, strict=True):
-        b_ids, b_tr = templates.tokenize_rendered(r, tok)
-        np.testing.assert_array_equal(a_ids, b_ids)
-        np.testing.assert_array_equal(a_tr, b_tr)
-
-
-def test_bos_prepended_untrainable_when_tokenizer_adds_one(tmp_path):
-    base = load_tokenizer("gpt2")
-    base.add_special_tokens({"bos_token": "<s>"})
-    bos = base.convert_tokens_to_ids("<s>")
-    base.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos)]
-    )
-    base.save_pretrained(tmp_path)
-    tok = load_tokenizer(str(tmp_path))
-    assert tok("a")["input_ids"] == [bos, 64]
-    ids, trainable = templates.tokenize_rendered(templates.render(NO_INPUT), tok)
-    gpt2 = load_tokenizer("gpt2")
-    plain, plain_tr = templates.tokenize_rendered(templates.render(NO_INPUT), gpt2)
-    assert ids[0] == bos and not trainable[0]
-    np.testing.assert_array_equal(ids[1:], plain)
-    np.testing.assert_array_equal(trainable[1:], plain_tr)
-    _, all_tr = templates.tokenize_rendered(templates.render(NO_INPUT), tok, "all")
-    assert not all_tr[0] and all_tr[1:].all()
-
-
-def test_errors():
-    with pytest.raises(ValueError, match=r"data\.template.*alpaca"):
-        templates.render(NO_INPUT, "nope")
-    tok = load_tokenizer("gpt2")
-    with pytest.raises(ValueError, match=r"data\.train_on"):
-        templates.tokenize_rendered(templates.render(NO_INPUT), tok, "prompt")
-    tok.eos_token = None
-    with pytest.raises(ValueError, match="no EOS"):
-        templates.tokenize_rendered(templates.render(NO_INPUT), tok)
+    assert tok2.pad_token_id == tok2.eos_token_id == 50256
+    r = templates.render_format(templates.ALPACA, ALPACA, tok2.eos_token)
+    ((ids, mask),) = encode.encode([r], tok2)
+    assert ids[-1] == 50256 and mask[-1]
+    assert np.count_nonzero(mask) == 2

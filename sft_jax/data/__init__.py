@@ -1,18 +1,23 @@
-"""Instruction data: sources -> template -> token ids and loss masks -> packed rows -> batches."""
+"""Instruction data: sources -> conversations -> template text and spans -> token ids and
+loss masks -> packed rows -> step-indexed batches.
 
-from sft_jax.data.pipeline import (
-    DataSpec,
-    DataSplits,
-    batch_at,
-    build_splits,
-    eval_batches,
-    num_batches_per_epoch,
-)
+Modules, in data-flow order: sources (raw rows), formats (rows -> messages), templates and
+chat_templates (messages -> text + trained spans), encode (text -> ids + masks), examples
+(one row end to end, length policy), packing (rows of examples), build (the whole build,
+cached by cache), pipeline (batches), view (what is trained, for people). spec holds
+`DataSpec`; errors the drop reasons.
+"""
+
+from sft_jax.data.build import DataSplits, build_splits
+from sft_jax.data.pipeline import batch_at, eval_batches, num_batches_per_epoch
+from sft_jax.data.spec import DataSpec
+from sft_jax.data.templates import FormatTemplate
 from sft_jax.data.tokenizer import load_tokenizer
 
 __all__ = [
     "DataSpec",
     "DataSplits",
+    "FormatTemplate",
     "batch_at",
     "build_splits",
     "eval_batches",

@@ -1,62 +1,44 @@
-"""Instruction rows from files, the Hugging Face hub or the synthetic generator.
+"""Raw rows from files, the Hugging Face hub, saved data sets or the synthetic generator.
 
 Source strings (config keys `data.train`, `data.validation`):
 
     synthetic:<task>:<n>[:seed=<s>]    generated in memory (see synthetic.py)
-    path/to/file.json                  a JSON list of objects
+    path/to/file.json                  a JSON list of objects (or JSON Lines)
     path/to/file.jsonl                 one JSON object per line
+    path/to/file.csv | file.parquet    a table with a header / a schema
     path/to/*.jsonl                    a glob: every matching file, in sorted order
-    path/to/folder                     every *.json and *.jsonl file in it, sorted
+    path/to/folder                     every .json/.jsonl/.csv/.parquet file in it, sorted
+    path/to/saved[@<split>]            a folder written by `datasets` `save_to_disk`
     hf:<name>[:<config>][@<split>]     a hub data set, e.g. hf:tatsu-lab/alpaca@train
     <owner>/<name>                     same as hf:<owner>/<name>, when no such local path exists
 
-Files go through `datasets.load_dataset("json", ...)`. Rows are then checked and
-normalised by format: `alpaca` rows need string `instruction` and `output`; `input` may
-be missing or null (read as ""). Other columns are dropped.
+Rows are read one at a time, never all held at once: JSON Lines line by line, CSV and
+Parquet through `datasets` streaming, hub and saved data sets from their memory-mapped
+Arrow files (or streamed, `data.streaming=True`). JSON and JSON Lines are parsed here
+rather than by `datasets` because its pyarrow reader coerces types across rows, forgets
+line numbers and fails a whole file for one bad line or byte; here a bad line becomes a
+`BadRow` with its line number, which `data.on_bad_row` can skip. Each row's place
+(file and line, item or row) is recorded so errors can name it.
 """
 
 from __future__ import annotations
 
+import array
 import glob
+import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import datasets
 
 from sft_jax.data import synthetic
+from sft_jax.data.errors import BadRow
 
-Row = dict[str, str]
-
-
-class RowError(ValueError):
-    """A row lacks a field or has one of the wrong type; `field` names it."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"field {field!r} {problem}")
-        self.field = field
-
-
-def _alpaca(row: dict) -> Row:
-    out = {}
-    for field in ("instruction", "input", "output"):
-        value = row.get(field)
-        if value is None and field == "input":
-            value = ""
-        if value is None:
-            raise RowError(field, "is missing")
-        if not isinstance(value, str):
-            raise RowError(field, f"must be a string, got {type(value).__name__} {value!r:.40}")
-        out[field] = value
-    return out
-
-
-# Row normalisers by `data.format`; prompt_completion, messages, sharegpt slot in here.
-FORMATS: dict[str, Callable[[dict], Row]] = {"alpaca": _alpaca}
-
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?(@\S+)?$")
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 def parse_hf(source: str) -> tuple[str, str | None, str]:
@@ -70,112 +52,246 @@ def parse_hf(source: str) -> tuple[str, str | None, str]:
 
 def _local_files(source: str) -> list[str]:
     if os.path.isdir(source):
-        pattern = [os.path.join(source, "*.json"), os.path.join(source, "*.jsonl")]
-        return sorted(f for p in pattern for f in glob.glob(p))
+        found = [f for ext in DATA_EXTENSIONS for f in glob.glob(os.path.join(source, "*" + ext))]
+        return sorted(found)
     return sorted(f for f in glob.glob(source) if os.path.isfile(f))
 
 
-def _locate(files: list[str], index: int) -> str:
-    """Where the `index`-th row (0-based, across `files`) sits: file and line or item.
-
-    Error path only: re-reads the files, because `datasets` skips blank lines and keeps
-    no file names, so the row index alone would mislead.
-    """
-    remaining = index
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
-            items = None
-        if isinstance(items, list):
-            if remaining < len(items):
-                return f"{path}, item {remaining + 1}"
-            remaining -= len(items)
-            continue
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                if remaining == 0:
-                    return f"{path}, line {lineno}"
-                remaining -= 1
-    return f"row {index + 1}"
-
-
-def _find_parse_error(files: list[str]) -> str | None:
-    """File, line and reason of the first JSON syntax error (error path only)."""
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if text.lstrip().startswith("["):  # One JSON document.
-            try:
-                json.loads(text)
-            except json.JSONDecodeError as e:
-                return f"{path}, line {e.lineno}: {e.msg}"
-            continue
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            try:
-                if line.strip():
-                    json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{path}, line {lineno}: {e.msg}"
+def _saved_dataset(source: str) -> tuple[str, str | None] | None:
+    """(folder, split) if `source` names a `save_to_disk` folder, optionally `@split`."""
+    path, _, split = source.partition("@") if not os.path.isdir(source) else (source, "", "")
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in _SAVED_MARKERS):
+        return path, split or None
     return None
 
 
-def _load_files(files: list[str], source: str, key: str) -> list[dict]:
-    # A throwaway cache: we keep the rows in memory, and a persistent Arrow copy of
-    # every version of every user file would only pile up.
-    with tempfile.TemporaryDirectory(prefix="sft_jax_json_") as cache:
+def _line_of(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based (line, column) of a byte offset."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    return data.count(b"\n", 0, offset) + 1, offset - line_start + 1
+
+
+def _utf8_problem(data: bytes, e: UnicodeDecodeError, base_line: int = 0) -> str:
+    line, col = _line_of(data, e.start)
+    return (
+        f"byte 0x{data[e.start]:02x} at line {line + base_line}, column {col} is not UTF-8; "
+        "re-encode the file as UTF-8"
+    )
+
+
+class Source:
+    """One source string opened for reading. `rows()` yields raw rows (dicts, or `BadRow`);
+    `where(i)` names the file and line of the i-th row read."""
+
+    def __init__(self, text: str, key: str, streaming: bool = False, skip_empty: bool = False):
+        self.text, self.key, self.streaming, self.skip_empty = text, key, streaming, skip_empty
+        self.files: list[str] = []
+        self.empty_files: list[str] = []
+        self._dataset = None
+        self._file_of = array.array("i")  # per row: index into self.files (-1: none)
+        self._place = array.array("q")  # per row: line, item or row number (1-based)
+        self._units: list[str] = []  # per file: "line", "item" or "row"
+        if text.startswith("synthetic:"):
+            self.kind = "synthetic"
+            try:
+                self._synthetic = synthetic.parse_source(text)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+        elif text.startswith("hf:"):
+            self.kind, self._hub = "hub", parse_hf(text)
+        elif saved := _saved_dataset(text):
+            self.kind, self._saved = "saved", saved
+        elif files := _local_files(text):
+            self.kind, self.files = "files", files
+            for f in files:
+                if not f.endswith(DATA_EXTENSIONS):
+                    raise ValueError(
+                        f"{key}={text!r}: {f} is not .json, .jsonl, .csv or .parquet; narrow "
+                        "the glob or convert the file"
+                    )
+        elif _HUB_NAME.match(text) and not text.endswith(DATA_EXTENSIONS):
+            self.kind, self._hub = "hub", parse_hf(text)
+        else:
+            raise ValueError(
+                f"{key}={text!r}: no such file (or no file matches the glob). Give a .json, "
+                ".jsonl, .csv or .parquet path, a glob, a folder, a save_to_disk folder, "
+                "hf:<name>[@<split>] or synthetic:<task>:<n>."
+            )
+
+    # ---- where rows came from
+
+    def where(self, index: int) -> str:
+        """`file, line N` (or `item N`, `row N`) of the index-th row read, for messages."""
+        if index < len(self._file_of) and self._file_of[index] >= 0:
+            f = self._file_of[index]
+            return f"{self.files[f]}, {self._units[f]} {self._place[index]}"
+        return f"row {index + 1}"
+
+    def _note(self, file_index: int, place: int) -> None:
+        self._file_of.append(file_index)
+        self._place.append(place)
+
+    # ---- identity, for the cache key
+
+    def fingerprint(self) -> str:
+        """Changes when the rows could: file contents, a data set's fingerprint, the string."""
+        if self.kind == "files":
+            h = hashlib.blake2b(digest_size=16)
+            for path in self.files:
+                h.update(os.path.basename(path).encode() + b"\0")
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+            return "files:" + h.hexdigest()
+        if self.kind in ("hub", "saved") and not (self.kind == "hub" and self.streaming):
+            return f"{self.kind}:{self._open_dataset()._fingerprint}"
+        return f"{self.kind}:{self.text}"  # synthetic, or a hub stream (no fingerprint).
+
+    # ---- reading
+
+    def rows(self) -> Iterator:
+        """Every row, in order; records where each came from."""
+        self._file_of, self._place = array.array("i"), array.array("q")
+        if self.kind == "synthetic":
+            for i, row in enumerate(synthetic.generate_rows(*self._synthetic)):
+                self._note(-1, i + 1)
+                yield row
+            return
+        if self.kind in ("hub", "saved"):
+            yield from self._dataset_rows(self._open_dataset(), -1)
+            return
+        self._units = []
+        for i, path in enumerate(self.files):
+            n_before = len(self._file_of)
+            if path.endswith((".jsonl", ".json")):
+                yield from self._json_rows(path, i)
+            else:
+                self._units.append("row")
+                yield from self._dataset_rows(self._open_table(path), i)
+            if len(self._file_of) == n_before:
+                if not self.skip_empty:
+                    raise ValueError(
+                        f"{self.key}={self.text!r}: {path} is empty (no rows). Remove it, fix "
+                        "the path or glob, or set data.on_bad_row=skip to pass over empty files"
+                    )
+                self.empty_files.append(path)
+
+    def _json_rows(self, path: str, file_index: int) -> Iterator:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):
+            self._units.append("item")
+            yield from self._json_list(path, file_index)
+            return
+        self._units.append("line")
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                self._note(file_index, lineno)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield BadRow("not_utf8", _utf8_problem(raw, e, lineno - 1))
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield BadRow(
+                        "malformed_json", f"is not valid JSON: {e.msg} at column {e.colno}"
+                    )
+
+    def _json_list(self, path: str, file_index: int) -> Iterator:
+        with open(path, "rb") as f:
+            data = f.read()
         try:
-            ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache)
-        except Exception as e:
-            cause = e.__cause__ or e
-            where = _find_parse_error(files) or f"{type(cause).__name__}: {cause}"
-            raise ValueError(f"{key}={source!r}: could not read JSON: {where}") from e
-        return ds.to_list()
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{self.key}={self.text!r}: {path}: {_utf8_problem(data, e)}"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{self.key}={self.text!r}: could not read JSON: {path}, line {e.lineno}, "
+                f"column {e.colno}: {e.msg}"
+            ) from None
+        if not isinstance(items, list):
+            kind = type(items).__name__
+            raise ValueError(f"{self.key}={self.text!r}: {path} holds a JSON {kind}, not a list")
+        for i, item in enumerate(items, start=1):
+            self._note(file_index, i)
+            yield item
 
-
-def _load_hub(source: str, key: str) -> list[dict]:
-    name, config, split = parse_hf(source)
-    try:
-        return datasets.load_dataset(name, config, split=split).to_list()
-    except Exception as e:
-        raise ValueError(
-            f"could not load hub data set {name!r} (config {config}, split {split}) for "
-            f"{key}={source!r}: {type(e).__name__}: {e}\nFor a local file, check the path; "
-            "for a hub data set write hf:<name>[:<config>][@<split>]."
-        ) from e
-
-
-def read_rows(source: str, key: str = "data.train", format: str = "alpaca") -> list[Row]:
-    """Reads and validates the rows of `source`; `key` is the config key, for errors."""
-    if format not in FORMATS:
-        raise ValueError(f"unknown data.format {format!r}; valid: {', '.join(FORMATS)}")
-    files: list[str] = []
-    if source.startswith("synthetic:"):
+    def _open_table(self, path: str):
+        # Streaming: rows come from the file in batches, never as one Arrow copy.
         try:
-            raw = synthetic.generate_rows(*synthetic.parse_source(source))
-        except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
-    elif source.startswith("hf:"):
-        raw = _load_hub(source, key)
-    elif files := _local_files(source):
-        raw = _load_files(files, source, key)
-    elif _HUB_NAME.match(source) and not source.endswith((".json", ".jsonl")):
-        raw = _load_hub(source, key)
-    else:
-        raise ValueError(
-            f"{key}={source!r}: no such file (or no file matches the glob). Give a .json or "
-            ".jsonl path, a glob, a folder, hf:<name> or synthetic:<task>:<n>."
-        )
-    if not raw:
-        raise ValueError(f"{key}={source!r} holds no rows")
-    normalise = FORMATS[format]
-    rows = []
-    for i, row in enumerate(raw):
+            if path.endswith(".csv"):
+                import csv
+
+                with open(path, encoding="utf-8", newline="") as f:
+                    header = next(csv.reader(f), [])
+                # Every column as text: "007" stays "007", empty cells stay "".
+                features = datasets.Features({c: datasets.Value("string") for c in header})
+                return datasets.load_dataset(
+                    "csv", data_files=[path], split="train", streaming=True,
+                    features=features, keep_default_na=False,
+                )  # fmt: skip
+            return datasets.load_dataset(
+                "parquet", data_files=[path], split="train", streaming=True
+            )
+        except UnicodeDecodeError as e:
+            with open(path, "rb") as f:
+                data = f.read()
+            raise ValueError(
+                f"{self.key}={self.text!r}: {path}: {_utf8_problem(data, e)}"
+            ) from None
+
+    def _open_dataset(self):
+        if self._dataset is not None:
+            return self._dataset
+        if self.kind == "saved":
+            path, split = self._saved
+            try:
+                ds = datasets.load_from_disk(path)
+            except Exception as e:
+                raise ValueError(f"{self.key}={self.text!r}: could not load {path}: {e}") from e
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(
+                        f"{self.key}={self.text!r}: {path} holds the splits {sorted(ds)}; name "
+                        f"one as {path}@<split>"
+                    )
+                ds = ds[split]
+        else:
+            name, config, split = self._hub
+            try:
+                ds = datasets.load_dataset(name, config, split=split, streaming=self.streaming)
+            except Exception as e:
+                raise ValueError(
+                    f"could not load hub data set {name!r} (config {config}, split {split}) for "
+                    f"{self.key}={self.text!r}: {type(e).__name__}: {e}\nFor a local file, check "
+                    "the path; for a hub data set write hf:<name>[:<config>][@<split>]."
+                ) from e
+        self._dataset = ds
+        return ds
+
+    def _dataset_rows(self, ds, file_index: int) -> Iterator:
         try:
-            rows.append(normalise(row))
-        except RowError as e:
-            where = _locate(files, i) if files else f"row {i + 1}"
-            raise ValueError(f"{key}={source!r}: {where}: {e} (data.format={format})") from None
-    return rows
+            if isinstance(ds, datasets.Dataset):  # Memory-mapped: read in batches.
+                rows = (
+                    dict(zip(batch, values, strict=True))
+                    for batch in ds.iter(batch_size=1024)
+                    for values in zip(*batch.values(), strict=True)
+                )
+            else:
+                rows = iter(ds)
+            for i, row in enumerate(rows, start=1):
+                self._note(file_index, i)
+                yield row
+        except UnicodeDecodeError as e:
+            path = self.files[file_index] if file_index >= 0 else self.text
+            with open(path, "rb") as f:
+                data = f.read()
+            raise ValueError(
+                f"{self.key}={self.text!r}: {path}: {_utf8_problem(data, e)}"
+            ) from None

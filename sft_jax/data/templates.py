@@ -1,33 +1,37 @@
-"""Templates: a row becomes text plus the character spans that carry loss, then tokens.
+"""Templates: a conversation becomes text plus the character spans that carry loss.
 
-Masks come from spans, never from token values: GPT-2's pad id equals its EOS id, and
-the EOS that ends every example must stay trainable so the model learns to stop.
+Masks come from spans the renderer knows, never from token values: GPT-2's pad id equals
+its EOS id, and the EOS that ends every response must stay trainable so the model learns
+to stop. A span covers an assistant turn's content and the end-of-turn marker after it
+(`{eos}` or `<|im_end|>`), not the header before it nor the whitespace after it.
 
-To add a template (human_assistant, chatml, a tokenizer's chat template), write a
-renderer `row -> Rendered` and register it in `TEMPLATES`; multi-turn renderers return
-one span per assistant turn. A prompt for generation is `render(row | {"output": ""})`.
+Built-in templates are `FormatTemplate`s: one Python format string per role, with the
+fields `{content}`, `{input}` (Alpaca's input, user turns only), `{eos}` and `{bos}` (the
+tokenizer's special tokens, as text). A user template is the same thing from the config
+(`data.template=format`, `data.template_format.*`). The tokenizer's own chat template and
+Jinja files live in chat_templates.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import string
+from collections.abc import Sequence
 
-import numpy as np
-import transformers
+from sft_jax.data.formats import Message
 
 # The Stanford Alpaca prompts, byte for byte (github.com/tatsu-lab/stanford_alpaca).
-ALPACA_WITH_INPUT = (
+ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    "further context. Write a response that appropriately completes the request."
 )
-ALPACA_NO_INPUT = (
+ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    "completes the request."
 )
 
 TRAIN_ON = ("response", "all")
+ASSISTANT_TURNS = ("all", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,89 +39,115 @@ class Rendered:
     """Text of one example; `spans` are the [start, end) character ranges that carry loss."""
 
     text: str
-    spans: list[tuple[int, int]]
+    spans: tuple[tuple[int, int], ...]
 
 
-def _alpaca(row: dict[str, str]) -> Rendered:
-    # str.format does not re-parse substituted values, so braces in user data are safe.
-    prompt = (ALPACA_WITH_INPUT if row.get("input") else ALPACA_NO_INPUT).format(**row)
-    return Rendered(prompt + row["output"], [(len(prompt), len(prompt) + len(row["output"]))])
+@dataclasses.dataclass(frozen=True)
+class FormatTemplate:
+    """A prompt format as format strings. Turns are concatenated; `separator` goes after an
+    assistant turn that another turn follows. Trailing whitespace after the last trained
+    span is dropped (it would be a token that trains nothing)."""
+
+    system: str = "{content}\n\n"
+    user: str = "{content}\n\n"
+    user_with_input: str = ""  # For a user turn with an Alpaca input; "" = content + input.
+    assistant: str = "{content}{eos}"  # Exactly one {content}; from there to the end trains.
+    separator: str = ""
+    default_system: str = ""  # Used when the conversation has no system message.
+    default_system_with_input: str = ""  # …and its first user turn has an Alpaca input.
+
+    def check(self, key: str = "data.template_format") -> None:
+        """Raises ValueError naming the config key if a format string is unusable."""
+        allowed = {"content", "input", "eos", "bos"}
+        for name in ("system", "user", "user_with_input", "assistant", "separator",
+                     "default_system", "default_system_with_input"):  # fmt: skip
+            text = getattr(self, name)
+            try:
+                used = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+            except ValueError as e:
+                raise ValueError(
+                    f"{key}.{name}={text!r}: {e} (literal braces: {{{{ }}}})"
+                ) from None
+            bad = set(used) - allowed
+            if bad:
+                raise ValueError(
+                    f"{key}.{name}={text!r}: unknown field(s) {sorted(bad)}; use {{content}}, "
+                    "{input}, {eos}, {bos} (literal braces as {{ }})"
+                )
+            if name == "assistant" and used.count("content") != 1:
+                raise ValueError(f"{key}.assistant={text!r} must contain {{content}} exactly once")
 
 
-TEMPLATES: dict[str, Callable[[dict[str, str]], Rendered]] = {"alpaca": _alpaca}
+ALPACA = FormatTemplate(
+    system="{content}\n\n",
+    user="### Instruction:\n{content}\n\n### Response:\n",
+    user_with_input="### Instruction:\n{content}\n\n### Input:\n{input}\n\n### Response:\n",
+    assistant="{content}{eos}",
+    separator="\n\n",
+    default_system=ALPACA_PREAMBLE,
+    default_system_with_input=ALPACA_PREAMBLE_INPUT,
+)
+HUMAN_ASSISTANT = FormatTemplate(
+    system="{content}\n\n",
+    user="Human: {content}\n\n",
+    assistant="Assistant: {content}{eos}",
+    separator="\n\n",
+)
+CHATML = FormatTemplate(
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
+)
+# No markup: prompt then completion then EOS, as TRL trains prompt/completion rows.
+RAW = FormatTemplate(system="{content}\n\n", user="{content}", assistant="{content}{eos}")
+
+BUILTIN = {"alpaca": ALPACA, "human_assistant": HUMAN_ASSISTANT, "chatml": CHATML, "raw": RAW}
 
 
-def render(row: dict[str, str], template: str = "alpaca") -> Rendered:
-    """Renders a normalised row with the named template."""
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown data.template {template!r}; valid: {', '.join(TEMPLATES)}")
-    return TEMPLATES[template](row)
+def render_format(
+    t: FormatTemplate,
+    messages: Sequence[Message],
+    eos: str,
+    bos: str = "",
+    assistant_turns: str = "all",
+) -> Rendered:
+    """Renders a conversation with a format template; spans cover trained assistant turns."""
+    special = {"eos": eos, "bos": bos}
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
 
+    def add(text: str) -> None:
+        nonlocal pos
+        parts.append(text)
+        pos += len(text)
 
-def _bos_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int | None:
-    """The BOS id if the tokenizer itself would prepend a BOS distinct from EOS, else None."""
-    bos = tokenizer.bos_token_id
-    if bos is None or bos == tokenizer.eos_token_id:
-        return None  # GPT-2: bos == eos, and GPT-2 was trained without a leading BOS.
-    # Ask the tokenizer rather than read flags: their names differ between tokenizer classes.
-    return bos if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
-
-
-def tokenize_many(
-    rendered: Sequence[Rendered],
-    tokenizer: transformers.PreTrainedTokenizerBase,
-    train_on: str = "response",
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Batched `tokenize_rendered`: one tokenizer call for all texts (the fast path)."""
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"unknown data.train_on {train_on!r}; valid: {', '.join(TRAIN_ON)}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} (model.tokenizer) has no EOS token; "
-            "sft_jax ends every example with one"
-        )
-    bos = _bos_id(tokenizer)
-    head_ids, head_mask = ([bos], [False]) if bos is not None else ([], [])
-    # split_special_tokens: a literal "<|endoftext|>" inside user data stays text, and
-    # does not become an EOS in the middle of an example.
-    enc = tokenizer(
-        [r.text for r in rendered],
-        add_special_tokens=False,
-        return_offsets_mapping=True,
-        split_special_tokens=True,
-    )
-    out = []
-    for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
-        off = np.asarray(offsets, np.int64).reshape(-1, 2)
-        if train_on == "all":
-            mask = np.ones(len(ids), np.bool_)
+    msgs = list(messages)
+    if msgs and msgs[0].role != "system" and t.default_system:
+        first_user = next((m for m in msgs if m.role == "user"), None)
+        with_input = first_user is not None and bool(first_user.input)
+        default = (with_input and t.default_system_with_input) or t.default_system
+        msgs.insert(0, Message("system", default))
+    for i, m in enumerate(msgs):
+        if m.role == "system":
+            add(t.system.format(content=m.content, input="", **special))
+        elif m.role == "user":
+            if m.input and t.user_with_input:
+                add(t.user_with_input.format(content=m.content, input=m.input, **special))
+            else:
+                add(t.user.format(content=m.text(), input="", **special))
         else:
-            start = off[:, 0]
-            # Some tokenizers report zero-width offsets; count such a token at its start.
-            end = np.maximum(off[:, 1], start + 1)
-            mask = np.zeros(len(ids), np.bool_)
-            for s, e in r.spans:
-                if e > s:
-                    mask |= (start < e) & (end > s)  # Any overlap with the span.
-        out.append(
-            (
-                np.asarray(head_ids + list(ids) + [eos], np.int32),
-                np.concatenate([head_mask, mask, [True]]).astype(np.bool_),
-            )
-        )
-    return out
-
-
-def tokenize_rendered(
-    rendered: Rendered,
-    tokenizer: transformers.PreTrainedTokenizerBase,
-    train_on: str = "response",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids (int32) and trainable flags (bool) of one rendered example.
-
-    The whole text is tokenized once; a token is trainable if its character range overlaps
-    a span (`train_on="response"`) or always (`"all"`, except a BOS). An EOS, trainable, is
-    appended. A BOS is prepended only where the tokenizer would add one and it is not EOS.
-    """
-    return tokenize_many([rendered], tokenizer, train_on)[0]
+            # "\0" never occurs in a format string, so it marks where the content goes.
+            before, after = t.assistant.format(content="\0", input="", **special).split("\0")
+            add(before)
+            start = pos
+            add(m.content + after)
+            spans.append((start, start + len(m.content) + len(after.rstrip())))
+            if i + 1 < len(msgs):
+                add(t.separator)
+    text = "".join(parts)
+    if spans:
+        text = text[: max(len(text.rstrip()), spans[-1][1])]
+    if assistant_turns == "last":
+        spans = spans[-1:]
+    return Rendered(text, tuple(spans))
