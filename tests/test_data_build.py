@@ -318,17 +318,6 @@ def test_same_config_same_bytes_and_resume_replays_batches(tok, tmp_path):
         assert all(from_start[s][k].tobytes() == again[k].tobytes() for k in again)
 
 
-def test_worker_processes_give_the_same_bytes(tok, tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", _unique_rows(2500))  # 3 chunks.
-    base = _spec(train=path, max_seq_len=64, validation="0.1")
-    one = build_splits(base, tok)
-    two = build_splits(DataSpec(**{**base.__dict__, "num_workers": 2}), tok)
-    for a, b in ((one.train, two.train), (one.validation, two.validation)):
-        for k, v in _arrays(a).items():
-            assert v.tobytes() == _arrays(b)[k].tobytes(), k
-    assert one.stats == two.stats
-
-
 @pytest.mark.skipif(not os.path.exists(DEMO), reason="needs ../shared/data/alpaca_en_demo.json")
 def test_alpaca_demo_at_512(tok):
     """The done-means figure: ≥ 98% real tokens packed at 512, every fitting row trained on

@@ -160,3 +160,16 @@ def test_fingerprint_follows_content(tmp_path):
 def test_parse_hf(source, want):
     assert sources.parse_hf(source) == want
     assert sources.Source(source, "data.train").kind == "hub"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_code_path_on_a_local_folder(tmp_path, monkeypatch, streaming):
+    """`hf:` goes through datasets.load_dataset; a local folder exercises it offline."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    folder = tmp_path / "hubish"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", ROWS)
+    src, rows = _read(f"hf:{folder}@train", streaming=streaming)
+    assert rows == ROWS and src.kind == "hub" and src.where(2) == "row 3"
+    fp = src.fingerprint()
+    assert fp.startswith("hub:") and (fp == f"hub:hf:{folder}@train") == streaming

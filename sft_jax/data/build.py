@@ -9,21 +9,16 @@ in the on-disk cache under a key of all three.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import itertools
 import logging
-import multiprocessing
 import os
-import pickle
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 import transformers
 
-from sft_jax.data import cache, encode, errors, examples, formats, sources, templates
+from sft_jax.data import cache, encode, errors, examples, formats, parallel, sources, templates
 from sft_jax.data.chat_templates import JinjaTemplate
 from sft_jax.data.packing import PackedRows
 from sft_jax.data.spec import DataSpec, check, validation_fraction
@@ -109,75 +104,6 @@ def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> examples.Enco
     )
 
 
-# ---------------------------------------------------------------- parallel map, in order
-
-_WORKER_ENCODER: examples.Encoder | None = None
-
-
-def _init_worker(encoder_path: str) -> None:
-    global _WORKER_ENCODER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # One process per core already.
-    with open(encoder_path, "rb") as f:
-        _WORKER_ENCODER = pickle.load(f)
-
-
-def _work(rows: list) -> examples.Chunk:
-    return examples.encode_chunk(rows, _WORKER_ENCODER)
-
-
-def _encode_chunks(chunks: Iterator[list], encoder, workers: int) -> Iterator[examples.Chunk]:
-    """encode_chunk over `chunks`, in order; in `workers` processes if > 0. If the processes
-    cannot start (e.g. the main script cannot be re-imported), the rest runs here."""
-    if workers <= 0:
-        for rows in chunks:
-            yield examples.encode_chunk(rows, encoder)
-        return
-    # The encoder (tokenizer included, megabytes) goes through a file: start-up data that
-    # a dying child does not read would block the parent's write to it forever.
-    with tempfile.NamedTemporaryFile(prefix="sft_jax_encoder_", delete=False) as f:
-        pickle.dump(encoder, f)
-    # spawn, not fork: the parent may run JAX's threads, and forking those can deadlock.
-    pool = concurrent.futures.ProcessPoolExecutor(
-        workers, multiprocessing.get_context("spawn"), _init_worker, (f.name,)
-    )
-    pending: collections.deque = collections.deque()  # (rows, future or None), in order
-    broken = False
-
-    def result(rows, future) -> examples.Chunk:
-        nonlocal broken
-        if future is not None and not broken:
-            try:
-                return future.result()
-            except concurrent.futures.process.BrokenProcessPool as e:
-                broken = True
-                log.warning("data: worker processes failed (%s); tokenizing in this one", e)
-        return examples.encode_chunk(rows, encoder)
-
-    try:
-        for rows in chunks:
-            future = None
-            if not broken:
-                try:
-                    future = pool.submit(_work, rows)
-                except concurrent.futures.process.BrokenProcessPool:
-                    broken = True
-            pending.append((rows, future))
-            while len(pending) >= (1 if broken else 2 * workers):  # Bounded read-ahead.
-                yield result(*pending.popleft())
-        while pending:
-            yield result(*pending.popleft())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        os.remove(f.name)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 # ---------------------------------------------------------------- one source -> examples
 
 
@@ -229,7 +155,7 @@ def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> T
         while len(buffered) * CHUNK_ROWS < AUTO_WORKERS_MIN_ROWS and len(buffered[-1]):
             buffered.append(list(itertools.islice(rows, CHUNK_ROWS)))
         large = len(buffered[-1]) > 0 and len(buffered) * CHUNK_ROWS >= AUTO_WORKERS_MIN_ROWS
-        workers = min(_cores(), MAX_WORKERS) if large and _cores() > 1 else 0
+        workers = min(parallel.cores(), MAX_WORKERS) if large and parallel.cores() > 1 else 0
 
     def chunks() -> Iterator[list]:
         yield from (c for c in buffered if c)
@@ -240,7 +166,7 @@ def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> T
     problems: dict[int, str] = {}
     offset = 0
     bad_codes = [errors.CODES[r] for r in errors.BAD_ROW_REASONS]
-    for chunk in _encode_chunks(chunks(), encoder, workers):
+    for chunk in parallel.encode_chunks(chunks(), encoder, workers):
         for i in np.flatnonzero(np.isin(chunk.status, bad_codes + [errors.CODES["too_long"]])):
             reason = errors.NAMES[int(chunk.status[i])]
             if (reason == "too_long" and spec.too_long == "error") or (
@@ -269,7 +195,7 @@ def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> T
 # ---------------------------------------------------------------- examples -> packed split
 
 
-def _split_rows(n: int, fraction: float, seed: int) -> np.ndarray:
+def held_out_mask(n: int, fraction: float, seed: int) -> np.ndarray:
     """A boolean mask of the held-out rows: an exact, seeded `fraction` of all `n` rows."""
     n_val = round(n * fraction)
     if not 1 <= n_val < n:
@@ -392,7 +318,7 @@ def build_splits(spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase
     stats: dict = {}
     splits: dict[str, PackedRows] = {}
     if fraction:  # 0 means none, like "" (a numeric config override may give 0).
-        held_out = _split_rows(len(table.status), fraction, spec.seed)
+        held_out = held_out_mask(len(table.status), fraction, spec.seed)
         train = ~held_out
         splits["validation"], stats["validation"] = _pack_split(
             table, held_out, spec, train_src, "validation", _SHUFFLE_VAL

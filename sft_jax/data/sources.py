@@ -24,6 +24,7 @@ line numbers and fails a whole file for one bad line or byte; here a bad line be
 from __future__ import annotations
 
 import array
+import csv
 import glob
 import hashlib
 import json
@@ -226,8 +227,6 @@ class Source:
         # Streaming: rows come from the file in batches, never as one Arrow copy.
         try:
             if path.endswith(".csv"):
-                import csv
-
                 with open(path, encoding="utf-8", newline="") as f:
                     header = next(csv.reader(f), [])
                 # Every column as text: "007" stays "007", empty cells stay "".
