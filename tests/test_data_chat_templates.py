@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from sft_jax.data import DataSpec, build, build_splits, encode, load_tokenizer, view
+from sft_jax.data import DataSpec, build, build_splits, encode, examples, load_tokenizer, view
 from sft_jax.data.chat_templates import JinjaTemplate
 from sft_jax.data.errors import RowError
 
@@ -256,3 +256,13 @@ def test_special_token_text_in_data_is_a_bad_row(smol, tmp_path):
     with pytest.raises(RowError, match=r"messages\[0\]\.content.*<\|im_end\|>") as e:
         enc.messages(row)
     assert e.value.reason == "special_token_text"
+
+
+def test_prompt_cut_from_the_left_keeps_the_templates_bos(llama3):
+    msgs = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]
+    enc = _encoder(llama3, max_seq_len=32, long_prompt="truncate_left")
+    ((ids, mask),) = encode.encode([enc.render(enc.messages({"messages": msgs}))], llama3)
+    cut, cut_mask, flags = examples.fit(ids, mask, enc)
+    assert flags == examples.PROMPT_CUT and len(cut) == 33
+    assert cut[0] == llama3.bos_token_id and llama3.decode(cut[cut_mask]) == "ok<|eot_id|>"
+    assert llama3.decode(cut[-8:]).endswith("assistant<|end_header_id|>\n\nok<|eot_id|>")

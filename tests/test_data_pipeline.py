@@ -105,3 +105,21 @@ def test_eval_batches_every_row_once_then_padding(packed):
             for k in whole:
                 got = np.concatenate([p[j][k] for p in parts])
                 np.testing.assert_array_equal(got, whole[k])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_each_process_builds_only_its_own_rows(monkeypatch, packed):
+    rows = _indexed_rows(40, packed=packed, lengths=[1 + i % 7 for i in range(40)])
+    built = []
+    real = packing.PackedRows.rows
+
+    def spy(self, idx, width=None):
+        built.append(list(idx))
+        return real(self, idx, width)
+
+    monkeypatch.setattr(packing.PackedRows, "rows", spy)
+    whole = pipeline.batch_rows(rows, 3, 8, 0)
+    batch_at(rows, 3, 8, 0, process_index=1, process_count=4)
+    assert built == [whole[2:4].tolist()]  # Two rows of eight, and only those.
+    list(eval_batches(rows, 8, process_index=3, process_count=4))
+    assert built[1:] == [[6 + s, 7 + s] for s in range(0, 40, 8)]

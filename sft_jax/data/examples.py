@@ -11,8 +11,8 @@ Length policy, per example of n + 1 ids (n positions) against limit = max_seq_le
 - `too_long=truncate` (default), some trained target within the limit: the response is
   cut on the right; flagged `RESPONSE_CUT` (it lost its EOS).
 - the prompt alone fills the limit: dropped as `prompt_too_long`, or with
-  `long_prompt=truncate_left` the prompt is cut from the left (a leading BOS stays) to
-  leave room for up to half the row of response.
+  `long_prompt=truncate_left` the prompt is cut from the left (a leading BOS, prepended or
+  written by a chat template, stays) to leave room for up to half the row of response.
 - no trainable target left: dropped as `no_loss_tokens`. Never a silently empty mask.
 """
 
@@ -111,7 +111,9 @@ def fit(
         return ids[:limit], trainable[:limit], RESPONSE_CUT
     if enc.long_prompt == "drop":
         return "prompt_too_long"
-    head = int(enc.bos is not None and ids[0] == enc.bos)
+    tok = enc.tokenizer
+    bos = enc.bos if enc.bos is not None else tok.bos_token_id
+    head = int(bos is not None and bos != tok.eos_token_id and ids[0] == bos)  # Kept: a BOS.
     room = limit - head
     keep_resp = max(1, min(n - first, room // 2))
     keep_prompt = room - keep_resp
