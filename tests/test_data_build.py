@@ -15,6 +15,7 @@ from sft_jax import config as config_lib
 from sft_jax.data import (
     DataSpec,
     batch_at,
+    build,
     build_splits,
     encode,
     formats,
@@ -150,6 +151,9 @@ def test_validation_fraction_is_disjoint_from_train(tok, tmp_path):
     assert train + val == _tokenized(rows, tok)
     assert splits.stats["validation"]["rows_read"] == 20
     assert splits.stats["train"]["rows_read"] == 180
+    # held_out_mask (public, for tools that need the raw held-out rows) is that split.
+    mask = build.held_out_mask(200, 0.1, seed=0)
+    assert val == _tokenized([r for r, h in zip(rows, mask, strict=True) if h], tok)
     # The split is seeded: another seed holds out other rows.
     other = build_splits(_spec(train=path, validation="0.1", max_seq_len=64, seed=1), tok)
     assert _examples_in(other.validation) != val
