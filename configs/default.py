@@ -97,6 +97,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3  # newest checkpoints kept
     c.checkpoint.async_save = True  # write in the background while training goes on
 
+    c.eval = ml_collections.ConfigDict()
+    # Held-out prompts answered before and after training (generations_{before,after}.jsonl,
+    # scored by exact match where answers are checkable, and report.md side by side).
+    c.eval.generations = 0
+    c.eval.max_new_tokens = 64  # greedy decoding, stops at EOS / end of turn
+
     c.export = ml_collections.ConfigDict()
     # At the end of the run, write a Hugging Face folder here ("" = no; relative = in workdir).
     # Any checkpoint can also be exported later: python tools/export_hf.py --workdir DIR --out X

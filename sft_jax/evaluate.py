@@ -14,14 +14,14 @@ from sft_jax.generate import Generator, Sampling
 def respond(
     generator: Generator,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Sequence[int]],
     sampling: Sampling,
     stop: Sequence[str] = (),
     batch_size: int = 8,
 ) -> list[str]:
-    """Response text for each rendered prompt, cut at the first stop string."""
+    """Response text for each prompt (token ids), cut at the first stop string."""
     out: list[str] = []
-    all_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    all_ids = [list(p) for p in prompts]
     width = max(len(ids) for ids in all_ids)  # one padded width: one compile for all batches
     for i in range(0, len(all_ids), batch_size):
         ids = all_ids[i : i + batch_size]
@@ -138,3 +138,47 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str:
 
 
 PromptFn = Callable[[dict], tuple[str, str]]  # row -> (rendered prompt, reference answer)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def prompts_and_references(
+    rows: Sequence[dict], spec, tokenizer
+) -> list[tuple[list[int], str, str]]:
+    """(prompt ids, the user's request, reference answer) per row. The ids are rendered with
+    the run's format and template: exactly the tokens training put before each response
+    (`data.prompts.prompt_ids`)."""
+    from sft_jax.data import formats, prompts
+
+    fields = formats.Fields.parse(spec.fields)
+    out = []
+    for row in rows:
+        fmt = formats.detect(row, fields) if spec.format == "auto" else spec.format
+        messages = formats.to_messages(row, fmt, fields)
+        request = next((m.text() for m in reversed(messages[:-1]) if m.role == "user"), "")
+        out.append((prompts.prompt_ids(row, spec, tokenizer), request, messages[-1].content))
+    return out
+
+
+def held_out_rows(spec, limit: int) -> list[dict]:
+    """Up to `limit` raw rows of the validation split: the separate source, or the same rows
+    the held-out fraction of data.train took (the split is a pure function of the seed)."""
+    from sft_jax.data import build, sources
+    from sft_jax.data.spec import validation_fraction
+
+    if not spec.validation or limit <= 0:
+        return []
+    fraction = validation_fraction(spec.validation)
+    if fraction is None:
+        rows = sources.Source(spec.validation, "data.validation").rows()
+        return [r for r, _ in zip(_good(rows), range(limit), strict=False)]
+    if not fraction:
+        return []
+    rows = list(sources.Source(spec.train, "data.train").rows())
+    held_out = build.held_out_mask(len(rows), fraction, spec.seed)
+    return [r for r, h in zip(rows, held_out, strict=True) if h and isinstance(r, dict)][:limit]
+
+
+def _good(rows):
+    return (r for r in rows if isinstance(r, dict))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -23,8 +24,10 @@ from absl import logging
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import config as config_lib
 from sft_jax import data as data_lib
+from sft_jax import evaluate as evaluate_lib
 from sft_jax import hf, optim, preemption, sharding, steps
 from sft_jax import metrics as metrics_lib
+from sft_jax.generate import Generator, Sampling, end_token_ids
 from sft_jax.model import GPT
 
 
@@ -36,7 +39,7 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding, global_rows: int)
     }
 
 
-def evaluate(eval_fn, params, rows, batch_size, batch_sharding) -> dict[str, float]:
+def validation_loss(eval_fn, params, rows, batch_size, batch_sharding) -> dict[str, float]:
     """Token-weighted validation loss over every row once."""
     loss_sum = count = 0.0
     pid, pcount = jax.process_index(), jax.process_count()
@@ -137,7 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"model ({config.model.init_from or config.model.preset}) only "
             f"{model_cfg.vocab_size}; set model.tokenizer to the model's own (or leave it '')"
         )
-    splits = data_lib.build_splits(config_lib.data_spec(config), tokenizer)
+    data_spec = config_lib.data_spec(config)
+    splits = data_lib.build_splits(data_spec, tokenizer)
     logging.info("data: %s", splits.stats)
     batch_size = config.train.batch_size
     num_steps = config_lib.total_steps(
@@ -226,9 +230,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             window.append(host)
 
+        # Responses to held-out prompts before and after training (single process: the
+        # prompts are host-local).
+        gen_prompts = []
+        if config.eval.generations > 0 and jax.process_count() == 1:
+            rows = evaluate_lib.held_out_rows(data_spec, config.eval.generations)
+            gen_prompts = evaluate_lib.prompts_and_references(rows, data_spec, tokenizer)
+
+        def write_generations(params, name: str) -> list[dict]:
+            generator = Generator(model_cfg, params, end_token_ids(tokenizer))
+            sampling = Sampling(max_new_tokens=config.eval.max_new_tokens, seed=config.seed)
+            with nn.logical_axis_rules(()):  # generation batches are not laid out as training's
+                responses = evaluate_lib.respond(
+                    generator, tokenizer, [ids for ids, _, _ in gen_prompts], sampling
+                )
+            records = evaluate_lib.generation_records(
+                [request for _, request, _ in gen_prompts],
+                [reference for _, _, reference in gen_prompts],
+                responses,
+            )
+            evaluate_lib.write_jsonl(os.path.join(workdir, f"generations_{name}.jsonl"), records)
+            logging.info("generations %s training: %s", name, evaluate_lib.summarize(records))
+            return records
+
+        if start_step == 0 and gen_prompts:
+            write_generations(state.params, "before")
         if start_step == 0 and splits.validation is not None:
             # The starting point, so the curve and the report show what training changed.
-            before = evaluate(eval_fn, state.params, splits.validation, eval_batch_size,
+            before = validation_loss(eval_fn, state.params, splits.validation, eval_batch_size,
                               batch_sharding)  # fmt: skip
             logger.write(0, before)
         pid, pcount = jax.process_index(), jax.process_count()
@@ -272,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         record["compile_s"], compile_s, untimed = compile_s, None, 0
                 if evaluating:
                     record.update(
-                        evaluate(
+                        validation_loss(
                             eval_fn,
                             state.params,
                             splits.validation,
@@ -296,6 +325,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         "same command to resume.", done, num_steps, checkpointer.directory, done,
                     )  # fmt: skip
                     return record
+        if gen_prompts:
+            after = write_generations(state.params, "after")
+            before_path = os.path.join(workdir, "generations_before.jsonl")
+            if os.path.exists(before_path):
+                with open(before_path, encoding="utf-8") as f:
+                    before = [json.loads(line) for line in f]
+                losses = _first_and_last_eval_loss(os.path.join(workdir, "metrics.jsonl"))
+                report = evaluate_lib.report_markdown(before, after, *losses)
+                with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+                    f.write(report)
+                print(report.split("\n\n| prompt")[0])  # the figures; the rest is in the file
+        if is_main and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            evaluate_lib.plot_loss_curve(
+                os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curve.png")
+            )
         if config.export.hf_dir:
             out = os.path.join(workdir, os.path.expanduser(config.export.hf_dir))
             hf.save_hf(model_cfg, state.params, out, tokenizer=tokenizer)
@@ -305,6 +349,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if is_main:
             logging.info("done: step %d, checkpoints in %s", num_steps, checkpointer.directory)
     return record
+
+
+def _first_and_last_eval_loss(metrics_path: str) -> tuple[float | None, float | None]:
+    with open(metrics_path, encoding="utf-8") as f:
+        losses = [r["eval_loss"] for r in map(json.loads, f) if "eval_loss" in r]
+    return (losses[0], losses[-1]) if losses else (None, None)
 
 
 def _window_record(

@@ -258,6 +258,13 @@ def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "no checkpoint at step 99" in bad.stderr
+    # The run answers a prompt through tools/generate.py, with the template it trained with.
+    gen = subprocess.run(
+        [sys.executable, "tools/generate.py", "--workdir", workdir, "--prompt", "Add 2 and 3.",
+         "--max-new-tokens", "3"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stderr[-2000:]
 
 
 @pytest.mark.slow
