@@ -21,6 +21,6 @@ def get_config():
     c.train.log_every = 10
     c.train.eval_every = 50
     c.optim.learning_rate = 3e-3
-    c.optim.warmup_steps = 10
+    c.optim.warmup_steps = 5
     c.checkpoint.save_every = 50
     return c

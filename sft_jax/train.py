@@ -198,7 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_step, eval_fn = fns.train_step, fns.eval_step
 
         peak, peak_source = metrics_lib.peak_flops_per_device(config.train.peak_flops)
-        flops_per_row = model_cfg.flops_per_token(config.data.max_seq_len) * config.data.max_seq_len
+        # FLOPs of one row of `width` positions (padding mode varies the width per batch).
+        flops_per_row = lambda width: model_cfg.flops_per_token(width) * width
         logging.info("peak %.3g FLOP/s per device (%s); %d steps", peak, peak_source, num_steps)
         logger = metrics_lib.MetricsLogger(
             workdir, num_steps, start_step, enabled=is_main, progress_bar=config.train.progress_bar
@@ -211,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         window_start = time.perf_counter()
         # Metrics are read one step late, so the host dispatches step i+1 before it waits for
         # step i; before anything is logged or saved, the step is read and checked first.
-        pending: tuple[int, dict] | None = None
+        pending: tuple[int, dict, int] | None = None  # step, device metrics, batch width
         record: dict[str, float] = {}
         compile_s: float | None = None
         untimed = 0  # leading steps of the window outside the timing (the compiling one)
@@ -220,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             nonlocal pending
             if pending is None:
                 return
-            step, host = pending[0], jax.device_get(pending[1])
+            step, width, host = pending[0], pending[2], jax.device_get(pending[1])
             pending = None
             if not bool(host["finite"]):
                 raise FloatingPointError(
@@ -228,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     f"grad_norm={float(host['grad_norm'])}): the update was not applied and "
                     "nothing was saved. Lower optim.learning_rate or check the data."
                 )
-            window.append(host)
+            window.append(host | {"width": width})
 
         # Responses to held-out prompts before and after training (single process: the
         # prompts are host-local).
@@ -270,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 check_pending()
                 done = step + 1
-                pending = (done, device_metrics)
+                pending = (done, device_metrics, local["tokens"].shape[1])
                 if step == start_step:  # the first call compiles: time it apart from training
                     check_pending()
                     compile_s = time.perf_counter() - window_start
@@ -367,6 +368,7 @@ def _window_record(
     timed = window[untimed:] or window
     tokens = sum(float(m["tokens"]) for m in timed)
     steps_per_sec = len(timed) / max(elapsed, 1e-9)
+    flops = sum(flops_per_row(m["width"]) * batch_size for m in timed)
     return {
         "loss": loss_sum / max(loss_tokens, 1.0),
         "learning_rate": float(window[-1]["learning_rate"]),
@@ -375,5 +377,5 @@ def _window_record(
         "loss_tokens": loss_tokens,
         "tokens_per_sec": tokens / max(elapsed, 1e-9),
         "step_time_s": 1.0 / steps_per_sec,
-        "mfu": flops_per_row * batch_size * steps_per_sec / peak_total if peak_total else 0.0,
+        "mfu": flops / max(elapsed, 1e-9) / peak_total if peak_total else 0.0,
     }
