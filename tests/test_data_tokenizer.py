@@ -70,3 +70,17 @@ def test_local_folder_round_trip(gpt2, tmp_path):
     tok = load_tokenizer(str(tmp_path))
     assert tok.is_fast
     assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
+
+
+def test_a_folder_without_tokenizer_files_is_refused_not_loaded_empty(tmp_path):
+    import json
+
+    import pytest
+
+    from sft_jax.data import load_tokenizer
+
+    # A GPT-2 model folder holding only config.json: transformers 5 would build an empty
+    # tokenizer from it without complaint.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
+    with pytest.raises(ValueError, match="came out empty|could not load tokenizer"):
+        load_tokenizer(str(tmp_path))

@@ -207,6 +207,7 @@ def test_run_starts_from_hf_weights_and_exports_them_back(tmp_path):
     model = _tiny_gpt2_with_real_vocab(src)
     c = _run_config(steps=2)
     c.model.init_from = f"hf:{src}"
+    c.model.tokenizer = "gpt2"  # the folder has weights only
     c.optim.learning_rate = 0.0  # no update: the exported weights must be the imported ones
     c.export.hf_dir = "hf_export"
     train.train_and_evaluate(c, str(tmp_path / "run"))

@@ -98,6 +98,14 @@ def load_tokenizer(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
                 f"{type(e).__name__}: {e}\nUse 'gpt2' (works offline) or a local folder holding "
                 "tokenizer.json / tokenizer_config.json."
             ) from e
+    # transformers 5 builds an empty tokenizer, without a word, from a folder that holds only
+    # a model's config.json: refuse it rather than train on empty examples.
+    if len(tok) < 2 or not tok("Hello world", add_special_tokens=False)["input_ids"]:
+        raise ValueError(
+            f"tokenizer {name_or_path!r} (model.tokenizer) came out empty ({len(tok)} tokens): "
+            "the folder has no tokenizer files. Set model.tokenizer to the model's tokenizer "
+            "(e.g. gpt2, which works offline) or add tokenizer.json to the folder."
+        )
     # Loss masks come from character offsets, which only fast tokenizers report.
     if not getattr(tok, "is_fast", False):
         raise ValueError(
