@@ -35,7 +35,14 @@ setup(
         # torch is only the reference implementation in tests. Pinned: on the CI machines
         # 2.13.0 is a local CPU wheel, while a bare `torch` pulls a multi-GB CUDA build.
         # accelerate: transformers needs it to load GGUF files, the reference in tests.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6",  # property tests of packing
+            "torch==2.13.0",
+            "accelerate>=1.0",
+            "ruff>=0.6",
+        ],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },
