@@ -1,0 +1,84 @@
+"""tools/benchmark.py: the command-line contract (last line one JSON object) and figures
+that agree with each other, on a tiny model for two steps. No timing is asserted."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "benchmark.py")
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+
+
+def _run(*flags: str) -> tuple[dict, str]:
+    env = dict(os.environ)
+    # One CPU device, as a user's run on this machine would see (conftest fakes 8).
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", ""
+    )
+    cmd = [
+        sys.executable,
+        TOOL,
+        "--config",
+        os.path.join(ROOT, "configs", "bench.py"),
+        "--steps=2",
+        "--warmup=0",
+        "--config.data.train=synthetic:mix:200",
+        "--config.data.max_seq_len=64",
+        *flags,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]), proc.stdout
+
+
+def _check_sft_jax(r: dict, batch: int, seq: int) -> None:
+    for key in ("tokens_per_sec", "step_time_s", "mfu", "peak_rss_mb", "compile_s"):
+        assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["tokens_per_sec"] == pytest.approx(batch * seq / r["step_time_s"], rel=1e-6)
+    assert 0 < r["loss_tokens_per_sec"] <= r["useful_tokens_per_sec"] <= r["tokens_per_sec"]
+    assert r["mfu"] == pytest.approx(
+        r["flops_per_token"] * r["tokens_per_sec"] / r["peak_flops"], rel=1e-6
+    )
+    assert r["step_time_s"] == pytest.approx(sum(r["step_times_s"]) / 2, rel=1e-6)
+    assert r["peak_device_mb"] is None  # CPU
+    # A random model starts near ln(vocab) (GPT-2's 50257 tokens: 10.8).
+    assert 9.5 < r["first_loss"] < 12.5
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is a test-only dependency")
+def test_contract_with_torch_and_padding():
+    r, out = _run(
+        "--config.model.preset=tiny",
+        "--config.train.batch_size=2",
+        "--compare-torch",
+        "--compare-padding",
+    )
+    _check_sft_jax(r, 2, 64)
+    assert r["preset"] == "tiny" and r["batch_size"] == 2 and r["seq_len"] == 64
+    for key in ("torch_tokens_per_sec", "torch_step_time_s", "torch_mfu", "torch_peak_rss_mb"):
+        assert r[key] > 0, key
+    assert r["ratio"] == pytest.approx(r["tokens_per_sec"] / r["torch_tokens_per_sec"])
+    assert r["torch_model"] == "GPT2LMHeadModel"
+    # Same batches, same masked loss, both models random: both start near ln(vocab).
+    assert abs(r["first_loss"] - r["torch_first_loss"]) < 0.5
+    # Padding: every padded batch is exactly as wide as its longest example.
+    assert all(0 < w <= 64 for w in r["padded_widths"])
+    assert 0 < r["padded_real_fraction"] <= 1 and 0 < r["real_fraction"] <= 1
+    assert r["packing_speedup"] == pytest.approx(
+        r["useful_tokens_per_sec"] / r["padded_useful_tokens_per_sec"]
+    )
+    assert "ratio: sft_jax / torch" in out
+
+
+def test_random_batches_llama():
+    r, _ = _run("--config.model.preset=tiny-llama", "--batches=random")
+    _check_sft_jax(r, 4, 64)
+    # Random rows: every position is real and in the loss.
+    assert r["useful_tokens_per_sec"] == pytest.approx(r["tokens_per_sec"])
+    assert r["loss_tokens_per_sec"] == pytest.approx(r["tokens_per_sec"])

@@ -1,0 +1,519 @@
+"""Train-step throughput of a config, optionally side by side with Hugging Face transformers.
+
+    python tools/benchmark.py --config configs/bench.py --steps 3 --compare-torch
+    python tools/benchmark.py --config configs/bench.py --steps 3 --compare-torch \
+        --config.model.preset=smollm2-135m
+    python tools/benchmark.py --config configs/bench.py --compare-padding
+
+What runs: the config's real jitted train step (`train.build_steps`, state donated, on a mesh
+over every device JAX sees). The first step is timed on its own (`compile_s`: time to the
+first step, compile included), `--warmup` more steps run untimed, then `--steps` steps are
+timed one by one, each waited for, each on its own batch. The last printed line is one JSON
+object: `tokens_per_sec, step_time_s, mfu, peak_rss_mb, compile_s` and more (DESIGN.md).
+
+Batches (`--batches`):
+- `data` (default): real rows of the config's data (`data.train`), tokenized with its
+  template and packed by `sft_jax.data`, the batches training would see at steps 0, 1, ….
+- `random`: uniform random tokens, one example per row, every position in the loss.
+
+Figures:
+- `tokens_per_sec`: batch × seq_len per second (every position, padding included);
+  `useful_tokens_per_sec` counts the real (non-pad) tokens, `loss_tokens_per_sec` those in
+  the loss;
+- `mfu`: `GPTConfig.flops_per_token` (6 × matmul weights + causal attention) × tokens/s over
+  the peak: on CPU the best of float32 matmuls measured here (printed with the result), on
+  TPU/GPU the data-sheet bf16 peak of the device kind (`train.peak_flops` overrides);
+- `peak_rss_mb`: this process's peak resident memory; `peak_device_mb`: the largest
+  per-device peak on accelerators (null on CPU).
+
+`--compare-torch` runs the same architecture in `transformers` (`GPT2LMHeadModel` /
+`LlamaForCausalLM`, random init, config from `sft_jax.hf.config_to_hf`) in a child process,
+so its memory and threads are its own, on the same batches: labels -100 where loss_mask is
+0, position ids restarting per packed example, and a 4-D boolean attention mask that keeps
+packed examples apart (causal, same segment), the same token-weighted loss, global-norm
+clipping and AdamW (`fused=True`, the Trainer's default optimizer) with the same settings and
+learning rates; timed the same way. `torch_*` figures and `ratio` (sft_jax / torch
+tokens/s) are added. torch is a test-only dependency: without it the tool says so.
+
+`--compare-padding` trains the same data unpacked, each batch padded to its longest example
+(the classic collate), and reports its useful tokens/s next to packing's. Every batch width
+is compiled before the timing (`padded_compile_s`), which favours the padded baseline.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
+flags.DEFINE_integer("steps", 5, "Timed train steps.")
+flags.DEFINE_integer("warmup", 1, "Untimed steps after the first (compiling) one.")
+flags.DEFINE_enum("batches", "data", ["data", "random"], "Real packed rows or random tokens.")
+flags.DEFINE_bool("compare-torch", False, "Also time transformers/PyTorch on the same batches.")
+flags.DEFINE_bool("compare-padding", False, "Also time unpacked rows padded per batch.")
+flags.mark_flags_as_required(["config"])
+
+FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+# The offline copy of SmolLM2's tokenizer (inside the GGUF asset): the preset's own
+# tokenizer name is a hub id, and these machines reach no hub.
+SMOLLM2_OFFLINE_TOKENIZER = "asset:smollm2-135m-instruct-gguf"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB. Linux's VmHWM, not ru_maxrss: a
+    spawned child inherits its parent's ru_maxrss across fork and exec."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, else KiB
+
+
+def cpu_peak_flops() -> float:
+    """The best float32 matmul rate of this host (all cores): max over a few sizes."""
+    from sft_jax import metrics
+
+    return max(metrics.measure_matmul_flops(n) for n in (1024, 2048))
+
+
+def peak_flops(configured: float) -> tuple[float, str]:
+    """(peak FLOP/s of all devices together, where the figure came from)."""
+    import jax
+
+    from sft_jax import metrics
+
+    if configured <= 0 and jax.default_backend() == "cpu":
+        return cpu_peak_flops(), "measured float32 matmul, best of n=1024, 2048"
+    per_device, source = metrics.peak_flops_per_device(configured)
+    return per_device * jax.device_count(), f"{source} × {jax.device_count()} devices"
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def tokenizer_for(c):
+    """The config's tokenizer, with SmolLM2's hub id swapped for its offline copy."""
+    from sft_jax import config as config_lib
+
+    name = config_lib.tokenizer_name(c)
+    if name == config_lib.PRESET_TOKENIZERS["smollm2"] and not os.path.isdir(name):
+        name = SMOLLM2_OFFLINE_TOKENIZER
+    return name
+
+
+def data_batches(c, n: int, packing: bool) -> tuple[list[dict], dict]:
+    """The first `n` global batches training would see (numpy), and the data stats."""
+    from sft_jax import config as config_lib
+    from sft_jax import data as data_lib
+
+    spec = dataclasses.replace(config_lib.data_spec(c), packing=packing)
+    splits = data_lib.build_splits(spec, data_lib.load_tokenizer(tokenizer_for(c)))
+    b = c.train.batch_size
+    batches = [data_lib.batch_at(splits.train, i, b, c.seed) for i in range(n)]
+    if not packing:  # the classic collate: each batch only as wide as its longest example
+        batches = [_trim(x) for x in batches]
+    return batches, splits.stats.get("train", {})
+
+
+def _trim(batch: dict) -> dict:
+    real = batch["segment_ids"] != 0  # [batch, width]; one example per row, from column 0
+    width = max(int(real.sum(axis=1).max()), 1)
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+def random_batches(c, vocab_size: int, n: int) -> list[dict]:
+    """Uniform random tokens, one example per full row, every position in the loss."""
+    import numpy as np
+
+    rng = np.random.default_rng(c.seed)
+    shape = (c.train.batch_size, c.data.max_seq_len)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, vocab_size, (shape[0], shape[1] + 1), dtype=np.int32)
+        out.append(
+            {
+                "tokens": ids[:, :-1].copy(),
+                "targets": ids[:, 1:].copy(),
+                "loss_mask": np.ones(shape, np.float32),
+                "segment_ids": np.ones(shape, np.int32),
+                "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+            }
+        )
+    return out
+
+
+def batch_counts(batches: list[dict]) -> dict[str, float]:
+    """Positions, real tokens and loss tokens, summed over `batches`."""
+    return {
+        "positions": float(sum(b["tokens"].size for b in batches)),
+        "real": float(sum((b["segment_ids"] != 0).sum() for b in batches)),
+        "loss": float(sum(b["loss_mask"].sum() for b in batches)),
+    }
+
+
+def rates(step_times: list[float], batches: list[dict], flops_per_token: float, peak: float):
+    """Throughput figures of timed steps on `batches` (one batch per step)."""
+    elapsed = sum(step_times)
+    n = batch_counts(batches)
+    tokens_per_sec = n["positions"] / elapsed
+    return {
+        "tokens_per_sec": tokens_per_sec,
+        "useful_tokens_per_sec": n["real"] / elapsed,
+        "loss_tokens_per_sec": n["loss"] / elapsed,
+        "step_time_s": elapsed / len(step_times),
+        "mfu": flops_per_token * tokens_per_sec / peak if peak else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- sft_jax
+
+
+def time_sft_jax(fns, state, batches: list[dict], warmup: int):
+    """Runs one train step per batch: the first timed alone, the next `warmup` untimed, the
+    rest timed one by one. Each batch shape is compiled ahead (`fns.train_step.lower(…)
+    .compile()`, timed as `xla_compile_s`) before its first step; `compile_s`, the time to
+    the first step, is the first shape's compile plus that step. Returns (state, figures)."""
+    import jax
+
+    from sft_jax import train
+
+    b = len(batches[0]["tokens"])
+    put = lambda x: train.global_batch(x, fns.batch_sharding, b)
+    compiled: dict[tuple, object] = {}
+    compile_times = []
+    times, losses = [], []
+    for x in batches:
+        shape = x["tokens"].shape
+        if shape not in compiled:
+            t = time.perf_counter()
+            compiled[shape] = fns.train_step.lower(state, put(x)).compile()
+            compile_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        state, m = compiled[shape](state, put(x))
+        loss = float(jax.device_get(m["loss"]))  # waits for the step, as torch's .item()
+        times.append(time.perf_counter() - t)
+        losses.append(loss)
+    return state, {
+        "compile_s": compile_times[0] + times[0],
+        "xla_compile_s": compile_times[0],
+        "all_compiles_s": sum(compile_times),
+        "step_times_s": times[1 + warmup :],
+        "losses": losses,
+    }
+
+
+def peak_device_mb() -> float | None:
+    """The largest peak memory of a local device, MiB; None where devices do not say (CPU)."""
+    import jax
+
+    peaks = []
+    for d in jax.local_devices():
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return max(peaks) / 2**20 if peaks else None
+
+
+def build(c):
+    """(model config, jitted steps, fresh state) for config `c` on a mesh of every device."""
+    import jax
+
+    from sft_jax import config as config_lib
+    from sft_jax import optim, sharding, train
+    from sft_jax.model import GPT
+
+    model_cfg = config_lib.model_config(c)
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    config_lib.check(c, model_cfg, dict(mesh.shape))
+    tx, schedule = optim.make_optimizer(config_lib.optim_config(c), max(c.train.steps, 1))
+    fns = train.build_steps(GPT(model_cfg), tx, schedule, mesh, c.train.micro_steps)
+    with fns.context():
+        state = fns.init(jax.random.key(c.seed))
+    return model_cfg, fns, state, schedule
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def torch_available() -> str:
+    """'' if torch and transformers import, else why not."""
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (
+            f"{' and '.join(missing)} not installed: torch is a test-only dependency of sft_jax "
+            "(pip install -e '.[test]'); --compare-torch skipped"
+        )
+    return ""
+
+
+def torch_attention_mask(segment_ids):
+    """[batch, 1, seq, seq] bool: causal and same segment. Padding (segment 0) attends to
+    earlier padding only, so no softmax row is empty (NaN), and no real token sees it."""
+    import torch
+
+    seq = segment_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+def run_torch(hf_config: dict, opt: dict, batches: list[dict], lrs: list[float], warmup: int):
+    """Times transformers' model of `hf_config` on `batches`, as `time_sft_jax` times ours.
+    Runs in a child process: its peak RSS is its own."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        **{k: v for k, v in hf_config.items() if k != "architectures"}
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_embedding = "wte" in name or "wpe" in name or "embed_tokens" in name
+        kernel = p.ndim >= 2 and not is_embedding
+        (decay if kernel or (is_embedding and opt["decay_embeddings"]) else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": opt["weight_decay"]},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs = dict(betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
+    try:
+        optimizer = torch.optim.AdamW(groups, lr=lrs[0], fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # a build without the fused CPU kernel
+        optimizer = torch.optim.AdamW(groups, lr=lrs[0], **kwargs)
+    autocast = opt["dtype"] == "bfloat16"
+    params = [p for p in model.parameters()]
+
+    def step(batch, lr):
+        tokens = torch.from_numpy(batch["tokens"]).long()
+        targets = torch.from_numpy(batch["targets"]).long()
+        segment_ids = torch.from_numpy(batch["segment_ids"])
+        labels = torch.where(torch.from_numpy(batch["loss_mask"]) > 0, targets, -100)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(
+                input_ids=tokens,
+                attention_mask=torch_attention_mask(segment_ids),
+                position_ids=torch.from_numpy(batch["positions"]).long(),
+            ).logits
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        )
+        loss = loss_sum / (labels != -100).sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if opt["grad_clip_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, opt["grad_clip_norm"])
+        optimizer.step()
+        return loss.item()
+
+    times, losses = [], []
+    for batch, lr in zip(batches, lrs, strict=True):
+        t = time.perf_counter()
+        losses.append(step(batch, lr))
+        times.append(time.perf_counter() - t)
+    return {
+        "compile_s": times[0],  # time to the first step, as for sft_jax
+        "step_times_s": times[1 + warmup :],
+        "losses": losses,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        "model_class": type(model).__name__,
+        "attention": model.config._attn_implementation,
+        "optimizer": "AdamW(fused)" if optimizer.defaults.get("fused") else "AdamW",
+    }
+
+
+def compare_torch(c, model_cfg, schedule, batches, warmup):
+    from sft_jax import config as config_lib
+    from sft_jax import hf
+
+    opt = dict(dataclasses.asdict(config_lib.optim_config(c)), dtype=c.model.dtype)
+    lrs = [float(schedule(i)) for i in range(len(batches))]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        job = pool.submit(run_torch, hf.config_to_hf(model_cfg), opt, batches, lrs, warmup)
+        return job.result()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_padding: bool):
+    """Everything the command line does; returns the result dict (also the JSON line)."""
+    import jax
+
+    if steps < 1 or warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    n = 1 + warmup + steps
+    model_cfg, fns, state, schedule = build(c)
+    seq = c.data.max_seq_len
+    if batches_kind == "random":
+        batches, data_stats = random_batches(c, model_cfg.vocab_size, n), {}
+        source = "random tokens"
+    else:
+        batches, data_stats = data_batches(c, n, packing=c.data.packing)
+        source = f"{c.data.train} ({'packed' if c.data.packing else 'padded per batch'})"
+    peak, peak_source = peak_flops(c.train.peak_flops)
+    fpt = model_cfg.flops_per_token(seq)
+    print(
+        f"devices: {jax.device_count()} × {jax.devices()[0].device_kind} ({jax.default_backend()})"
+    )
+    print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_source})")
+    print(
+        f"model: {c.model.preset} ({model_cfg.num_params() / 1e6:.1f} M params, {model_cfg.dtype}"
+        f", scan_layers={model_cfg.scan_layers}, remat={model_cfg.remat}); "
+        f"{fpt / 1e6:.1f} MFLOP per token at seq {seq}"
+    )
+    print(f"batches: {c.train.batch_size} × {seq} from {source}")
+
+    with fns.context():
+        state, jx = time_sft_jax(fns, state, batches, warmup)
+    timed = batches[1 + warmup :]
+    result = {
+        **rates(jx["step_times_s"], timed, fpt, peak),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
+        "compile_s": jx["compile_s"],
+    }
+    real = batch_counts(timed)
+    extra = {
+        "xla_compile_s": jx["xla_compile_s"],
+        "step_times_s": jx["step_times_s"],
+        "first_loss": jx["losses"][0],
+        "last_loss": jx["losses"][-1],
+        "real_fraction": real["real"] / real["positions"],
+        "preset": c.model.preset,
+        "dtype": model_cfg.dtype,
+        "batch_size": c.train.batch_size,
+        "seq_len": seq,
+        "steps": steps,
+        "warmup": warmup,
+        "batches": batches_kind,
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "peak_flops": peak,
+        "peak_flops_source": peak_source,
+        "flops_per_token": fpt,
+    }
+    _print_figures("sft_jax", result, extra)
+    del state  # donated and finished with
+
+    if with_padding:
+        if batches_kind == "random":
+            raise ValueError("--compare-padding needs --batches=data")
+        padded, _ = data_batches(c, n, packing=False)
+        with fns.context():
+            state = fns.init(jax.random.key(c.seed))
+            _, px = time_sft_jax(fns, state, padded, warmup)
+        p = rates(px["step_times_s"], padded[1 + warmup :], fpt, peak)
+        pc = batch_counts(padded[1 + warmup :])
+        extra.update(
+            padded_useful_tokens_per_sec=p["useful_tokens_per_sec"],
+            padded_loss_tokens_per_sec=p["loss_tokens_per_sec"],
+            padded_step_time_s=p["step_time_s"],
+            padded_real_fraction=pc["real"] / pc["positions"],
+            padded_widths=[int(b["tokens"].shape[1]) for b in padded[1 + warmup :]],
+            padded_compile_s=px["all_compiles_s"],
+            packing_speedup=result["useful_tokens_per_sec"] / p["useful_tokens_per_sec"],
+        )
+        print(
+            f"padded per batch: {p['useful_tokens_per_sec']:.1f} useful tokens/s "
+            f"({pc['real'] / pc['positions']:.0%} real, widths {extra['padded_widths']}); "
+            f"packed: {result['useful_tokens_per_sec']:.1f} ({extra['real_fraction']:.0%} real)"
+            f" → packing ×{extra['packing_speedup']:.2f}"
+        )
+
+    if with_torch:
+        why_not = torch_available()
+        if why_not:
+            print(why_not)
+            extra["torch"] = why_not
+        else:
+            tx = compare_torch(c, model_cfg, schedule, batches, warmup)
+            t = rates(tx["step_times_s"], timed, fpt, peak)
+            torch_result = {
+                "tokens_per_sec": t["tokens_per_sec"],
+                "useful_tokens_per_sec": t["useful_tokens_per_sec"],
+                "step_time_s": t["step_time_s"],
+                "mfu": t["mfu"],
+                "peak_rss_mb": tx["peak_rss_mb"],
+                "compile_s": tx["compile_s"],
+            }
+            _print_figures(
+                f"torch ({tx['model_class']}, {tx['attention']}, {tx['optimizer']}, "
+                f"{tx['threads']} threads)",
+                torch_result,
+                {"step_times_s": tx["step_times_s"]},
+            )
+            result.update({f"torch_{k}": v for k, v in torch_result.items()})
+            result["ratio"] = result["tokens_per_sec"] / torch_result["tokens_per_sec"]
+            extra.update(
+                torch_step_times_s=tx["step_times_s"],
+                torch_first_loss=tx["losses"][0],
+                torch_last_loss=tx["losses"][-1],
+                torch_version=tx["version"],
+                torch_model=tx["model_class"],
+            )
+            print(f"ratio: sft_jax / torch tokens/s = {result['ratio']:.2f}")
+    if data_stats:
+        extra["packing_efficiency"] = data_stats.get("packing_efficiency")
+    return {**result, **extra}
+
+
+def _print_figures(name: str, r: dict, extra: dict) -> None:
+    times = ", ".join(f"{t:.2f}" for t in extra["step_times_s"])
+    print(
+        f"{name}: {r['tokens_per_sec']:.1f} tokens/s, {r['useful_tokens_per_sec']:.1f} useful, "
+        f"step {r['step_time_s']:.2f} s [{times}], MFU {r['mfu']:.1%}, first step "
+        f"{r['compile_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB"
+    )
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        out = run(
+            FLAGS.config,
+            FLAGS.steps,
+            FLAGS.warmup,
+            FLAGS.batches,
+            FLAGS["compare-torch"].value,
+            FLAGS["compare-padding"].value,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    sys.stdout.flush()
+    print(json.dumps({k: _json(v) for k, v in out.items()}))
+    return 0
+
+
+def _json(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+if __name__ == "__main__":
+    app.run(main)
