@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from sft_jax import losses
+from sft_jax.model import head_weight
 
 Batch = dict[str, jax.Array]
 
@@ -44,16 +45,22 @@ def state_from_params(params, rng: jax.Array, tx: optax.GradientTransformation) 
 
 
 def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = None):
-    """(Σ mask·nll, Σ mask) of one (micro-)batch; dropout on when `rng` is given."""
-    logits = model.apply(
+    """(Σ mask·nll, Σ mask) of one (micro-)batch; dropout on when `rng` is given.
+
+    The logits are never materialised whole: the loss applies the output projection to the
+    final hidden states chunk by chunk (`losses.chunked_cross_entropy`)."""
+    hidden = model.apply(
         {"params": params},
         batch["tokens"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
         deterministic=rng is None,
         rngs=None if rng is None else {"dropout": rng},
+        return_hidden=True,
     )
-    return losses.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return losses.chunked_cross_entropy(
+        hidden, head_weight(model.cfg, params), batch["targets"], batch["loss_mask"]
+    )
 
 
 def _split_micro(batch: Batch, micro_steps: int) -> Batch:

@@ -1,10 +1,12 @@
 """Masked cross-entropy against a hand computation and torch's ignore_index=-100 loss."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
-from sft_jax.losses import masked_cross_entropy
+from sft_jax.losses import chunked_cross_entropy, masked_cross_entropy
 
 
 def test_hand_computed_masked_mean():
@@ -43,3 +45,32 @@ def test_bfloat16_logits_are_upcast():
     s32, _ = masked_cross_entropy(logits.astype(jnp.float32), targets, mask)
     assert s16.dtype == jnp.float32
     np.testing.assert_allclose(float(s16), float(s32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_equals_full_logits_loss_and_gradients(dtype):
+    # 37 positions in chunks of 8: the last chunk is padded (and masked out).
+    rng = np.random.default_rng(2)
+    hidden = jnp.asarray(rng.normal(size=(3, 37, 16)), dtype)
+    head = jnp.asarray(rng.normal(size=(101, 16)) * 0.3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 101, size=(3, 37)), jnp.int32)
+    mask = jnp.asarray(rng.random((3, 37)) < 0.6, jnp.float32)
+
+    def full(hidden, head):
+        logits = jnp.einsum("btd,vd->btv", hidden, head.astype(dtype))
+        return masked_cross_entropy(logits, targets, mask)
+
+    def chunked(hidden, head):
+        return chunked_cross_entropy(hidden, head, targets, mask, chunk=8)
+
+    (s, c), (s_ref, c_ref) = jax.jit(chunked)(hidden, head), full(hidden, head)
+    assert s.dtype == jnp.float32 and float(c) == float(c_ref) == float(mask.sum())
+    np.testing.assert_allclose(float(s), float(s_ref), rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+    # The gradients of the loss sum (scaled, as the train step divides by the count).
+    grad = lambda f: jax.grad(lambda h, w: 0.5 * f(h, w)[0], argnums=(0, 1))
+    for g, e in zip(jax.jit(grad(chunked))(hidden, head), grad(full)(hidden, head), strict=True):
+        assert g.dtype == e.dtype
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tol, rtol=tol
+        )

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sft_jax import model as model_lib
 from sft_jax.model import GPT, PRESETS, GPTConfig, attention_mask
 
 VOCAB = 512
@@ -46,6 +47,48 @@ def test_packed_row_equals_each_example_alone(kw):
     np.testing.assert_allclose(packed[:, :11], alone_a, atol=2e-5)
     np.testing.assert_allclose(packed[:, 11:18], alone_b, atol=2e-5)
     assert np.isfinite(np.asarray(packed)).all()  # padding queries see nothing, yet no NaN
+
+
+def test_blocked_causal_attention_equals_one_block():
+    # 300 positions: query blocks of 128, 128 and 44, each scoring only keys up to its end.
+    rng = np.random.default_rng(0)
+    b, t, h, kv, d = 2, 300, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :120], seg[0, 120:290] = 1, 2  # an example across the first block boundary
+    seg[1, :300] = 1
+    mask = attention_mask(jnp.asarray(seg))
+    real = jnp.asarray(seg != 0)[:, :, None, None]
+    w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) * real  # padding: no loss
+
+    def one_block(q, k, v):
+        qs = (q / np.sqrt(d)).reshape(b, t, kv, h // kv, d)
+        return model_lib._attend(qs, k, v, mask).reshape(b, t, h, d)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * w)
+
+    blocked = lambda q, k, v: model_lib.dot_product_attention(q, k, v, mask)
+    np.testing.assert_allclose(
+        blocked(q, k, v) * real, one_block(q, k, v) * real, atol=1e-5, rtol=1e-5
+    )
+    grads = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(loss(one_block), argnums=(0, 1, 2))(q, k, v)
+    for g, e in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_long_packed_row_equals_each_example_alone():
+    # 256 positions: the blocked attention path, an example straddling a block boundary.
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=VOCAB)
+    model, params = _init(cfg)
+    a, b = _tokens((1, 150), 1), _tokens((1, 90), 2)
+    row = jnp.concatenate([a, b, _tokens((1, 16), 3)], axis=1)
+    segments = jnp.asarray([[1] * 150 + [2] * 90 + [0] * 16])
+    positions = jnp.asarray([list(range(150)) + list(range(90)) + [0] * 16])
+    packed = model.apply({"params": params}, row, positions=positions, segment_ids=segments)
+    np.testing.assert_allclose(packed[:, :150], model.apply({"params": params}, a), atol=2e-5)
+    np.testing.assert_allclose(packed[:, 150:240], model.apply({"params": params}, b), atol=2e-5)
 
 
 def test_attention_mask_contract():
