@@ -3,6 +3,12 @@
 Flags, multi-host initialisation, then one call to `train.train_and_evaluate`.
 """
 
+from sft_jax import hostenv
+
+if __name__ == "__main__":
+    # First, before jax and datasets load: a re-exec would pay for importing them twice.
+    hostenv.reexec_with_malloc_tunables()
+
 import logging as std_logging
 import os
 import re

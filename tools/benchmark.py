@@ -56,6 +56,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from sft_jax import hostenv
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 flags.DEFINE_integer("steps", 5, "Timed train steps.")
@@ -386,6 +388,9 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
         f"{fpt / 1e6:.1f} MFLOP per token at seq {seq}"
     )
     print(f"batches: {c.train.batch_size} × {seq} from {source}")
+    # The malloc tunables sft_jax's entry points set (sft_jax/hostenv.py); a torch child
+    # process inherits the same environment, so both sides run under the same settings.
+    print(f"host: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
     with fns.context():
         state, jx = time_sft_jax(fns, state, batches, warmup)
@@ -406,6 +411,7 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
         "preset": c.model.preset,
         "dtype": model_cfg.dtype,
         "batch_size": c.train.batch_size,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "seq_len": seq,
         "steps": steps,
         "warmup": warmup,
@@ -516,4 +522,5 @@ def _json(v):
 
 
 if __name__ == "__main__":
+    hostenv.reexec_with_malloc_tunables()
     app.run(main)
