@@ -102,6 +102,11 @@ def get_config() -> ml_collections.ConfigDict:
     # scored by exact match where answers are checkable, and report.md side by side).
     c.eval.generations = 0
     c.eval.max_new_tokens = 64  # greedy decoding, stops at EOS / end of turn
+    # Optional LLM-as-judge score (0-100) of those responses, from an OpenAI-compatible chat
+    # endpoint: e.g. judge_url="http://localhost:11434/v1" (Ollama), judge_model="llama3.1:8b".
+    c.eval.judge_url = ""  # "" = off
+    c.eval.judge_model = ""
+    c.eval.judge_api_key_env = "OPENAI_API_KEY"  # environment variable holding the key, if any
 
     c.export = ml_collections.ConfigDict()
     # At the end of the run, write a Hugging Face folder here ("" = no; relative = in workdir).

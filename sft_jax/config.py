@@ -12,6 +12,7 @@ import math
 
 import ml_collections
 
+from sft_jax import judge
 from sft_jax.data import DataSpec, FormatTemplate
 from sft_jax.model import GPTConfig
 from sft_jax.optim import OptimConfig
@@ -113,6 +114,7 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
             f"config: train.eval_batch_size={eval_b} must be a multiple of "
             f"mesh.data × mesh.fsdp = {batch_shards}"
         )
+    judge.from_config(c.eval, {})  # its keys, before any data or weights load
     for key in ("log_every", "eval_every"):
         if c.train[key] < 0:
             raise ValueError(f"config: train.{key} must be >= 0")

@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
+from sft_jax import judge as judge_lib
 from sft_jax.generate import Generator, Sampling
 
 
@@ -50,10 +51,16 @@ def score(response: str, reference: str) -> dict[str, bool]:
 
 def summarize(records: Sequence[dict]) -> dict[str, float]:
     n = max(len(records), 1)
-    return {
+    out = {
         "exact_match": sum(r["exact"] for r in records) / n,
         "contains": sum(r["contains"] for r in records) / n,
     }
+    judged, unscored = judge_lib.mean_score(records)
+    if judged is not None:
+        out["judge_score"] = judged
+    if unscored:
+        out["judge_unscored"] = unscored
+    return out
 
 
 def generation_records(
@@ -93,6 +100,11 @@ def report_markdown(
         f"| exact match ({len(after)} held-out prompts) | {b['exact_match']:.0%} | "
         f"{a['exact_match']:.0%} |",
         f"| reference contained in response | {b['contains']:.0%} | {a['contains']:.0%} |",
+    ]
+    if "judge_score" in a or "judge_score" in b:
+        cell = lambda s: f"{s['judge_score']:.1f}" if "judge_score" in s else "–"
+        lines.append(f"| LLM judge score (0–100) | {cell(b)} | {cell(a)} |")
+    lines += [
         "",
         "| prompt | reference | before | after |",
         "|---|---|---|---|",

@@ -26,6 +26,7 @@ from sft_jax import config as config_lib
 from sft_jax import data as data_lib
 from sft_jax import evaluate as evaluate_lib
 from sft_jax import hf, optim, preemption, sharding, steps
+from sft_jax import judge as judge_lib
 from sft_jax import metrics as metrics_lib
 from sft_jax.generate import Generator, Sampling, end_token_ids
 from sft_jax.model import GPT
@@ -234,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Responses to held-out prompts before and after training (single process: the
         # prompts are host-local).
         gen_prompts = []
+        judge = judge_lib.from_config(config.eval, os.environ)
         if config.eval.generations > 0 and jax.process_count() == 1:
             rows = evaluate_lib.held_out_rows(data_spec, config.eval.generations)
             gen_prompts = evaluate_lib.prompts_and_references(rows, data_spec, tokenizer)
@@ -250,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 [reference for _, _, reference in gen_prompts],
                 responses,
             )
+            if judge is not None:
+                judge.score_records(records)
             evaluate_lib.write_jsonl(os.path.join(workdir, f"generations_{name}.jsonl"), records)
             logging.info("generations %s training: %s", name, evaluate_lib.summarize(records))
             return records

@@ -115,6 +115,8 @@ def test_tiny_model_overfits_a_handful_of_examples(tmp_path):
         (dict(data__max_seq_len=512), "data.max_seq_len=512 exceeds the 256 positions"),
         (dict(optim__warmup_steps=10_000), "optim.warmup_steps"),
         (dict(model__preset="gpt5"), "model.preset"),
+        (dict(eval__judge_url="http://localhost:11434/v1"), "eval.judge_model"),
+        (dict(eval__judge_url="http://h/v1", eval__judge_model="m"), "eval.generations"),
     ],
 )
 def test_config_mistakes_fail_before_compiling_naming_the_key(tmp_path, overrides, message):

@@ -44,12 +44,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import importlib.util
 import json
 import math
 import multiprocessing
 import os
-import resource
 import sys
 import time
 
@@ -57,6 +55,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sft_jax import hostenv
+
+# `python tools/benchmark.py` puts tools/ first on the path; `tools.` imports need the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.bench_common import peak_rss_mb, tokenizer_for, torch_available  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
@@ -68,23 +71,6 @@ flags.DEFINE_bool("compare-padding", False, "Also time unpacked rows padded per 
 flags.mark_flags_as_required(["config"])
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-# The offline copy of SmolLM2's tokenizer (inside the GGUF asset): the preset's own
-# tokenizer name is a hub id, and these machines reach no hub.
-SMOLLM2_OFFLINE_TOKENIZER = "asset:smollm2-135m-instruct-gguf"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB. Linux's VmHWM, not ru_maxrss: a
-    spawned child inherits its parent's ru_maxrss across fork and exec."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, else KiB
 
 
 def cpu_peak_flops() -> float:
@@ -107,16 +93,6 @@ def peak_flops(configured: float) -> tuple[float, str]:
 
 
 # --------------------------------------------------------------------------- batches
-
-
-def tokenizer_for(c):
-    """The config's tokenizer, with SmolLM2's hub id swapped for its offline copy."""
-    from sft_jax import config as config_lib
-
-    name = config_lib.tokenizer_name(c)
-    if name == config_lib.PRESET_TOKENIZERS["smollm2"] and not os.path.isdir(name):
-        name = SMOLLM2_OFFLINE_TOKENIZER
-    return name
 
 
 def data_batches(c, n: int, packing: bool) -> tuple[list[dict], dict]:
@@ -251,17 +227,6 @@ def build(c):
 
 
 # --------------------------------------------------------------------------- torch
-
-
-def torch_available() -> str:
-    """'' if torch and transformers import, else why not."""
-    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-    if missing:
-        return (
-            f"{' and '.join(missing)} not installed: torch is a test-only dependency of sft_jax "
-            "(pip install -e '.[test]'); --compare-torch skipped"
-        )
-    return ""
 
 
 def torch_attention_mask(segment_ids):
