@@ -63,7 +63,7 @@ def prompt_ids(tokenizer, batch: int) -> list[list[int]]:
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
             )
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5: a dict
         else:
             ids = tokenizer(f"### Instruction:\n{text}\n\n### Response:\n")["input_ids"]
         out.append([int(t) for t in ids])
