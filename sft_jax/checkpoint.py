@@ -124,7 +124,7 @@ def check_compatible(saved_model: dict, current_model: dict, directory: str) -> 
     """Fail, naming the fields, when the checkpoint's architecture differs from the config's
     in a way that changes parameter shapes or meaning (numerics such as dtype or remat may
     change between runs)."""
-    free = {"dtype", "remat", "dropout"}
+    free = {"dtype", "remat", "dropout", "attention"}
     differ = sorted(
         k for k in set(saved_model) | set(current_model)
         if k not in free and _plain(saved_model.get(k)) != _plain(current_model.get(k))

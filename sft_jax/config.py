@@ -42,6 +42,7 @@ def model_config(c: ml_collections.ConfigDict) -> GPTConfig:
         remat=m.remat,
         scan_layers=m.scan_layers,
         dropout=m.dropout,
+        attention=m.attention,
     )
     if init_source(c):
         from sft_jax import hf

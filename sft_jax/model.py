@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sft_jax import kernels
+
 Array = jax.Array
 
 # Layers are stacked along this leading axis when `scan_layers` is on.
@@ -65,12 +67,14 @@ class GPTConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat: str = "none"  # "none" | "full" | "dots": rematerialise each block in the backward pass
     scan_layers: bool = True  # one compiled block, scanned: compile time independent of depth
+    attention: str = "auto"  # "auto" | "xla" | "splash" (TPU) | "cudnn" (GPU): sft_jax.kernels
 
     def __post_init__(self):
         _check(self.positions in ("learned", "rope"), "positions", self.positions)
         _check(self.norm in ("layernorm", "rmsnorm"), "norm", self.norm)
         _check(self.mlp in ("gelu", "swiglu"), "mlp", self.mlp)
         _check(self.remat in ("none", "full", "dots"), "remat", self.remat)
+        _check(self.attention in kernels.IMPLEMENTATIONS, "attention", self.attention)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
@@ -400,7 +404,14 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
             new_cache = (k, v)
-        out = dot_product_attention(q, k, v, mask)  # [batch, seq, heads, head_dim]
+        # [batch, seq, heads, head_dim]; decoding steps (a cache) always take the XLA path.
+        kernel = kernels.resolve(cfg.attention) if cache is None else "xla"
+        if kernel == "splash":
+            out = kernels.splash_attention(q, k, v, mask)  # `mask` holds the segment ids
+        elif kernel == "cudnn":
+            out = kernels.cudnn_attention(q, k, v, mask)
+        else:
+            out = dot_product_attention(q, k, v, mask)
         name = "c_proj" if cfg.family == "gpt2" else "o_proj"
         out = dense((cfg.d_model,), ("heads", "head_dim", "embed"), cfg.bias, in_dims=2, name=name)(
             out
@@ -496,7 +507,9 @@ class GPT(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         layer_caches = None
-        if cache is None:
+        if cache is None and kernels.resolve(cfg.attention) == "splash":
+            mask = segment_ids  # the kernel masks by segment ids itself: no [seq, seq] mask
+        elif cache is None:
             mask = attention_mask(segment_ids)
         else:
             key_segments = jax.lax.dynamic_update_slice(

@@ -1,0 +1,95 @@
+"""Accelerator attention kernels for packed (segment-masked) causal attention, chosen by
+`model.attention`:
+
+- "xla": `model.dot_product_attention`, plain XLA ops (query blocks, causal key ranges).
+  Every backend; the CPU path.
+- "splash": the TPU Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu),
+  causal mask plus segment ids, so packed examples never see each other and no
+  [seq, seq] mask is ever built; fully masked blocks are skipped. GQA goes through its
+  MQA form, one kernel call per key/value head. On CPU it runs in Pallas interpret mode
+  (slow; that is how the tests check it against the XLA path).
+- "cudnn": `jax.nn.dot_product_attention` with the boolean segment/causal mask, which on
+  NVIDIA GPUs runs cuDNN's fused flash attention (and XLA elsewhere, which is how the
+  tests exercise it on CPU).
+- "auto" (default): splash on TPU, cudnn on GPU, xla otherwise.
+
+Only training and prompt prefill without a cache use these; decoding steps with a KV cache
+always take the XLA path (one query against the cache: nothing to fuse).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+
+
+def resolve(name: str, backend: str | None = None) -> str:
+    """The implementation `name` stands for on `backend` (default: JAX's default)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={name!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    if name != "auto":
+        return name
+    backend = backend or jax.default_backend()
+    return {"tpu": "splash", "gpu": "cudnn"}.get(backend, "xla")
+
+
+def cudnn_attention(q, k, v, mask):
+    """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim] (GQA is
+    native), mask: [batch, 1, seq, seq] bool."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+# Splash wants sequence lengths that are multiples of its blocks; 128 fits the TPU tiles.
+SPLASH_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(seq: int, group: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block = min(SPLASH_BLOCK, seq)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )  # fmt: skip
+    mask = masks.MultiHeadMask([masks.CausalMask((seq, seq)) for _ in range(group)])
+    return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
+    """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim],
+    segment_ids: [batch, seq] int (0 = padding; padding attends to padding only)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if t % min(SPLASH_BLOCK, t):
+        raise ValueError(
+            f"model.attention='splash' needs data.max_seq_len to be a multiple of "
+            f"{SPLASH_BLOCK} (got {t}); round it up or set model.attention='xla'"
+        )
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    kernel = _splash_kernel(t, h // kv, interpret)
+    q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)
+    # [batch, kv_heads, group, seq, head_dim] queries against [batch, kv_heads, seq, head_dim].
+    q = jnp.transpose(q.reshape(b, t, kv, h // kv, d), (0, 2, 3, 1, 4))
+    k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
+
+    def one(q, k, v, seg):  # one example, one kv head: q [group, seq, d], k/v [seq, d]
+        return kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(q, k, v, segment_ids.astype(jnp.int32))
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
