@@ -128,7 +128,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     )
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "attention"])
 def test_remat_changes_memory_not_gradients(remat):
     base = GPTConfig.preset("tiny", vocab_size=VOCAB)
     model, params = _init(base)
@@ -141,6 +141,19 @@ def test_remat_changes_memory_not_gradients(remat):
     g0 = jax.grad(loss(model))(params)
     g1 = jax.grad(loss(remat_model))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_attention_remat_keeps_no_scores_for_the_backward_pass():
+    # 2 × 256 positions: two query blocks; the compiled gradient needs less scratch memory.
+    x = _tokens((2, 256))
+
+    def temp_bytes(remat):
+        m = GPT(GPTConfig.preset("tiny", vocab_size=VOCAB, remat=remat))
+        p = m.init(jax.random.key(0), x)["params"]
+        f = jax.jit(jax.grad(lambda p: jnp.mean(m.apply({"params": p}, x) ** 2)))
+        return f.lower(p).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("attention") < 0.8 * temp_bytes("none")
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
