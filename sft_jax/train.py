@@ -225,6 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             step, width, host = pending[0], pending[2], jax.device_get(pending[1])
             pending = None
             if not bool(host["finite"]):
+                # The saves before this step hold good states: let an async one finish.
+                checkpointer.wait()
                 raise FloatingPointError(
                     f"non-finite loss or gradient at step {step} (loss={float(host['loss'])}, "
                     f"grad_norm={float(host['grad_norm'])}): the update was not applied and "

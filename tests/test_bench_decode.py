@@ -14,11 +14,8 @@ HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is a test-only dependency")
-def test_decode_against_transformers_on_smollm2():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", ""
-    )
+def test_decode_against_transformers_on_smollm2(one_device_env):
+    env = one_device_env
     cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_decode.py"), "--batches=1,3",
            "--new-tokens=6", "--repeats=1"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

@@ -24,13 +24,10 @@ def _alpaca_rows(path, n):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is a test-only dependency")
-def test_job_against_classic_recipe(tmp_path):
+def test_job_against_classic_recipe(tmp_path, one_device_env):
     data = tmp_path / "alpaca.jsonl"
     _alpaca_rows(data, 60)
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", ""
-    )
+    env = one_device_env
     cmd = [
         sys.executable, os.path.join(ROOT, "tools", "bench_job.py"),
         "--config", os.path.join(ROOT, "configs", "tiny.py"), "--rows=40", "--padded",

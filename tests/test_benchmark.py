@@ -14,12 +14,7 @@ TOOL = os.path.join(ROOT, "tools", "benchmark.py")
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 
 
-def _run(*flags: str) -> tuple[dict, str]:
-    env = dict(os.environ)
-    # One CPU device, as a user's run on this machine would see (conftest fakes 8).
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", ""
-    )
+def _run(env: dict, *flags: str) -> tuple[dict, str]:
     cmd = [
         sys.executable,
         TOOL,
@@ -52,8 +47,9 @@ def _check_sft_jax(r: dict, batch: int, seq: int) -> None:
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is a test-only dependency")
-def test_contract_with_torch_and_padding():
+def test_contract_with_torch_and_padding(one_device_env):
     r, out = _run(
+        one_device_env,
         "--config.model.preset=tiny",
         "--config.train.batch_size=2",
         "--compare-torch",
@@ -76,8 +72,8 @@ def test_contract_with_torch_and_padding():
     assert "ratio: sft_jax / torch" in out
 
 
-def test_random_batches_llama():
-    r, _ = _run("--config.model.preset=tiny-llama", "--batches=random")
+def test_random_batches_llama(one_device_env):
+    r, _ = _run(one_device_env, "--config.model.preset=tiny-llama", "--batches=random")
     _check_sft_jax(r, 4, 64)
     # Random rows: every position is real and in the loss.
     assert r["useful_tokens_per_sec"] == pytest.approx(r["tokens_per_sec"])
