@@ -19,7 +19,6 @@ always take the XLA path (one query against the cache: nothing to fuse).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -48,8 +47,9 @@ def cudnn_attention(q, k, v, mask):
 SPLASH_BLOCK = 128
 
 
-@functools.lru_cache(maxsize=16)
 def _splash_kernel(seq: int, group: int, interpret: bool):
+    # Built afresh for each trace, never cached across traces: the kernel holds arrays of
+    # its mask's block layout, and one made under a transformation would leak its tracers.
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
     )

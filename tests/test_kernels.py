@@ -74,3 +74,12 @@ def test_model_with_splash_equals_xla():
     got = splash_model.apply({"params": params}, tokens, **kw)
     real = (seg != 0)[..., None]
     np.testing.assert_allclose(got * real, want * real, atol=1e-4)
+
+
+def test_splash_after_a_scanned_model_trace():
+    # The model's layer scan traces the kernel; a later use under grad must not see state
+    # from that trace (a kernel cached across traces leaked its tracers here).
+    test_model_with_splash_equals_xla()
+    q, k, v, seg = _packed()
+    grads = jax.grad(lambda q: jnp.sum(kernels.splash_attention(q, k, v, seg, interpret=True)))(q)
+    assert np.isfinite(np.asarray(grads)).all()
