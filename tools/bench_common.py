@@ -1,11 +1,15 @@
-"""What the benchmark tools share: the offline tokenizer choice, peak RSS, the torch check."""
+"""What the benchmark tools share: the offline tokenizer choice, peak RSS, the torch side
+(check, random model, AdamW) and the command-line ending (one JSON line, errors in one line)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import resource
 import sys
+from collections.abc import Callable
 
 # The offline copy of SmolLM2's tokenizer (inside the GGUF asset): the preset's own
 # tokenizer name is a hub id, and these machines reach no hub.
@@ -45,3 +49,46 @@ def torch_available() -> str:
             "(pip install -e '.[test]'); --compare-torch skipped"
         )
     return ""
+
+
+def torch_random_model(hf_config: dict):
+    """transformers' model class of `hf_config` (GPT2LMHeadModel, LlamaForCausalLM, …),
+    randomly initialised, float32."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        **{k: v for k, v in hf_config.items() if k != "architectures"}
+    )
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def torch_adamw(params, **kwargs):
+    """torch AdamW with the fused kernel (the Trainer's default) where the build has it."""
+    import torch
+
+    params = list(params)  # a generator would be spent by the first attempt
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # a build without the fused CPU kernel
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def _finite(v):
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def finish(compute: Callable[[], dict], errors: tuple = (ValueError, FileNotFoundError)) -> int:
+    """Runs a tool's `compute`; its result becomes the last printed line, one JSON object
+    (NaN and infinities, which JSON lacks, as null); `errors` end it with one line."""
+    try:
+        out = compute()
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None
+    sys.stdout.flush()
+    print(json.dumps(_finite(out)))
+    return 0

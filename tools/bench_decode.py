@@ -20,7 +20,6 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import sys
@@ -34,7 +33,7 @@ from sft_jax import hostenv
 # `python tools/bench_decode.py` puts tools/ first on the path; `tools.` imports need the root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.bench_common import peak_rss_mb, torch_available  # noqa: E402
+from tools.bench_common import finish, peak_rss_mb, torch_available  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "asset:smollm2-135m-instruct-gguf", "HF folder, .gguf or asset:")
@@ -188,13 +187,8 @@ def run(model: str, batches: list[int], new: int, repeats: int, with_torch: bool
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        out = run(FLAGS.model, [int(b) for b in FLAGS.batches], FLAGS["new-tokens"].value,
-                  FLAGS.repeats, FLAGS.torch)  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps(out))
-    return 0
+    return finish(lambda: run(FLAGS.model, [int(b) for b in FLAGS.batches],
+                              FLAGS["new-tokens"].value, FLAGS.repeats, FLAGS.torch))  # fmt: skip
 
 
 if __name__ == "__main__":

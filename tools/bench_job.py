@@ -116,6 +116,7 @@ def classic_alpaca_job(rows_path: str, tokenizer_name: str, hf_config: dict, opt
 
     from sft_jax.data import load_tokenizer
     from sft_jax.data.templates import ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT
+    from tools.bench_common import torch_adamw, torch_random_model
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_name)  # AutoTokenizer, offline
@@ -150,17 +151,12 @@ def classic_alpaca_job(rows_path: str, tokenizer_name: str, hf_config: dict, opt
     loader = torch.utils.data.DataLoader(
         examples, batch_size=batch_size, shuffle=True, collate_fn=collate
     )
-    config = transformers.AutoConfig.for_model(
-        **{k: v for k, v in hf_config.items() if k != "architectures"}
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = torch_random_model(hf_config)
     model.train()
-    kwargs = dict(lr=opt["learning_rate"], betas=(opt["b1"], opt["b2"]), eps=opt["eps"],
-                  weight_decay=opt["weight_decay"])  # fmt: skip
-    try:
-        optimizer = torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # a build without the fused CPU kernel
-        optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
+    optimizer = torch_adamw(
+        model.parameters(), lr=opt["learning_rate"], betas=(opt["b1"], opt["b2"]),
+        eps=opt["eps"], weight_decay=opt["weight_decay"],
+    )  # fmt: skip
     steps, loss_tokens, loss = 0, 0, float("nan")
     for batch in loader:
         out = model(**batch)
@@ -256,20 +252,18 @@ def _print(name: str, r: dict) -> None:
 
 
 def main(argv) -> int:
-    try:
-        out = run(
-            FLAGS.config,
-            config_flags.get_config_filename(FLAGS["config"]),
-            config_overrides(sys.argv),
-            FLAGS.rows,
-            FLAGS["torch-batch"].value,
-            FLAGS.torch,
-            FLAGS.padded,
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps(out))
-    return 0
+    from tools.bench_common import finish
+
+    compute = lambda: run(
+        FLAGS.config,
+        config_flags.get_config_filename(FLAGS["config"]),
+        config_overrides(sys.argv),
+        FLAGS.rows,
+        FLAGS["torch-batch"].value,
+        FLAGS.torch,
+        FLAGS.padded,
+    )
+    return finish(compute, errors=(ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
-import math
 import multiprocessing
 import os
 import sys
@@ -59,7 +57,14 @@ from sft_jax import hostenv
 # `python tools/benchmark.py` puts tools/ first on the path; `tools.` imports need the root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.bench_common import peak_rss_mb, tokenizer_for, torch_available  # noqa: E402
+from tools.bench_common import (  # noqa: E402
+    finish,
+    peak_rss_mb,
+    tokenizer_for,
+    torch_adamw,
+    torch_available,
+    torch_random_model,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
@@ -247,10 +252,7 @@ def run_torch(hf_config: dict, opt: dict, batches: list[dict], lrs: list[float],
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        **{k: v for k, v in hf_config.items() if k != "architectures"}
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = torch_random_model(hf_config)
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -261,11 +263,7 @@ def run_torch(hf_config: dict, opt: dict, batches: list[dict], lrs: list[float],
         {"params": decay, "weight_decay": opt["weight_decay"]},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = dict(betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
-    try:
-        optimizer = torch.optim.AdamW(groups, lr=lrs[0], fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # a build without the fused CPU kernel
-        optimizer = torch.optim.AdamW(groups, lr=lrs[0], **kwargs)
+    optimizer = torch_adamw(groups, lr=lrs[0], betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
     autocast = opt["dtype"] == "bfloat16"
     params = [p for p in model.parameters()]
 
@@ -464,8 +462,8 @@ def _print_figures(name: str, r: dict, extra: dict) -> None:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        out = run(
+    return finish(
+        lambda: run(
             FLAGS.config,
             FLAGS.steps,
             FLAGS.warmup,
@@ -473,17 +471,7 @@ def main(argv) -> int:
             FLAGS["compare-torch"].value,
             FLAGS["compare-padding"].value,
         )
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    sys.stdout.flush()
-    print(json.dumps({k: _json(v) for k, v in out.items()}))
-    return 0
-
-
-def _json(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+    )
 
 
 if __name__ == "__main__":
