@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from sft_jax import judge
+from sft_jax import judge, kernels
 from sft_jax.data import DataSpec, FormatTemplate
 from sft_jax.model import GPTConfig
 from sft_jax.optim import OptimConfig
@@ -116,6 +116,7 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
             f"mesh.data × mesh.fsdp = {batch_shards}"
         )
     judge.from_config(c.eval, {})  # its keys, before any data or weights load
+    kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype)  # e.g. cuDNN needs bf16
     for key in ("log_every", "eval_every"):
         if c.train[key] < 0:
             raise ValueError(f"config: train.{key} must be >= 0")

@@ -8,10 +8,11 @@
   [seq, seq] mask is ever built; fully masked blocks are skipped. GQA goes through its
   MQA form, one kernel call per key/value head. On CPU it runs in Pallas interpret mode
   (slow; that is how the tests check it against the XLA path).
-- "cudnn": `jax.nn.dot_product_attention` with the boolean segment/causal mask, which on
-  NVIDIA GPUs runs cuDNN's fused flash attention (and XLA elsewhere, which is how the
-  tests exercise it on CPU).
-- "auto" (default): splash on TPU, cudnn on GPU, xla otherwise.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs: cuDNN's
+  fused flash attention, causal, with the segment mask as an additive bias. cuDNN takes
+  bfloat16/float16 only. Elsewhere the same call in its XLA form, which is how the tests
+  exercise it on CPU (on a GPU they check the cuDNN kernel itself).
+- "auto" (default): splash on TPU, cudnn on GPU in bfloat16/float16, xla otherwise.
 
 Only training and prompt prefill without a cache use these; decoding steps with a KV cache
 always take the XLA path (one query against the cache: nothing to fuse).
@@ -27,20 +28,38 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 
 
-def resolve(name: str, backend: str | None = None) -> str:
-    """The implementation `name` stands for on `backend` (default: JAX's default)."""
+HALF = ("bfloat16", "float16")
+
+
+def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> str:
+    """The implementation `name` stands for on `backend` (default: JAX's default) when the
+    model computes in `dtype`."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    backend = backend or jax.default_backend()
+    if name == "cudnn" and backend == "gpu" and jnp.dtype(dtype).name not in HALF:
+        raise ValueError(
+            f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (got {dtype}): "
+            "cuDNN's fused attention has no float32 form; set model.attention='xla' or 'auto'"
+        )
     if name != "auto":
         return name
-    backend = backend or jax.default_backend()
-    return {"tpu": "splash", "gpu": "cudnn"}.get(backend, "xla")
+    if backend == "gpu":
+        return "cudnn" if jnp.dtype(dtype).name in HALF else "xla"
+    return {"tpu": "splash"}.get(backend, "xla")
 
 
 def cudnn_attention(q, k, v, mask):
     """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim] (GQA is
-    native), mask: [batch, 1, seq, seq] bool."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    native), mask: [batch, 1, seq, seq] bool (causal and same segment)."""
+    # Without `implementation`, jax.nn takes its XLA form even on a GPU: name cuDNN there.
+    # is_causal lets the kernel skip the blocks above the diagonal; the mask adds the
+    # segment boundaries of packed rows on top.
+    gpu = jax.default_backend() == "gpu"
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=q.shape[1] == k.shape[1],
+        scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn" if gpu else None,
+    )  # fmt: skip
 
 
 # Splash wants sequence lengths that are multiples of its blocks; 128 fits the TPU tiles.

@@ -410,7 +410,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
             new_cache = (k, v)
         # [batch, seq, heads, head_dim]; decoding steps (a cache) always take the XLA path.
-        kernel = kernels.resolve(cfg.attention) if cache is None else "xla"
+        kernel = kernels.resolve(cfg.attention, dtype=cfg.dtype) if cache is None else "xla"
         if kernel == "splash":
             out = kernels.splash_attention(q, k, v, mask)  # `mask` holds the segment ids
         elif kernel == "cudnn":
@@ -512,7 +512,7 @@ class GPT(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         layer_caches = None
-        if cache is None and kernels.resolve(cfg.attention) == "splash":
+        if cache is None and kernels.resolve(cfg.attention, dtype=cfg.dtype) == "splash":
             mask = segment_ids  # the kernel masks by segment ids itself: no [seq, seq] mask
         elif cache is None:
             mask = attention_mask(segment_ids)
