@@ -7,7 +7,7 @@ from sft_jax import hostenv
 
 if __name__ == "__main__":
     # First, before jax and datasets load: a re-exec would pay for importing them twice.
-    hostenv.reexec_with_malloc_tunables()
+    hostenv.setup()
 
 import logging as std_logging
 import os

@@ -1,6 +1,7 @@
-"""The malloc re-exec (sft_jax/hostenv.py): when it applies, and that it really re-executes
-the same command line with the tunable set."""
+"""sft_jax/hostenv.py: the malloc re-exec (when it applies, and that it really re-executes
+the same command line with the tunable set) and the XLA flag defaults."""
 
+import os
 import subprocess
 import sys
 
@@ -53,3 +54,36 @@ def test_reexec_runs_the_same_command_line_with_the_tunable(tmp_path):
     ).stdout.splitlines()  # fmt: skip
     # Two starts: the original process, then the re-executed one; the second one stays.
     assert out == ["start", "start", f"{hostenv.TUNABLE} ['--a', 'b c']"]
+
+
+def test_xla_defaults_added_unless_named():
+    flag = hostenv.XLA_DEFAULTS[0]
+    name = flag.split("=")[0]
+    assert hostenv.xla_flags("") == flag
+    assert hostenv.xla_flags("--xla_force_host_platform_device_count=8").split() == [
+        "--xla_force_host_platform_device_count=8",
+        flag,
+    ]
+    # The user's own value wins, whichever it is; nothing is added twice.
+    assert hostenv.xla_flags(f"{name}=true") == f"{name}=true"
+    assert hostenv.xla_flags(hostenv.xla_flags("")) == flag
+
+
+def test_setup_sets_xla_flags_for_the_process(tmp_path):
+    # A real child process: the flags are in its environment before jax loads, and jax
+    # starts with them (an unknown flag would abort it).
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import os\n"
+        "from sft_jax import hostenv\n"
+        "hostenv.setup()\n"
+        "import jax\n"
+        "jax.numpy.ones(2).block_until_ready()\n"
+        "print(os.environ['XLA_FLAGS'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env[hostenv.OPT_OUT] = "0"
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n")[-2] == hostenv.XLA_DEFAULTS[0]

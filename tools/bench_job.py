@@ -267,5 +267,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    hostenv.reexec_with_malloc_tunables()
+    hostenv.setup()
     app.run(main)

@@ -33,7 +33,9 @@ so its memory and threads are its own, on the same batches: labels -100 where lo
 packed examples apart (causal, same segment), the same token-weighted loss, global-norm
 clipping and AdamW (`fused=True`, the Trainer's default optimizer) with the same settings and
 learning rates; timed the same way. `torch_*` figures and `ratio` (sft_jax / torch
-tokens/s) are added. torch is a test-only dependency: without it the tool says so.
+tokens/s) are added. torch runs where JAX runs: on the GPU (`cuda`, bf16 autocast when
+`model.dtype` is bfloat16) when JAX's backend is a GPU, else on the CPU. torch is a
+test-only dependency: without it the tool says so.
 
 `--compare-padding` trains the same data unpacked, each batch padded to its longest example
 (the classic collate), and reports its useful tokens/s next to packing's. Every batch width
@@ -240,19 +242,26 @@ def torch_attention_mask(segment_ids):
     import torch
 
     seq = segment_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal[None] & same)[:, None]
 
 
-def run_torch(hf_config: dict, opt: dict, batches: list[dict], lrs: list[float], warmup: int):
-    """Times transformers' model of `hf_config` on `batches`, as `time_sft_jax` times ours.
-    Runs in a child process: its peak RSS is its own."""
+def run_torch(
+    hf_config: dict, opt: dict, batches: list[dict], lrs: list[float], warmup: int, device: str
+):
+    """Times transformers' model of `hf_config` on `batches`, as `time_sft_jax` times ours,
+    on `device` ("cpu" or "cuda"). Runs in a child process: its peak RSS is its own."""
     import torch
     import transformers
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "JAX runs on a GPU but this torch build sees no CUDA device: a torch CPU run is "
+            "no fair comparison; install a CUDA build of torch or leave out --compare-torch"
+        )
     torch.manual_seed(0)
-    model = torch_random_model(hf_config)
+    model = torch_random_model(hf_config).to(device)
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -268,17 +277,16 @@ def run_torch(hf_config: dict, opt: dict, batches: list[dict], lrs: list[float],
     params = [p for p in model.parameters()]
 
     def step(batch, lr):
-        tokens = torch.from_numpy(batch["tokens"]).long()
-        targets = torch.from_numpy(batch["targets"]).long()
-        segment_ids = torch.from_numpy(batch["segment_ids"])
-        labels = torch.where(torch.from_numpy(batch["loss_mask"]) > 0, targets, -100)
+        put = lambda name: torch.from_numpy(batch[name]).to(device)
+        tokens, targets = put("tokens").long(), put("targets").long()
+        labels = torch.where(put("loss_mask") > 0, targets, -100)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             logits = model(
                 input_ids=tokens,
-                attention_mask=torch_attention_mask(segment_ids),
-                position_ids=torch.from_numpy(batch["positions"]).long(),
+                attention_mask=torch_attention_mask(put("segment_ids")),
+                position_ids=put("positions").long(),
             ).logits
         loss_sum = torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
@@ -301,6 +309,8 @@ def run_torch(hf_config: dict, opt: dict, batches: list[dict], lrs: list[float],
         "step_times_s": times[1 + warmup :],
         "losses": losses,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
         "model_class": type(model).__name__,
@@ -310,14 +320,18 @@ def run_torch(hf_config: dict, opt: dict, batches: list[dict], lrs: list[float],
 
 
 def compare_torch(c, model_cfg, schedule, batches, warmup):
+    import jax
+
     from sft_jax import config as config_lib
     from sft_jax import hf
 
     opt = dict(dataclasses.asdict(config_lib.optim_config(c)), dtype=c.model.dtype)
     lrs = [float(schedule(i)) for i in range(len(batches))]
+    # torch on the hardware JAX used: a GPU run is compared with torch on the GPU.
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        job = pool.submit(run_torch, hf.config_to_hf(model_cfg), opt, batches, lrs, warmup)
+        job = pool.submit(run_torch, hf.config_to_hf(model_cfg), opt, batches, lrs, warmup, device)
         return job.result()
 
 
@@ -351,9 +365,12 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
         f"{fpt / 1e6:.1f} MFLOP per token at seq {seq}"
     )
     print(f"batches: {c.train.batch_size} × {seq} from {source}")
-    # The malloc tunables sft_jax's entry points set (sft_jax/hostenv.py); a torch child
-    # process inherits the same environment, so both sides run under the same settings.
-    print(f"host: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    # The settings sft_jax's entry points make (sft_jax/hostenv.py); a torch child process
+    # inherits the same environment, so both sides run under the same settings.
+    print(
+        f"host: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
 
     with fns.context():
         state, jx = time_sft_jax(fns, state, batches, warmup)
@@ -375,6 +392,7 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
         "dtype": model_cfg.dtype,
         "batch_size": c.train.batch_size,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "seq_len": seq,
         "steps": steps,
         "warmup": warmup,
@@ -427,11 +445,12 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
                 "step_time_s": t["step_time_s"],
                 "mfu": t["mfu"],
                 "peak_rss_mb": tx["peak_rss_mb"],
+                "peak_device_mb": tx["peak_device_mb"],
                 "compile_s": tx["compile_s"],
             }
             _print_figures(
                 f"torch ({tx['model_class']}, {tx['attention']}, {tx['optimizer']}, "
-                f"{tx['threads']} threads)",
+                f"{tx['device']}, {tx['threads']} threads)",
                 torch_result,
                 {"step_times_s": tx["step_times_s"]},
             )
@@ -456,6 +475,7 @@ def _print_figures(name: str, r: dict, extra: dict) -> None:
         f"{name}: {r['tokens_per_sec']:.1f} tokens/s, {r['useful_tokens_per_sec']:.1f} useful, "
         f"step {r['step_time_s']:.2f} s [{times}], MFU {r['mfu']:.1%}, first step "
         f"{r['compile_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB"
+        + (f", device {r['peak_device_mb']:.0f} MiB" if r.get("peak_device_mb") else "")
     )
 
 
@@ -475,5 +495,8 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    hostenv.reexec_with_malloc_tunables()
+    hostenv.setup()
+    # On a GPU, JAX would otherwise reserve 75% of its memory up front: the torch child of
+    # --compare-torch would then run short of memory, and peak_device_mb would read the pool.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     app.run(main)
