@@ -1,7 +1,7 @@
 """Accelerator attention kernels for packed (segment-masked) causal attention, chosen by
 `model.attention`:
 
-- "xla": `model.dot_product_attention`, plain XLA ops (query blocks, causal key ranges).
+- "xla": `attention.dot_product_attention`, plain XLA ops (query blocks, causal key ranges).
   Every backend; the CPU path.
 - "splash": the TPU Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu),
   causal mask plus segment ids, so packed examples never see each other and no

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax import kernels
+from sft_jax.attention import dot_product_attention
 
 Array = jax.Array
 
@@ -65,9 +66,8 @@ class GPTConfig:
     dropout: float = 0.0  # residual and embedding dropout (training only)
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of the parameters
-    # Rematerialise in the backward pass: "full" each block, "dots" all but matmul outputs,
-    # "attention" only the attention scores and probabilities (the largest activations at
-    # long sequences: SmolLM2-135M at 4 × 512 on CPU, -1.3 GB peak memory, ~5 % slower).
+    # Rematerialise in the backward pass: "full" each block, "dots" all but matmul outputs.
+    # (Attention never keeps its [seq, keys] probabilities anyway: sft_jax.attention.)
     remat: str = "none"
     scan_layers: bool = True  # one compiled block, scanned: compile time independent of depth
     attention: str = "auto"  # "auto" | "xla" | "splash" (TPU) | "cudnn" (GPU): sft_jax.kernels
@@ -76,7 +76,12 @@ class GPTConfig:
         _check(self.positions in ("learned", "rope"), "positions", self.positions)
         _check(self.norm in ("layernorm", "rmsnorm"), "norm", self.norm)
         _check(self.mlp in ("gelu", "swiglu"), "mlp", self.mlp)
-        _check(self.remat in ("none", "full", "dots", "attention"), "remat", self.remat)
+        if self.remat == "attention":
+            raise ValueError(
+                "model: remat='attention' is no longer needed: attention keeps no [seq, keys] "
+                "probabilities for the backward pass by default; set model.remat='none'"
+            )
+        _check(self.remat in ("none", "full", "dots"), "remat", self.remat)
         _check(self.attention in kernels.IMPLEMENTATIONS, "attention", self.attention)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
@@ -331,49 +336,6 @@ def init_cache(cfg: GPTConfig, batch: int, slots: int) -> dict[str, Array]:
     }
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, remat: bool = False) -> Array:
-    """Grouped-query attention with softmax in float32.
-
-    q: [batch, seq, heads, head_dim]; k, v: [batch, keys, kv_heads, head_dim];
-    mask: [batch, 1, seq, keys]. Returns [batch, seq, heads, head_dim].
-
-    When queries and keys are the same positions (training, a prompt without a cache), the
-    queries go in blocks and each block scores only the keys up to its own end: the causal
-    mask hides the rest anyway. That skips about half of the scores and softmax, and keeps
-    each block's [seq_block, keys] scores small enough for the caches (about 2x faster
-    forward and backward on CPU at 4 x 512)."""
-    b, t, h, d = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)  # scaled here: [t, d] not [t, keys]
-    q = q.reshape(b, t, kv, h // kv, d)  # [batch, seq, kv_heads, group, head_dim]
-    block = max(_ATTENTION_BLOCK, -(-t // _ATTENTION_MAX_BLOCKS))
-    # remat: keep only q, k, v for the backward pass; the scores are computed again there.
-    attend = jax.checkpoint(_attend) if remat else _attend
-    if t != s or t <= block:
-        return attend(q, k, v, mask).reshape(b, t, h, d)
-    outs = [
-        attend(q[:, i : i + block], k[:, : i + block], v[:, : i + block],
-                mask[:, :, i : i + block, : i + block])
-        for i in range(0, t, block)
-    ]  # fmt: skip
-    return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
-
-
-# Query block of the causal attention, and at most this many blocks (longer sequences get
-# longer blocks, so the unrolled loop and the compile time stay bounded).
-_ATTENTION_BLOCK = 128
-_ATTENTION_MAX_BLOCKS = 16
-
-
-def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q: [batch, seq, kv_heads, group, head_dim] (already scaled) → the same shape."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    # A finite minimum, not -inf: padding queries see no key at all and must not give NaN.
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
-
-
 class Attention(nn.Module):
     cfg: GPTConfig
 
@@ -416,7 +378,7 @@ class Attention(nn.Module):
         elif kernel == "cudnn":
             out = kernels.cudnn_attention(q, k, v, mask)
         else:
-            out = dot_product_attention(q, k, v, mask, remat=cfg.remat == "attention")
+            out = dot_product_attention(q, k, v, mask)
         name = "c_proj" if cfg.family == "gpt2" else "o_proj"
         out = dense((cfg.d_model,), ("heads", "head_dim", "embed"), cfg.bias, in_dims=2, name=name)(
             out
@@ -474,7 +436,7 @@ class Block(nn.Module):
 
 
 def _block_class(cfg: GPTConfig):
-    if cfg.remat in ("none", "attention"):  # "attention": inside dot_product_attention
+    if cfg.remat == "none":
         return Block
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots
     # Arguments 1.. (positions, mask) and `deterministic` are not differentiated.

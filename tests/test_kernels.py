@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from sft_jax import kernels
-from sft_jax.model import GPT, GPTConfig, attention_mask, dot_product_attention
+from sft_jax.attention import dot_product_attention
+from sft_jax.model import GPT, GPTConfig, attention_mask
 
 ON_GPU = jax.default_backend() == "gpu"
 

@@ -49,35 +49,6 @@ def test_packed_row_equals_each_example_alone(kw):
     assert np.isfinite(np.asarray(packed)).all()  # padding queries see nothing, yet no NaN
 
 
-def test_blocked_causal_attention_equals_one_block():
-    # 300 positions: query blocks of 128, 128 and 44, each scoring only keys up to its end.
-    rng = np.random.default_rng(0)
-    b, t, h, kv, d = 2, 300, 4, 2, 16
-    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
-    seg = np.zeros((b, t), np.int32)
-    seg[0, :120], seg[0, 120:290] = 1, 2  # an example across the first block boundary
-    seg[1, :300] = 1
-    mask = attention_mask(jnp.asarray(seg))
-    real = jnp.asarray(seg != 0)[:, :, None, None]
-    w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) * real  # padding: no loss
-
-    def one_block(q, k, v):
-        qs = (q / np.sqrt(d)).reshape(b, t, kv, h // kv, d)
-        return model_lib._attend(qs, k, v, mask).reshape(b, t, h, d)
-
-    def loss(f):
-        return lambda q, k, v: jnp.sum(f(q, k, v) * w)
-
-    blocked = lambda q, k, v: model_lib.dot_product_attention(q, k, v, mask)
-    np.testing.assert_allclose(
-        blocked(q, k, v) * real, one_block(q, k, v) * real, atol=1e-5, rtol=1e-5
-    )
-    grads = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
-    expected = jax.grad(loss(one_block), argnums=(0, 1, 2))(q, k, v)
-    for g, e in zip(grads, expected, strict=True):
-        np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
-
-
 def test_long_packed_row_equals_each_example_alone():
     # 256 positions: the blocked attention path, an example straddling a block boundary.
     cfg = GPTConfig.preset("tiny-llama", vocab_size=VOCAB)
@@ -128,7 +99,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     )
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "attention"])
+@pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_changes_memory_not_gradients(remat):
     base = GPTConfig.preset("tiny", vocab_size=VOCAB)
     model, params = _init(base)
@@ -143,17 +114,9 @@ def test_remat_changes_memory_not_gradients(remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
-def test_attention_remat_keeps_no_scores_for_the_backward_pass():
-    # 2 × 256 positions: two query blocks; the compiled gradient needs less scratch memory.
-    x = _tokens((2, 256))
-
-    def temp_bytes(remat):
-        m = GPT(GPTConfig.preset("tiny", vocab_size=VOCAB, remat=remat))
-        p = m.init(jax.random.key(0), x)["params"]
-        f = jax.jit(jax.grad(lambda p: jnp.mean(m.apply({"params": p}, x) ** 2)))
-        return f.lower(p).compile().memory_analysis().temp_size_in_bytes
-
-    assert temp_bytes("attention") < 0.8 * temp_bytes("none")
+def test_remat_attention_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="remat='attention' is no longer needed"):
+        GPTConfig.preset("tiny", remat="attention")
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
