@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax import model as model_lib
 from sft_jax.model import GPT, PRESETS, GPTConfig, attention_mask
 
 VOCAB = 512
