@@ -84,9 +84,8 @@ def _attend_bwd(res, d_out):
     d_v = jnp.einsum("bkgts,btkgd->bskd", probs.astype(v.dtype), d_out)
     d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out, v, preferred_element_type=jnp.float32)
     # softmax's backward: p·(dp − Σ_keys p·dp), and Σ_keys p·dp = Σ_head_dim dO·O.
-    row = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))[
-        ..., None
-    ]
+    d_out32, out32 = d_out.astype(jnp.float32), out.astype(jnp.float32)
+    row = jnp.einsum("btkgd,btkgd->bkgt", d_out32, out32)[..., None]
     # Masked scores were constants: no gradient flows through them (this matters only for
     # padding queries, whose probabilities are uniform over masked keys).
     d_scores = jnp.where(mask[:, :, None], probs * (d_probs - row), 0.0).astype(q.dtype)
