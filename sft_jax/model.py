@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax import kernels
+from sft_jax import activations, kernels
 from sft_jax.attention import dot_product_attention
 
 Array = jax.Array
@@ -397,12 +397,12 @@ class MLP(nn.Module):
         )
         if cfg.mlp == "gelu":
             h = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="c_fc")(x)
-            h = jax.nn.gelu(h, approximate=True)
+            h = activations.gelu_tanh(h)
             h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
             return dense((cfg.d_model,), ("mlp", "embed"), cfg.bias, name="c_proj")(h)
         gate = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="gate_proj")(x)
         up = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="up_proj")(x)
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        h = nn.with_logical_constraint(activations.swiglu(gate, up), ("batch", "length", "act_mlp"))
         return dense((cfg.d_model,), ("mlp", "embed"), cfg.bias, name="down_proj")(h)
 
 
