@@ -311,15 +311,25 @@ def attention_mask(
     return (causal[None] & same & real)[:, None]
 
 
+def _layer(x, i: int):
+    """Layer `i` of a stacked leaf; a logical-axes box also drops its leading axis name."""
+    if isinstance(x, nn.LogicallyPartitioned):
+        return x.replace(value=x.value[i], names=x.names[1:])
+    return x[i]
+
+
 def unstack_layers(cfg: GPTConfig, params: dict) -> tuple[GPTConfig, dict]:
     """The same model with one parameter subtree per layer (`h_0`, `h_1`, …) instead of one
     stacked `h`: slower to compile, but XLA on CPU runs it faster (no per-layer slicing
-    of the stacked weights), which matters for token-by-token decoding."""
+    of the stacked weights), which matters for token-by-token decoding. `params` may be
+    boxed with logical axis names (`nn.LogicallyPartitioned`), as `init` returns them."""
     if not cfg.scan_layers:
         return cfg, params
     name = "h" if cfg.family == "gpt2" else "layers"
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
     layers = {
-        f"{name}_{i}": jax.tree.map(lambda x, i=i: x[i], params[name]) for i in range(cfg.n_layers)
+        f"{name}_{i}": jax.tree.map(lambda x, i=i: _layer(x, i), params[name], is_leaf=is_box)
+        for i in range(cfg.n_layers)
     }
     rest = {k: v for k, v in params.items() if k != name}
     return dataclasses.replace(cfg, scan_layers=False), rest | layers

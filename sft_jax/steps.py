@@ -7,6 +7,7 @@ makes loss and gradient exactly those of the whole batch (DESIGN.md, the loss co
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from sft_jax import losses
-from sft_jax.model import head_weight
+from sft_jax.model import head_weight, unstack_layers
 
 Batch = dict[str, jax.Array]
 
@@ -33,8 +34,21 @@ def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformatio
     """A fresh state. Under `jax.eval_shape` it gives the shapes and logical axis boxes from
     which `sharding.tree_shardings` derives every leaf's sharding."""
     init_rng, state_rng = jax.random.split(rng)
-    params = model.init(init_rng, jnp.zeros((1, 8), jnp.int32))["params"]
-    return state_from_params(params, state_rng, tx)
+    return state_from_params(init_params(init_rng, model), state_rng, tx)
+
+
+def init_params(rng: jax.Array, model: nn.Module) -> dict:
+    """Random parameters of `model` (a GPT), boxed with their logical axis names.
+
+    Unrolled models (scan_layers=False) are initialised in the scanned layout and split
+    per layer: XLA then compiles one layer's initialisers instead of n_layers copies
+    (SmolLM2-135M on CPU: 13.7 s → 1.4 s to compile the init)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    if model.cfg.scan_layers:
+        return model.init(rng, tokens)["params"]
+    scanned = dataclasses.replace(model.cfg, scan_layers=True)
+    params = model.clone(cfg=scanned).init(rng, tokens)["params"]
+    return unstack_layers(scanned, params)[1]
 
 
 def state_from_params(params, rng: jax.Array, tx: optax.GradientTransformation) -> TrainState:

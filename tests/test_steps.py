@@ -115,3 +115,31 @@ def test_eval_step_sums():
     loss_sum, count = steps.loss_sums(state.params, batch, model)
     assert float(out["loss_tokens"]) == float(count)
     np.testing.assert_allclose(out["loss_sum"], loss_sum)
+
+
+def test_unrolled_init_is_the_scanned_init_split_per_layer():
+    # Unrolled models are initialised as scanned ones and split (one layer's initialisers
+    # to compile, not n_layers): the same tree, shapes and logical axis names as the
+    # unrolled model's own init (shardings derive from them), values layer by layer.
+    key, tokens = jax.random.key(3), jnp.zeros((1, 8), jnp.int32)
+    unrolled = GPT(GPTConfig.preset("tiny-llama", vocab_size=97, scan_layers=False))
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    describe = lambda t: jax.tree.map(
+        lambda b: (b.value.shape, b.value.dtype, b.names), t, is_leaf=is_box
+    )
+    got = jax.eval_shape(lambda r: steps.init_params(r, unrolled), key)
+    want = jax.eval_shape(lambda r: unrolled.init(r, tokens)["params"], key)
+    assert describe(got) == describe(want)
+
+    params = nn.meta.unbox(steps.init_params(key, unrolled))
+    scanned = GPT(GPTConfig.preset("tiny-llama", vocab_size=97))
+    stacked = nn.meta.unbox(scanned.init(key, tokens)["params"])
+    for i in range(unrolled.cfg.n_layers):
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_array_equal(a, b[i]),
+            params[f"layers_{i}"],
+            stacked["layers"],
+        )
+    np.testing.assert_array_equal(
+        params["embed_tokens"]["embedding"], stacked["embed_tokens"]["embedding"]
+    )
