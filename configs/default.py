@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.tokenizer = ""  # tokenizer name or folder; "" = from init_from, else the preset's
     c.model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU
     c.model.param_dtype = "float32"  # storage dtype of parameters and optimizer moments
-    c.model.remat = "none"  # "none" | "full" | "dots" | "attention": compute for activation memory
+    c.model.remat = "none"  # "none" | "full" | "dots": recompute in the backward pass for memory
     # Attention kernel: "auto" = TPU splash attention (segment ids), GPU cuDNN flash attention,
     # XLA elsewhere; or force "xla" | "splash" | "cudnn" (see sft_jax/kernels.py).
     c.model.attention = "auto"
