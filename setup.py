@@ -45,5 +45,6 @@ setup(
         ],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
+        "cuda13": ["jax[cuda13]"],  # newer drivers; the README's H100 figures ran on CUDA 13
     },
 )
