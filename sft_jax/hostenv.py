@@ -6,7 +6,8 @@ once with them set.
 XLA flags: `--xla_gpu_enable_triton_gemm=false` sends GPU matmul fusions to cuBLAS instead
 of Triton's autotuned GEMMs: on an H100, bf16, 16 × 1024, GPT-2 trains 1.07× faster (238 k
 vs 222 k tokens/s, two runs each) and compiles in 4.3 s instead of 9.0 s; SmolLM2-135M
-trains at the same speed and compiles in 2.4 s instead of 7.3 s. Other backends ignore it.
+trains at the same speed and compiles in 2.4 s instead of 7.3 s. XLA:CPU accepts and ignores
+it (tested); other backends were not checked.
 A flag that `XLA_FLAGS` already names (either value) is left as the user set it.
 
 Malloc:

@@ -26,9 +26,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
-
-
-HALF = ("bfloat16", "float16")
+HALF = ("bfloat16", "float16")  # the dtypes cuDNN's fused attention takes
 
 
 def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> str:
@@ -37,7 +35,8 @@ def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> s
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
     backend = backend or jax.default_backend()
-    if name == "cudnn" and backend == "gpu" and jnp.dtype(dtype).name not in HALF:
+    half = jnp.dtype(dtype).name in HALF
+    if name == "cudnn" and backend == "gpu" and not half:
         raise ValueError(
             f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (got {dtype}): "
             "cuDNN's fused attention has no float32 form; set model.attention='xla' or 'auto'"
@@ -45,7 +44,7 @@ def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> s
     if name != "auto":
         return name
     if backend == "gpu":
-        return "cudnn" if jnp.dtype(dtype).name in HALF else "xla"
+        return "cudnn" if half else "xla"
     return {"tpu": "splash"}.get(backend, "xla")
 
 
