@@ -14,6 +14,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture
+def grad_scratch_bytes():
+    """f(preset, tokens, **fields) → scratch bytes of the compiled gradient of
+    mean(logits²) for GPT(GPTConfig.preset(preset, **fields)): how much the backward pass
+    keeps. The model is built at each call, so a monkeypatched layer takes effect."""
+    import jax
+    import jax.numpy as jnp
+
+    from sft_jax.model import GPT, GPTConfig
+
+    def measure(preset, tokens, **fields):
+        model = GPT(GPTConfig.preset(preset, **fields))
+        params = model.init(jax.random.key(0), tokens)["params"]
+        loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    return measure
+
+
+@pytest.fixture
 def one_device_env() -> dict[str, str]:
     """The environment for a tool run in a subprocess that should see one CPU device, as a
     user's run on this machine would (XLA refuses an XLA_FLAGS of only whitespace)."""

@@ -55,19 +55,11 @@ def test_bfloat16_in_bfloat16_out():
         assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
 
 
-def test_backward_pass_keeps_fewer_mlp_activations(monkeypatch):
+def test_backward_pass_keeps_fewer_mlp_activations(monkeypatch, grad_scratch_bytes):
     # A scanned 4-layer model: the compiled gradient needs less scratch memory than with
     # autodiff of jax.nn's activations.
-    from sft_jax.model import GPT, GPTConfig
-
     x = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 256)), jnp.int32)
-
-    def temp_bytes(preset):
-        m = GPT(GPTConfig.preset(preset, vocab_size=97, n_layers=4, d_ff=1024))
-        p = m.init(jax.random.key(0), x)["params"]
-        f = jax.jit(jax.grad(lambda p: jnp.mean(m.apply({"params": p}, x) ** 2)))
-        return f.lower(p).compile().memory_analysis().temp_size_in_bytes
-
+    temp_bytes = lambda preset: grad_scratch_bytes(preset, x, vocab_size=97, n_layers=4, d_ff=1024)
     ours = {p: temp_bytes(p) for p in ("tiny", "tiny-llama")}
     monkeypatch.setattr(activations, "gelu_tanh", lambda x: jax.nn.gelu(x, approximate=True))
     monkeypatch.setattr(activations, "swiglu", lambda g, u: jax.nn.silu(g) * u)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sft_jax import attention
-from sft_jax.model import GPT, GPTConfig, attention_mask
+from sft_jax.model import attention_mask
 
 
 def _inputs(b=2, t=300, h=4, kv=2, d=16, seed=0, dtype=jnp.float32):
@@ -82,17 +82,11 @@ def test_bfloat16_inputs_follow_the_float32_function():
         assert np.linalg.norm(got - exp) / np.linalg.norm(exp) < 2e-2
 
 
-def test_backward_pass_keeps_no_probabilities(monkeypatch):
+def test_backward_pass_keeps_no_probabilities(monkeypatch, grad_scratch_bytes):
     # The compiled gradient of a 4-layer model at 2 × 512 needs much less scratch memory
     # than with autodiff's attention backward, which keeps every layer's probabilities.
     x = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 512)), jnp.int32)
-
-    def temp_bytes():
-        m = GPT(GPTConfig.preset("tiny", vocab_size=97, n_layers=4))
-        p = m.init(jax.random.key(0), x)["params"]
-        f = jax.jit(jax.grad(lambda p: jnp.mean(m.apply({"params": p}, x) ** 2)))
-        return f.lower(p).compile().memory_analysis().temp_size_in_bytes
-
+    temp_bytes = lambda: grad_scratch_bytes("tiny", x, vocab_size=97, n_layers=4)
     ours = temp_bytes()
     monkeypatch.setattr(attention, "attend", lambda *a: attention._attend_fwd(*a)[0])
     autodiff = temp_bytes()
