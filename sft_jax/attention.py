@@ -2,23 +2,31 @@
 without an accelerator kernel (`model.attention="xla"`, and "auto" on CPU), and prompt
 prefill.
 
-Two things keep it fast and small on a CPU:
+Three things keep it fast and small on a CPU:
 
 - Query blocks: when queries and keys are the same positions, the queries go in blocks
   and each block scores only the keys up to its own end (the causal mask hides the rest).
   That skips about half of the scores and softmax, and keeps each block's [block, keys]
   scores small enough for the caches (about 2× faster forward and backward at 4 × 512).
-- A hand-written backward pass per block (`attend`, flash-attention style): the forward
-  keeps, besides q, k, v and the output, only each query's softmax maximum and 1 / Σ exp —
-  not the [seq, keys] probabilities, which autodiff would store for every layer (for
+- A hand-written backward pass (`attend`, flash-attention style): the forward keeps,
+  besides q, k, v and the output, only each query's softmax maximum and 1 / Σ exp — not
+  the [seq, keys] probabilities, which autodiff would store for every layer (for
   SmolLM2-135M at 4 × 512, 0.7 GB over 30 layers). The backward pass recomputes the
-  probabilities from q and k, and its softmax term is a sum over head_dim
-  (Σ dO·O) instead of over keys. Same speed as autodiff on CPU, 1.25 GB less peak memory
-  for SmolLM2-135M at 4 × 512.
+  probabilities from q and k, and its softmax term is a sum over head_dim (Σ dO·O)
+  instead of over keys.
+- Layouts that need no copy of anything [queries, keys]-sized: heads go first
+  ([batch, kv_heads, group, seq, head_dim], one copy of q, k, v each), so every score
+  matmul is a plain batched matmul; the backward pass computes its scores transposed,
+  [keys, queries], which is the layout the matmuls for dK and dV take as it is (the
+  [queries, keys] layout would be copied to its transpose for each of them, twice per
+  block); dQ comes out as [head_dim, queries] from kᵀ, a [keys, head_dim]-sized copy.
+  dK and dV add up per block in place. GPT-2 at 4 × 512, forward and backward of one
+  layer: 52–55 ms against 78 ms with [queries, keys] scores and q, k, v as they come.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,6 +38,7 @@ Array = jax.Array
 # longer blocks, so the unrolled loop and the compile time stay bounded).
 BLOCK = 128
 MAX_BLOCKS = 16
+_MIN = jnp.finfo(jnp.float32).min
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -40,58 +49,94 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)  # scaled here: [t, d] not [t, keys]
-    q = q.reshape(b, t, kv, h // kv, d)  # [batch, seq, kv_heads, group, head_dim]
-    block = max(BLOCK, -(-t // MAX_BLOCKS))
-    if t != s or t <= block:
-        return attend(q, k, v, mask).reshape(b, t, h, d)
-    outs = [
-        attend(q[:, i : i + block], k[:, : i + block], v[:, : i + block],
-               mask[:, :, i : i + block, : i + block])
-        for i in range(0, t, block)
-    ]  # fmt: skip
-    return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
+    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, group, t, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, keys, d]
+    # Causal query blocks need queries and keys at the same positions; otherwise (prefill
+    # against a cache) one block sees every key.
+    block = max(BLOCK, -(-t // MAX_BLOCKS)) if t == s else t
+    out = attend(q, k, v, mask, block)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _scores(q: Array, k: Array, mask: Array) -> Array:
-    """[batch, kv_heads, group, seq, keys] float32, masked entries at float32's minimum
-    (finite, not -inf: a query that sees no key at all, padding, must not give NaN)."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+def _blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
+    """(first query, end query, end key) per query block: keys up to the block's end when
+    the block is smaller than the sequence (causal), all of them otherwise."""
+    if block >= t:
+        return [(0, t, s)]
+    return [(i, min(i + block, t), min(i + block, t)) for i in range(0, t, block)]
 
 
-@jax.custom_vjp
-def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """softmax(q·kᵀ, masked)·v. q: [batch, seq, kv_heads, group, head_dim] (already scaled);
-    k, v: [batch, keys, kv_heads, head_dim]; mask: [batch, 1, seq, keys] bool."""
-    return _attend_fwd(q, k, v, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend(q: Array, k: Array, v: Array, mask: Array, block: int) -> Array:
+    """softmax(q·kᵀ, masked)·v per query block. q: [batch, kv_heads, group, seq, head_dim]
+    (already scaled); k, v: [batch, kv_heads, keys, head_dim]; mask: [batch, 1, seq, keys]
+    bool. Returns q's shape and dtype."""
+    return _attend_fwd(q, k, v, mask, block)[0]
 
 
-def _attend_fwd(q, k, v, mask):
-    scores = _scores(q, k, mask)
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    exp = jnp.exp(scores - top)
-    inv_total = 1.0 / jnp.sum(exp, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskd->btkgd", (exp * inv_total).astype(v.dtype), v)
+def _attend_fwd(q, k, v, mask, block):
+    outs, tops, inv_totals = [], [], []
+    for qs, qe, ke in _blocks(q.shape[3], k.shape[2], block):
+        scores = jnp.einsum(
+            "bkgtd,bksd->bkgts", q[:, :, :, qs:qe], k[:, :, :ke],
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        # Masked entries at float32's minimum (finite, not -inf: a query that sees no key
+        # at all, padding, must not give NaN).
+        scores = jnp.where(mask[:, :, None, qs:qe, :ke], scores, _MIN)
+        top = jnp.max(scores, axis=-1)
+        exp = jnp.exp(scores - top[..., None])
+        inv_total = 1.0 / jnp.sum(exp, axis=-1)
+        # Normalised after the matmul: [block, head_dim] multiplies, not [block, keys].
+        out = jnp.einsum(
+            "bkgts,bksd->bkgtd", exp.astype(v.dtype), v[:, :, :ke],
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        outs.append((out * inv_total[..., None]).astype(q.dtype))
+        tops.append(top)
+        inv_totals.append(inv_total)
+    out = jnp.concatenate(outs, axis=3)
     # The maximum and 1/Σ exp, not log-sum-exp: a padding query's scores are all the
     # float32 minimum, where max + log(Σ) rounds back to the minimum and the recomputed
     # probabilities would be 1 instead of 1/keys.
+    top, inv_total = jnp.concatenate(tops, axis=3), jnp.concatenate(inv_totals, axis=3)
     return out, (q, k, v, mask, out, top, inv_total)
 
 
-def _attend_bwd(res, d_out):
+def _attend_bwd(block, res, d_out):
     q, k, v, mask, out, top, inv_total = res
-    probs = jnp.exp(_scores(q, k, mask) - top) * inv_total  # as in the forward pass
-    d_v = jnp.einsum("bkgts,btkgd->bskd", probs.astype(v.dtype), d_out)
-    d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out, v, preferred_element_type=jnp.float32)
     # softmax's backward: p·(dp − Σ_keys p·dp), and Σ_keys p·dp = Σ_head_dim dO·O.
-    d_out32, out32 = d_out.astype(jnp.float32), out.astype(jnp.float32)
-    row = jnp.einsum("btkgd,btkgd->bkgt", d_out32, out32)[..., None]
-    # Masked scores were constants: no gradient flows through them (this matters only for
-    # padding queries, whose probabilities are uniform over masked keys).
-    d_scores = jnp.where(mask[:, :, None], probs * (d_probs - row), 0.0).astype(q.dtype)
-    d_q = jnp.einsum("bkgts,bskd->btkgd", d_scores, k)
-    d_k = jnp.einsum("bkgts,btkgd->bskd", d_scores, q)
-    return d_q, d_k, d_v, None
+    row = jnp.einsum("bkgtd,bkgtd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    # Everything [keys, queries]-shaped below is transposed: [batch, kv_heads, keys, group,
+    # block]; the per-query terms broadcast over keys.
+    mask_t = jnp.swapaxes(mask, -1, -2)[:, :, :, None]  # [batch, 1, keys, 1, seq]
+    top, inv_total, row = (x[:, :, None] for x in (top, inv_total, row))
+    k_t = jnp.swapaxes(k, -1, -2)  # [batch, kv_heads, head_dim, keys]
+    d_k = jnp.zeros(k.shape, jnp.float32)
+    d_v = jnp.zeros(v.shape, jnp.float32)
+    d_q_t = []
+    for qs, qe, ke in _blocks(q.shape[3], k.shape[2], block):
+        q_b, d_out_b, m = q[:, :, :, qs:qe], d_out[:, :, :, qs:qe], mask_t[:, :, :ke, :, qs:qe]
+        scores = jnp.einsum(
+            "bksd,bkgtd->bksgt", k[:, :, :ke], q_b, preferred_element_type=jnp.float32
+        )
+        probs = jnp.exp(jnp.where(m, scores, _MIN) - top[..., qs:qe]) * inv_total[..., qs:qe]
+        d_probs = jnp.einsum(
+            "bksd,bkgtd->bksgt", v[:, :, :ke], d_out_b, preferred_element_type=jnp.float32
+        )
+        # Masked scores were constants: no gradient flows through them (this matters only
+        # for padding queries, whose probabilities are uniform over masked keys).
+        d_scores = jnp.where(m, probs * (d_probs - row[..., qs:qe]), 0.0).astype(q.dtype)
+        d_v = d_v.at[:, :, :ke].add(
+            jnp.einsum("bksgt,bkgtd->bksd", probs.astype(v.dtype), d_out_b,
+                       preferred_element_type=jnp.float32)
+        )  # fmt: skip
+        d_k = d_k.at[:, :, :ke].add(
+            jnp.einsum("bksgt,bkgtd->bksd", d_scores, q_b, preferred_element_type=jnp.float32)
+        )
+        d_q_t.append(jnp.einsum("bkds,bksgt->bkdgt", k_t[..., :ke], d_scores))
+    d_q = jnp.concatenate(d_q_t, axis=-1).transpose(0, 1, 3, 4, 2)
+    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

@@ -91,3 +91,18 @@ def test_backward_pass_keeps_no_probabilities(monkeypatch, grad_scratch_bytes):
     monkeypatch.setattr(attention, "attend", lambda *a: attention._attend_fwd(*a)[0])
     autodiff = temp_bytes()
     assert ours < 0.7 * autodiff
+
+
+def test_queries_against_more_keys_as_in_prefill_with_a_cache():
+    # Prefill writes a prompt into a KV cache and attends over all of its slots: queries
+    # and keys are not the same positions (and more queries than one block), so one block
+    # sees every key.
+    q, k, v, _, w = _inputs(b=2, t=150, h=4, kv=2, d=16, seed=3)
+    keys = jnp.concatenate([k, k[:, :50]], axis=1)  # 200 slots, the prompt at slots 20…169
+    values = jnp.concatenate([v, v[:, :50]], axis=1)
+    key_seg = jnp.zeros((2, 200), jnp.int32).at[:, 20:170].set(1)
+    mask = attention_mask(jnp.ones((2, 150), jnp.int32), key_seg, query_offset=20)
+    ours = _value_and_grads(lambda *x: attention.dot_product_attention(*x, mask), q, keys, values, w)
+    want = _value_and_grads(lambda *x: plain_attention(*x, mask), q, keys, values, w)
+    for got, exp in zip(jax.tree.leaves(ours), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, exp, atol=2e-5, rtol=2e-5)
