@@ -102,7 +102,9 @@ def test_queries_against_more_keys_as_in_prefill_with_a_cache():
     values = jnp.concatenate([v, v[:, :50]], axis=1)
     key_seg = jnp.zeros((2, 200), jnp.int32).at[:, 20:170].set(1)
     mask = attention_mask(jnp.ones((2, 150), jnp.int32), key_seg, query_offset=20)
-    ours = _value_and_grads(lambda *x: attention.dot_product_attention(*x, mask), q, keys, values, w)
+    ours = _value_and_grads(
+        lambda *x: attention.dot_product_attention(*x, mask), q, keys, values, w
+    )
     want = _value_and_grads(lambda *x: plain_attention(*x, mask), q, keys, values, w)
     for got, exp in zip(jax.tree.leaves(ours), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, exp, atol=2e-5, rtol=2e-5)
