@@ -27,14 +27,15 @@ flags.mark_flags_as_required(["config"])
 
 def activation_bytes(cfg, local_rows: int, seq: int, tensor: int) -> int:
     """What the backward pass keeps, per device. Per layer and token: the block input and
-    both norm outputs, q/k/v, the attention output, the MLP hidden activations (dtype
-    bytes), and two float32 softmax statistics per head (sft_jax.attention keeps no
-    [seq, keys] probabilities) — split over `tensor` where the model shards them. `remat`
-    keeps only the block inputs (+ one layer live)."""
+    both norm outputs, q/k/v, the attention output, the MLP's pre-activations (dtype
+    bytes; the activation's output is recomputed, sft_jax.model.recompute_input), and two
+    float32 softmax statistics per head (sft_jax.attention keeps no [seq, keys]
+    probabilities) — split over `tensor` where the model shards them. `remat` keeps only
+    the block inputs (+ one layer live)."""
     b = 2 if cfg.dtype == "bfloat16" else 4
     q = cfg.n_heads * cfg.dim_per_head
     kv = cfg.n_kv_heads * cfg.dim_per_head
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * cfg.d_ff
+    mlp = (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff  # gate and up, or c_fc's output
     per_token_layer = (3 * cfg.d_model + (q + 2 * kv + q + mlp) / tensor) * b
     per_token_layer += 2 * 4 * cfg.n_heads / tensor  # softmax maximum and 1 / Σ exp
     tokens = local_rows * seq
