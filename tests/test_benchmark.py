@@ -4,8 +4,10 @@ that agree with each other, on a tiny model for two steps. No timing is asserted
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -73,8 +75,20 @@ def test_contract_with_torch_and_padding(one_device_env):
 
 
 def test_random_batches_llama(one_device_env):
-    r, _ = _run(one_device_env, "--config.model.preset=tiny-llama", "--batches=random")
+    r, out = _run(one_device_env, "--config.model.preset=tiny-llama", "--batches=random")
     _check_sft_jax(r, 4, 64)
+    # The CPU peak is measured before and after the steps; MFU takes the higher.
+    peaks = re.findall(r"peak(?: after the steps)?: ([0-9.]+) GFLOP/s", out)
+    assert len(peaks) == 2
+    assert r["peak_flops"] / 1e9 == pytest.approx(max(map(float, peaks)), abs=0.06)
     # Random rows: every position is real and in the loss.
     assert r["useful_tokens_per_sec"] == pytest.approx(r["tokens_per_sec"])
     assert r["loss_tokens_per_sec"] == pytest.approx(r["tokens_per_sec"])
+
+
+def test_measured_peak_is_the_best_of_runs_for_the_time_given():
+    from sft_jax import metrics
+
+    start = time.perf_counter()
+    flops = metrics.measure_matmul_flops(128, repeats=1, seconds=0.3)
+    assert time.perf_counter() - start >= 0.3 and flops > 0
