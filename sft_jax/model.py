@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from sft_jax import kernels
 from sft_jax.attention import dot_product_attention
+from sft_jax.matmul import dense_matmul
 
 Array = jax.Array
 
@@ -255,15 +256,10 @@ class Dense(nn.Module):
             (*in_shape, *self.features),
             self.param_dtype,
         )
-        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
 
         def project(kernel, *inputs):
             x = inputs[0] if self.activation is None else self.activation(*inputs)
-            return jax.lax.dot_general(
-                x.astype(self.dtype),
-                kernel.astype(self.dtype),
-                ((contract, tuple(range(self.in_dims))), ((), ())),
-            )
+            return dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
 
         if self.activation is not None:
             project = recompute_input(project)
