@@ -2,14 +2,13 @@
 kernel's gradient in the orientation XLA:CPU runs fastest.
 
 The gradient of a kernel [K, N] is xᵀ·g, a contraction over every token. Left to itself,
-XLA:CPU lays that dot out so that, for a kernel with more rows than columns (GPT-2's MLP
-c_proj [3072, 768], Llama's down_proj, k/v projections), the output's long dimension is
-the slow one, and for the others copies g or x to a transposed layout first. Forming
-gᵀ·x [N, K] instead and transposing the (kernel-sized) result afterwards, with an
-optimization barrier so XLA cannot fold the transpose back into the dot, runs at the
-matmul's usual rate: 26 ms against 30–33 ms for GPT-2's c_proj gradient alone. In the real
-train step (2-core CPU, float32, 4 × 512, alternating runs): GPT-2 5.37–5.93 s against
-5.72–6.30 s (fastest step of four), SmolLM2-135M 6.73 s against 8.18 s.
+XLA:CPU runs that dot slowly for a kernel with more rows than columns (GPT-2's MLP c_proj
+[3072, 768], Llama's down_proj, k/v projections). Forming gᵀ·x [N, K] instead and
+transposing the (kernel-sized) result afterwards, with an optimization barrier so XLA
+cannot fold the transpose back into the dot, runs at the matmul's usual rate: 26 ms
+against 30–33 ms for GPT-2's c_proj gradient alone. In the real train step (2-core CPU,
+float32, 4 × 512, alternating runs): GPT-2 5.37–5.93 s against 5.72–6.30 s (fastest step
+of four), SmolLM2-135M 6.73 s against 8.18 s.
 
 Only on CPU: other backends get xᵀ·g, the same dot autodiff would build. The values are
 autodiff's either way.
@@ -17,7 +16,6 @@ autodiff's either way.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -31,14 +29,16 @@ def dense_matmul(x: Array, kernel: Array, in_dims: int = 1) -> Array:
     return _dense_matmul(x, kernel, in_dims)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_matmul(x, kernel, in_dims):
+def _matmul(x, kernel, in_dims):
     contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
     return jax.lax.dot_general(x, kernel, (contract, ((), ())))
 
 
+_dense_matmul = jax.custom_vjp(_matmul, nondiff_argnums=(2,))
+
+
 def _fwd(x, kernel, in_dims):
-    return _dense_matmul(x, kernel, in_dims), (x, kernel)
+    return _matmul(x, kernel, in_dims), (x, kernel)
 
 
 def _bwd(in_dims, res, g):

@@ -1,5 +1,5 @@
 """sft_jax/matmul.py: the dense matmul's hand-written gradients equal autodiff's, for
-kernels taller and wider than long, with one or two contracted dimensions."""
+kernels taller than wide and wider than tall, with one or two contracted dimensions."""
 
 import jax
 import jax.numpy as jnp
