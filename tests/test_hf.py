@@ -220,9 +220,8 @@ def test_run_starts_from_hf_weights_and_exports_them_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path):
+def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path, console_script):
     import subprocess
-    import sys
 
     from sft_jax import runs, train
 
@@ -231,7 +230,7 @@ def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path):
     out = str(tmp_path / "exported")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(
-        [sys.executable, "tools/export_hf.py", "--workdir", workdir, "--out", out],
+        [console_script("sft-jax-export"), "--workdir", workdir, "--out", out],
         cwd=root,
         capture_output=True,
         text=True,
@@ -252,16 +251,16 @@ def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path):
     )
     # A missing workdir or step is a one-line error, not a traceback.
     bad = subprocess.run(
-        [sys.executable, "tools/export_hf.py", "--workdir", workdir, "--step", "99", "--out", out],
+        [console_script("sft-jax-export"), "--workdir", workdir, "--step", "99", "--out", out],
         cwd=root,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert bad.returncode == 2 and "no checkpoint at step 99" in bad.stderr
-    # The run answers a prompt through tools/generate.py, with the template it trained with.
+    # The run answers a prompt through sft-jax-generate, with the template it trained with.
     gen = subprocess.run(
-        [sys.executable, "tools/generate.py", "--workdir", workdir, "--prompt", "Add 2 and 3.",
+        [console_script("sft-jax-generate"), "--workdir", workdir, "--prompt", "Add 2 and 3.",
          "--max-new-tokens", "3"],
         cwd=root, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -4,7 +4,6 @@ and every artefact the quickstart promises."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -15,7 +14,7 @@ from tests.test_train import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_config_end_to_end(tmp_path):
+def test_quickstart_config_end_to_end(tmp_path, console_script):
     c = quickstart.get_config()
     c.train.steps, c.train.log_every, c.train.eval_every = 2, 1, 2
     c.optim.warmup_steps = 1
@@ -30,9 +29,9 @@ def test_quickstart_config_end_to_end(tmp_path):
     assert "| validation loss |" in report and "| exact match (4 held-out prompts) |" in report
     before = [json.loads(line) for line in open(tmp_path / "generations_before.jsonl")]
     assert len(before) == 4 and all(r["reference"] and "response" in r for r in before)
-    # The exported folder answers through tools/generate.py with the model's chat template.
+    # The exported folder answers through sft-jax-generate with the model's chat template.
     out = subprocess.run(
-        [sys.executable, "tools/generate.py", "--hf", str(tmp_path / "hf"),
+        [console_script("sft-jax-generate"), "--hf", str(tmp_path / "hf"),
          "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

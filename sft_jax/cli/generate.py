@@ -1,8 +1,8 @@
 """Responses from a trained run or an exported Hugging Face folder, with the template the
 run trained with.
 
-    python tools/generate.py --workdir DIR [--step N] --prompt "Add 2 and 3."
-    python tools/generate.py --hf HF_DIR --input rows.jsonl --output responses.jsonl \
+    sft-jax-generate --workdir DIR [--step N] --prompt "Add 2 and 3."
+    sft-jax-generate --hf HF_DIR --input rows.jsonl --output responses.jsonl \
         [--max-new-tokens 128 --temperature 0.7 --top-p 0.9 --top-k 50 --seed 0 --stop "###"]
 
 Input rows are in any format the data pipeline reads (alpaca, prompt/completion, messages,
@@ -17,10 +17,10 @@ import sys
 
 
 def _args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sft-jax-generate", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a training run's --workdir")
-    src.add_argument("--hf", help="a Hugging Face folder (e.g. from tools/export_hf.py)")
+    src.add_argument("--hf", help="a Hugging Face folder (e.g. from sft-jax-export)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     io = p.add_mutually_exclusive_group(required=True)
     io.add_argument("--prompt", help="one instruction")
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                 rows = [json.loads(line) for line in f if line.strip()]
         ids = [prompts.prompt_ids(r, spec, tokenizer) for r in rows]
     except (ValueError, OSError, json.JSONDecodeError) as e:
-        print(f"generate: {e}", file=sys.stderr)
+        print(f"sft-jax-generate: {e}", file=sys.stderr)
         return 2
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     generator = Generator(cfg, params, end_token_ids(tokenizer))

@@ -1,6 +1,6 @@
-"""Per-device memory of a training config on a mesh, before paying for the machines.
+r"""Per-device memory of a training config on a mesh, before paying for the machines.
 
-    python tools/memory_plan.py --config configs/gpt2_alpaca.py --devices 64 \
+    sft-jax-plan --config configs/gpt2_alpaca.py --devices 64 \
         --config.mesh.fsdp=16 --config.mesh.tensor=4
 
 Parameters and optimizer state are exact: shapes from `jax.eval_shape` of the real init,
@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
-flags.DEFINE_integer("devices", 0, "Device count to plan for (default: this host's).")
-flags.DEFINE_bool("compile", False, "Also compile the train step on faked CPU devices.")
-flags.mark_flags_as_required(["config"])
+from sft_jax.cli import absl_args
+
+
+def _define(values: flags.FlagValues, argv: list[str]) -> None:
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                    flag_values=values, sys_argv=argv)  # fmt: skip
+    flags.DEFINE_integer("devices", 0, "Device count to plan for (default: this host's).",
+                         flag_values=values)  # fmt: skip
+    flags.DEFINE_bool("compile", False, "Also compile the train step on faked CPU devices.",
+                      flag_values=values)  # fmt: skip
+    flags.mark_flags_as_required(["config"], flag_values=values)
 
 
 def activation_bytes(cfg, local_rows: int, seq: int, tensor: int) -> int:
@@ -64,7 +71,7 @@ def plan(c, n_devices: int) -> dict:
     if free:
         sizes[free[0]] = n_devices // math.prod(v for v in sizes.values() if v != -1)
     if math.prod(sizes.values()) != n_devices:
-        raise SystemExit(f"memory_plan: mesh {sizes} does not cover {n_devices} devices")
+        raise SystemExit(f"sft-jax-plan: mesh {sizes} does not cover {n_devices} devices")
     try:
         model_cfg = config_lib.model_config(c)
     except ValueError as e:  # init_from on a hub this machine cannot reach: plan the preset
@@ -104,17 +111,44 @@ def plan(c, n_devices: int) -> dict:
     }
 
 
-def main(argv) -> int:
-    del argv
-    if FLAGS.compile and FLAGS.devices:
-        # Before jax is imported: fake the planned number of CPU devices.
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={FLAGS.devices}"
-        os.environ["JAX_PLATFORMS"] = "cpu"
+def _compiled_memory(c, p) -> None:
+    """Compile the real train step on the (faked) devices and print XLA's figures."""
     import jax
     import numpy as np
 
-    c = FLAGS.config
-    p = plan(c, FLAGS.devices or jax.device_count())
+    from sft_jax import sharding, train
+    from sft_jax.model import GPT
+
+    mesh = sharding.make_mesh(**p["mesh"])
+    fns = train.build_steps(GPT(p["model"]), p["tx"], p["schedule"], mesh, c.train.micro_steps)
+    shape = (c.train.batch_size, c.data.max_seq_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dt, sharding=fns.batch_sharding)
+        for k, dt in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
+                      ("segment_ids", np.int32), ("positions", np.int32))
+    }  # fmt: skip
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        fns.abstract_state, fns.state_shardings,
+    )  # fmt: skip
+    with fns.context():
+        mem = fns.train_step.lower(state, batch).compile().memory_analysis()
+    gib = 1024**3
+    print(f"XLA, compiled for {jax.device_count()} CPU devices: temp "
+          f"{mem.temp_size_in_bytes / gib:.3f} GiB, arguments "
+          f"{mem.argument_size_in_bytes / gib:.3f} GiB per device")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    args, _ = absl_args.parse("sft-jax-plan", __doc__, _define, argv)
+    if args.compile and args.devices:
+        # Before jax is imported: fake the planned number of CPU devices.
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    c = args.config
+    p = plan(c, args.devices or jax.device_count())
     model_cfg, sizes = p["model"], p["mesh"]
     gib = 1024**3
     total = sum(p[k] for k in ("params", "optimizer", "gradients", "activations"))
@@ -125,30 +159,10 @@ def main(argv) -> int:
     print(f"  activations     ~{p['activations'] / gib:9.3f} GiB (estimate; {p['local_rows']} rows"
           f" × {c.data.max_seq_len} tokens, remat={model_cfg.remat})")  # fmt: skip
     print(f"  total           ~{total / gib:9.3f} GiB")
-    if FLAGS.compile:
-        from sft_jax import sharding, train
-        from sft_jax.model import GPT
-
-        fns = train.build_steps(
-            GPT(model_cfg), p["tx"], p["schedule"], sharding.make_mesh(**sizes), c.train.micro_steps
-        )
-        shape = (c.train.batch_size, c.data.max_seq_len)
-        batch = {
-            k: jax.ShapeDtypeStruct(shape, dt, sharding=fns.batch_sharding)
-            for k, dt in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
-                          ("segment_ids", np.int32), ("positions", np.int32))
-        }  # fmt: skip
-        state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            fns.abstract_state, fns.state_shardings,
-        )  # fmt: skip
-        with fns.context():
-            mem = fns.train_step.lower(state, batch).compile().memory_analysis()
-        print(f"XLA, compiled for {jax.device_count()} CPU devices: temp "
-              f"{mem.temp_size_in_bytes / gib:.3f} GiB, arguments "
-              f"{mem.argument_size_in_bytes / gib:.3f} GiB per device")  # fmt: skip
+    if args.compile:
+        _compiled_memory(c, p)
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

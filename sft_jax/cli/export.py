@@ -1,6 +1,6 @@
 """Export a training checkpoint to a Hugging Face folder.
 
-    python tools/export_hf.py --workdir DIR [--step N] --out HF_DIR [--dtype bfloat16]
+    sft-jax-export --workdir DIR [--step N] --out HF_DIR [--dtype bfloat16]
 
 The folder holds config.json, generation_config.json, safetensors and the run's tokenizer;
 `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads it. The optimizer state
@@ -10,21 +10,21 @@ is not read.
 import argparse
 import sys
 
-from sft_jax import hf, runs
-
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sft-jax-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the run's --workdir")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--dtype", default=None, help="tensor dtype (default: the run's)")
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     args = parser.parse_args(argv)
+    from sft_jax import hf, runs
+
     try:
         run = runs.load_run(args.workdir, args.step)
     except ValueError as e:
-        print(f"export_hf: {e}", file=sys.stderr)
+        print(f"sft-jax-export: {e}", file=sys.stderr)
         return 2
     hf.save_hf(run.model_cfg, run.params, args.out, tokenizer=run.tokenizer, dtype=args.dtype,
                max_shard_bytes=int(args.max_shard_gb * 1024**3))  # fmt: skip

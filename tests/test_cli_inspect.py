@@ -1,40 +1,42 @@
-"""tools/inspect_data.py through its command line: counts, batches dumped as JSONL (equal to
-training's), the marked terminal view, the HTML page, and errors without a traceback."""
+"""sft_jax/cli/inspect.py through its console script, sft-jax-inspect: counts, batches
+dumped as JSONL (equal to training's), the marked terminal view, the HTML page, and errors
+without a traceback."""
 
 import html.parser
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from configs import tiny
 from sft_jax import config as config_lib
+from sft_jax.cli import inspect
 from sft_jax.data import batch_at, build_splits, load_tokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
+TINY = os.path.join(ROOT, "configs", "tiny.py")
 ROWS = [{"instruction": f"Echo {i}.", "input": "<b>&</b>" * (i % 2), "output": f"Echo {i}!"}
         for i in range(40)]  # fmt: skip
 
 
-def _run(*args):
+def _run(script, *args):
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "inspect_data.py"), *args],
+        [script, *args],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, console_script):
     tmp = tmp_path_factory.mktemp("inspect")
     data = tmp / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     overrides = [f"--config.data.train={data}", f"--config.data.cache_dir={tmp / 'cache'}",
                  "--config.data.validation=0.1"]  # fmt: skip
-    out = _run("--config", os.path.join(ROOT, "configs", "tiny.py"), *overrides,
+    out = _run(console_script("sft-jax-inspect"), "--config", TINY, *overrides,
                "--dump-batches", "2", "--out", str(tmp / "b.jsonl"), "--html",
                str(tmp / "d.html"), "--show", "1", "--no-color")  # fmt: skip
     return out, tmp, overrides
@@ -101,11 +103,16 @@ def test_html_page_marks_trained_tokens(run):
     assert "&lt;b&gt;&amp;&lt;/b&gt;" in page  # Escaped, not markup.
 
 
-def test_bad_data_is_one_clear_line(tmp_path):
+def test_bad_data_is_one_clear_line(tmp_path, console_script):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n" + '{"instruction": "x"}\n', encoding="utf-8")
-    out = _run("--config", os.path.join(ROOT, "configs", "tiny.py"),
+    out = _run(console_script("sft-jax-inspect"), "--config", TINY,
                f"--config.data.train={bad}", "--config.data.cache=False")  # fmt: skip
     assert out.returncode == 1
     assert f"error: data.train='{bad}': {bad}, line 2: field 'output' is missing" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_dump_batches_needs_out(capsys):
+    assert inspect.main(["--config", TINY, "--dump-batches", "1"]) == 1
+    assert "--dump-batches needs --out F.jsonl" in capsys.readouterr().err
