@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.export = ml_collections.ConfigDict()
     # At the end of the run, write a Hugging Face folder here ("" = no; relative = in workdir).
-    # Any checkpoint can also be exported later: python tools/export_hf.py --workdir DIR --out X
+    # Any checkpoint can also be exported later: sft-jax-export --workdir DIR --out X
     c.export.hf_dir = ""
 
     c.mesh = ml_collections.ConfigDict()
