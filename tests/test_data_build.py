@@ -14,6 +14,7 @@ from configs import default as default_config
 from sft_jax import config as config_lib
 from sft_jax.data import (
     DataSpec,
+    FormatTemplate,
     batch_at,
     build,
     build_splits,
@@ -230,7 +231,7 @@ def test_long_prompt_drop_or_cut_from_the_left(tok, tmp_path):
         ({"validation": "0.001"}, "data.validation"),
         ({"validation": "nope.jsonl"}, "data.validation"),
         ({"train": "nope.jsonl"}, "data.train"),
-        ({"template": "format", "template_format": templates.FormatTemplate(assistant="x")},
+        ({"template": "format", "template_format": FormatTemplate(assistant="x")},
          "data.template_format.assistant"),
     ],
 )  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 
 from sft_jax.data import DataSpec, build, build_splits, encode, examples, load_tokenizer, view
 from sft_jax.data.chat_templates import JinjaTemplate
-from sft_jax.data.errors import RowError
+from sft_jax.data.spec import RowError
 
 # Stock templates, verbatim (Meta-Llama-3-8B-Instruct; Qwen2.5-*-Instruct).
 LLAMA3 = (

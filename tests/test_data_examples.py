@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sft_jax.data import DataSpec, FormatTemplate, build, errors, examples, load_tokenizer
-from sft_jax.data.errors import BadRow
+from sft_jax.data import DataSpec, FormatTemplate, build, examples, load_tokenizer
+from sft_jax.data.spec import NAMES, BadRow
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_encode_chunk_statuses_and_flags(tok):
         {"instruction": " ".join(["word"] * 60), "output": "x"},  # Prompt too long.
     ]
     chunk = examples.encode_chunk(rows, enc)
-    names = [errors.NAMES.get(int(s), "kept") for s in chunk.status]
+    names = [NAMES.get(int(s), "kept") for s in chunk.status]
     assert names == ["kept", "malformed_json", "kept", "missing_field", "prompt_too_long"]
     assert chunk.flags.tolist() == [0, 0, examples.RESPONSE_CUT, 0, 0]
     assert chunk.lengths.tolist()[1] == 49 and len(chunk.ids) == chunk.lengths.sum()

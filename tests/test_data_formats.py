@@ -2,8 +2,8 @@
 
 import pytest
 
-from sft_jax.data.errors import RowError
-from sft_jax.data.formats import Fields, Message, detect, to_messages
+from sft_jax.data.formats import Message, detect, to_messages
+from sft_jax.data.spec import Fields, RowError
 
 
 def _roles(msgs):
@@ -73,19 +73,6 @@ def test_field_renames_and_role_aliases():
     assert [m.role for m in to_messages(row, "messages", fields)] == [
         "user", "assistant", "user", "assistant",
     ]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "text,match",
-    [
-        ("instruction", "is not <our name>=<your name>"),
-        ("question=instruction", "unknown field 'question'"),
-        ("role.bot=assistant", "role.system, role.user, role.assistant"),
-    ],
-)
-def test_bad_fields_setting(text, match):
-    with pytest.raises(ValueError, match=r"data\.fields.*" + match):
-        Fields.parse(text)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import datasets
 import pytest
 
 from sft_jax.data import sources, synthetic
-from sft_jax.data.errors import BadRow
+from sft_jax.data.spec import BadRow
 
 ROWS = [
     {"instruction": "a", "input": "x", "output": "b"},

@@ -173,20 +173,6 @@ def test_user_template_with_bos_field(tok):
     )
 
 
-@pytest.mark.parametrize(
-    "change,message",
-    [
-        ({"assistant": "{content} and {content}"}, r"assistant.*exactly once"),
-        ({"assistant": "no content"}, r"assistant.*exactly once"),
-        ({"user": "{question}"}, r"data\.template_format\.user.*unknown field.*question"),
-        ({"system": "{content"}, r"data\.template_format\.system"),
-    ],
-)
-def test_bad_user_template_names_the_key(change, message):
-    with pytest.raises(ValueError, match=message):
-        FormatTemplate(**change).check()
-
-
 def test_eos_trainable_even_when_pad_is_eos(tok):
     tok2 = load_tokenizer("gpt2")
     tok2.pad_token = tok2.eos_token

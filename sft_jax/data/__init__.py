@@ -10,8 +10,7 @@ cached by cache), pipeline (batches), view (what is trained, for people). spec h
 
 from sft_jax.data.build import DataSplits, build_splits
 from sft_jax.data.pipeline import batch_at, eval_batches, num_batches_per_epoch
-from sft_jax.data.spec import DataSpec
-from sft_jax.data.templates import FormatTemplate
+from sft_jax.data.spec import DataSpec, FormatTemplate
 from sft_jax.data.tokenizer import load_tokenizer
 
 __all__ = [

@@ -18,10 +18,20 @@ from collections.abc import Iterator
 import numpy as np
 import transformers
 
-from sft_jax.data import cache, encode, errors, examples, formats, parallel, sources, templates
+from sft_jax.data import cache, encode, examples, formats, parallel, sources, templates
 from sft_jax.data.chat_templates import JinjaTemplate
 from sft_jax.data.packing import PackedRows
-from sft_jax.data.spec import DataSpec, check, validation_fraction
+from sft_jax.data.spec import (
+    BAD_ROW_REASONS,
+    CODES,
+    NAMES,
+    DataSpec,
+    Fields,
+    FormatTemplate,
+    check,
+    hint,
+    validation_fraction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +57,7 @@ class DataSplits:
 
 def resolve_template(
     spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase
-) -> templates.FormatTemplate | JinjaTemplate:
+) -> FormatTemplate | JinjaTemplate:
     special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
     if spec.template in templates.BUILTIN:
         return templates.BUILTIN[spec.template]
@@ -91,7 +101,7 @@ def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> examples.Enco
     )
     return examples.Encoder(
         format=fmt,
-        fields=formats.Fields.parse(spec.fields),
+        fields=Fields.parse(spec.fields),
         template=template,
         tokenizer=tokenizer,
         train_on=spec.train_on,
@@ -111,7 +121,7 @@ def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> examples.Enco
 class Table:
     """Every row of a source: its status, and the examples of the kept ones."""
 
-    status: np.ndarray  # [rows] int8, errors.CODES (0 = kept)
+    status: np.ndarray  # [rows] int8, CODES (0 = kept)
     flags: np.ndarray  # [rows] uint8, examples.RESPONSE_CUT | PROMPT_CUT
     ids: np.ndarray  # [total] int32
     trainable: np.ndarray  # [total] bool
@@ -129,7 +139,7 @@ def _raise_bad_row(src: sources.Source, row: int, reason: str, problem: str, fmt
             "raise data.max_seq_len or set data.too_long=truncate (or drop)"
         )
     raise ValueError(
-        f"{where}: {problem} (data.format={fmt}, reason {reason}). Fix: {errors.hint(reason)}. "
+        f"{where}: {problem} (data.format={fmt}, reason {reason}). Fix: {hint(reason)}. "
         "Or set data.on_bad_row=skip to skip such rows (counted and reported)."
     )
 
@@ -145,7 +155,7 @@ def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> T
             fmt = "alpaca"  # Nothing parseable: the rows fail below with their own messages.
         else:
             try:
-                fmt = formats.detect(sample, formats.Fields.parse(spec.fields))
+                fmt = formats.detect(sample, Fields.parse(spec.fields))
             except ValueError as e:
                 raise ValueError(f"{src.key}={src.text!r}: {e}") from None
     encoder = make_encoder(spec, tokenizer, template, fmt)
@@ -165,10 +175,10 @@ def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> T
     parts: list[examples.Chunk] = []
     problems: dict[int, str] = {}
     offset = 0
-    bad_codes = [errors.CODES[r] for r in errors.BAD_ROW_REASONS]
+    bad_codes = [CODES[r] for r in BAD_ROW_REASONS]
     for chunk in parallel.encode_chunks(chunks(), encoder, workers):
-        for i in np.flatnonzero(np.isin(chunk.status, bad_codes + [errors.CODES["too_long"]])):
-            reason = errors.NAMES[int(chunk.status[i])]
+        for i in np.flatnonzero(np.isin(chunk.status, bad_codes + [CODES["too_long"]])):
+            reason = NAMES[int(chunk.status[i])]
             if (reason == "too_long" and spec.too_long == "error") or (
                 reason != "too_long" and spec.on_bad_row == "error"
             ):
@@ -214,21 +224,21 @@ def _pack_split(
     """Packs the examples of the selected `rows` (a bool mask over the table's rows)."""
     status, flags = table.status[rows], table.flags[rows]
     n_read = int(rows.sum())
-    counts = np.bincount(status, minlength=len(errors.CODES) + 1)
-    dropped = {errors.NAMES[c]: int(counts[c]) for c in np.flatnonzero(counts) if c}
+    counts = np.bincount(status, minlength=len(CODES) + 1)
+    dropped = {NAMES[c]: int(counts[c]) for c in np.flatnonzero(counts) if c}
     n_dropped = sum(dropped.values())
     selected = np.flatnonzero(rows[table.kept_rows])  # Examples of this split.
     problems = [f"{src.where(r)}: {p}" for r, p in sorted(table.problems.items()) if rows[r]][:10]
     if not len(selected):
         raise ValueError(
             f"no {name} examples left of {n_read} rows ({src.key}={src.text!r}); dropped: "
-            f"{dropped}. " + " ".join(f"{r}: {errors.hint(r)}." for r in dropped)
+            f"{dropped}. " + " ".join(f"{r}: {hint(r)}." for r in dropped)
         )
     if n_dropped > spec.max_drop_fraction * n_read:
         raise ValueError(
             f"{n_dropped} of {n_read} {name} rows were dropped ({n_dropped / n_read:.1%}, more "
             f"than data.max_drop_fraction={spec.max_drop_fraction}): {dropped}. "
-            + " ".join(f"{r}: {errors.hint(r)}." for r in dropped)
+            + " ".join(f"{r}: {hint(r)}." for r in dropped)
             + (f" First: {problems[0]}." if problems else "")
             + " Raise data.max_drop_fraction to accept this."
         )

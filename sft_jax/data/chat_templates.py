@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import jinja2
 from transformers.utils import chat_template_utils
 
-from sft_jax.data.errors import RowError
 from sft_jax.data.formats import Message
+from sft_jax.data.spec import RowError
 from sft_jax.data.templates import Rendered
 
 FIXED_DATE = datetime.datetime(2024, 7, 26)

@@ -2,7 +2,7 @@
 
 `encode_chunk` is the unit of work of the build: a pure function of (rows, Encoder), run
 in this process or in worker processes. It never raises for bad data; every row gets a
-status (kept, or a reason from errors.py) so the caller can apply `data.on_bad_row` with
+status (kept, or a reason from spec.py) so the caller can apply `data.on_bad_row` with
 the row's file and line in hand.
 
 Length policy, per example of n + 1 ids (n positions) against limit = max_seq_len + 1:
@@ -24,12 +24,11 @@ import re
 import numpy as np
 import transformers
 
-from sft_jax.data import encode, errors, formats, templates
+from sft_jax.data import encode, formats, templates
 from sft_jax.data.chat_templates import JinjaTemplate
+from sft_jax.data.spec import CODES, BadRow, Fields, FormatTemplate, RowError
 
 RESPONSE_CUT, PROMPT_CUT, NO_END_TOKEN = 1, 2, 4  # Bits of a row's flags.
-TOO_LONG = ("truncate", "drop", "error")
-LONG_PROMPT = ("drop", "truncate_left")
 _KEEP_PROBLEMS = 3  # Messages kept per reason per chunk (the first one is what errors show).
 
 
@@ -38,8 +37,8 @@ class Encoder:
     """Everything that turns a raw row into an example; pickles to worker processes."""
 
     format: str  # Resolved: never "auto".
-    fields: formats.Fields
-    template: templates.FormatTemplate | JinjaTemplate
+    fields: Fields
+    template: FormatTemplate | JinjaTemplate
     tokenizer: transformers.PreTrainedTokenizerBase
     train_on: str = "response"
     assistant_turns: str = "all"
@@ -71,7 +70,7 @@ class Encoder:
         for m in messages:
             for text, field in ((m.content, m.field), (m.input, self.fields.col("input"))):
                 if match := self.special.search(text):
-                    raise errors.RowError(
+                    raise RowError(
                         "special_token_text", f"holds the special token text {match[0]!r}", field
                     )
 
@@ -86,7 +85,7 @@ class Encoder:
 class Chunk:
     """The outcome of a chunk of rows, in compact arrays (cheap to send between processes)."""
 
-    status: np.ndarray  # [rows] int8: 0 kept, else errors.CODES[reason]
+    status: np.ndarray  # [rows] int8: 0 kept, else CODES[reason]
     flags: np.ndarray  # [rows] uint8: RESPONSE_CUT | PROMPT_CUT
     lengths: np.ndarray  # [kept] int64: ids per kept example
     ids: np.ndarray  # [sum(lengths)] int32
@@ -131,14 +130,14 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
     seen: dict[str, int] = {}
 
     def drop(i: int, reason: str, problem: str) -> None:
-        status[i] = errors.CODES[reason]
+        status[i] = CODES[reason]
         if seen.get(reason, 0) < _KEEP_PROBLEMS:
             problems[i] = problem
             seen[reason] = seen.get(reason, 0) + 1
 
     rendered, where = [], []
     for i, row in enumerate(rows):
-        if isinstance(row, errors.BadRow):
+        if isinstance(row, BadRow):
             drop(i, row.reason, row.problem)
             continue
         try:
@@ -147,7 +146,7 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
             where.append(i)
             if enc.ends_unmarked(r):
                 flags[i] |= NO_END_TOKEN
-        except errors.RowError as e:
+        except RowError as e:
             drop(i, e.reason, str(e))
     kept_ids, kept_tr, lengths = [], [], []
     if rendered:

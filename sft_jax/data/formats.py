@@ -8,8 +8,9 @@ Formats (config key `data.format`):
     sharegpt           conversations: [{from: system|human|gpt, value}, ...], multi-turn
     auto               decided from the first row's fields
 
-`data.fields` renames fields for data sets that name them differently, and adds role
-names: "instruction=question,output=answer" or "messages=dialog,role.assistant=bot".
+`data.fields` (parsed into `spec.Fields`) renames fields for data sets that name them
+differently, and adds role names: "instruction=question,output=answer" or
+"messages=dialog,role.assistant=bot".
 Every check raises `RowError` naming the field as the user's data names it.
 """
 
@@ -19,15 +20,9 @@ import dataclasses
 import difflib
 from collections.abc import Mapping
 
-from sft_jax.data.errors import RowError
+from sft_jax.data.spec import Fields, RowError
 
-FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "sharegpt")
-ROLES = ("system", "user", "assistant")
-# Our field names; data.fields maps any of them to the user's.
-FIELD_NAMES = (
-    "instruction", "input", "output", "system", "prompt", "completion",
-    "messages", "role", "content", "conversations", "from", "value",
-)  # fmt: skip
+NO_RENAMES = Fields()  # data.fields=""
 _DEFAULT_ROLES = {
     "messages": {"system": "system", "user": "user", "assistant": "assistant"},
     "sharegpt": {"system": "system", "human": "user", "gpt": "assistant"},
@@ -44,44 +39,6 @@ class Message:
     def text(self) -> str:
         """The content with an Alpaca input appended, for templates without an input slot."""
         return f"{self.content}\n\n{self.input}" if self.input else self.content
-
-
-@dataclasses.dataclass(frozen=True)
-class Fields:
-    """`data.fields` parsed: our field name -> the data's, and extra role names."""
-
-    names: tuple[tuple[str, str], ...] = ()
-    roles: tuple[tuple[str, str], ...] = ()  # (their role name, ours)
-
-    @classmethod
-    def parse(cls, text: str) -> Fields:
-        names, roles = {}, {}
-        for item in filter(None, (s.strip() for s in text.split(","))):
-            ours, eq, theirs = (s.strip() for s in item.partition("="))
-            if not eq or not ours or not theirs:
-                raise ValueError(
-                    f"data.fields={text!r}: {item!r} is not <our name>=<your name>, e.g. "
-                    "data.fields=instruction=question,output=answer"
-                )
-            if ours.startswith("role."):
-                if ours[5:] not in ROLES:
-                    raise ValueError(
-                        f"data.fields={text!r}: {ours!r} is not one of role.system, "
-                        "role.user, role.assistant"
-                    )
-                for alias in theirs.split("|"):
-                    roles[alias] = ours[5:]
-            elif ours in FIELD_NAMES:
-                names[ours] = theirs
-            else:
-                raise ValueError(
-                    f"data.fields={text!r}: unknown field {ours!r}; valid: "
-                    f"{', '.join(FIELD_NAMES)}, role.<system|user|assistant>"
-                )
-        return cls(tuple(sorted(names.items())), tuple(sorted(roles.items())))
-
-    def col(self, ours: str) -> str:
-        return dict(self.names).get(ours, ours)
 
 
 def detect(row: Mapping, fields: Fields) -> str:
@@ -211,7 +168,7 @@ def _prompt_completion(row: Mapping, fields: Fields) -> list[Message]:
     ]
 
 
-def to_messages(row, fmt: str, fields: Fields = Fields()) -> list[Message]:
+def to_messages(row, fmt: str, fields: Fields = NO_RENAMES) -> list[Message]:
     """One raw row (a dict) of format `fmt` -> its conversation; raises RowError."""
     if not isinstance(row, Mapping):
         raise RowError("not_an_object", f"is a {type(row).__name__}, not an object with fields")

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import datasets
 
 from sft_jax.data import synthetic
-from sft_jax.data.errors import BadRow
+from sft_jax.data.spec import BadRow
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?(@\S+)?$")

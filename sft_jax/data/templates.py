@@ -15,10 +15,10 @@ Jinja files live in chat_templates.py.
 from __future__ import annotations
 
 import dataclasses
-import string
 from collections.abc import Sequence
 
 from sft_jax.data.formats import Message
+from sft_jax.data.spec import FormatTemplate
 
 # The Stanford Alpaca prompts, byte for byte (github.com/tatsu-lab/stanford_alpaca).
 ALPACA_PREAMBLE_INPUT = (
@@ -30,9 +30,6 @@ ALPACA_PREAMBLE = (
     "completes the request."
 )
 
-TRAIN_ON = ("response", "all")
-ASSISTANT_TURNS = ("all", "last")
-
 
 @dataclasses.dataclass(frozen=True)
 class Rendered:
@@ -40,42 +37,6 @@ class Rendered:
 
     text: str
     spans: tuple[tuple[int, int], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class FormatTemplate:
-    """A prompt format as format strings. Turns are concatenated; `separator` goes after an
-    assistant turn that another turn follows. Trailing whitespace after the last trained
-    span is dropped (it would be a token that trains nothing)."""
-
-    system: str = "{content}\n\n"
-    user: str = "{content}\n\n"
-    user_with_input: str = ""  # For a user turn with an Alpaca input; "" = content + input.
-    assistant: str = "{content}{eos}"  # Exactly one {content}; from there to the end trains.
-    separator: str = ""
-    default_system: str = ""  # Used when the conversation has no system message.
-    default_system_with_input: str = ""  # …and its first user turn has an Alpaca input.
-
-    def check(self, key: str = "data.template_format") -> None:
-        """Raises ValueError naming the config key if a format string is unusable."""
-        allowed = {"content", "input", "eos", "bos"}
-        for name in ("system", "user", "user_with_input", "assistant", "separator",
-                     "default_system", "default_system_with_input"):  # fmt: skip
-            text = getattr(self, name)
-            try:
-                used = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
-            except ValueError as e:
-                raise ValueError(
-                    f"{key}.{name}={text!r}: {e} (literal braces: {{{{ }}}})"
-                ) from None
-            bad = set(used) - allowed
-            if bad:
-                raise ValueError(
-                    f"{key}.{name}={text!r}: unknown field(s) {sorted(bad)}; use {{content}}, "
-                    "{input}, {eos}, {bos} (literal braces as {{ }})"
-                )
-            if name == "assistant" and used.count("content") != 1:
-                raise ValueError(f"{key}.assistant={text!r} must contain {{content}} exactly once")
 
 
 ALPACA = FormatTemplate(
