@@ -51,12 +51,77 @@ def model_config(c: ml_collections.ConfigDict) -> GPTConfig:
     return GPTConfig.preset(m.preset, **numerics)
 
 
-def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
-    fields = {f.name for f in dataclasses.fields(OptimConfig)}
-    unknown = set(c.optim.keys()) - fields
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`config.train`: the run's length, batch and logging (see configs/default.py)."""
+
+    steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 8
+    micro_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batch_size: int = 0  # 0 = batch_size
+    peak_flops: float = 0.0
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """`config.checkpoint`: when to save and how many to keep."""
+
+    save_every: int = 500
+    save_every_seconds: float = 0.0
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`config.eval`: held-out generations before and after, and the optional judge."""
+
+    generations: int = 0
+    max_new_tokens: int = 64
+    judge_url: str = ""
+    judge_model: str = ""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """`config.export`: what the run writes after its last checkpoint."""
+
+    hf_dir: str = ""
+
+
+def _section(c: ml_collections.ConfigDict, name: str, cls: type):
+    """`c.<name>` as the frozen dataclass `cls`; an unknown key is named with the valid ones."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = c[name].to_dict() if name in c else {}
+    unknown = set(given) - fields
     if unknown:
-        raise ValueError(f"config: unknown optim keys {sorted(unknown)}; valid: {sorted(fields)}")
-    return OptimConfig(**c.optim.to_dict())
+        raise ValueError(f"config: unknown {name} keys {sorted(unknown)}; valid: {sorted(fields)}")
+    return cls(**given)
+
+
+def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
+    return _section(c, "optim", OptimConfig)
+
+
+def train_config(c: ml_collections.ConfigDict) -> TrainConfig:
+    return _section(c, "train", TrainConfig)
+
+
+def checkpoint_config(c: ml_collections.ConfigDict) -> CheckpointConfig:
+    return _section(c, "checkpoint", CheckpointConfig)
+
+
+def eval_config(c: ml_collections.ConfigDict) -> EvalConfig:
+    return _section(c, "eval", EvalConfig)
+
+
+def export_config(c: ml_collections.ConfigDict) -> ExportConfig:
+    return _section(c, "export", ExportConfig)
 
 
 def data_spec(c: ml_collections.ConfigDict) -> DataSpec:
@@ -94,10 +159,22 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
             f"config: data.max_seq_len={c.data.max_seq_len} exceeds the {model_cfg.max_seq_len} "
             f"positions of model.preset={c.model.preset!r}; lower data.max_seq_len"
         )
-    if c.train.steps <= 0 and c.train.epochs <= 0:
+    t = train_config(c)
+    if t.steps <= 0 and t.epochs <= 0:
         raise ValueError("config: set train.steps > 0 or train.epochs > 0")
-    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
-    b, k = c.train.batch_size, c.train.micro_steps
+    _check_batch_sizes(t, mesh_shape["data"] * mesh_shape["fsdp"])
+    judge.from_config(eval_config(c), {})  # its keys, before any data or weights load
+    kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype)  # e.g. cuDNN needs bf16
+    for key in ("log_every", "eval_every"):
+        if getattr(t, key) < 0:
+            raise ValueError(f"config: train.{key} must be >= 0")
+    if t.log_every == 0:
+        raise ValueError("config: train.log_every must be >= 1")
+
+
+def _check_batch_sizes(t: TrainConfig, batch_shards: int) -> None:
+    """Every micro-batch and evaluation batch must divide over the batch axes of the mesh."""
+    b, k = t.batch_size, t.micro_steps
     if k < 1 or b % k:
         raise ValueError(
             f"config: train.batch_size={b} is not divisible by train.micro_steps={k}; "
@@ -109,25 +186,20 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
             f"must divide over mesh.data × mesh.fsdp = {batch_shards} devices; use a "
             f"train.batch_size that is a multiple of {batch_shards * k}"
         )
-    eval_b = c.train.eval_batch_size or b
+    eval_b = t.eval_batch_size or b
     if eval_b % batch_shards:
         raise ValueError(
             f"config: train.eval_batch_size={eval_b} must be a multiple of "
             f"mesh.data × mesh.fsdp = {batch_shards}"
         )
-    judge.from_config(c.eval, {})  # its keys, before any data or weights load
-    kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype)  # e.g. cuDNN needs bf16
-    for key in ("log_every", "eval_every"):
-        if c.train[key] < 0:
-            raise ValueError(f"config: train.{key} must be >= 0")
-    if c.train.log_every == 0:
-        raise ValueError("config: train.log_every must be >= 1")
 
 
 def total_steps(c: ml_collections.ConfigDict, batches_per_epoch: int) -> int:
-    if c.train.steps > 0:
-        return int(c.train.steps)
-    return max(1, math.ceil(c.train.epochs * batches_per_epoch))
+    """train.steps if set, else train.epochs passes over the packed training rows."""
+    t = train_config(c)
+    if t.steps > 0:
+        return int(t.steps)
+    return max(1, math.ceil(t.epochs * batches_per_epoch))
 
 
 def to_json(c: ml_collections.ConfigDict) -> dict:

@@ -1,5 +1,6 @@
-"""What the fine-tuning changed: responses to held-out prompts before and after, scored
-where answers are checkable, a side-by-side Markdown report, and the loss curve as a PNG.
+"""What the fine-tuning changed: validation loss, responses to held-out prompts before and
+after, scored where answers are checkable, a side-by-side Markdown report, and the loss
+curve as a PNG. `Evaluation` owns all of it for one run.
 """
 
 from __future__ import annotations
@@ -8,8 +9,106 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
+import jax
+import numpy as np
+from absl import logging
+
 from sft_jax import judge as judge_lib
-from sft_jax.generate import Generator, Sampling
+from sft_jax.generate import Generator, Sampling, end_token_ids
+
+
+class Evaluation:
+    """The run's evaluations: validation loss over the held-out rows, and generations for
+    held-out prompts before and after training with the report that compares them.
+
+    `eval_fn(params, local_batch)` gives `{loss_sum, loss_tokens}` summed over the global
+    batch of which `local_batch` is this process's part.
+    """
+
+    def __init__(self, workdir: str, eval_cfg, seed: int, spec, tokenizer, model_cfg,
+                 validation_rows, eval_fn: Callable, batch_size: int):  # fmt: skip
+        self.workdir = workdir
+        self.validation_rows = validation_rows
+        self._cfg, self._seed = eval_cfg, seed
+        self._tokenizer, self._model_cfg = tokenizer, model_cfg
+        self._eval_fn, self._batch_size = eval_fn, batch_size
+        self._judge = judge_lib.from_config(eval_cfg, os.environ)
+        self._prompts: list[tuple[list[int], str, str]] = []
+        # Generation prompts are host-local rows: single-process runs only.
+        if eval_cfg.generations > 0 and jax.process_count() == 1:
+            rows = held_out_rows(spec, eval_cfg.generations)
+            self._prompts = prompts_and_references(rows, spec, tokenizer)
+        self._before: list[dict] | None = None
+
+    def validation_loss(self, params) -> dict[str, float]:
+        """Token-weighted validation loss over every held-out row once ({} without any)."""
+        if self.validation_rows is None:
+            return {}
+        from sft_jax import data as data_lib
+
+        loss_sum = count = 0.0
+        pid, pcount = jax.process_index(), jax.process_count()
+        for local in data_lib.eval_batches(self.validation_rows, self._batch_size, pid, pcount):
+            out = self._eval_fn(params, local)
+            loss_sum += float(out["loss_sum"])
+            count += float(out["loss_tokens"])
+        loss = loss_sum / max(count, 1.0)
+        return {
+            "eval_loss": loss,
+            "eval_perplexity": float(np.exp(min(loss, 50.0))),
+            "eval_loss_tokens": count,
+        }
+
+    def generations_before(self, params) -> None:
+        """Answer the held-out prompts with the starting weights (kept for the report)."""
+        if self._prompts:
+            self._before = self._generate(params, "before")
+
+    def finish(self, params) -> None:
+        """After training: the same prompts again, the before/after report, the loss curve."""
+        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        if self._prompts:
+            after = self._generate(params, "after")
+            before = self._before or self._saved_before()
+            if before is not None:
+                report = report_markdown(before, after, *_first_and_last_eval_loss(metrics_path))
+                with open(os.path.join(self.workdir, "report.md"), "w", encoding="utf-8") as f:
+                    f.write(report)
+                print(report.split("\n\n| prompt")[0])  # the figures; the rest is in the file
+        if jax.process_index() == 0 and os.path.exists(metrics_path):
+            plot_loss_curve(metrics_path, os.path.join(self.workdir, "loss_curve.png"))
+
+    def _generate(self, params, name: str) -> list[dict]:
+        generator = Generator(self._model_cfg, params, end_token_ids(self._tokenizer))
+        sampling = Sampling(max_new_tokens=self._cfg.max_new_tokens, seed=self._seed)
+        ids = [ids for ids, _, _ in self._prompts]
+        responses = respond(generator, self._tokenizer, ids, sampling)
+        records = generation_records(
+            [request for _, request, _ in self._prompts],
+            [reference for _, _, reference in self._prompts],
+            responses,
+        )
+        if self._judge is not None:
+            self._judge.score_records(records)
+        write_jsonl(os.path.join(self.workdir, f"generations_{name}.jsonl"), records)
+        logging.info("generations %s training: %s", name, summarize(records))
+        return records
+
+    def _saved_before(self) -> list[dict] | None:
+        """A resumed run answered the prompts "before" in an earlier process: read its file."""
+        path = os.path.join(self.workdir, "generations_before.jsonl")
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+
+def _first_and_last_eval_loss(metrics_path: str) -> tuple[float | None, float | None]:
+    if not os.path.exists(metrics_path):
+        return None, None
+    with open(metrics_path, encoding="utf-8") as f:
+        losses = [r["eval_loss"] for r in map(json.loads, f) if "eval_loss" in r]
+    return (losses[0], losses[-1]) if losses else (None, None)
 
 
 def respond(

@@ -1,14 +1,17 @@
-"""Run metrics: `metrics.jsonl`, TensorBoard events, a progress bar, and MFU.
+"""Run metrics: the window of steps behind each record (loss, throughput, MFU), and
+`metrics.jsonl`, TensorBoard events and a progress bar to write it to.
 
 Only process 0 writes; the others get a logger that does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,6 +64,98 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
         # Faked CPU devices share the same cores: divide the measured peak between them.
         return measure_matmul_flops() / jax.local_device_count(), "measured float32 matmul"
     return 0.0, f"unknown device kind {kind!r}: set train.peak_flops"
+
+
+class MetricsWindow:
+    """The train steps since the last record, turned into one record.
+
+    Device metrics are read one step late: `add(step, …)` is called right after step i+1 is
+    dispatched and reads step i, so the host never waits for the step it just queued. The
+    first step a process runs compiles: it is read at once, timed apart (`compile_s` in the
+    next record) and left out of the throughput, though its loss counts. Time spent in
+    `paused()` (evaluation, saving) is not training time.
+    """
+
+    def __init__(
+        self,
+        flops_per_row: Callable[[int], float],
+        batch_size: int,
+        peak_flops_total: float,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self._flops_per_row = flops_per_row  # FLOPs of one row of the given width
+        self._batch_size = batch_size
+        self._peak = peak_flops_total
+        self._clock = clock
+        self._pending: tuple[int, Any, int] | None = None  # step, device metrics, width
+        self._steps: list[dict] = []  # host copies, each with its batch width
+        self._untimed = 0  # leading steps outside the timing (the compiling one)
+        self._compile_s: float | None = None
+        self._compiled = False
+        self._start = clock()
+        self._paused_s = 0.0
+
+    def add(self, step: int, device_metrics: dict, width: int) -> None:
+        """Step `step` (1-based count of steps done) was dispatched with batch width `width`."""
+        self.read()
+        self._pending = (step, device_metrics, width)
+        if not self._compiled:
+            self.read()
+            self._compiled = True
+            self._compile_s = self._clock() - self._start
+            logging.info("first step (compile included) took %.1f s", self._compile_s)
+            self._start, self._paused_s, self._untimed = self._clock(), 0.0, 1
+
+    def read(self) -> None:
+        """Wait for the pending step's metrics; stop on a non-finite loss or gradient (the
+        step left the state untouched, so what was saved before it is good)."""
+        if self._pending is None:
+            return
+        step, device_metrics, width = self._pending
+        self._pending = None
+        host = jax.device_get(device_metrics)
+        if not bool(host["finite"]):
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step} (loss={float(host['loss'])}, "
+                f"grad_norm={float(host['grad_norm'])}): the update was not applied and "
+                "nothing was saved. Lower optim.learning_rate or check the data."
+            )
+        self._steps.append(host | {"width": width})
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave what runs inside out of the training time."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._paused_s += self._clock() - start
+
+    def record(self) -> dict[str, float]:
+        """The record of every step since the last one, then start a new window: loss
+        token-weighted over all of them; throughput and MFU over the timed ones."""
+        self.read()
+        window = self._steps
+        elapsed = max(self._clock() - self._start - self._paused_s, 1e-9)
+        loss_tokens = sum(float(m["loss_tokens"]) for m in window)
+        loss_sum = sum(float(m["loss"]) * float(m["loss_tokens"]) for m in window)
+        timed = window[self._untimed :] or window
+        flops = sum(self._flops_per_row(m["width"]) * self._batch_size for m in timed)
+        record = {
+            "loss": loss_sum / max(loss_tokens, 1.0),
+            "learning_rate": float(window[-1]["learning_rate"]),
+            "grad_norm": float(window[-1]["grad_norm"]),
+            "tokens": sum(float(m["tokens"]) for m in window),
+            "loss_tokens": loss_tokens,
+            "tokens_per_sec": sum(float(m["tokens"]) for m in timed) / elapsed,
+            "step_time_s": elapsed / len(timed),
+            "mfu": flops / elapsed / self._peak if self._peak else 0.0,
+        }
+        if self._compile_s is not None:
+            record["compile_s"] = self._compile_s
+        self._steps, self._untimed, self._compile_s = [], 0, None
+        self._start, self._paused_s = self._clock(), 0.0
+        return record
 
 
 class MetricsLogger:

@@ -1,18 +1,23 @@
-"""Stop cleanly when asked: SIGTERM (what TPU VMs and most schedulers send before
-preemption), Ctrl-C, or JAX's multi-host preemption sync point.
+"""When to save and when to stop: `SavePolicy` (every N steps, every N seconds, the last
+step, preemption) over `StopSignal` (SIGTERM — what TPU VMs and most schedulers send
+before preemption —, Ctrl-C, or JAX's multi-host preemption sync point).
 
-The train loop asks `stop_requested(step)` after each step; when it says yes, the loop
-saves a checkpoint of that step and returns. Several processes must all stop at the same
-step, so with more than one process the decision comes from JAX's coordination service
-(`reached_preemption_sync_point`), which sees the signal on any host.
+The train loop asks the policy after each step; on a stop request the loop saves a
+checkpoint of that step and returns. Several processes must all save and stop at the same
+step, so with more than one process every decision comes from values all hosts share:
+the step count, JAX's coordination service (`reached_preemption_sync_point`, which sees a
+signal on any host), and process 0's clock, broadcast.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
+from collections.abc import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -62,3 +67,54 @@ class StopSignal:
             flag = jax.numpy.asarray(1 if self.received is not None else 0)
             return bool(multihost_utils.process_allgather(flag).max())
         return self.received is not None
+
+
+def due(every: int, step: int, last_step: int) -> bool:
+    """Periodic work at `step` (a count of steps done): every `every` steps (0 = never) and
+    always at the last step."""
+    return step == last_step or (every > 0 and step % every == 0)
+
+
+class SavePolicy:
+    """Whether to save after a step, and whether the run must stop there."""
+
+    def __init__(
+        self,
+        every_steps: int,
+        every_seconds: float,
+        last_step: int,
+        stop: StopSignal,
+        clock: Callable[[], float] = time.monotonic,
+        agree_every: int = 10,
+    ):
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.last_step = last_step
+        self._stop = stop
+        self._clock = clock
+        self._agree_every = agree_every  # steps between broadcasts of process 0's clock
+        self._last_save = clock()
+
+    def decide(self, step: int) -> tuple[bool, bool]:
+        """(save now, stop now) after `step` steps, the same on every process."""
+        stop = self._stop.stop_requested(step)
+        save = stop or due(self.every_steps, step, self.last_step) or self._time_due(step)
+        return save, stop
+
+    def saved(self) -> None:
+        """A save started now: the seconds count again from here."""
+        self._last_save = self._clock()
+
+    def _time_due(self, step: int) -> bool:
+        if self.every_seconds <= 0:
+            return False
+        local = self._clock() - self._last_save >= self.every_seconds
+        if jax.process_count() == 1:
+            return local
+        # Hosts' clocks differ: process 0 decides, on steps every host checks (a collective,
+        # so not every step).
+        if step % self._agree_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(local)))

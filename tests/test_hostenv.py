@@ -48,12 +48,15 @@ def test_reexec_runs_the_same_command_line_with_the_tunable(tmp_path):
         "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run(
+    run = subprocess.run(
         [sys.executable, str(script), "--a", "b c"],
         capture_output=True, text=True, env=env, check=True,
-    ).stdout.splitlines()  # fmt: skip
+    )  # fmt: skip
     # Two starts: the original process, then the re-executed one; the second one stays.
-    assert out == ["start", "start", f"{hostenv.TUNABLE} ['--a', 'b c']"]
+    assert run.stdout.splitlines() == ["start", "start", f"{hostenv.TUNABLE} ['--a', 'b c']"]
+    # One line says why the process started twice, and how to turn it off.
+    said = [line for line in run.stderr.splitlines() if "re-executing" in line]
+    assert len(said) == 1 and hostenv.TUNABLE in said[0] and hostenv.OPT_OUT in said[0]
 
 
 def test_xla_defaults_added_unless_named():

@@ -1,0 +1,86 @@
+"""The metrics window alone: one-step-late reads, compile timing apart, the token-weighted
+loss over the window, throughput and MFU over the timed steps, paused time left out."""
+
+import numpy as np
+import pytest
+
+from sft_jax import metrics
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _step(loss, loss_tokens, tokens=64.0, finite=True, lr=1e-3, grad_norm=0.5):
+    f = np.float32
+    return {
+        "loss": f(loss),
+        "loss_tokens": f(loss_tokens),
+        "tokens": f(tokens),
+        "finite": np.bool_(finite),
+        "learning_rate": f(lr),
+        "grad_norm": f(grad_norm),
+    }
+
+
+def _window(clock, peak=1000.0):
+    # 10 FLOPs per position: a row of width w costs 10·w.
+    return metrics.MetricsWindow(
+        lambda w: 10.0 * w, batch_size=2, peak_flops_total=peak, clock=clock
+    )
+
+
+def test_loss_is_token_weighted_and_compile_is_timed_apart():
+    clock = Clock()
+    w = _window(clock)
+    clock.now += 7.0  # the first step compiles
+    w.add(1, _step(4.0, 10), width=8)
+    clock.now += 1.0
+    w.add(2, _step(2.0, 30), width=8)
+    clock.now += 1.0
+    w.add(3, _step(1.0, 60), width=16)
+    r = w.record()
+    assert r["compile_s"] == pytest.approx(7.0)
+    # Σ loss·n / Σ n over all three steps, the compiling one included; never a mean of means.
+    assert r["loss"] == pytest.approx((4 * 10 + 2 * 30 + 1 * 60) / 100)
+    assert r["loss_tokens"] == 100 and r["tokens"] == 3 * 64
+    # Timing: the two steps after the compiling one, in the 2 s they took.
+    assert r["tokens_per_sec"] == pytest.approx(2 * 64 / 2.0)
+    assert r["step_time_s"] == pytest.approx(1.0)
+    assert r["mfu"] == pytest.approx((10 * 8 * 2 + 10 * 16 * 2) / 2.0 / 1000.0)
+    assert r["learning_rate"] == pytest.approx(1e-3) and r["grad_norm"] == pytest.approx(0.5)
+
+    # The next window starts afresh: no compile_s, every step timed, paused time left out.
+    w.add(4, _step(3.0, 10), width=8)
+    clock.now += 2.0
+    with w.paused():  # e.g. a validation pass
+        clock.now += 50.0
+    w.add(5, _step(3.0, 10), width=8)
+    r = w.record()
+    assert "compile_s" not in r
+    assert r["loss"] == pytest.approx(3.0) and r["tokens"] == 128
+    assert r["step_time_s"] == pytest.approx(1.0)  # 2 s for 2 steps, not 52 s
+
+
+def test_steps_are_read_one_step_late_and_a_non_finite_one_stops():
+    clock = Clock()
+    w = _window(clock)
+    w.add(1, _step(1.0, 1), width=8)
+    w.add(2, _step(float("nan"), 1, finite=False), width=8)  # queued, not yet read
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 2"):
+        w.add(3, _step(1.0, 1), width=8)  # reading step 2 while step 3 runs
+    w = _window(clock)
+    w.add(1, _step(1.0, 1), width=8)
+    w.add(2, _step(float("inf"), 1, finite=False), width=8)
+    with pytest.raises(FloatingPointError, match="optim.learning_rate"):
+        w.read()  # before logging or saving, the pending step is read and checked
+
+
+def test_no_peak_means_no_mfu():
+    w = _window(Clock(), peak=0.0)
+    w.add(1, _step(1.0, 1), width=8)
+    assert w.record()["mfu"] == 0.0
