@@ -36,10 +36,10 @@ PEAK_FLOPS_BF16 = {
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5, seconds: float = 0.0) -> float:
-    """FLOP/s of a float32 n×n matmul on the default device: the CPU's practical peak.
-    The best of at least `repeats` runs, repeated until `seconds` have passed: on a shared
-    machine a few runs can all land in a slow moment, and the best of more is closer to
-    what the cores can do (a higher peak, so a lower MFU, never a flattering one)."""
+    """FLOP/s of a float32 n×n matmul on the default device: the best of at least `repeats`
+    runs, repeated until `seconds` have passed. On a shared machine a few runs can all land
+    in a slow moment; the best of more is closer to what the cores can do (a higher peak, so
+    a lower MFU, never a flattering one)."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -52,6 +52,20 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, seconds: float = 0.0) 
     return 2 * n**3 / best
 
 
+CPU_PEAK_SIZES = (1024, 2048)
+CPU_PEAK_SECONDS = 0.5  # per size
+CPU_PEAK_SOURCE = (
+    f"measured float32 matmul, best of n={', '.join(map(str, CPU_PEAK_SIZES))} "
+    f"over {CPU_PEAK_SECONDS:g} s each"
+)
+
+
+def cpu_peak_flops() -> float:
+    """This host's practical float32 peak (all cores): the one CPU measurement behind every
+    MFU the project reports, in metrics.jsonl and in tools/benchmark.py alike."""
+    return max(measure_matmul_flops(n, seconds=CPU_PEAK_SECONDS) for n in CPU_PEAK_SIZES)
+
+
 def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure came from)."""
     if configured > 0:
@@ -62,7 +76,7 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
             return flops, f"{kind} bf16 data sheet"
     if jax.default_backend() == "cpu":
         # Faked CPU devices share the same cores: divide the measured peak between them.
-        return measure_matmul_flops() / jax.local_device_count(), "measured float32 matmul"
+        return cpu_peak_flops() / jax.local_device_count(), CPU_PEAK_SOURCE
     return 0.0, f"unknown device kind {kind!r}: set train.peak_flops"
 
 

@@ -84,3 +84,19 @@ def test_no_peak_means_no_mfu():
     w = _window(Clock(), peak=0.0)
     w.add(1, _step(1.0, 1), width=8)
     assert w.record()["mfu"] == 0.0
+
+
+def test_training_and_the_benchmark_share_one_peak_measurement(monkeypatch):
+    import jax
+
+    from tools import benchmark
+
+    calls = []
+    monkeypatch.setattr(metrics, "cpu_peak_flops", lambda: calls.append(1) or 8e11)
+    per_device, source = metrics.peak_flops_per_device()
+    total, bench_source = benchmark.peak_flops(0.0)
+    assert len(calls) == 2  # both asked the same function
+    assert per_device == pytest.approx(8e11 / jax.local_device_count())
+    assert total == pytest.approx(8e11) and metrics.CPU_PEAK_SOURCE in bench_source
+    assert source == metrics.CPU_PEAK_SOURCE
+    assert metrics.peak_flops_per_device(5e12) == (5e12, "config train.peak_flops")

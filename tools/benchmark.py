@@ -9,7 +9,7 @@ What runs: the config's real jitted train step (`train.build_steps`, state donat
 over every device JAX sees). The first step is timed on its own (`compile_s`: time to the
 first step, compile included), `--warmup` more steps run untimed, then `--steps` steps are
 timed one by one, each waited for, each on its own batch. The last printed line is one JSON
-object: `tokens_per_sec, step_time_s, mfu, peak_rss_mb, compile_s` and more (DESIGN.md).
+object: `tokens_per_sec, step_time_s, mfu, peak_rss_mb, compile_s` and more (docs/design.md).
 
 Batches (`--batches`):
 - `data` (default): real rows of the config's data (`data.train`), tokenized with its
@@ -21,8 +21,10 @@ Figures:
   `useful_tokens_per_sec` counts the real (non-pad) tokens, `loss_tokens_per_sec` those in
   the loss;
 - `mfu`: `GPTConfig.flops_per_token` (6 × matmul weights + causal attention) × tokens/s over
-  the peak: on CPU the best of float32 matmuls measured here (printed with the result), on
-  TPU/GPU the data-sheet bf16 peak of the device kind (`train.peak_flops` overrides);
+  the peak: the one measurement training's MFU uses too (`metrics.peak_flops_per_device`):
+  on CPU the best of float32 matmuls (`metrics.cpu_peak_flops`), taken before and again
+  after the timed steps, the higher counting; on TPU/GPU the data-sheet bf16 peak of the
+  device kind (`train.peak_flops` overrides);
 - `peak_rss_mb`: this process's peak resident memory; `peak_device_mb`: the largest
   per-device peak on accelerators (null on CPU).
 
@@ -80,28 +82,13 @@ flags.mark_flags_as_required(["config"])
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
-PEAK_SECONDS = 1.0  # per matmul size, each time the CPU peak is measured
-CPU_PEAK_SOURCE = (
-    f"measured float32 matmul, best of n=1024, 2048 over {PEAK_SECONDS:g} s each, "
-    "before and after the timed steps"
-)
-
-
-def cpu_peak_flops() -> float:
-    """The best float32 matmul rate of this host (all cores): max over a few sizes."""
-    from sft_jax import metrics
-
-    return max(metrics.measure_matmul_flops(n, seconds=PEAK_SECONDS) for n in (1024, 2048))
-
-
 def peak_flops(configured: float) -> tuple[float, str]:
-    """(peak FLOP/s of all devices together, where the figure came from)."""
+    """(peak FLOP/s of all devices together, where the figure came from): the same
+    measurement as training's MFU (`metrics.peak_flops_per_device`)."""
     import jax
 
     from sft_jax import metrics
 
-    if configured <= 0 and jax.default_backend() == "cpu":
-        return cpu_peak_flops(), CPU_PEAK_SOURCE
     per_device, source = metrics.peak_flops_per_device(configured)
     return per_device * jax.device_count(), f"{source} × {jax.device_count()} devices"
 
@@ -349,6 +336,8 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
     """Everything the command line does; returns the result dict (also the JSON line)."""
     import jax
 
+    from sft_jax import metrics
+
     if steps < 1 or warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
     n = 1 + warmup + steps
@@ -381,8 +370,8 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
 
     with fns.context():
         state, jx = time_sft_jax(fns, state, batches, warmup)
-    if peak_source == CPU_PEAK_SOURCE:  # measured again: the higher of the two counts
-        after = cpu_peak_flops()
+    if metrics.CPU_PEAK_SOURCE in peak_source:  # measured again: the higher of the two counts
+        after = metrics.cpu_peak_flops()
         print(f"peak after the steps: {after / 1e9:.1f} GFLOP/s; MFU against the higher")
         peak = max(peak, after)
     timed = batches[1 + warmup :]
