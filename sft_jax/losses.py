@@ -1,4 +1,4 @@
-"""Masked next-token cross-entropy, the loss contract of DESIGN.md.
+"""Masked next-token cross-entropy: "The loss" of docs/design.md.
 
 The loss of a step is Σ loss_mask·nll / Σ loss_mask over the *global* batch, so functions
 here return the two sums and let the caller divide once, after summing over micro-batches,

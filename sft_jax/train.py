@@ -191,7 +191,7 @@ def _initial_state(config, fns: StepFns, checkpointer, meta: dict) -> steps.Trai
         param_dtype=model_cfg.param_dtype,
         scan_layers=model_cfg.scan_layers,
         # Each tensor goes to its devices as soon as it is converted.
-        place=lambda path, leaf: jax.device_put(leaf, hf.get_path(param_shardings, path)),
+        place=lambda path, leaf: jax.device_put(leaf, sharding.get_path(param_shardings, path)),
         shapes=fns.abstract_state.params,
     )
     logging.info("initialised from pretrained weights %s", source)
