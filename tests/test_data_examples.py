@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sft_jax.data import DataSpec, FormatTemplate, build, examples, load_tokenizer
+from sft_jax.data import DataSpec, FormatTemplate, build, examples, load_tokenizer, templates
 from sft_jax.data.spec import NAMES, BadRow
 
 
@@ -14,7 +14,7 @@ def tok():
 
 def _encoder(tok, **kw):
     spec = DataSpec(train="x", cache=False, **kw)
-    return build.make_encoder(spec, tok, build.resolve_template(spec, tok), "alpaca")
+    return build.make_encoder(spec, tok, templates.resolve_template(spec, tok), "alpaca")
 
 
 def _ex(n_prompt, n_resp, bos=False):

@@ -1,10 +1,28 @@
-"""Golden tables for every built-in format template: the exact text, which characters are
-trained (⟦…⟧), and which GPT-2 tokens are trained; plus user format templates."""
+"""Templates: golden tables for every built-in format template (the exact text, which
+characters are trained (⟦…⟧), and which GPT-2 tokens are trained) and user format
+templates; then the assistant spans of stock chat templates, found by rendering and
+diffing: SmolLM2's own ChatML template (from its GGUF file), Llama 3's and Qwen 2.5's stock
+templates; generation markers; templates that cannot work. Golden masks, token by token."""
+
+import copy
 
 import numpy as np
 import pytest
 
-from sft_jax.data import FormatTemplate, encode, formats, load_tokenizer, templates, view
+from sft_jax.data import (
+    DataSpec,
+    FormatTemplate,
+    build,
+    build_splits,
+    encode,
+    examples,
+    formats,
+    load_tokenizer,
+    templates,
+    view,
+)
+from sft_jax.data.spec import RowError
+from sft_jax.data.templates import JinjaTemplate
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +199,262 @@ def test_eos_trainable_even_when_pad_is_eos(tok):
     ((ids, mask),) = encode.encode([r], tok2)
     assert ids[-1] == 50256 and mask[-1]
     assert np.count_nonzero(mask) == 2
+
+
+# ---------------------------------------------------------------- Jinja chat templates
+
+# Stock templates, verbatim (Meta-Llama-3-8B-Instruct; Qwen2.5-*-Instruct).
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN25 = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""  # noqa: E501
+
+MULTI = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
+NO_SYSTEM = MULTI[1:3]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_tokenizer("asset:smollm2-135m-instruct-gguf")
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    """GPT-2's vocabulary plus Llama 3's special tokens, with Llama 3's stock template."""
+    tok = copy.deepcopy(load_tokenizer("gpt2"))
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.bos_token, tok.eos_token = "<|begin_of_text|>", "<|eot_id|>"
+    tok.chat_template = LLAMA3
+    return tok
+
+
+@pytest.fixture(scope="module")
+def qwen(smol):
+    tok = copy.deepcopy(smol)  # Has <|im_start|> and <|im_end|>, as Qwen's tokenizer does.
+    tok.chat_template = QWEN25
+    return tok
+
+
+def _encoder(tok, **kw):
+    spec = DataSpec(train="x", template="tokenizer", format="messages", cache=False, **kw)
+    return build.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
+
+
+def _masked(tok, messages, **kw):
+    enc = _encoder(tok, **kw)
+    r = enc.render(enc.messages({"messages": messages}))
+    ((ids, mask),) = encode.encode([r], tok, enc.train_on, enc.bos)
+    return r, ids, mask
+
+
+def test_smollm2_stock_template_multi_turn_with_system(smol):
+    r, ids, mask = _masked(smol, MULTI)
+    # The text is exactly what the tokenizer's own apply_chat_template renders.
+    assert r.text == smol.apply_chat_template(MULTI, tokenize=False)
+    assert ids.tolist() == smol.apply_chat_template(MULTI, tokenize=True, return_dict=False)
+    assert view.mark_tokens(ids, mask, smol) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n⟦Hello!<|im_end|>⟧\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦4<|im_end|>⟧\n"
+    )
+    im_end = smol.convert_tokens_to_ids("<|im_end|>")
+    assert [smol.decode([i]) for i in ids[mask]] == ["Hello", "!", "<|im_end|>", "4", "<|im_end|>"]
+    # Every <|im_end|> that closes an assistant turn trains; those of other turns do not.
+    ends = np.flatnonzero(ids == im_end)
+    assert mask[ends].tolist() == [False, False, True, False, True]
+
+
+def test_smollm2_default_system_and_last_turn_only(smol):
+    r, ids, mask = _masked(smol, NO_SYSTEM)
+    assert r.text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert view.mark_tokens(ids, mask, smol).endswith(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Hello!<|im_end|>⟧\n"
+    )
+    _, ids, mask = _masked(smol, MULTI, assistant_turns="last")
+    assert [smol.decode([i]) for i in ids[mask]] == ["4", "<|im_end|>"]
+
+
+def test_builtin_chatml_on_smollm2_matches_its_stock_template(smol):
+    """With a system message the built-in chatml gives the stock text (but the final
+    newline, which trains nothing) and the same trained tokens."""
+    spec = DataSpec(train="x", template="chatml", format="messages", cache=False)
+    enc = build.make_encoder(spec, smol, templates.resolve_template(spec, smol), "messages")
+    r = enc.render(enc.messages({"messages": MULTI}))
+    assert r.text + "\n" == smol.apply_chat_template(MULTI, tokenize=False)
+    ((ids, mask),) = encode.encode([r], smol)
+    _, stock_ids, stock_mask = _masked(smol, MULTI)
+    np.testing.assert_array_equal(ids, stock_ids[:-1])
+    np.testing.assert_array_equal(mask, stock_mask[:-1])
+
+
+def test_llama3_stock_template(llama3):
+    r, ids, mask = _masked(llama3, MULTI)
+    assert r.text == llama3.apply_chat_template(MULTI, tokenize=False)
+    assert view.mark_tokens(ids, mask, llama3) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n⟦Hello!<|eot_id|>⟧"
+        "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n⟦4<|eot_id|>⟧"
+    )
+    # The template writes the BOS itself; nothing is prepended twice.
+    assert ids[0] == llama3.bos_token_id and ids.tolist().count(llama3.bos_token_id) == 1
+
+
+def test_llama3_trims_content_and_spans_follow(llama3):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  padded  \n"}]
+    r, ids, mask = _masked(llama3, msgs)
+    assert [r.text[s:e] for s, e in r.spans] == ["padded<|eot_id|>"]
+
+
+def test_qwen25_stock_template(qwen):
+    r, ids, mask = _masked(qwen, NO_SYSTEM)
+    assert r.text == qwen.apply_chat_template(NO_SYSTEM, tokenize=False)
+    assert view.mark_tokens(ids, mask, qwen) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        "⟦Hello!<|im_end|>⟧\n"
+    )
+    _, ids, mask = _masked(qwen, MULTI)
+    assert [qwen.decode([i]) for i in ids[mask]] == ["Hello", "!", "<|im_end|>", "4", "<|im_end|>"]
+
+
+def test_generation_markers_are_used_when_present(smol):
+    marked = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+        "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+        "{% endfor %}"
+    )  # No add_generation_prompt branch: the markers alone say where responses are.
+    t = JinjaTemplate(marked, "test template", {})
+    assert t.markers
+    r = t.render(_encoder(smol).messages({"messages": MULTI}))
+    assert [r.text[s:e] for s, e in r.spans] == ["Hello!<|im_end|>", "4<|im_end|>"]
+
+
+def test_template_that_rewrites_history_is_refused(smol):
+    # Like reasoning templates that drop earlier turns' thoughts: not prefix-stable.
+    unstable = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+        "{{ '<|im_start|>assistant\n(earlier)<|im_end|>\n' }}{% else %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    t = JinjaTemplate(unstable, "the unstable template", {})
+    msgs = _encoder(smol).messages({"messages": MULTI})
+    with pytest.raises(RowError, match="not prefix-stable.*generation") as e:
+        t.render(msgs)
+    assert e.value.reason == "template_error"
+    t.render(msgs[:3])  # A single turn is fine.
+
+
+def test_template_without_generation_prompt_is_refused():
+    with pytest.raises(ValueError, match="no add_generation_prompt branch"):
+        JinjaTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}", "t", {})
+
+
+def test_template_raise_exception_is_a_row_error(smol, tmp_path):
+    strict = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    path = tmp_path / "strict.jinja"
+    path.write_text(strict, encoding="utf-8")
+    spec = DataSpec(train="x", template=str(path), format="messages", cache=False)
+    enc = build.make_encoder(spec, smol, templates.resolve_template(spec, smol), "messages")
+    r = enc.render(enc.messages({"messages": NO_SYSTEM}))
+    assert view.mark_text(r.text, r.spans) == "user: Hi\nassistant: ⟦Hello!⟧\n"
+    with pytest.raises(RowError, match=r"strict\.jinja.*must alternate"):
+        enc.render(enc.messages({"messages": MULTI}))  # A system turn breaks alternation.
+
+
+def test_no_chat_template_names_the_keys():
+    with pytest.raises(ValueError, match=r"data\.template=tokenizer.*model\.tokenizer"):
+        build_splits(DataSpec(train="synthetic:add:4", template="tokenizer", cache=False),
+                     load_tokenizer("gpt2"))  # fmt: skip
+
+
+def test_special_token_text_in_data_is_a_bad_row(smol, tmp_path):
+    enc = _encoder(smol)
+    row = {"messages": [{"role": "user", "content": "say <|im_end|>"},
+                        {"role": "assistant", "content": "ok"}]}  # fmt: skip
+    with pytest.raises(RowError, match=r"messages\[0\]\.content.*<\|im_end\|>") as e:
+        enc.messages(row)
+    assert e.value.reason == "special_token_text"
+
+
+def test_prompt_cut_from_the_left_keeps_the_templates_bos(llama3):
+    msgs = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]
+    enc = _encoder(llama3, max_seq_len=32, long_prompt="truncate_left")
+    ((ids, mask),) = encode.encode([enc.render(enc.messages({"messages": msgs}))], llama3)
+    cut, cut_mask, flags = examples.fit(ids, mask, enc)
+    assert flags == examples.PROMPT_CUT and len(cut) == 33
+    assert cut[0] == llama3.bos_token_id and llama3.decode(cut[cut_mask]) == "ok<|eot_id|>"
+    assert llama3.decode(cut[-8:]).endswith("assistant<|end_header_id|>\n\nok<|eot_id|>")

@@ -12,14 +12,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import transformers
 
 from sft_jax.data import cache, encode, examples, formats, parallel, sources, templates
-from sft_jax.data.chat_templates import JinjaTemplate
 from sft_jax.data.packing import PackedRows
 from sft_jax.data.spec import (
     BAD_ROW_REASONS,
@@ -27,7 +25,6 @@ from sft_jax.data.spec import (
     NAMES,
     DataSpec,
     Fields,
-    FormatTemplate,
     check,
     hint,
     validation_fraction,
@@ -55,48 +52,11 @@ class DataSplits:
 # ---------------------------------------------------------------- templates and encoder
 
 
-def resolve_template(
-    spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase
-) -> FormatTemplate | JinjaTemplate:
-    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    if spec.template in templates.BUILTIN:
-        return templates.BUILTIN[spec.template]
-    if spec.template == "format":
-        return spec.template_format
-    if spec.template == "tokenizer":
-        if not tokenizer.chat_template:
-            raise ValueError(
-                f"data.template=tokenizer, but the tokenizer {tokenizer.name_or_path!r} "
-                "(model.tokenizer) has no chat template; pick a built-in data.template "
-                "(alpaca, human_assistant, chatml, raw) or give a Jinja file"
-            )
-        name = f"the chat template of {tokenizer.name_or_path!r} (data.template=tokenizer)"
-        return JinjaTemplate(tokenizer.chat_template, name, special)
-    if spec.template.endswith((".jinja", ".j2")) or os.path.isfile(spec.template):
-        try:
-            with open(os.path.expanduser(spec.template), encoding="utf-8") as f:
-                source = f.read()
-        except OSError as e:
-            raise ValueError(f"data.template={spec.template!r}: cannot read it: {e}") from None
-        return JinjaTemplate(source, f"data.template={spec.template!r}", special)
-    raise ValueError(
-        f"unknown data.template {spec.template!r}; valid: {', '.join(templates.BUILTIN)}, "
-        "tokenizer (the tokenizer's chat template), format (data.template_format.*), or the "
-        "path of a .jinja file"
-    )
-
-
-def template_id(template) -> str:
-    if isinstance(template, JinjaTemplate):
-        return "jinja:" + template.source
-    return "format:" + repr(dataclasses.asdict(template))
-
-
 def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> examples.Encoder:
-    uses_bos = not isinstance(template, JinjaTemplate) and "{bos}" in repr(template)
+    uses_bos = not isinstance(template, templates.JinjaTemplate) and "{bos}" in repr(template)
     bos = (
         None
-        if isinstance(template, JinjaTemplate) or uses_bos
+        if isinstance(template, templates.JinjaTemplate) or uses_bos
         else encode.bos_to_prepend(tokenizer)
     )
     return examples.Encoder(
@@ -305,7 +265,7 @@ def build_splits(spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase
             f"tokenizer {tokenizer.name_or_path!r} (model.tokenizer) has no EOS token; "
             "sft_jax ends every response with one"
         )
-    template = resolve_template(spec, tokenizer)
+    template = templates.resolve_template(spec, tokenizer)
     skip = spec.on_bad_row == "skip"
     train_src = sources.Source(spec.train, "data.train", spec.streaming, skip)
     fraction = validation_fraction(spec.validation) if spec.validation else None
@@ -315,7 +275,7 @@ def build_splits(spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase
     cache_key = cache_path = ""
     if spec.cache:
         ids = [s.fingerprint() for s in (train_src, val_src) if s is not None]
-        cache_key, inputs = cache.key(spec, tokenizer, template_id(template), ids)
+        cache_key, inputs = cache.key(spec, tokenizer, templates.template_id(template), ids)
         if hit := cache.load(spec, cache_key):
             splits, stats = hit
             path = str(cache.directory(spec) / cache_key)

@@ -25,7 +25,6 @@ import numpy as np
 import transformers
 
 from sft_jax.data import encode, formats, templates
-from sft_jax.data.chat_templates import JinjaTemplate
 from sft_jax.data.spec import CODES, BadRow, Fields, FormatTemplate, RowError
 
 RESPONSE_CUT, PROMPT_CUT, NO_END_TOKEN = 1, 2, 4  # Bits of a row's flags.
@@ -38,7 +37,7 @@ class Encoder:
 
     format: str  # Resolved: never "auto".
     fields: Fields
-    template: FormatTemplate | JinjaTemplate
+    template: FormatTemplate | templates.JinjaTemplate
     tokenizer: transformers.PreTrainedTokenizerBase
     train_on: str = "response"
     assistant_turns: str = "all"
@@ -49,7 +48,7 @@ class Encoder:
     bos: int | None = None  # Prepended to format-template examples (tokenizer's own habit).
 
     def render(self, messages: list[formats.Message]) -> templates.Rendered:
-        if isinstance(self.template, JinjaTemplate):
+        if isinstance(self.template, templates.JinjaTemplate):
             return self.template.render(messages, self.assistant_turns)
         tok = self.tokenizer
         return templates.render_format(

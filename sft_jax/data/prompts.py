@@ -44,7 +44,7 @@ def prompt_ids(
             turns = turns[:-1]
         turns.append({fields.col(role): assistant, fields.col(content): _PLACEHOLDER})
         row = {**row, fields.col(key): turns}
-    template = build.resolve_template(spec, tokenizer)
+    template = templates.resolve_template(spec, tokenizer)
     enc = build.make_encoder(spec, tokenizer, template, fmt)
     rendered = enc.render(enc.messages(row))
     if not rendered.spans:
