@@ -18,7 +18,6 @@ from sft_jax.data import (
     batch_at,
     build,
     build_splits,
-    encode,
     formats,
     load_tokenizer,
     num_batches_per_epoch,
@@ -26,6 +25,7 @@ from sft_jax.data import (
     templates,
     view,
 )
+from sft_jax.data.examples import encode
 
 EOS = 50256
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_en_demo.json")
@@ -52,7 +52,7 @@ def _segments(rows):
 
 def _tokenized(rows, tok, template=templates.ALPACA):
     msgs = [formats.to_messages(r, "alpaca") for r in rows]
-    ex = encode.encode([templates.render_format(template, m, tok.eos_token) for m in msgs], tok)
+    ex = encode([templates.render_format(template, m, tok.eos_token) for m in msgs], tok)
     return collections.Counter(tuple(ids.tolist()) for ids, _ in ex)
 
 

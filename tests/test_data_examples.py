@@ -1,10 +1,27 @@
-"""One row end to end (encode_chunk) and the length policy (fit), on real tokenization."""
+"""A row -> an example, on real tokenization: text -> ids and masks (one tokenizer call
+whose ids are the tokenizer's own, special tokens read as at inference, masks from
+character offsets, straddling tokens train); one row end to end (encode_chunk) and the
+length policy (fit); generation prompts are the exact tokens training put before each
+response."""
+
+import json
 
 import numpy as np
 import pytest
+from tokenizers import processors
 
-from sft_jax.data import DataSpec, FormatTemplate, build, examples, load_tokenizer, templates
+from sft_jax.data import (
+    DataSpec,
+    FormatTemplate,
+    build_splits,
+    examples,
+    load_tokenizer,
+    templates,
+    view,
+)
+from sft_jax.data.examples import encode, prompt_ids
 from sft_jax.data.spec import NAMES, BadRow
+from sft_jax.data.templates import Rendered
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +31,72 @@ def tok():
 
 def _encoder(tok, **kw):
     spec = DataSpec(train="x", cache=False, **kw)
-    return build.make_encoder(spec, tok, templates.resolve_template(spec, tok), "alpaca")
+    return examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "alpaca")
+
+
+# ---------------------------------------------------------------- text -> ids and masks
+
+TEXTS = [
+    Rendered("Q: hi\nA: Hello!<|endoftext|>", ((9, 28),)),
+    Rendered("Übersetzt: 中文 🤖<|endoftext|>", ((11, 29),)),
+    Rendered("no spans", ()),
+]
+
+
+def test_ids_are_the_tokenizers_own(tok):
+    out = encode(TEXTS, tok)
+    for r, (ids, mask) in zip(TEXTS, out, strict=True):
+        assert ids.dtype == np.int32 and mask.dtype == np.bool_ and ids.shape == mask.shape
+        assert ids.tolist() == tok(r.text, add_special_tokens=False)["input_ids"]
+    assert out[0][0][-1] == 50256  # The template's EOS text is the EOS token.
+    assert not out[2][1].any()
+
+
+def test_special_tokens_read_even_after_a_split_call(tok):
+    tok("a<|endoftext|>", split_special_tokens=True)  # Leaves the backend flag set, maybe.
+    ((ids, _),) = encode([TEXTS[0]], tok)
+    assert ids[-1] == 50256
+    saved = tok.backend_tokenizer.encode_special_tokens
+    tok.backend_tokenizer.encode_special_tokens = True
+    ((ids, _),) = encode([TEXTS[0]], tok)
+    assert ids[-1] == 50256 and tok.backend_tokenizer.encode_special_tokens  # Restored.
+    tok.backend_tokenizer.encode_special_tokens = saved
+
+
+def test_mask_from_offsets_multibyte_and_straddling(tok):
+    ((ids, mask),) = encode([TEXTS[1]], tok)
+    assert tok.decode(ids[mask]) == "中文 🤖<|endoftext|>"
+    # "Assistant:" + " Blue" -> the token " Blue" starts in the template's space: it trains.
+    r = Rendered("Assistant: Blue.", ((11, 16),))
+    ((ids, mask),) = encode([r], tok)
+    assert [tok.decode([i]) for i in ids[mask]] == [" Blue", "."]
+
+
+def test_bos_prepended_only_where_the_tokenizer_adds_one(tmp_path, tok):
+    assert examples.bos_to_prepend(tok) is None  # GPT-2: BOS == EOS, never prepended.
+    base = load_tokenizer("gpt2")
+    base.add_special_tokens({"bos_token": "<s>"})
+    bos = base.convert_tokens_to_ids("<s>")
+    base.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    base.save_pretrained(tmp_path)
+    with_bos = load_tokenizer(str(tmp_path))
+    assert examples.bos_to_prepend(with_bos) == bos
+    ((ids, mask),) = encode([TEXTS[0]], with_bos, bos=bos)
+    ((plain, plain_mask),) = encode([TEXTS[0]], tok)
+    assert ids[0] == bos and not mask[0]
+    np.testing.assert_array_equal(ids[1:], plain)
+    np.testing.assert_array_equal(mask[1:], plain_mask)
+
+
+def test_special_token_pattern(tok):
+    pattern = examples.special_token_pattern(tok)
+    assert pattern.search("a <|endoftext|> b")[0] == "<|endoftext|>"
+    assert pattern.search("<|endoftext|") is None
+
+
+# ---------------------------------------------------------------- length policy and chunks
 
 
 def _ex(n_prompt, n_resp, bos=False):
@@ -77,3 +159,39 @@ def test_responses_without_an_end_token_are_flagged(tok):
     assert chunk.flags[0] & examples.NO_END_TOKEN
     chunk = examples.encode_chunk([{"instruction": "Hi.", "output": "Hello."}], _encoder(tok))
     assert not chunk.flags[0] & examples.NO_END_TOKEN
+
+
+# ---------------------------------------------------------------- generation prompts
+
+
+@pytest.mark.parametrize("template", ["alpaca", "human_assistant", "chatml"])
+def test_prompt_is_the_untrained_prefix_of_training(tok, template, tmp_path):
+    row = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+    spec = DataSpec(train="synthetic:add:1", template=template, cache=False)
+    got = prompt_ids({"instruction": "Name a colour."}, spec, tok)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    splits = build_splits(DataSpec(train=str(path), template=template, cache=False), tok)
+    ((ids, trained),) = view.segments({k: v[0] for k, v in splits.train.dense().items()})
+    assert got == ids[: int(trained.argmax())].tolist()
+
+
+def test_human_assistant_prompt_ends_before_the_space(tok):
+    spec = DataSpec(train="x", template="human_assistant", format="prompt_completion")
+    ids = prompt_ids({"prompt": "Hi"}, spec, tok)
+    assert tok.decode(ids) == "Human: Hi\n\nAssistant:"  # " Hello" is the response's token.
+
+
+def test_conversations_and_strings(tok):
+    spec = DataSpec(train="x", template="chatml")
+    history = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                            {"role": "user", "content": "c"}]}  # fmt: skip
+    want = "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n" \
+           "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"  # fmt: skip
+    assert tok.decode(prompt_ids(history, spec, tok)) == want
+    # A final assistant turn is replaced: its response is what gets generated.
+    redo = {"messages": history["messages"] + [{"role": "assistant", "content": "old"}]}
+    assert prompt_ids(redo, spec, tok) == prompt_ids(history, spec, tok)
+    assert tok.decode(prompt_ids("c", spec, tok)) == (
+        "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
+    )

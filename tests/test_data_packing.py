@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sft_jax.data import encode, formats, load_tokenizer, packing, templates
+from sft_jax.data import formats, load_tokenizer, packing, templates
+from sft_jax.data.examples import encode
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_en_demo.json")
 
@@ -208,7 +209,7 @@ def test_packing_efficiency_on_alpaca_demo():
     tok = load_tokenizer("gpt2")
     rows = [formats.to_messages(r, "alpaca") for r in json.load(open(DEMO, encoding="utf-8"))]
     rendered = [templates.render_format(templates.ALPACA, r, tok.eos_token) for r in rows]
-    examples = encode.encode(rendered, tok)
+    examples = encode(rendered, tok)
     fitting = [e for e in examples if len(e[0]) <= 513]
     assert len(rows) == 999 and 0.95 < len(fitting) / len(rows) < 1.0
     packed = packing.pack(fitting, 512)

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from sft_jax.data import DataSpec, build, load_tokenizer, parallel, templates
+from sft_jax.data import DataSpec, examples, load_tokenizer, parallel, templates
 
 
 def _fail():
@@ -32,7 +32,7 @@ class _ParentOnly:
 def encoder():
     tok = load_tokenizer("gpt2")
     spec = DataSpec(train="x", max_seq_len=64)
-    return build.make_encoder(spec, tok, templates.resolve_template(spec, tok), "alpaca")
+    return examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "alpaca")
 
 
 def _chunks(n_chunks, size=50):

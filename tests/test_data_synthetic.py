@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from sft_jax.data import encode, formats, load_tokenizer, synthetic, templates
+from sft_jax.data import formats, load_tokenizer, synthetic, templates
+from sft_jax.data.examples import encode
 
 
 def _check(row):
@@ -63,7 +64,7 @@ def test_short_enough_for_a_tiny_model():
     rows = synthetic.generate_rows("mix", 300, seed=0)
     msgs = [formats.to_messages(r, "alpaca") for r in rows]
     rendered = [templates.render_format(templates.ALPACA, m, tok.eos_token) for m in msgs]
-    examples = encode.encode(rendered, tok)
+    examples = encode(rendered, tok)
     assert max(len(ids) for ids, _ in examples) <= 80
     assert max(int(tr.sum()) for _, tr in examples) <= 24  # Response tokens + EOS.
 

@@ -12,15 +12,14 @@ import pytest
 from sft_jax.data import (
     DataSpec,
     FormatTemplate,
-    build,
     build_splits,
-    encode,
     examples,
     formats,
     load_tokenizer,
     templates,
     view,
 )
+from sft_jax.data.examples import encode
 from sft_jax.data.spec import RowError
 from sft_jax.data.templates import JinjaTemplate
 
@@ -121,7 +120,7 @@ GOLDEN = [
 def test_golden_text_and_mask(tok, name, messages, chars, tokens, trained):
     r = templates.render_format(templates.BUILTIN[name], messages, tok.eos_token)
     assert view.mark_text(r.text, r.spans) == chars
-    ((ids, mask),) = encode.encode([r], tok)
+    ((ids, mask),) = encode([r], tok)
     assert view.mark_tokens(ids, mask, tok) == tokens
     assert [tok.decode([i]) for i in ids[mask]] == trained
     # The contract: the EOS / end-of-turn text after every response is trained.
@@ -147,9 +146,9 @@ def test_assistant_turns_last_trains_only_the_last(tok):
 
 def test_train_on_all_trains_every_token_but_a_prepended_bos(tok):
     r = templates.render_format(templates.ALPACA, ALPACA, EOT)
-    ((ids, mask),) = encode.encode([r], tok, "all")
+    ((ids, mask),) = encode([r], tok, "all")
     assert mask.all() and tok.decode(ids) == r.text
-    ((ids_b, mask_b),) = encode.encode([r], tok, "all", bos=7)
+    ((ids_b, mask_b),) = encode([r], tok, "all", bos=7)
     assert ids_b[0] == 7 and not mask_b[0] and mask_b[1:].all()
 
 
@@ -196,7 +195,7 @@ def test_eos_trainable_even_when_pad_is_eos(tok):
     tok2.pad_token = tok2.eos_token
     assert tok2.pad_token_id == tok2.eos_token_id == 50256
     r = templates.render_format(templates.ALPACA, ALPACA, tok2.eos_token)
-    ((ids, mask),) = encode.encode([r], tok2)
+    ((ids, mask),) = encode([r], tok2)
     assert ids[-1] == 50256 and mask[-1]
     assert np.count_nonzero(mask) == 2
 
@@ -302,13 +301,13 @@ def qwen(smol):
 
 def _encoder(tok, **kw):
     spec = DataSpec(train="x", template="tokenizer", format="messages", cache=False, **kw)
-    return build.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
+    return examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
 
 
 def _masked(tok, messages, **kw):
     enc = _encoder(tok, **kw)
     r = enc.render(enc.messages({"messages": messages}))
-    ((ids, mask),) = encode.encode([r], tok, enc.train_on, enc.bos)
+    ((ids, mask),) = encode([r], tok, enc.train_on, enc.bos)
     return r, ids, mask
 
 
@@ -343,10 +342,10 @@ def test_builtin_chatml_on_smollm2_matches_its_stock_template(smol):
     """With a system message the built-in chatml gives the stock text (but the final
     newline, which trains nothing) and the same trained tokens."""
     spec = DataSpec(train="x", template="chatml", format="messages", cache=False)
-    enc = build.make_encoder(spec, smol, templates.resolve_template(spec, smol), "messages")
+    enc = examples.make_encoder(spec, smol, templates.resolve_template(spec, smol), "messages")
     r = enc.render(enc.messages({"messages": MULTI}))
     assert r.text + "\n" == smol.apply_chat_template(MULTI, tokenize=False)
-    ((ids, mask),) = encode.encode([r], smol)
+    ((ids, mask),) = encode([r], smol)
     _, stock_ids, stock_mask = _masked(smol, MULTI)
     np.testing.assert_array_equal(ids, stock_ids[:-1])
     np.testing.assert_array_equal(mask, stock_mask[:-1])
@@ -428,7 +427,7 @@ def test_template_raise_exception_is_a_row_error(smol, tmp_path):
     path = tmp_path / "strict.jinja"
     path.write_text(strict, encoding="utf-8")
     spec = DataSpec(train="x", template=str(path), format="messages", cache=False)
-    enc = build.make_encoder(spec, smol, templates.resolve_template(spec, smol), "messages")
+    enc = examples.make_encoder(spec, smol, templates.resolve_template(spec, smol), "messages")
     r = enc.render(enc.messages({"messages": NO_SYSTEM}))
     assert view.mark_text(r.text, r.spans) == "user: Hi\nassistant: ⟦Hello!⟧\n"
     with pytest.raises(RowError, match=r"strict\.jinja.*must alternate"):
@@ -453,7 +452,7 @@ def test_special_token_text_in_data_is_a_bad_row(smol, tmp_path):
 def test_prompt_cut_from_the_left_keeps_the_templates_bos(llama3):
     msgs = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]
     enc = _encoder(llama3, max_seq_len=32, long_prompt="truncate_left")
-    ((ids, mask),) = encode.encode([enc.render(enc.messages({"messages": msgs}))], llama3)
+    ((ids, mask),) = encode([enc.render(enc.messages({"messages": msgs}))], llama3)
     cut, cut_mask, flags = examples.fit(ids, mask, enc)
     assert flags == examples.PROMPT_CUT and len(cut) == 33
     assert cut[0] == llama3.bos_token_id and llama3.decode(cut[cut_mask]) == "ok<|eot_id|>"

@@ -9,6 +9,7 @@ cached by cache), pipeline (batches), view (what is trained, for people). spec h
 """
 
 from sft_jax.data.build import DataSplits, build_splits
+from sft_jax.data.examples import prompt_ids
 from sft_jax.data.pipeline import batch_at, eval_batches, num_batches_per_epoch
 from sft_jax.data.spec import DataSpec, FormatTemplate
 from sft_jax.data.tokenizer import load_tokenizer
@@ -22,4 +23,5 @@ __all__ = [
     "eval_batches",
     "load_tokenizer",
     "num_batches_per_epoch",
+    "prompt_ids",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import transformers
 
-from sft_jax.data import cache, encode, examples, formats, parallel, sources, templates
+from sft_jax.data import cache, examples, formats, parallel, sources, templates
 from sft_jax.data.packing import PackedRows
 from sft_jax.data.spec import (
     BAD_ROW_REASONS,
@@ -47,31 +47,6 @@ class DataSplits:
     stats: dict  # {"train": {...}, "validation": {...}}: counts, drops by reason, efficiency.
     cache_path: str = ""  # The cache entry these came from or went to ("" = no cache).
     cache_hit: bool = False
-
-
-# ---------------------------------------------------------------- templates and encoder
-
-
-def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> examples.Encoder:
-    uses_bos = not isinstance(template, templates.JinjaTemplate) and "{bos}" in repr(template)
-    bos = (
-        None
-        if isinstance(template, templates.JinjaTemplate) or uses_bos
-        else encode.bos_to_prepend(tokenizer)
-    )
-    return examples.Encoder(
-        format=fmt,
-        fields=Fields.parse(spec.fields),
-        template=template,
-        tokenizer=tokenizer,
-        train_on=spec.train_on,
-        assistant_turns=spec.assistant_turns,
-        max_seq_len=spec.max_seq_len,
-        too_long=spec.too_long,
-        long_prompt=spec.long_prompt,
-        special=encode.special_token_pattern(tokenizer),
-        bos=bos,
-    )
 
 
 # ---------------------------------------------------------------- one source -> examples
@@ -118,7 +93,7 @@ def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> T
                 fmt = formats.detect(sample, Fields.parse(spec.fields))
             except ValueError as e:
                 raise ValueError(f"{src.key}={src.text!r}: {e}") from None
-    encoder = make_encoder(spec, tokenizer, template, fmt)
+    encoder = examples.make_encoder(spec, tokenizer, template, fmt)
     buffered = [first]
     workers = spec.num_workers
     if workers < 0:  # Auto: processes only when the data is large enough to pay for them.

@@ -1,4 +1,12 @@
-"""Raw rows -> training examples: normalise, render, tokenize, fit to max_seq_len.
+"""A raw row -> a training example (token ids and trainable flags) or the reason it is
+dropped; and the prompt that generation gives the model for a row.
+
+Tokenizing (`encode`): each text is tokenized whole, once, with the tokenizer reading
+special tokens the way it does at inference (so `<|im_end|>` written by a template is one
+token): the tokens at a turn boundary are those the model will see, never pieces glued
+together. A token is trainable if its character range overlaps a span. Data whose text
+holds a special token's text is refused first (`Encoder.check_special`), so every special
+token here was written by the template.
 
 `encode_chunk` is the unit of work of the build: a pure function of (rows, Encoder), run
 in this process or in worker processes. It never raises for bad data; every row gets a
@@ -14,21 +22,96 @@ Length policy, per example of n + 1 ids (n positions) against limit = max_seq_le
   `long_prompt=truncate_left` the prompt is cut from the left (a leading BOS, prepended or
   written by a chat template, stays) to leave room for up to half the row of response.
 - no trainable target left: dropped as `no_loss_tokens`. Never a silently empty mask.
+
+`prompt_ids(row, spec, tokenizer)` renders a row with a placeholder response and returns
+the ids before the first trained token: exactly what the model saw before each response
+in training, including where a template's trailing space went into the response's first
+token (" Blue" after "Assistant:"), which rendering the prompt text alone would get wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import transformers
 
-from sft_jax.data import encode, formats, templates
-from sft_jax.data.spec import CODES, BadRow, Fields, FormatTemplate, RowError
+from sft_jax.data import formats, templates
+from sft_jax.data.spec import CODES, BadRow, DataSpec, Fields, FormatTemplate, RowError
+from sft_jax.data.templates import Rendered
 
 RESPONSE_CUT, PROMPT_CUT, NO_END_TOKEN = 1, 2, 4  # Bits of a row's flags.
 _KEEP_PROBLEMS = 3  # Messages kept per reason per chunk (the first one is what errors show).
+_PLACEHOLDER = "x"  # A letter: no template joins it to what comes before.
+
+
+# ---------------------------------------------------------------- text -> ids and flags
+
+
+def special_token_pattern(tokenizer: transformers.PreTrainedTokenizerBase) -> re.Pattern | None:
+    """A regex matching the text of any special token the tokenizer would read as one."""
+    texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    texts |= {t for t in tokenizer.all_special_tokens if t}
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def bos_to_prepend(tokenizer: transformers.PreTrainedTokenizerBase) -> int | None:
+    """The BOS id if the tokenizer itself would prepend a BOS distinct from EOS, else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None or bos == tokenizer.eos_token_id:
+        return None  # GPT-2: bos == eos, and GPT-2 was trained without a leading BOS.
+    # Ask the tokenizer rather than read flags: their names differ between tokenizer classes.
+    return bos if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+
+
+@contextlib.contextmanager
+def _special_tokens_recognised(backend):
+    # The transformers wrapper sets this flag per call (split_special_tokens); make sure it
+    # is off, and leave it as we found it.
+    saved = backend.encode_special_tokens
+    backend.encode_special_tokens = False
+    try:
+        yield
+    finally:
+        backend.encode_special_tokens = saved
+
+
+def encode(
+    rendered: Sequence[Rendered],
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    train_on: str = "response",
+    bos: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids int32, trainable bool) per text, in one batched call of the fast tokenizer.
+
+    `train_on="all"` trains every token but a prepended `bos`."""
+    backend = tokenizer.backend_tokenizer
+    with _special_tokens_recognised(backend):
+        encodings = backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
+    head = [bos] if bos is not None else []
+    out = []
+    for r, enc in zip(rendered, encodings, strict=True):
+        ids = np.asarray(head + enc.ids, np.int32)
+        trainable = np.zeros(len(ids), np.bool_)
+        body = trainable[len(head) :]  # A view: writes land in `trainable`.
+        if train_on == "all":
+            body[:] = True
+        elif r.spans and len(body):
+            off = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+            start = off[:, 0]
+            end = np.maximum(off[:, 1], start + 1)  # A zero-width token counts at its start.
+            for s, e in r.spans:
+                body |= (start < e) & (end > s)  # Any overlap with the span.
+        out.append((ids, trainable))
+    return out
+
+
+# ---------------------------------------------------------------- a row -> an example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +130,7 @@ class Encoder:
     special: re.Pattern | None = None
     bos: int | None = None  # Prepended to format-template examples (tokenizer's own habit).
 
-    def render(self, messages: list[formats.Message]) -> templates.Rendered:
+    def render(self, messages: list[formats.Message]) -> Rendered:
         if isinstance(self.template, templates.JinjaTemplate):
             return self.template.render(messages, self.assistant_turns)
         tok = self.tokenizer
@@ -55,7 +138,7 @@ class Encoder:
             self.template, messages, tok.eos_token, tok.bos_token or "", self.assistant_turns
         )
 
-    def ends_unmarked(self, r: templates.Rendered) -> bool:
+    def ends_unmarked(self, r: Rendered) -> bool:
         """Whether a response ends without a special token (EOS, end of turn) of the
         tokenizer: then the model learns to stop only on text, if at all."""
         if self.special is None:
@@ -78,6 +161,29 @@ class Encoder:
         messages = formats.to_messages(row, self.format, self.fields)
         self.check_special(messages)
         return messages
+
+
+def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> Encoder:
+    """The Encoder of a spec's settings for rows of format `fmt` (resolved, not auto)."""
+    uses_bos = not isinstance(template, templates.JinjaTemplate) and "{bos}" in repr(template)
+    bos = (
+        None
+        if isinstance(template, templates.JinjaTemplate) or uses_bos
+        else bos_to_prepend(tokenizer)
+    )
+    return Encoder(
+        format=fmt,
+        fields=Fields.parse(spec.fields),
+        template=template,
+        tokenizer=tokenizer,
+        train_on=spec.train_on,
+        assistant_turns=spec.assistant_turns,
+        max_seq_len=spec.max_seq_len,
+        too_long=spec.too_long,
+        long_prompt=spec.long_prompt,
+        special=special_token_pattern(tokenizer),
+        bos=bos,
+    )
 
 
 @dataclasses.dataclass
@@ -150,7 +256,7 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
     kept_ids, kept_tr, lengths = [], [], []
     if rendered:
         for i, (ids, trainable) in zip(
-            where, encode.encode(rendered, enc.tokenizer, enc.train_on, enc.bos), strict=True
+            where, encode(rendered, enc.tokenizer, enc.train_on, enc.bos), strict=True
         ):
             out = fit(ids, trainable, enc)
             if isinstance(out, str):
@@ -169,3 +275,44 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
         trainable=np.concatenate(kept_tr) if kept_tr else np.zeros(0, np.bool_),
         problems=problems,
     )
+
+
+# ---------------------------------------------------------------- generation prompts
+
+
+def prompt_ids(
+    row: dict | str, spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase
+) -> list[int]:
+    """Ids to generate the response to `row`: a row of `spec.format` whose response is
+    missing, empty or to be replaced (a final assistant turn), or a plain prompt string."""
+    if isinstance(row, str):
+        row = {"messages": [{"role": "user", "content": row}]}
+    fields = Fields.parse(spec.fields)
+    fmt = spec.format
+    if fmt == "auto":  # The response field may be absent: detect as if it were there.
+        blanks = {fields.col("output"): "", fields.col("completion"): ""}
+        fmt = formats.detect({**blanks, **row}, fields)
+    if fmt == "alpaca":
+        row = {**row, fields.col("output"): _PLACEHOLDER}
+    elif fmt == "prompt_completion":
+        row = {**row, fields.col("completion"): _PLACEHOLDER}
+    else:
+        key, role, content, assistant = (
+            ("messages", "role", "content", "assistant")
+            if fmt == "messages"
+            else ("conversations", "from", "value", "gpt")
+        )
+        turns = list(row[fields.col(key)])
+        if turns and turns[-1].get(fields.col(role)) in (assistant, "assistant"):
+            turns = turns[:-1]
+        turns.append({fields.col(role): assistant, fields.col(content): _PLACEHOLDER})
+        row = {**row, fields.col(key): turns}
+    template = templates.resolve_template(spec, tokenizer)
+    enc = make_encoder(spec, tokenizer, template, fmt)
+    rendered = enc.render(enc.messages(row))
+    if not rendered.spans:
+        raise ValueError(f"data.template={spec.template!r} marks no response in {row!r}")
+    # Only the placeholder's span: earlier assistant turns are history here.
+    last = Rendered(rendered.text, rendered.spans[-1:])
+    ((ids, trainable),) = encode([last], tokenizer, "response", enc.bos)
+    return ids[: int(trainable.argmax())].tolist()
