@@ -1,7 +1,10 @@
 """build_splits end to end on real tokenization: every format and template trains exactly
-the responses, splits never overlap, length policy, the cache, determinism, workers."""
+the responses, splits never overlap, length policy, the cache, determinism, workers. Worker
+processes give the in-process result, in order; if they cannot start, the build carries on
+in this process instead of hanging."""
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +21,7 @@ from sft_jax.data import (
     batch_at,
     build,
     build_splits,
+    examples,
     formats,
     load_tokenizer,
     num_batches_per_epoch,
@@ -339,3 +343,59 @@ def test_alpaca_demo_at_512(tok):
         if ids[-1] == EOS:  # Fitting rows: the trained text is the response and EOS.
             got[tok.decode(ids[trained])] += 1
     assert sum(got.values()) == 999 - 28 and not got - want
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def _fail():
+    raise RuntimeError("cannot unpickle in a worker")
+
+
+class _ParentOnly:
+    """A regex that works here but whose unpickling fails in a worker process."""
+
+    def __init__(self, pattern):
+        self._p = pattern
+        self.pattern = pattern.pattern
+
+    def search(self, *args):
+        return self._p.search(*args)
+
+    def __reduce__(self):
+        return (_fail, ())  # This test module cannot be imported by a spawned worker.
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    tok = load_tokenizer("gpt2")
+    spec = DataSpec(train="x", max_seq_len=64)
+    return examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "alpaca")
+
+
+def _chunks(n_chunks, size=50):
+    return [
+        [{"instruction": f"Say {c}-{i}.", "output": f"{c}-{i}" * (1 + i % 5)} for i in range(size)]
+        for c in range(n_chunks)
+    ]
+
+
+def _same(a, b):
+    for x, y in zip(a, b, strict=True):
+        for f in ("status", "flags", "lengths", "ids", "trainable"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f), err_msg=f)
+
+
+def test_workers_keep_order_and_results(encoder):
+    chunks = _chunks(7)
+    _same(build.encode_chunks(iter(chunks), encoder, 2),
+          build.encode_chunks(iter(chunks), encoder, 0))  # fmt: skip
+
+
+def test_workers_that_cannot_start_fall_back(encoder, caplog):
+    broken = dataclasses.replace(encoder, special=_ParentOnly(encoder.special))
+    chunks = _chunks(3)
+    with caplog.at_level(logging.WARNING):
+        got = list(build.encode_chunks(iter(chunks), broken, 2))
+    assert "worker processes failed" in caplog.text
+    _same(got, build.encode_chunks(iter(chunks), encoder, 0))
