@@ -84,7 +84,8 @@ def _string(row: Mapping, ours: str, fields: Fields, required=True, allow_empty=
 
 
 def _conversation(items, col: str, fmt: str, fields: Fields) -> list[Message]:
-    """A list of role/content objects -> messages; `fmt` picks the key and role names."""
+    """A list of role/content objects -> messages; `fmt` picks the key and role names. A
+    system message may only come first; an empty one is dropped."""
     role_key, content_key = (
         (fields.col("role"), fields.col("content"))
         if fmt == "messages"
@@ -98,42 +99,49 @@ def _conversation(items, col: str, fmt: str, fields: Fields) -> list[Message]:
     if not items:
         raise RowError("bad_messages", "is an empty list", col)
     out = []
-    for i, m in enumerate(items):
+    for i, item in enumerate(items):
         where = f"{col}[{i}]"
-        if not isinstance(m, Mapping):
-            raise RowError("bad_messages", f"must be an object, got {type(m).__name__}", where)
-        role = m.get(role_key)
-        if role is None:
-            raise _missing(m, role_key, "role" if fmt == "messages" else "from", f"{where}.")
-        if not isinstance(role, str) or role not in roles:
-            raise RowError(
-                "unknown_role", f"is {role!r}; known: {', '.join(sorted(roles))}",
-                f"{where}.{role_key}",
-            )  # fmt: skip
-        content = m.get(content_key)
-        field = f"{where}.{content_key}"
-        if content is None:
-            raise RowError("missing_field", "is missing", field)
-        if not isinstance(content, str):
-            raise RowError(
-                "not_a_string",
-                f"must be a string, got {type(content).__name__} {content!r:.40}",
-                field,
-            )
-        role = roles[role]
-        if role == "system":
+        m = _message(item, where, "role" if fmt == "messages" else "from", role_key,
+                     content_key, roles)  # fmt: skip
+        if m.role == "system":
             if i:
                 raise RowError(
                     "bad_messages", f"is a system message at position {i}; only the first "
                     "message may be one", where,
                 )  # fmt: skip
-            if content.strip():
-                out.append(Message("system", content, field=field))
-            continue
-        if not content.strip():
-            raise RowError("empty_field", "is empty", field)
-        out.append(Message(role, content, field=field))
+            if not m.content.strip():
+                continue
+        elif not m.content.strip():
+            raise RowError("empty_field", "is empty", m.field)
+        out.append(m)
     return out
+
+
+def _message(
+    m, where: str, role_name: str, role_key: str, content_key: str, roles: dict[str, str]
+) -> Message:
+    """One role/content object (`where` in the row) -> a Message with our role name."""
+    if not isinstance(m, Mapping):
+        raise RowError("bad_messages", f"must be an object, got {type(m).__name__}", where)
+    role = m.get(role_key)
+    if role is None:
+        raise _missing(m, role_key, role_name, f"{where}.")
+    if not isinstance(role, str) or role not in roles:
+        raise RowError(
+            "unknown_role", f"is {role!r}; known: {', '.join(sorted(roles))}",
+            f"{where}.{role_key}",
+        )  # fmt: skip
+    content = m.get(content_key)
+    field = f"{where}.{content_key}"
+    if content is None:
+        raise RowError("missing_field", "is missing", field)
+    if not isinstance(content, str):
+        raise RowError(
+            "not_a_string",
+            f"must be a string, got {type(content).__name__} {content!r:.40}",
+            field,
+        )
+    return Message(roles[role], content, field=field)
 
 
 def _needs_assistant(messages: list[Message], col: str) -> list[Message]:
