@@ -73,7 +73,7 @@ def _row(text: str, spec) -> dict:
 def main(argv=None) -> int:
     args = _args(argv)
     from sft_jax import evaluate
-    from sft_jax.data import prompts
+    from sft_jax.data import prompt_ids
     from sft_jax.generate import Generator, Sampling, end_token_ids
 
     try:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         else:
             with open(args.input, encoding="utf-8") as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-        ids = [prompts.prompt_ids(r, spec, tokenizer) for r in rows]
+        ids = [prompt_ids(r, spec, tokenizer) for r in rows]
     except (ValueError, OSError, json.JSONDecodeError) as e:
         print(f"sft-jax-generate: {e}", file=sys.stderr)
         return 2
