@@ -133,20 +133,6 @@ def cores() -> int:
 # ---------------------------------------------------------------- one source -> examples
 
 
-@dataclasses.dataclass
-class Table:
-    """Every row of a source: its status, and the examples of the kept ones."""
-
-    status: np.ndarray  # [rows] int8, CODES (0 = kept)
-    flags: np.ndarray  # [rows] uint8, examples.RESPONSE_CUT | PROMPT_CUT
-    ids: np.ndarray  # [total] int32
-    trainable: np.ndarray  # [total] bool
-    starts: np.ndarray  # [kept + 1] int64
-    kept_rows: np.ndarray  # [kept] int64: row index of each example
-    problems: dict[int, str]  # row -> problem (the first few per reason and chunk)
-    format: str
-
-
 def _raise_bad_row(src: sources.Source, row: int, reason: str, problem: str, fmt: str):
     where = f"{src.key}={src.text!r}: {src.where(row)}"
     if reason == "too_long":
@@ -160,8 +146,11 @@ def _raise_bad_row(src: sources.Source, row: int, reason: str, problem: str, fmt
     )
 
 
-def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> Table:
-    """Reads every row of `src` and turns it into an example or a drop reason."""
+def encode_source(
+    src: sources.Source, spec: DataSpec, tokenizer, template
+) -> tuple[examples.Chunk, str]:
+    """Reads every row of `src` and turns it into an example or a drop reason; returns them
+    and the rows' format (resolved, when data.format=auto)."""
     rows = src.rows()
     first = list(itertools.islice(rows, CHUNK_ROWS))
     fmt = spec.format
@@ -189,7 +178,6 @@ def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> T
             yield chunk
 
     parts: list[examples.Chunk] = []
-    problems: dict[int, str] = {}
     offset = 0
     bad_codes = [CODES[r] for r in BAD_ROW_REASONS]
     for chunk in encode_chunks(chunks(), encoder, workers):
@@ -199,23 +187,11 @@ def encode_source(src: sources.Source, spec: DataSpec, tokenizer, template) -> T
                 reason != "too_long" and spec.on_bad_row == "error"
             ):
                 _raise_bad_row(src, offset + int(i), reason, chunk.problems.get(int(i), ""), fmt)
-        problems.update({offset + i: p for i, p in chunk.problems.items()})
         parts.append(chunk)
         offset += len(chunk.status)
     if offset == 0:
         raise ValueError(f"{src.key}={src.text!r} holds no rows")
-    status = np.concatenate([c.status for c in parts])
-    lengths = np.concatenate([c.lengths for c in parts])
-    return Table(
-        status=status,
-        flags=np.concatenate([c.flags for c in parts]),
-        ids=np.concatenate([c.ids for c in parts]),
-        trainable=np.concatenate([c.trainable for c in parts]),
-        starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        kept_rows=np.flatnonzero(status == 0).astype(np.int64),
-        problems=problems,
-        format=fmt,
-    )
+    return examples.Chunk.concat(parts), fmt
 
 
 # ---------------------------------------------------------------- examples -> packed split
@@ -235,16 +211,23 @@ def held_out_mask(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def _pack_split(
-    table: Table, rows: np.ndarray, spec: DataSpec, src: sources.Source, name: str, stream: int
+    source: examples.Chunk,
+    fmt: str,
+    rows: np.ndarray,
+    spec: DataSpec,
+    src: sources.Source,
+    name: str,
+    stream: int,
 ) -> tuple[PackedRows, dict]:
-    """Packs the examples of the selected `rows` (a bool mask over the table's rows)."""
-    status, flags = table.status[rows], table.flags[rows]
+    """Packs the examples of the selected `rows` (a bool mask over the source's rows)."""
+    status, flags = source.status[rows], source.flags[rows]
+    kept_rows = np.flatnonzero(source.status == 0)  # The source row of each example.
     n_read = int(rows.sum())
     counts = np.bincount(status, minlength=len(CODES) + 1)
     dropped = {NAMES[c]: int(counts[c]) for c in np.flatnonzero(counts) if c}
     n_dropped = sum(dropped.values())
-    selected = np.flatnonzero(rows[table.kept_rows])  # Examples of this split.
-    problems = [f"{src.where(r)}: {p}" for r, p in sorted(table.problems.items()) if rows[r]][:10]
+    selected = np.flatnonzero(rows[kept_rows])  # Examples of this split.
+    problems = [f"{src.where(r)}: {p}" for r, p in sorted(source.problems.items()) if rows[r]][:10]
     if not len(selected):
         raise ValueError(
             f"no {name} examples left of {n_read} rows ({src.key}={src.text!r}); dropped: "
@@ -260,21 +243,20 @@ def _pack_split(
         )
     # Shuffle so rows mix sources and lengths tie-break by chance, not by file order.
     order = selected[np.random.default_rng([spec.seed, stream]).permutation(len(selected))]
-    s = table.starts
-    exs = [(table.ids[s[k] : s[k + 1]], table.trainable[s[k] : s[k + 1]]) for k in order]
-    packed = PackedRows.from_examples(
-        exs,
+    packed = PackedRows.pack(
+        source,
         spec.max_seq_len,
         packed=spec.packing,
         max_segments=spec.max_segments,
         pad_multiple=spec.pad_multiple,
-        source_rows=table.kept_rows[order],
+        source_rows=kept_rows,
+        order=order,
     )
     segments = np.diff(packed.row_starts)
     trainable = packed.trainable.astype(np.int64)
     loss = np.add.reduceat(trainable, packed.starts[:-1]) - trainable[packed.starts[:-1]]
     stats = {
-        "format": table.format,
+        "format": fmt,
         "rows_read": n_read,
         "examples": len(order),
         "dropped": dropped,
@@ -338,28 +320,28 @@ def build_splits(spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase
             log.info("data: loaded from the cache %s", path)
             return DataSplits(splits["train"], splits.get("validation"), stats, path, True)
 
-    table = encode_source(train_src, spec, tokenizer, template)
-    all_rows = np.ones(len(table.status), np.bool_)
+    train_rows, fmt = encode_source(train_src, spec, tokenizer, template)
+    all_rows = np.ones(len(train_rows.status), np.bool_)
     train, train_stats = all_rows, None
     stats: dict = {}
     splits: dict[str, PackedRows] = {}
     if fraction:  # 0 means none, like "" (a numeric config override may give 0).
-        held_out = held_out_mask(len(table.status), fraction, spec.seed)
+        held_out = held_out_mask(len(all_rows), fraction, spec.seed)
         train = ~held_out
         splits["validation"], stats["validation"] = _pack_split(
-            table, held_out, spec, train_src, "validation", _SHUFFLE_VAL
+            train_rows, fmt, held_out, spec, train_src, "validation", _SHUFFLE_VAL
         )
     splits["train"], train_stats = _pack_split(
-        table, train, spec, train_src, "train", _SHUFFLE_TRAIN
+        train_rows, fmt, train, spec, train_src, "train", _SHUFFLE_TRAIN
     )
     stats = {"train": train_stats, **stats}
     if train_src.empty_files:
         stats["train"]["empty_files"] = train_src.empty_files
     if val_src is not None:
-        val_table = encode_source(val_src, spec, tokenizer, template)
+        val_rows, val_fmt = encode_source(val_src, spec, tokenizer, template)
         splits["validation"], stats["validation"] = _pack_split(
-            val_table, np.ones(len(val_table.status), np.bool_), spec, val_src, "validation",
-            _SHUFFLE_VAL,
+            val_rows, val_fmt, np.ones(len(val_rows.status), np.bool_), spec, val_src,
+            "validation", _SHUFFLE_VAL,
         )  # fmt: skip
     for name, s in stats.items():
         log.info("data %s: %s", name, {k: v for k, v in s.items() if k != "problems"})

@@ -40,6 +40,7 @@ import numpy as np
 import transformers
 
 from sft_jax.data import formats, templates
+from sft_jax.data.packing import Examples, offsets
 from sft_jax.data.spec import CODES, BadRow, DataSpec, Fields, FormatTemplate, RowError
 from sft_jax.data.templates import Rendered
 
@@ -186,16 +187,30 @@ def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> Encoder:
     )
 
 
-@dataclasses.dataclass
-class Chunk:
-    """The outcome of a chunk of rows, in compact arrays (cheap to send between processes)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Chunk(Examples):
+    """The outcome of some rows (a chunk, or a whole source): the examples of the kept rows,
+    back to back, and every row's status. Compact arrays, cheap to send between processes."""
 
     status: np.ndarray  # [rows] int8: 0 kept, else CODES[reason]
-    flags: np.ndarray  # [rows] uint8: RESPONSE_CUT | PROMPT_CUT
-    lengths: np.ndarray  # [kept] int64: ids per kept example
-    ids: np.ndarray  # [sum(lengths)] int32
-    trainable: np.ndarray  # [sum(lengths)] bool
-    problems: dict[int, str]  # row in chunk -> what is wrong (the first few per reason)
+    flags: np.ndarray  # [rows] uint8: RESPONSE_CUT | PROMPT_CUT | NO_END_TOKEN
+    problems: dict[int, str]  # row -> what is wrong (the first few per reason and chunk)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Chunk]) -> Chunk:
+        """The rows of `parts`, one part after another."""
+        first_row = offsets([len(c.status) for c in parts])
+        return cls(
+            ids=np.concatenate([c.ids for c in parts]),
+            trainable=np.concatenate([c.trainable for c in parts]),
+            starts=offsets(np.concatenate([c.lengths for c in parts])),
+            status=np.concatenate([c.status for c in parts]),
+            flags=np.concatenate([c.flags for c in parts]),
+            problems={
+                int(row) + i: p for c, row in zip(parts, first_row, strict=False)
+                for i, p in c.problems.items()
+            },
+        )  # fmt: skip
 
 
 def fit(
@@ -268,11 +283,11 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
             kept_tr.append(trainable)
             lengths.append(len(ids))
     return Chunk(
-        status=status,
-        flags=flags,
-        lengths=np.asarray(lengths, np.int64),
         ids=np.concatenate(kept_ids) if kept_ids else np.zeros(0, np.int32),
         trainable=np.concatenate(kept_tr) if kept_tr else np.zeros(0, np.bool_),
+        starts=offsets(lengths),
+        status=status,
+        flags=flags,
         problems=problems,
     )
 

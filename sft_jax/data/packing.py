@@ -6,9 +6,13 @@ An example is token ids t0..tn with trainable flags. It contributes n positions:
 so attention never crosses examples and the last token of one example never predicts
 the first of the next. Padding has tokens = targets = loss_mask = positions = 0.
 
-`PackedRows` stores the examples back to back plus the plan (which examples form each
-row), about 5 bytes per token instead of the 20 of five dense int32 fields. Rows are
-materialised on demand: each process builds only the rows of its own slice of a batch.
+`Examples` is the one container of tokenized data: every example's ids and flags back to
+back, plus the offsets where each starts. The examples of a chunk of rows
+(`examples.Chunk`), of a whole source, and of packed rows (`PackedRows`, which adds the
+plan: which examples form each row) are all `Examples`; moving examples between them is
+one vectorised gather (`take`), never a list of per-example slices. About 5 bytes per token
+instead of the 20 of five dense int32 fields; rows are materialised on demand, so each
+process builds only the rows of its own slice of a batch.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,12 +54,21 @@ def empty_rows(num_rows: int, seq_len: int) -> dict[str, np.ndarray]:
     return {k: np.zeros((num_rows, seq_len), dt) for k, dt in FIELDS.items()}
 
 
-def _checked(lengths: Sequence[int], seq_len: int) -> list[int]:
-    lengths = [int(n) for n in lengths]
-    for i, n in enumerate(lengths):
-        if not 1 <= n <= seq_len:
-            raise ValueError(f"example {i} contributes {n} positions; need 1..{seq_len}")
+def _checked(lengths: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
+    lengths = np.asarray(lengths, np.int64)
+    bad = np.flatnonzero((lengths < 1) | (lengths > seq_len))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"example {i} contributes {lengths[i]} positions; need 1..{seq_len}")
     return lengths
+
+
+def offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """[n + 1] int64: where each of n pieces of these lengths starts when laid back to back,
+    and the total."""
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def plan_pack(lengths: Sequence[int], seq_len: int, max_segments: int = 0) -> list[list[int]]:
@@ -64,8 +78,9 @@ def plan_pack(lengths: Sequence[int], seq_len: int, max_segments: int = 0) -> li
     Deterministic: ties in length keep input order, ties in free space go to the older row.
     O(E log E) searches plus list inserts; about a second for 1e6 examples.
     """
-    lengths = _checked(lengths, seq_len)
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # sorted() is stable.
+    checked = _checked(lengths, seq_len)
+    order = np.argsort(-checked, kind="stable").tolist()  # Stable: ties keep input order.
+    lengths = checked.tolist()
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (free space, row index), sorted; rows that can take more.
     for i in order:
@@ -82,18 +97,100 @@ def plan_pack(lengths: Sequence[int], seq_len: int, max_segments: int = 0) -> li
     return bins
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PackedRows:
-    """Rows of examples; `rows(idx)` builds the batch fields of the rows `idx`."""
+_GATHER_TOKENS = 1 << 22  # Tokens per step of a gather: bounds its index arrays' memory.
 
-    ids: np.ndarray  # [total] int32: every example's ids, back to back, in row order
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Examples:
+    """Examples back to back: example k is `ids[starts[k]:starts[k + 1]]`, with its
+    trainable flags at the same places."""
+
+    ids: np.ndarray  # [total] int32: every example's ids, back to back
     trainable: np.ndarray  # [total] bool
     starts: np.ndarray  # [examples + 1] int64: example k is ids[starts[k]:starts[k + 1]]
+
+    @classmethod
+    def of(cls, examples: Sequence[Example]) -> Examples:
+        """(ids, trainable) pairs laid back to back."""
+        ids = [np.zeros(0, np.int32)] + [ids for ids, _ in examples]
+        trainable = [np.zeros(0, np.bool_)] + [tr for _, tr in examples]
+        return Examples(
+            ids=np.concatenate(ids).astype(np.int32),
+            trainable=np.concatenate(trainable).astype(np.bool_),
+            starts=offsets([len(x) for x in ids[1:]]),
+        )
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[examples] int64: ids per example."""
+        return np.diff(self.starts)
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Examples:
+        """The examples at `idx`, back to back in that order: one vectorised gather, in steps
+        of about `_GATHER_TOKENS` tokens."""
+        idx = np.asarray(idx, np.int64)
+        first = self.starts[idx]
+        lengths = self.starts[idx + 1] - first
+        starts = offsets(lengths)
+        ids = np.empty(starts[-1], self.ids.dtype)
+        trainable = np.empty(starts[-1], self.trainable.dtype)
+        marks = np.arange(_GATHER_TOKENS, starts[-1], _GATHER_TOKENS)
+        edges = np.unique(np.r_[0, np.searchsorted(starts[:-1], marks), len(idx)])
+        for a, b in itertools.pairwise(edges.tolist()):
+            t0, t1 = starts[a], starts[b]
+            src = np.repeat(first[a:b] - starts[a:b], lengths[a:b]) + np.arange(t0, t1)
+            ids[t0:t1] = self.ids[src]
+            trainable[t0:t1] = self.trainable[src]
+        return Examples(ids, trainable, starts)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedRows(Examples):
+    """Examples in row order plus the plan of rows; `rows(idx)` builds the batch fields of
+    the rows `idx`."""
+
     row_starts: np.ndarray  # [rows + 1] int64: row r holds examples row_starts[r]:row_starts[r + 1]
     seq_len: int
     packed: bool = True  # False: one example per row, each batch padded to its longest row
     pad_multiple: int = 1  # Padding mode: batch widths rounded up to this (fewer compiles)
     source_rows: np.ndarray | None = None  # [examples] int64: source row of each example
+
+    @classmethod
+    def pack(
+        cls,
+        examples: Examples,
+        seq_len: int,
+        packed: bool = True,
+        max_segments: int = 0,
+        pad_multiple: int = 1,
+        source_rows: np.ndarray | None = None,
+        order: np.ndarray | None = None,
+    ) -> PackedRows:
+        """Plans rows of the examples at `order` (default: all, in turn) — BFD if `packed`,
+        else one example per row in that order — and lays them out in row order.
+        `source_rows` holds the source row of each of `examples`."""
+        order = np.arange(len(examples.starts) - 1) if order is None else np.asarray(order)
+        positions = examples.lengths[order] - 1
+        if packed:
+            bins = plan_pack(positions, seq_len, max_segments)
+            in_rows = np.fromiter(itertools.chain.from_iterable(bins), np.int64, len(order))
+            row_starts = offsets([len(b) for b in bins])
+        else:
+            _checked(positions, seq_len)
+            in_rows = np.arange(len(order))
+            row_starts = np.arange(len(order) + 1, dtype=np.int64)
+        chosen = order[in_rows].astype(np.int64)  # Examples in row order.
+        laid = examples.take(chosen)
+        return cls(
+            ids=laid.ids.astype(np.int32, copy=False),
+            trainable=laid.trainable.astype(np.bool_, copy=False),
+            starts=laid.starts,
+            row_starts=row_starts,
+            seq_len=seq_len,
+            packed=packed,
+            pad_multiple=pad_multiple,
+            source_rows=None if source_rows is None else np.asarray(source_rows, np.int64)[chosen],
+        )
 
     @classmethod
     def from_examples(
@@ -105,33 +202,14 @@ class PackedRows:
         pad_multiple: int = 1,
         source_rows: Sequence[int] | None = None,
     ) -> PackedRows:
-        """Plans rows (BFD if `packed`, else one example per row in input order)."""
-        lengths = [len(ids) - 1 for ids, _ in examples]
-        if packed:
-            bins = plan_pack(lengths, seq_len, max_segments)
-        else:
-            bins = [[i] for i in range(len(_checked(lengths, seq_len)))]
-        order = [i for b in bins for i in b]  # Examples in row order.
-        ids = [np.zeros(0, np.int32)] + [examples[i][0] for i in order]
-        trainable = [np.zeros(0, np.bool_)] + [examples[i][1] for i in order]
-        sizes = [len(x) for x in ids]
-        return cls(
-            ids=np.concatenate(ids).astype(np.int32),
-            trainable=np.concatenate(trainable).astype(np.bool_),
-            starts=np.cumsum(sizes, dtype=np.int64),  # The leading empty array gives the 0.
-            row_starts=np.cumsum([0] + [len(b) for b in bins], dtype=np.int64),
-            seq_len=seq_len,
-            packed=packed,
-            pad_multiple=pad_multiple,
-            source_rows=None if source_rows is None else np.asarray(source_rows, np.int64)[order],
-        )
+        """`pack` of (ids, trainable) pairs."""
+        return cls.pack(
+            Examples.of(examples), seq_len, packed, max_segments, pad_multiple,
+            None if source_rows is None else np.asarray(source_rows, np.int64),
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.row_starts) - 1
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.starts) - 1
 
     @functools.cached_property
     def row_lengths(self) -> np.ndarray:
