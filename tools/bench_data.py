@@ -61,7 +61,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=-1, help="data.num_workers")
     args = p.parse_args()
 
-    from sft_jax.data import DataSpec, build, build_splits, load_tokenizer, parallel
+    from sft_jax.data import DataSpec, build, build_splits, load_tokenizer
 
     t = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer)
@@ -83,7 +83,7 @@ def main() -> int:
         cached_s = time.perf_counter() - t
         assert cached.cache_hit and not cold.cache_hit
     stats = cold.stats["train"]
-    cores = parallel.cores()
+    cores = build.cores()
     workers = args.workers if args.workers >= 0 else (
         min(cores, build.MAX_WORKERS) if args.rows >= build.AUTO_WORKERS_MIN_ROWS and cores > 1
         else 0

@@ -54,8 +54,8 @@ flags.mark_flags_as_required(["config"])
 
 def write_rows(source: str, n: int, path: str) -> int:
     """The first `n` rows of `source` (any sft_jax data source) as JSON Lines; how many."""
-    from sft_jax.data.errors import BadRow
     from sft_jax.data.sources import Source
+    from sft_jax.data.spec import BadRow
 
     count = 0
     with open(path, "w", encoding="utf-8") as f:
