@@ -217,3 +217,26 @@ def test_packing_efficiency_on_alpaca_demo():
     assert packing.packing_efficiency(packed) > 0.98
     assert packing.packing_efficiency(padded) < 0.5  # Why packing exists.
     assert packed["loss_mask"].sum() == padded["loss_mask"].sum()
+
+
+def test_take_and_pack_in_an_order_lay_out_the_same_examples(monkeypatch):
+    rng = np.random.default_rng(1)
+    pairs = [(rng.integers(0, 99, k).astype(np.int32), rng.random(k) < 0.5)
+             for k in rng.integers(2, 30, 200)]  # fmt: skip
+    ex = packing.Examples.of(pairs)
+    order = rng.permutation(len(pairs))[:150]
+    monkeypatch.setattr(packing, "_GATHER_TOKENS", 7)  # Many small gather steps.
+    taken = ex.take(order)
+    assert taken.lengths.tolist() == [len(pairs[k][0]) for k in order]
+    for j, k in enumerate(order):
+        span = slice(taken.starts[j], taken.starts[j + 1])
+        np.testing.assert_array_equal(taken.ids[span], pairs[k][0])
+        np.testing.assert_array_equal(taken.trainable[span], pairs[k][1])
+    source_rows = np.arange(len(pairs)) + 1000
+    for packed in (True, False):
+        got = packing.PackedRows.pack(ex, 32, packed, 4, source_rows=source_rows, order=order)
+        want = packing.PackedRows.from_examples(
+            [pairs[k] for k in order], 32, packed, 4, source_rows=source_rows[order]
+        )
+        for f in ("ids", "trainable", "starts", "row_starts", "source_rows"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)

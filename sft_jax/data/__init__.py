@@ -1,11 +1,20 @@
 """Instruction data: sources -> conversations -> template text and spans -> token ids and
 loss masks -> packed rows -> step-indexed batches.
 
-Modules, in data-flow order: sources (raw rows), formats (rows -> messages), templates and
-chat_templates (messages -> text + trained spans), encode (text -> ids + masks), examples
-(one row end to end, length policy), packing (rows of examples), build (the whole build,
-cached by cache), pipeline (batches), view (what is trained, for people). spec holds
-`DataSpec`; errors the drop reasons.
+Modules, in data-flow order:
+- spec: the data config (`DataSpec`, `Fields`, `FormatTemplate`), its checks, and the
+  reasons a row is dropped;
+- sources: raw rows from files, the hub, saved data sets, or synthetic (generated tasks);
+- formats: a raw row -> a conversation (`Message`s);
+- templates: a conversation -> text + the character spans that carry loss;
+- examples: a row -> token ids and trainable flags (or a drop reason), the length
+  policy, and the prompt generation gives for a row;
+- packing: `Examples` (ids + offsets, the one container of tokenized data) and
+  `PackedRows` (rows of them);
+- build: the whole build (`build_splits`, worker processes), cached by cache;
+- pipeline: packed rows -> step-indexed batches;
+- tokenizer: loading tokenizers (GPT-2 offline); view: what is trained, for people.
+The batch and the loss are specified in docs/design.md ("The batch", "The loss").
 """
 
 from sft_jax.data.build import DataSplits, build_splits
