@@ -4,7 +4,8 @@ An example is token ids t0..tn with trainable flags. It contributes n positions:
 `tokens = t0..t(n-1)`, `targets = t1..tn`, `loss_mask = trainable[1..n]`,
 `positions = 0..n-1`. Rows carry `segment_ids` 1, 2, 3 ... per example and 0 on padding,
 so attention never crosses examples and the last token of one example never predicts
-the first of the next. Padding has tokens = targets = loss_mask = positions = 0.
+the first of the next. Padding has tokens = targets = loss_mask = positions = 0. (The
+batch fields and what the loss makes of them: docs/design.md, "The batch", "The loss".)
 
 `Examples` is the one container of tokenized data: every example's ids and flags back to
 back, plus the offsets where each starts. The examples of a chunk of rows
