@@ -259,16 +259,17 @@ def prompts_and_references(
 ) -> list[tuple[list[int], str, str]]:
     """(prompt ids, the user's request, reference answer) per row. The ids are rendered with
     the run's format and template: exactly the tokens training put before each response
-    (`data.prompts.prompt_ids`)."""
-    from sft_jax.data import formats, prompts
+    (`data.prompt_ids`)."""
+    from sft_jax.data import formats, prompt_ids
+    from sft_jax.data.spec import Fields
 
-    fields = formats.Fields.parse(spec.fields)
+    fields = Fields.parse(spec.fields)
     out = []
     for row in rows:
         fmt = formats.detect(row, fields) if spec.format == "auto" else spec.format
         messages = formats.to_messages(row, fmt, fields)
         request = next((m.text() for m in reversed(messages[:-1]) if m.role == "user"), "")
-        out.append((prompts.prompt_ids(row, spec, tokenizer), request, messages[-1].content))
+        out.append((prompt_ids(row, spec, tokenizer), request, messages[-1].content))
     return out
 
 
