@@ -1,17 +1,14 @@
-"""The dense layers' matmul, x · kernel, with a hand-written backward pass that forms the
-kernel's gradient in the orientation XLA:CPU runs fastest.
+"""The dense layers' matmul, x · kernel: a plain `jax.lax.dot_general`, differentiated by
+autodiff, on every backend but CPU.
 
-The gradient of a kernel [K, N] is xᵀ·g, a contraction over every token. Left to itself,
-XLA:CPU runs that dot slowly for a kernel with more rows than columns (GPT-2's MLP c_proj
-[3072, 768], Llama's down_proj, k/v projections). Forming gᵀ·x [N, K] instead and
+On CPU (`cpu_kernel_gradient`, the one place that decides) the same forward gets a
+hand-written backward pass that forms the kernel's gradient in the orientation XLA:CPU runs
+fastest. The gradient of a kernel [K, N] is xᵀ·g, a contraction over every token. Left to
+itself, XLA:CPU runs that dot slowly for a kernel with more rows than columns (GPT-2's MLP
+c_proj [3072, 768], Llama's down_proj, k/v projections). Forming gᵀ·x [N, K] instead and
 transposing the (kernel-sized) result afterwards, with an optimization barrier so XLA
-cannot fold the transpose back into the dot, runs at the matmul's usual rate: 26 ms
-against 30–33 ms for GPT-2's c_proj gradient alone. In the real train step (2-core CPU,
-float32, 4 × 512, alternating runs): GPT-2 5.37–5.93 s against 5.72–6.30 s (fastest step
-of four), SmolLM2-135M 6.73 s against 8.18 s.
-
-Only on CPU: other backends get xᵀ·g, the same dot autodiff would build. The values are
-autodiff's either way.
+cannot fold the transpose back into the dot, runs at the matmul's usual rate (the README's
+benchmark section has the figures). The values are autodiff's either way.
 """
 
 from __future__ import annotations
@@ -26,7 +23,15 @@ Array = jax.Array
 def dense_matmul(x: Array, kernel: Array, in_dims: int = 1) -> Array:
     """x [..., *in] · kernel [*in, *out] → [..., *out], contracting x's last `in_dims`
     dimensions with the kernel's first `in_dims`."""
-    return _dense_matmul(x, kernel, in_dims)
+    if cpu_kernel_gradient():
+        return _cpu_dense_matmul(x, kernel, in_dims)
+    return _matmul(x, kernel, in_dims)
+
+
+def cpu_kernel_gradient() -> bool:
+    """Whether dense layers take the CPU backward pass (`_bwd`): only on the CPU backend,
+    decided when the model is traced. Accelerators run a plain dot_general and autodiff."""
+    return jax.default_backend() == "cpu"
 
 
 def _matmul(x, kernel, in_dims):
@@ -34,7 +39,7 @@ def _matmul(x, kernel, in_dims):
     return jax.lax.dot_general(x, kernel, (contract, ((), ())))
 
 
-_dense_matmul = jax.custom_vjp(_matmul, nondiff_argnums=(2,))
+_cpu_dense_matmul = jax.custom_vjp(_matmul, nondiff_argnums=(2,))
 
 
 def _fwd(x, kernel, in_dims):
@@ -49,7 +54,7 @@ def _bwd(in_dims, res, g):
     d_x = jax.lax.dot_general(g, kernel, ((g_out, k_out), ((), ())))
     tokens = tuple(range(x.ndim - in_dims))  # d kernel contracts every token dimension
     rows, cols = math.prod(kernel.shape[:in_dims]), math.prod(kernel.shape[in_dims:])
-    if jax.default_backend() == "cpu" and rows > cols:
+    if rows > cols:
         # gᵀ·x [*out, *in], materialised as it is, then transposed to [*in, *out].
         d_k_t = jax.lax.dot_general(g, x, ((tokens, tokens), ((), ())))
         d_k_t = jax.lax.optimization_barrier(d_k_t)
@@ -59,4 +64,4 @@ def _bwd(in_dims, res, g):
     return d_x, d_k
 
 
-_dense_matmul.defvjp(_fwd, _bwd)
+_cpu_dense_matmul.defvjp(_fwd, _bwd)
