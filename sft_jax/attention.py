@@ -1,27 +1,25 @@
 """Causal grouped-query attention in plain XLA ops: the training path on every backend
-without an accelerator kernel (`model.attention="xla"`, and "auto" on CPU), and prompt
-prefill.
+without an accelerator kernel (`model.attention="xla"`, and "auto" on CPU), prompt prefill
+and decoding; and `attention_mask`, the [queries, keys] mask of the batch contract.
 
 Three things keep it fast and small on a CPU:
 
 - Query blocks: when queries and keys are the same positions, the queries go in blocks
   and each block scores only the keys up to its own end (the causal mask hides the rest).
   That skips about half of the scores and softmax, and keeps each block's [block, keys]
-  scores small enough for the caches (about 2× faster forward and backward at 4 × 512).
+  scores small enough for the caches.
 - A hand-written backward pass (`attend`, flash-attention style): the forward keeps,
   besides q, k, v and the output, only each query's softmax maximum and 1 / Σ exp — not
-  the [seq, keys] probabilities, which autodiff would store for every layer (for
-  SmolLM2-135M at 4 × 512, 0.7 GB over 30 layers). The backward pass recomputes the
-  probabilities from q and k, and its softmax term is a sum over head_dim (Σ dO·O)
-  instead of over keys.
+  the [seq, keys] probabilities, which autodiff would store for every layer. The backward
+  pass recomputes the probabilities from q and k, and its softmax term is a sum over
+  head_dim (Σ dO·O) instead of over keys.
 - Layouts that need no copy of anything [queries, keys]-sized: heads go first
   ([batch, kv_heads, group, seq, head_dim], one copy of q, k, v each), so every score
   matmul is a plain batched matmul; the backward pass computes its scores transposed,
   [keys, queries], which is the layout the matmuls for dK and dV take as it is (the
   [queries, keys] layout would be copied to its transpose for each of them, twice per
   block); dQ comes out as [head_dim, queries] from kᵀ, a [keys, head_dim]-sized copy.
-  dK and dV add up per block in place. GPT-2 at 4 × 512, forward and backward of one
-  layer: 52–55 ms against 78 ms with [queries, keys] scores and q, k, v as they come.
+  dK and dV add up per block in place.
 """
 
 from __future__ import annotations
@@ -39,6 +37,23 @@ Array = jax.Array
 BLOCK = 128
 MAX_BLOCKS = 16
 _MIN = jnp.finfo(jnp.float32).min
+
+
+def attention_mask(
+    segment_ids: Array, key_segment_ids: Array | None = None, query_offset: Array | int = 0
+) -> Array:
+    """[batch, 1, queries, keys] bool: causal, same segment, never padding (segment 0).
+
+    Training: queries and keys are the same row. Decoding with a KV cache: the keys are the
+    cache's slots (`key_segment_ids` [batch, slots]) and query i sits at slot
+    `query_offset + i`."""
+    if key_segment_ids is None:
+        key_segment_ids = segment_ids
+    q_slots = query_offset + jnp.arange(segment_ids.shape[-1])
+    causal = jnp.arange(key_segment_ids.shape[-1])[None, :] <= q_slots[:, None]
+    same = segment_ids[:, :, None] == key_segment_ids[:, None, :]
+    real = (segment_ids != 0)[:, :, None]
+    return (causal[None] & same & real)[:, None]
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

@@ -14,8 +14,11 @@
   exercise it on CPU (on a GPU they check the cuDNN kernel itself).
 - "auto" (default): splash on TPU, cudnn on GPU in bfloat16/float16, xla otherwise.
 
-Only training and prompt prefill without a cache use these; decoding steps with a KV cache
-always take the XLA path (one query against the cache: nothing to fuse).
+`attention(q, k, v, segment_ids=…, implementation=…)` is the one entry point: it builds
+whatever mask its implementation takes from the segment ids (none for splash, a
+[batch, 1, queries, keys] bool mask for xla and cudnn). Calls with a KV cache (decoding and
+prompt prefill) always take the XLA path: the keys are the cache's slots, not the queries'
+positions, and one query against the cache leaves nothing to fuse.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from sft_jax.attention import attention_mask, dot_product_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 HALF = ("bfloat16", "float16")  # the dtypes cuDNN's fused attention takes
@@ -46,6 +51,36 @@ def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> s
     if backend == "gpu":
         return "cudnn" if half else "xla"
     return {"tpu": "splash"}.get(backend, "xla")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    implementation: str = "auto",
+    key_segment_ids: jax.Array | None = None,
+    query_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Causal attention within segments (the batch contract: query i sees key j only if
+    j <= i and both carry the same non-zero segment id).
+
+    q: [batch, queries, heads, head_dim]; k, v: [batch, keys, kv_heads, head_dim];
+    segment_ids: [batch, queries] int. Without `key_segment_ids` the keys are the queries'
+    own positions and `implementation` (a `model.attention` value) picks the kernel. With
+    `key_segment_ids` [batch, keys] the keys are a KV cache's slots, query i at slot
+    `query_offset + i`, and the XLA path runs. Returns q's shape and dtype."""
+    if key_segment_ids is not None:
+        mask = attention_mask(segment_ids, key_segment_ids, query_offset)
+        return dot_product_attention(q, k, v, mask)
+    kernel = resolve(implementation, dtype=q.dtype)
+    if kernel == "splash":
+        return splash_attention(q, k, v, segment_ids)  # masks by segment ids itself
+    mask = attention_mask(segment_ids)
+    if kernel == "cudnn":
+        return cudnn_attention(q, k, v, mask)
+    return dot_product_attention(q, k, v, mask)
 
 
 def cudnn_attention(q, k, v, mask):

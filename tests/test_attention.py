@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sft_jax import attention
-from sft_jax.model import attention_mask
+from sft_jax.attention import attention_mask
 
 
 def _inputs(b=2, t=300, h=4, kv=2, d=16, seed=0, dtype=jnp.float32):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from sft_jax import kernels
-from sft_jax.attention import dot_product_attention
-from sft_jax.model import GPT, GPTConfig, attention_mask
+from sft_jax.attention import attention_mask, dot_product_attention
+from sft_jax.model import GPT, GPTConfig
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -37,6 +37,22 @@ def test_resolve():
         kernels.resolve("flash")
     with pytest.raises(ValueError, match="invalid attention"):
         GPTConfig.preset("tiny", attention="flash")
+
+
+@pytest.mark.skipif(ON_GPU, reason="cuDNN's bf16 kernel is checked against xla above")
+def test_attention_builds_the_mask_its_implementation_takes():
+    q, k, v, seg = _packed()
+    want = dot_product_attention(q, k, v, attention_mask(seg))
+    real = (seg != 0)[:, :, None, None]
+    for implementation in ("xla", "cudnn", "auto"):
+        got = kernels.attention(q, k, v, segment_ids=seg, implementation=implementation)
+        np.testing.assert_allclose(got * real, want * real, atol=2e-5)
+    # Keys from a KV cache: query i at slot `query_offset + i`, the XLA path.
+    keys = jnp.concatenate([jnp.ones((2, 5), jnp.int32), seg], axis=1)
+    kk, vv = (jnp.concatenate([x[:, :5], x], axis=1) for x in (k, v))
+    got = kernels.attention(q, kk, vv, segment_ids=seg, key_segment_ids=keys, query_offset=5)
+    want = dot_product_attention(q, kk, vv, attention_mask(seg, keys, 5))
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("kernel", ["splash", "cudnn"])
