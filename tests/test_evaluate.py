@@ -1,5 +1,6 @@
 """Scoring, the before/after report and the loss-curve plot."""
 
+import functools
 import json
 
 from sft_jax import evaluate
@@ -49,15 +50,19 @@ def test_evaluation_alone_validation_loss_and_before_after_report(tmp_path):
     c.train.progress_bar = False
     s = train.setup(c, str(tmp_path))
     batch = 8
-    ev = evaluate.Evaluation(
+    # The run's evaluation settings; each Evaluation below adds its rows and loss function.
+    evaluation = functools.partial(
+        evaluate.Evaluation,
         str(tmp_path),
         config_lib.eval_config(c),
         c.seed,
         s.data_spec,
         s.tokenizer,
         s.model_cfg,
-        s.splits.validation,
         batch_size=batch,
+    )
+    ev = evaluation(
+        s.splits.validation,
         eval_fn=lambda p, local: s.fns.eval_step(
             p, train.global_batch(local, s.fns.batch_sharding, batch)
         ),
@@ -81,17 +86,7 @@ def test_evaluation_alone_validation_loss_and_before_after_report(tmp_path):
     )
     ev.generations_before(s.state.params)
     # A resumed run's Evaluation never answered "before": it reads the earlier process's file.
-    resumed = evaluate.Evaluation(
-        str(tmp_path),
-        config_lib.eval_config(c),
-        c.seed,
-        s.data_spec,
-        s.tokenizer,
-        s.model_cfg,
-        None,
-        eval_fn=None,
-        batch_size=batch,
-    )
+    resumed = evaluation(None, eval_fn=None)
     assert resumed.validation_loss(s.state.params) == {}
     resumed.finish(s.state.params)
     assert "| validation loss | 3.5000 | 1.2500 |" in (tmp_path / "report.md").read_text()
