@@ -125,6 +125,7 @@ def check_compatible(saved_model: dict, current_model: dict, directory: str) -> 
     in a way that changes parameter shapes or meaning (numerics such as dtype or remat may
     change between runs)."""
     free = {"dtype", "remat", "dropout", "attention"}
+    saved_model = saved_model_fields(saved_model)
     differ = sorted(
         k for k in set(saved_model) | set(current_model)
         if k not in free and _plain(saved_model.get(k)) != _plain(current_model.get(k))
@@ -138,6 +139,20 @@ def check_compatible(saved_model: dict, current_model: dict, directory: str) -> 
             f"the checkpoints in {directory} were written by a different model ({detail}); "
             "use the same model.* settings to resume, or a new --workdir"
         )
+
+
+def saved_model_fields(saved_model: dict) -> dict:
+    """The model config a checkpoint's meta recorded, as `GPTConfig` fields. Runs written
+    before `GPTConfig` had a `family` field recorded none: their family followed from the
+    architecture (learned positions were GPT-2, q/k/v biases Qwen2, anything else Llama),
+    inferred here, once, so that old workdirs still resume and export."""
+    if "family" in saved_model:
+        return saved_model
+    if saved_model.get("positions", "learned") == "learned":
+        family = "gpt2"
+    else:
+        family = "qwen2" if saved_model.get("qkv_bias") else "llama"
+    return {"family": family, **saved_model}
 
 
 def _plain(v: Any) -> Any:

@@ -1,7 +1,8 @@
 """Hugging Face ⇄ sft_jax: config.json and safetensors in, and back out.
 
-Parameter names already mirror the HF checkpoints, so conversion is a table per family:
-(our path, HF name, how the tensor is laid out). Layouts:
+Parameter names already mirror the HF checkpoints, so conversion is a list of entries per
+config, built from its family's row of `model.FAMILIES`: (our path, HF name, how the tensor
+is laid out, the kernel's input dims). Layouts:
 
 - `table`:  embedding tables, same shape both sides;
 - `vector`: norms and biases; ours may keep head structure ([3, heads, head_dim]), HF is 1-D;
@@ -21,59 +22,67 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from sft_jax.model import GPTConfig
+from sft_jax.sharding import get_path
 
-# (our path within a layer or at the top, HF name, layout, input dims of our kernel)
-Entry = tuple[tuple[str, ...], str, str, int]
 
-GPT2_TOP: list[Entry] = [
-    (("wte", "embedding"), "transformer.wte.weight", "table", 0),
-    (("wpe",), "transformer.wpe.weight", "table", 0),
-    (("ln_f", "scale"), "transformer.ln_f.weight", "vector", 0),
-    (("ln_f", "bias"), "transformer.ln_f.bias", "vector", 0),
-]
-GPT2_LAYER: list[Entry] = [
-    (("ln_1", "scale"), "transformer.h.{i}.ln_1.weight", "vector", 0),
-    (("ln_1", "bias"), "transformer.h.{i}.ln_1.bias", "vector", 0),
-    (("attn", "c_attn", "kernel"), "transformer.h.{i}.attn.c_attn.weight", "conv1d", 1),
-    (("attn", "c_attn", "bias"), "transformer.h.{i}.attn.c_attn.bias", "vector", 0),
-    (("attn", "c_proj", "kernel"), "transformer.h.{i}.attn.c_proj.weight", "conv1d", 2),
-    (("attn", "c_proj", "bias"), "transformer.h.{i}.attn.c_proj.bias", "vector", 0),
-    (("ln_2", "scale"), "transformer.h.{i}.ln_2.weight", "vector", 0),
-    (("ln_2", "bias"), "transformer.h.{i}.ln_2.bias", "vector", 0),
-    (("mlp", "c_fc", "kernel"), "transformer.h.{i}.mlp.c_fc.weight", "conv1d", 1),
-    (("mlp", "c_fc", "bias"), "transformer.h.{i}.mlp.c_fc.bias", "vector", 0),
-    (("mlp", "c_proj", "kernel"), "transformer.h.{i}.mlp.c_proj.weight", "conv1d", 1),
-    (("mlp", "c_proj", "bias"), "transformer.h.{i}.mlp.c_proj.bias", "vector", 0),
-]
-LLAMA_TOP: list[Entry] = [
-    (("embed_tokens", "embedding"), "model.embed_tokens.weight", "table", 0),
-    (("norm", "scale"), "model.norm.weight", "vector", 0),
-    (("lm_head", "kernel"), "lm_head.weight", "linear", 1),  # untied heads only
-]
-LLAMA_LAYER: list[Entry] = [
-    (("input_layernorm", "scale"), "model.layers.{i}.input_layernorm.weight", "vector", 0),
-    *[
-        entry
-        for p in ("q", "k", "v")
-        for entry in (
-            (("self_attn", f"{p}_proj", "kernel"), f"model.layers.{{i}}.self_attn.{p}_proj.weight",
-             "linear", 1),
-            (("self_attn", f"{p}_proj", "bias"), f"model.layers.{{i}}.self_attn.{p}_proj.bias",
-             "vector", 0),  # Qwen2 only
-        )
-    ],
-    (("self_attn", "o_proj", "kernel"), "model.layers.{i}.self_attn.o_proj.weight", "linear", 2),
-    (("post_attention_layernorm", "scale"), "model.layers.{i}.post_attention_layernorm.weight",
-     "vector", 0),
-    (("mlp", "gate_proj", "kernel"), "model.layers.{i}.mlp.gate_proj.weight", "linear", 1),
-    (("mlp", "up_proj", "kernel"), "model.layers.{i}.mlp.up_proj.weight", "linear", 1),
-    (("mlp", "down_proj", "kernel"), "model.layers.{i}.mlp.down_proj.weight", "linear", 1),
-]  # fmt: skip
+class Entry(NamedTuple):
+    """One tensor: where it is in our params and what HF calls it."""
+
+    path: tuple[str, ...]  # our path within a layer, or from the top
+    hf_name: str  # "{i}" stands for the layer index
+    layout: str  # "table" | "vector" | "linear" | "conv1d" (the module docstring)
+    in_dims: int = 0  # kernels: how many leading dims of ours are the matmul's input
+
+
+_HF_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def _hf_name(prefix: str, path: tuple[str, ...]) -> str:
+    """A parameter path as its HF tensor name: the leaf `kernel`, `scale` or `embedding` is
+    `weight`, and a bare parameter (`wpe`) gets one."""
+    if path[-1] in _HF_LEAVES:
+        path = (*path[:-1], _HF_LEAVES[path[-1]])
+    else:
+        path = (*path, "weight")
+    return prefix + ".".join(path)
+
+
+def _entries(cfg: GPTConfig) -> tuple[list[Entry], list[Entry]]:
+    """(top-level entries, per-layer entries) of `cfg`'s params, in HF's order."""
+    names = cfg.names
+    top_prefix, layer_prefix = names.hf_prefix, f"{names.hf_prefix}{names.layers}.{{i}}."
+
+    def entry(prefix: str, path: tuple[str, ...], layout: str, in_dims: int = 0) -> Entry:
+        return Entry(path, _hf_name(prefix, path), layout, in_dims)
+
+    def norm(prefix: str, name: str) -> list[Entry]:
+        leaves = ("scale", "bias") if cfg.bias else ("scale",)
+        return [entry(prefix, (name, leaf), "vector") for leaf in leaves]
+
+    def dense(*path: str, bias: bool = cfg.bias, in_dims: int = 1) -> list[Entry]:
+        kernel = entry(layer_prefix, (*path, "kernel"), names.hf_kernels, in_dims)
+        return [kernel, entry(layer_prefix, (*path, "bias"), "vector")] if bias else [kernel]
+
+    top = [entry(top_prefix, (names.embed, "embedding"), "table")]
+    if cfg.positions == "learned":
+        top.append(entry(top_prefix, ("wpe",), "table"))
+    top += norm(top_prefix, names.final_norm)
+    if not cfg.tie_embeddings:
+        top.append(entry("", ("lm_head", "kernel"), names.hf_kernels, 1))
+    layer = norm(layer_prefix, names.norm_1)
+    for proj in names.qkv:
+        layer += dense(names.attn, proj, bias=cfg.bias or cfg.qkv_bias)
+    layer += dense(names.attn, names.attn_out, in_dims=2)
+    layer += norm(layer_prefix, names.norm_2)
+    for proj in (*names.mlp_in, names.mlp_out):
+        layer += dense("mlp", proj)
+    return top, layer
 
 
 # --------------------------------------------------------------------------- configs
@@ -87,73 +96,89 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
         return ValueError(f"{source}: {what} is not supported (model_type={model_type!r})")
 
     if model_type == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise unsupported(f"activation_function={act!r}")
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if hf.get(flag):
-                raise unsupported(f"{flag}=True")
-        d = hf["n_embd"]
-        return GPTConfig(
-            vocab_size=hf["vocab_size"],
-            max_seq_len=hf.get("n_positions", 1024),
-            d_model=d,
-            n_layers=hf["n_layer"],
-            n_heads=hf["n_head"],
-            n_kv_heads=hf["n_head"],
-            d_ff=hf.get("n_inner") or 4 * d,
-            positions="learned",
-            norm="layernorm",
-            mlp="gelu",
-            bias=True,
-            tie_embeddings=True,
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        )
+        return _gpt2_config(hf, unsupported)
     if model_type in ("llama", "qwen2"):
-        if hf.get("hidden_act", "silu") != "silu":
-            raise unsupported(f"hidden_act={hf['hidden_act']!r}")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise unsupported("attention_bias/mlp_bias=True")
-        if hf.get("use_sliding_window"):
-            raise unsupported("use_sliding_window=True")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling: tuple = ()
-        if rope_type == "llama3":
-            scaling = (
-                float(rope["factor"]),
-                float(rope["low_freq_factor"]),
-                float(rope["high_freq_factor"]),
-                int(rope["original_max_position_embeddings"]),
-            )
-        elif rope_type != "default":
-            raise unsupported(f"rope type {rope_type!r}")
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or 0
-        if head_dim == hf["hidden_size"] // heads:
-            head_dim = 0  # the default: keep configs comparable with the presets
-        return GPTConfig(
-            vocab_size=hf["vocab_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            d_model=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads") or heads,
-            d_ff=hf["intermediate_size"],
-            head_dim=head_dim,
-            positions="rope",
-            norm="rmsnorm",
-            mlp="swiglu",
-            bias=False,
-            qkv_bias=model_type == "qwen2",
-            tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2")),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            rope_llama3_scaling=scaling,
-        )
+        return _llama_config(hf, unsupported)
     raise ValueError(
         f"{source}: model_type={model_type!r} is not supported; sft_jax imports gpt2, llama "
         "(Llama 2/3, SmolLM2, TinyLlama) and qwen2"
+    )
+
+
+def _gpt2_config(hf: dict, unsupported: Callable[[str], ValueError]) -> GPTConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise unsupported(f"activation_function={act!r}")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(flag):
+            raise unsupported(f"{flag}=True")
+    d = hf["n_embd"]
+    return GPTConfig(
+        family="gpt2",
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("n_positions", 1024),
+        d_model=d,
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        n_kv_heads=hf["n_head"],
+        d_ff=hf.get("n_inner") or 4 * d,
+        positions="learned",
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        tie_embeddings=True,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def _llama_config(hf: dict, unsupported: Callable[[str], ValueError]) -> GPTConfig:
+    """Llama and Qwen2 (Llama with q/k/v biases)."""
+    model_type = hf["model_type"]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise unsupported(f"hidden_act={hf['hidden_act']!r}")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise unsupported("attention_bias/mlp_bias=True")
+    if hf.get("use_sliding_window"):
+        raise unsupported("use_sliding_window=True")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or 0
+    if head_dim == hf["hidden_size"] // heads:
+        head_dim = 0  # the default: keep configs comparable with the presets
+    return GPTConfig(
+        family=model_type,
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        d_ff=hf["intermediate_size"],
+        head_dim=head_dim,
+        positions="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        qkv_bias=model_type == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2")),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_llama3_scaling=_rope_scaling(rope, unsupported),
+    )
+
+
+def _rope_scaling(rope: dict, unsupported: Callable[[str], ValueError]) -> tuple:
+    """GPTConfig.rope_llama3_scaling from HF's rope parameters: () for plain RoPE."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return ()
+    if rope_type != "llama3":
+        raise unsupported(f"rope type {rope_type!r}")
+    return (
+        float(rope["factor"]),
+        float(rope["low_freq_factor"]),
+        float(rope["high_freq_factor"]),
+        int(rope["original_max_position_embeddings"]),
     )
 
 
@@ -162,7 +187,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
     if cfg.family == "gpt2":
         return {
             "model_type": "gpt2",
-            "architectures": ["GPT2LMHeadModel"],
+            "architectures": [cfg.names.hf_architecture],
             "vocab_size": cfg.vocab_size,
             "n_positions": cfg.max_seq_len,
             "n_ctx": cfg.max_seq_len,
@@ -178,15 +203,19 @@ def config_to_hf(cfg: GPTConfig) -> dict:
             "tie_word_embeddings": True,
             "torch_dtype": cfg.param_dtype,
         }
-    qwen2 = cfg.qkv_bias
+    if cfg.qkv_bias and cfg.family != "qwen2":
+        raise ValueError(
+            f"model: a {cfg.family} model with q/k/v biases has no Hugging Face equivalent; "
+            "set family='qwen2'"
+        )
     rope: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_llama3_scaling:
         factor, low, high, original = cfg.rope_llama3_scaling
         rope.update(rope_type="llama3", factor=factor, low_freq_factor=low,
                     high_freq_factor=high, original_max_position_embeddings=original)  # fmt: skip
     return {
-        "model_type": "qwen2" if qwen2 else "llama",
-        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": cfg.family,
+        "architectures": [cfg.names.hf_architecture],
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_seq_len,
         "hidden_size": cfg.d_model,
@@ -209,15 +238,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 # --------------------------------------------------------------------------- tensors
 
 
-def _entries(cfg: GPTConfig) -> tuple[list[Entry], list[Entry]]:
-    if cfg.family == "gpt2":
-        return GPT2_TOP, GPT2_LAYER
-    top = [e for e in LLAMA_TOP if e[0][0] != "lm_head" or not cfg.tie_embeddings]
-    layer = [e for e in LLAMA_LAYER if e[0][-1] != "bias" or cfg.qkv_bias]
-    return top, layer
-
-
-def _to_ours(hf: np.ndarray, layout: str, in_dims: int, shape: tuple[int, ...]) -> np.ndarray:
+def _to_ours(hf: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     if layout == "linear":
         hf = hf.T
     if hf.size != math.prod(shape):
@@ -234,10 +255,6 @@ def _to_hf(ours: np.ndarray, layout: str, in_dims: int) -> np.ndarray:
     return np.ascontiguousarray(two_d.T if layout == "linear" else two_d)
 
 
-def _layers_key(cfg: GPTConfig) -> str:
-    return "h" if cfg.family == "gpt2" else "layers"
-
-
 def _leaf_shapes(cfg: GPTConfig) -> dict:
     import flax.linen as nn
 
@@ -247,12 +264,6 @@ def _leaf_shapes(cfg: GPTConfig) -> dict:
         GPT(cfg).init, jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32)
     )["params"]
     return nn.meta.unbox(abstract)
-
-
-def get_path(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _set(tree: dict, path, value) -> None:
@@ -274,50 +285,54 @@ def params_from_hf(
     shapes = shapes if shapes is not None else _leaf_shapes(cfg)
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     top, layer = _entries(cfg)
-    layers = _layers_key(cfg)
+    layers = cfg.names.layers
     params: dict = {}
 
     def finish(path, array):
         array = array.astype(dtype)
         _set(params, path, place(path, array) if place else array)
 
-    def read(name, layout, in_dims, shape):
+    def read(entry: Entry, shape, i: int = 0):
+        name = entry.hf_name.format(i=i)
         try:
-            return _to_ours(np.asarray(get_tensor(name)), layout, in_dims, shape)
+            return _to_ours(np.asarray(get_tensor(name)), entry.layout, shape)
         except ValueError as e:
             raise ValueError(f"{name}: shape mismatch: {e}") from None
 
-    for path, name, layout, in_dims in top:
-        finish(path, read(name, layout, in_dims, get_path(shapes, path).shape))
-    for path, name, layout, in_dims in layer:
+    for entry in top:
+        finish(entry.path, read(entry, get_path(shapes, entry.path).shape))
+    for entry in layer:
         if cfg.scan_layers:
-            shape = get_path(shapes, (layers, *path)).shape[1:]
-            stacked = np.stack(
-                [read(name.format(i=i), layout, in_dims, shape) for i in range(cfg.n_layers)]
-            )
-            finish((layers, *path), stacked)
+            path = (layers, *entry.path)
+            shape = get_path(shapes, path).shape[1:]
+            finish(path, np.stack([read(entry, shape, i) for i in range(cfg.n_layers)]))
         else:
             for i in range(cfg.n_layers):
-                full = (f"{layers}_{i}", *path)
-                finish(full, read(name.format(i=i), layout, in_dims, get_path(shapes, full).shape))
+                path = (f"{layers}_{i}", *entry.path)
+                finish(path, read(entry, get_path(shapes, path).shape, i))
     return params
 
 
 def params_to_hf(cfg: GPTConfig, params) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy tensor) pairs, gathered from devices one leaf at a time."""
     top, layer = _entries(cfg)
-    layers = _layers_key(cfg)
-    for path, name, layout, in_dims in top:
-        yield name, _to_hf(_host(get_path(params, path)), layout, in_dims)
-    for path, name, layout, in_dims in layer:
-        if cfg.scan_layers:
-            stacked = _host(get_path(params, (layers, *path)))
-            for i in range(cfg.n_layers):
-                yield name.format(i=i), _to_hf(stacked[i], layout, in_dims)
-        else:
-            for i in range(cfg.n_layers):
-                leaf = _host(get_path(params, (f"{layers}_{i}", *path)))
-                yield name.format(i=i), _to_hf(leaf, layout, in_dims)
+    for entry in top:
+        leaf = _host(get_path(params, entry.path))
+        yield entry.hf_name, _to_hf(leaf, entry.layout, entry.in_dims)
+    for entry in layer:
+        for i, leaf in enumerate(_per_layer(cfg, params, entry.path)):
+            yield entry.hf_name.format(i=i), _to_hf(leaf, entry.layout, entry.in_dims)
+
+
+def _per_layer(cfg: GPTConfig, params, path: tuple[str, ...]) -> Iterator[np.ndarray]:
+    """Layer 0, 1, … of the leaf at `path` within a layer, on the host."""
+    layers = cfg.names.layers
+    if cfg.scan_layers:
+        stacked = _host(get_path(params, (layers, *path)))
+        yield from stacked
+    else:
+        for i in range(cfg.n_layers):
+            yield _host(get_path(params, (f"{layers}_{i}", *path)))
 
 
 def _host(x) -> np.ndarray:
@@ -341,9 +356,6 @@ class _SafetensorsFolder:
         self._handles = [safe_open(f, framework="numpy") for f in files]
         self._where = {k: h for h in self._handles for k in h.keys()}
         self.folder = folder
-
-    def names(self) -> set[str]:
-        return set(self._where)
 
     def __call__(self, name: str) -> np.ndarray:
         # GPT-2 checkpoints from the hub name tensors without the "transformer." prefix.

@@ -1,8 +1,9 @@
 """A GPT in Flax linen: the GPT-2 and Llama families behind one code path.
 
-Family differences are config fields, not subclasses:
+A config names its `family`, which decides the parameter names (`FAMILIES`: one row per
+family, read here and by `hf.py`); the architecture is config fields, not subclasses:
 
-| field           | GPT-2                    | Llama (SmolLM2, TinyLlama, Qwen2 with qkv_bias) |
+| field           | GPT-2                    | Llama (SmolLM2, TinyLlama), Qwen2               |
 |-----------------|--------------------------|-------------------------------------------------|
 | `positions`     | "learned" (wpe table)    | "rope"                                          |
 | `norm`          | "layernorm" (with bias)  | "rmsnorm"                                       |
@@ -17,14 +18,15 @@ those names onto a device mesh lives in `sharding.py` only.
 
 Attention follows the batch contract (DESIGN.md): position i attends to j only if j <= i
 and both carry the same non-zero segment id, so several examples packed in one row give
-the same logits as each example alone.
+the same logits as each example alone. `kernels.attention` turns the segment ids into
+whatever mask its implementation takes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -32,7 +34,6 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax import kernels
-from sft_jax.attention import dot_product_attention
 from sft_jax.matmul import dense_matmul
 
 Array = jax.Array
@@ -42,9 +43,68 @@ LAYERS_AXIS = "layers"
 
 
 @dataclasses.dataclass(frozen=True)
+class Family:
+    """The parameter names of one model family. They mirror the family's Hugging Face
+    checkpoints: `hf.py` names each tensor `hf_prefix` + its parameter path joined by dots,
+    the leaf (`kernel`, `scale`, `embedding`) called `weight` (`lm_head` has no prefix)."""
+
+    embed: str  # the token embedding table
+    layers: str  # the scanned stack of blocks; `{layers}_{i}` per layer when unrolled
+    norm_1: str  # a block's norm before attention
+    attn: str
+    qkv: tuple[str, ...]  # one fused [d_model, 3, heads, head_dim] projection, or q, k, v
+    attn_out: str
+    norm_2: str  # a block's norm before the MLP
+    mlp_in: tuple[str, ...]  # the projection into the MLP, or (gate, up) of a gated MLP
+    mlp_out: str
+    final_norm: str
+    hf_prefix: str  # of every HF tensor name but lm_head's
+    hf_kernels: str  # "conv1d" (GPT-2's Conv1D: [in, out], as ours) | "linear" ([out, in])
+    hf_architecture: str  # config.json's "architectures"
+
+
+_LLAMA_NAMES = Family(
+    embed="embed_tokens",
+    layers="layers",
+    norm_1="input_layernorm",
+    attn="self_attn",
+    qkv=("q_proj", "k_proj", "v_proj"),
+    attn_out="o_proj",
+    norm_2="post_attention_layernorm",
+    mlp_in=("gate_proj", "up_proj"),
+    mlp_out="down_proj",
+    final_norm="norm",
+    hf_prefix="model.",
+    hf_kernels="linear",
+    hf_architecture="LlamaForCausalLM",
+)
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        embed="wte",
+        layers="h",
+        norm_1="ln_1",
+        attn="attn",
+        qkv=("c_attn",),
+        attn_out="c_proj",
+        norm_2="ln_2",
+        mlp_in=("c_fc",),
+        mlp_out="c_proj",
+        final_norm="ln_f",
+        hf_prefix="transformer.",
+        hf_kernels="conv1d",
+        hf_architecture="GPT2LMHeadModel",
+    ),
+    "llama": _LLAMA_NAMES,
+    "qwen2": dataclasses.replace(_LLAMA_NAMES, hf_architecture="Qwen2ForCausalLM"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class GPTConfig:
     """Architecture and numerics of a GPT. Frozen: safe as a static jit argument."""
 
+    family: str = "gpt2"  # a key of FAMILIES: the parameter names (and the HF model_type)
     vocab_size: int = 50257
     max_seq_len: int = 1024  # longest sequence the positions support
     d_model: int = 768
@@ -74,23 +134,26 @@ class GPTConfig:
     attention: str = "auto"  # "auto" | "xla" | "splash" (TPU) | "cudnn" (GPU): sft_jax.kernels
 
     def __post_init__(self):
+        _check(self.family in FAMILIES, "family", self.family)
         _check(self.positions in ("learned", "rope"), "positions", self.positions)
         _check(self.norm in ("layernorm", "rmsnorm"), "norm", self.norm)
         _check(self.mlp in ("gelu", "swiglu"), "mlp", self.mlp)
-        if self.remat == "attention":
-            raise ValueError(
-                "model: remat='attention' is no longer needed: attention keeps no [seq, keys] "
-                "probabilities for the backward pass by default; set model.remat='none'"
-            )
         _check(self.remat in ("none", "full", "dots"), "remat", self.remat)
         _check(self.attention in kernels.IMPLEMENTATIONS, "attention", self.attention)
+        names = FAMILIES[self.family]
+        if len(names.mlp_in) != (2 if self.mlp == "swiglu" else 1):
+            raise ValueError(
+                f"model: the {self.family} family's MLP names {names.mlp_in} do not fit "
+                f"mlp={self.mlp!r}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
             )
-        if self.positions == "learned" and self.n_kv_heads != self.n_heads:
+        if len(names.qkv) == 1 and self.n_kv_heads != self.n_heads:
             raise ValueError(
-                "model: the GPT-2 family has no grouped-query attention; set n_kv_heads = n_heads"
+                f"model: the {self.family} family has no grouped-query attention (one fused "
+                "q|k|v projection); set n_kv_heads = n_heads"
             )
         if not self.head_dim and self.d_model % self.n_heads:
             raise ValueError(
@@ -103,9 +166,9 @@ class GPTConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     @property
-    def family(self) -> str:
-        """ "gpt2" or "llama": decides parameter names (they mirror the HF checkpoints)."""
-        return "gpt2" if self.positions == "learned" else "llama"
+    def names(self) -> Family:
+        """This family's parameter names."""
+        return FAMILIES[self.family]
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GPTConfig:
@@ -153,8 +216,10 @@ def _check(ok: bool, field: str, value: Any) -> None:
         raise ValueError(f"model: invalid {field}={value!r}")
 
 
-_GPT2 = dict(positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
-_LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+_GPT2 = dict(
+    family="gpt2", positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True
+)
+_LLAMA = dict(family="llama", positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 
 PRESETS: dict[str, GPTConfig] = {
     "gpt2": GPTConfig(**_GPT2),
@@ -207,27 +272,30 @@ def _dense_init():
     return nn.initializers.normal(stddev=0.02)
 
 
-def _gelu_tanh(x: Array) -> Array:
+def gelu(x: Array) -> Array:
     """GPT-2's GELU, the tanh approximation."""
     return jax.nn.gelu(x, approximate=True)
 
 
-def _swiglu(gate: Array, up: Array) -> Array:
+def swiglu(gate: Array, up: Array) -> Array:
     """Llama's gated MLP activation."""
     return jax.nn.silu(gate) * up
 
 
-def recompute_input(project):
-    """`project(kernel, *inputs)` whose backward pass recomputes the activation from the
-    inputs rather than keeping its output: the kernel's gradient needs activation(inputs),
-    the activation's gradient needs the inputs, and without this both are kept for every
-    layer (a scan stacks them: GPT-2 at 4 × 512, 302 MB for the GELU's output alone, and its
-    zero fill and copies each step), with autodiff's own intermediates (the tanh, the
-    sigmoid). The recompute is one elementwise loop; the matmul is not repeated (remat
-    drops what the backward pass does not use). GPT-2 at 4 × 512 on a 2-core CPU: 0.30 GB
-    less scratch memory, and SmolLM2-135M 0.38 GB, than hand-written activation gradients
-    that keep only the inputs (which this made redundant), and no slower."""
-    return jax.checkpoint(project, prevent_cse=False)
+def recompute_input(apply: Callable) -> Callable:
+    """`apply(module, *inputs)` whose backward pass keeps only the inputs and recomputes the
+    rest (the matmul is not repeated: remat drops what the backward pass does not use)."""
+    return nn.checkpoint(apply, prevent_cse=False)
+
+
+def with_recomputed_activation(dense: nn.Module, activation: Callable) -> Callable:
+    """`*h ↦ dense(activation(*h))`, an MLP's activation and down projection, with the
+    activation recomputed in the backward pass from its inputs rather than kept: the
+    kernel's gradient needs activation(h) and the activation's gradient needs h, so without
+    this both are kept for every layer (a scan stacks them, [layers, tokens, d_ff] each,
+    with their zero fill and copies every step), and autodiff's own intermediates (the
+    tanh, the sigmoid) too. The recompute is one elementwise loop."""
+    return lambda *h: recompute_input(lambda dense, *h: dense(activation(*h)))(dense, *h)
 
 
 class Dense(nn.Module):
@@ -238,32 +306,19 @@ class Dense(nn.Module):
     kernel_axes: tuple[str | None, ...]
     use_bias: bool
     in_dims: int = 1  # how many trailing dims of x are contracted
-    # An elementwise function of the inputs applied before the matmul and recomputed in the
-    # backward pass (`recompute_input`): an MLP's activation.
-    activation: Any = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Any = None
 
     @nn.compact
-    def __call__(self, *inputs: Array) -> Array:
-        """x @ kernel, or activation(*inputs) @ kernel."""
-        x = inputs[0]
-        in_shape = x.shape[-self.in_dims :]
+    def __call__(self, x: Array) -> Array:
         kernel = self.param(
             "kernel",
             _param(self.kernel_init or _dense_init(), *self.kernel_axes),
-            (*in_shape, *self.features),
+            (*x.shape[-self.in_dims :], *self.features),
             self.param_dtype,
         )
-
-        def project(kernel, *inputs):
-            x = inputs[0] if self.activation is None else self.activation(*inputs)
-            return dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
-
-        if self.activation is not None:
-            project = recompute_input(project)
-        y = project(kernel, *inputs)
+        y = dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
         if self.use_bias:
             bias_axes = self.kernel_axes[self.in_dims :]
             bias = self.param(
@@ -297,6 +352,16 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
+def _norm(cfg: GPTConfig, name: str) -> Norm:
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dt, pdt, name=name)
+
+
+def _dense(cfg: GPTConfig, features, kernel_axes, use_bias, name: str, in_dims: int = 1):
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    return Dense(features, kernel_axes, use_bias, in_dims, dt, pdt, name=name)
+
+
 def rope_frequencies(cfg: GPTConfig) -> Array:
     """Inverse frequencies [head_dim // 2] of RoPE, with Llama 3 scaling when configured."""
     half = cfg.dim_per_head // 2
@@ -325,23 +390,6 @@ def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(
-    segment_ids: Array, key_segment_ids: Array | None = None, query_offset: Array | int = 0
-) -> Array:
-    """[batch, 1, queries, keys] bool: causal, same segment, never padding (segment 0).
-
-    Training: queries and keys are the same row. Decoding with a KV cache: the keys are the
-    cache's slots (`key_segment_ids` [batch, slots]) and query i sits at slot
-    `query_offset + i`."""
-    if key_segment_ids is None:
-        key_segment_ids = segment_ids
-    q_slots = query_offset + jnp.arange(segment_ids.shape[-1])
-    causal = jnp.arange(key_segment_ids.shape[-1])[None, :] <= q_slots[:, None]
-    same = segment_ids[:, :, None] == key_segment_ids[:, None, :]
-    real = (segment_ids != 0)[:, :, None]
-    return (causal[None] & same & real)[:, None]
-
-
 def _layer(x, i: int):
     """Layer `i` of a stacked leaf; a logical-axes box also drops its leading axis name."""
     if isinstance(x, nn.LogicallyPartitioned):
@@ -356,7 +404,7 @@ def unstack_layers(cfg: GPTConfig, params: dict) -> tuple[GPTConfig, dict]:
     boxed with logical axis names (`nn.LogicallyPartitioned`), as `init` returns them."""
     if not cfg.scan_layers:
         return cfg, params
-    name = "h" if cfg.family == "gpt2" else "layers"
+    name = cfg.names.layers
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
     layers = {
         f"{name}_{i}": jax.tree.map(lambda x, i=i: _layer(x, i), params[name], is_leaf=is_box)
@@ -381,102 +429,88 @@ class Attention(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, cache=None):
-        """cache: None (training) or (k, v, slot) of this layer; then returns (out, (k, v))
-        with this call's keys and values written at `slot`."""
-        cfg = self.cfg
-        hd, dt, pdt = cfg.dim_per_head, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        dense = functools.partial(Dense, dtype=dt, param_dtype=pdt)
-        if cfg.family == "gpt2":
+    def __call__(self, x: Array, positions: Array, segment_ids: Array, cache=None):
+        """cache: None (training) or (k, v, key_segment_ids, slot) of this layer; then
+        returns (out, (k, v)) with this call's keys and values written at `slot`."""
+        cfg, names = self.cfg, self.cfg.names
+        hd = cfg.dim_per_head
+        if len(names.qkv) == 1:
             # Fused q|k|v as in GPT-2's c_attn, kept as [d_model, 3, heads, head_dim].
-            qkv = dense(
-                (3, cfg.n_heads, hd), ("embed", "qkv", "heads", "head_dim"), cfg.bias, name="c_attn"
-            )(x)
+            axes = ("embed", "qkv", "heads", "head_dim")
+            qkv = _dense(cfg, (3, cfg.n_heads, hd), axes, cfg.bias, names.qkv[0])(x)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
             qkv_bias = cfg.bias or cfg.qkv_bias
-            q = dense((cfg.n_heads, hd), ("embed", "heads", "head_dim"), qkv_bias, name="q_proj")(x)
-            k = dense(
-                (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), qkv_bias, name="k_proj"
-            )(x)
-            v = dense(
-                (cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), qkv_bias, name="v_proj"
-            )(x)
+            q_name, k_name, v_name = names.qkv
+            q_axes, kv_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+            q = _dense(cfg, (cfg.n_heads, hd), q_axes, qkv_bias, q_name)(x)
+            k = _dense(cfg, (cfg.n_kv_heads, hd), kv_axes, qkv_bias, k_name)(x)
+            v = _dense(cfg, (cfg.n_kv_heads, hd), kv_axes, qkv_bias, v_name)(x)
         if cfg.positions == "rope":
             inv_freq = rope_frequencies(cfg)
             q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
-        new_cache = None
-        if cache is not None:
-            cache_k, cache_v, slot = cache  # [batch, slots, kv_heads, head_dim]
+        if cache is None:
+            out = kernels.attention(q, k, v, segment_ids=segment_ids, implementation=cfg.attention)
+            new_cache = None
+        else:
+            cache_k, cache_v, key_segment_ids, slot = cache  # [batch, slots, kv_heads, hd]
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
             new_cache = (k, v)
-        # [batch, seq, heads, head_dim]; decoding steps (a cache) always take the XLA path.
-        kernel = kernels.resolve(cfg.attention, dtype=cfg.dtype) if cache is None else "xla"
-        if kernel == "splash":
-            out = kernels.splash_attention(q, k, v, mask)  # `mask` holds the segment ids
-        elif kernel == "cudnn":
-            out = kernels.cudnn_attention(q, k, v, mask)
-        else:
-            out = dot_product_attention(q, k, v, mask)
-        name = "c_proj" if cfg.family == "gpt2" else "o_proj"
-        out = dense((cfg.d_model,), ("heads", "head_dim", "embed"), cfg.bias, in_dims=2, name=name)(
-            out
-        )
+            out = kernels.attention(
+                q, k, v, segment_ids=segment_ids, key_segment_ids=key_segment_ids,
+                query_offset=slot,
+            )  # fmt: skip
+        # [batch, seq, heads, head_dim] → [batch, seq, d_model]
+        axes = ("heads", "head_dim", "embed")
+        out = _dense(cfg, (cfg.d_model,), axes, cfg.bias, names.attn_out, in_dims=2)(out)
         return out if cache is None else (out, new_cache)
 
 
 class MLP(nn.Module):
+    """c_proj(gelu(c_fc(x))) (GPT-2), or down_proj(swiglu(gate_proj(x), up_proj(x))) (Llama),
+    with the activation recomputed in the backward pass (`with_recomputed_activation`)."""
+
     cfg: GPTConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        cfg = self.cfg
-        dense = functools.partial(
-            Dense, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype)
-        )
-        act_mlp = ("batch", "length", "act_mlp")
+        cfg, names = self.cfg, self.cfg.names
+
+        def into(name: str) -> Array:  # [batch, seq, d_model] → [batch, seq, d_ff]
+            h = _dense(cfg, (cfg.d_ff,), ("embed", "mlp"), cfg.bias, name)(x)
+            return nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+
+        down = _dense(cfg, (cfg.d_model,), ("mlp", "embed"), cfg.bias, names.mlp_out)
         if cfg.mlp == "gelu":
-            h = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="c_fc")(x)
-            h = nn.with_logical_constraint(h, act_mlp)
-            return dense(
-                (cfg.d_model,), ("mlp", "embed"), cfg.bias, activation=_gelu_tanh,
-                name="c_proj",
-            )(h)  # fmt: skip
-        gate = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="gate_proj")(x)
-        up = dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name="up_proj")(x)
-        gate, up = (nn.with_logical_constraint(y, act_mlp) for y in (gate, up))
-        return dense(
-            (cfg.d_model,), ("mlp", "embed"), cfg.bias, activation=_swiglu,
-            name="down_proj",
-        )(gate, up)  # fmt: skip
+            (fc,) = names.mlp_in
+            return with_recomputed_activation(down, gelu)(into(fc))
+        gate, up = names.mlp_in
+        return with_recomputed_activation(down, swiglu)(into(gate), into(up))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block. Signature fits `nn.scan`: (carry, broadcast…, scanned)
-    → (carry, scanned out): the layer's KV cache goes in and out as the scanned part."""
+    → (carry, scanned out): the layer's KV cache goes in and out as the scanned part.
+    `decode`: None (training) or (key_segment_ids, slot) of the cache."""
 
     cfg: GPTConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, slot=None, layer_cache=None):
-        cfg = self.cfg
-        gpt2 = cfg.family == "gpt2"
-        norm = functools.partial(
-            Norm, cfg.norm, cfg.norm_eps, cfg.bias, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        )
+    def __call__(self, x, positions, segment_ids, decode=None, layer_cache=None):
+        cfg, names = self.cfg, self.cfg.names
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h = norm(name="ln_1" if gpt2 else "input_layernorm")(x)
-        attention = Attention(cfg, name="attn" if gpt2 else "self_attn")
+        h = _norm(cfg, names.norm_1)(x)
+        attention = Attention(cfg, name=names.attn)
         new_cache = None
         if layer_cache is None:
-            h = attention(h, positions, mask)
+            h = attention(h, positions, segment_ids)
         else:
-            h, new_cache = attention(h, positions, mask, (*layer_cache, slot))
+            h, new_cache = attention(h, positions, segment_ids, (*layer_cache, *decode))
         x = x + drop(h)
-        h = norm(name="ln_2" if gpt2 else "post_attention_layernorm")(x)
+        h = _norm(cfg, names.norm_2)(x)
         x = x + drop(MLP(cfg, name="mlp")(h))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, new_cache
@@ -486,16 +520,16 @@ def _block_class(cfg: GPTConfig):
     if cfg.remat == "none":
         return Block
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots
-    # Arguments 1.. (positions, mask) and `deterministic` are not differentiated.
+    # Arguments 1.. (positions, segment ids, cache) and `deterministic` are not differentiated.
     return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
 class GPT(nn.Module):
-    """`GPT(cfg).apply({"params": p}, tokens, positions=…, segment_ids=…)` → float32 logits."""
+    """`GPT(cfg).apply({"params": p}, tokens, positions=…, segment_ids=…)` → float32 logits;
+    `method="hidden_states"` → the final norm's output instead."""
 
     cfg: GPTConfig
 
-    @nn.compact
     def __call__(
         self,
         tokens: Array,
@@ -504,32 +538,43 @@ class GPT(nn.Module):
         deterministic: bool = True,
         cache: dict[str, Array] | None = None,
         cache_index: Array | int = 0,
-        return_hidden: bool = False,
     ):
         """tokens, positions, segment_ids: [batch, seq] int32 → logits [batch, seq, vocab] float32.
 
         Defaults: positions 0..seq-1 and a single segment (one example per row).
         Decoding: with `cache` (from `init_cache`), the tokens are written to cache slots
-        `cache_index …` and attend to every earlier filled slot; returns (logits, new cache).
-        Training: `return_hidden` gives the final norm's output [batch, seq, d_model] instead
-        of the logits, for a loss that applies `head_weight` itself, chunk by chunk."""
-        cfg = self.cfg
+        `cache_index …` and attend to every earlier filled slot; returns (logits, new cache)."""
+        return self._forward(
+            tokens, positions, segment_ids, deterministic, cache, cache_index, logits=True
+        )
+
+    def hidden_states(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """The final norm's output [batch, seq, d_model], for a loss that applies
+        `head_weight` itself, chunk by chunk (`losses.chunked_cross_entropy`)."""
+        return self._forward(tokens, positions, segment_ids, deterministic, logits=False)
+
+    @nn.compact
+    def _forward(
+        self, tokens, positions, segment_ids, deterministic, cache=None, cache_index=0, *, logits
+    ):
+        cfg, names = self.cfg, self.cfg.names
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        gpt2 = cfg.family == "gpt2"
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        layer_caches = None
-        if cache is None and kernels.resolve(cfg.attention, dtype=cfg.dtype) == "splash":
-            mask = segment_ids  # the kernel masks by segment ids itself: no [seq, seq] mask
-        elif cache is None:
-            mask = attention_mask(segment_ids)
-        else:
+        decode = layer_caches = None
+        if cache is not None:
             key_segments = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
             )
-            mask = attention_mask(segment_ids, key_segments, cache_index)
+            decode = (key_segments, cache_index)
             layer_caches = (cache["k"], cache["v"])  # [layers, batch, slots, kv_heads, head_dim]
 
         embed = nn.Embed(
@@ -538,7 +583,7 @@ class GPT(nn.Module):
             embedding_init=_param(_dense_init(), "vocab", "embed"),
             dtype=dt,
             param_dtype=pdt,
-            name="wte" if gpt2 else "embed_tokens",
+            name=names.embed,
         )
         x = embed(tokens)  # [batch, seq, d_model]
         if cfg.positions == "learned":
@@ -553,7 +598,6 @@ class GPT(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         block = _block_class(cfg)
-        layers_name = "h" if gpt2 else "layers"
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
@@ -563,45 +607,38 @@ class GPT(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
             )
-            x, new_caches = stack(cfg, deterministic, name=layers_name)(
-                x, positions, mask, cache_index, layer_caches
+            x, new_caches = stack(cfg, deterministic, name=names.layers)(
+                x, positions, segment_ids, decode, layer_caches
             )
         else:
             outs = []
             for i in range(cfg.n_layers):
                 layer = None if cache is None else tuple(c[i] for c in layer_caches)
-                x, out = block(cfg, deterministic, name=f"{layers_name}_{i}")(
-                    x, positions, mask, cache_index, layer
+                x, out = block(cfg, deterministic, name=f"{names.layers}_{i}")(
+                    x, positions, segment_ids, decode, layer
                 )
                 outs.append(out)
             new_caches = (
                 None if cache is None else tuple(jnp.stack(c) for c in zip(*outs, strict=True))
             )
 
-        x = Norm(cfg.norm, cfg.norm_eps, cfg.bias, dt, pdt, name="ln_f" if gpt2 else "norm")(x)
-        if return_hidden:
+        x = _norm(cfg, names.final_norm)(x)
+        if not logits:
             return x
         if cfg.tie_embeddings:
-            logits = embed.attend(x)
+            out = embed.attend(x)
         else:
-            logits = Dense(
-                (cfg.vocab_size,),
-                ("embed", "vocab"),
-                False,
-                dtype=dt,
-                param_dtype=pdt,
-                name="lm_head",
-            )(x)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
-        logits = logits.astype(jnp.float32)
+            out = _dense(cfg, (cfg.vocab_size,), ("embed", "vocab"), False, "lm_head")(x)
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_vocab"))
+        out = out.astype(jnp.float32)
         if cache is None:
-            return logits
+            return out
         new_k, new_v = new_caches
-        return logits, {"k": new_k, "v": new_v, "segment_ids": key_segments}
+        return out, {"k": new_k, "v": new_v, "segment_ids": key_segments}
 
 
 def head_weight(cfg: GPTConfig, params) -> Array:
     """The output projection as [vocab, d_model]: the tied embedding or lm_head's kernel."""
     if cfg.tie_embeddings:
-        return params["wte" if cfg.family == "gpt2" else "embed_tokens"]["embedding"]
+        return params[cfg.names.embed]["embedding"]
     return params["lm_head"]["kernel"].T

@@ -25,9 +25,10 @@ class Run:
 
 
 def model_config_from_meta(meta: dict) -> GPTConfig:
-    """JSON turned tuples into lists; the dataclass wants them back."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
-    return GPTConfig(**fields)
+    """The GPTConfig a run recorded (runs older than the `family` field included). JSON
+    turned tuples into lists; the dataclass wants them back."""
+    saved = ckpt_lib.saved_model_fields(meta["model"])
+    return GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:

@@ -145,6 +145,14 @@ def logical_to_sharding(
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def get_path(tree, path: Sequence):
+    """The subtree of nested dicts at `path` (a sequence of keys), e.g. one leaf's sharding
+    in `tree_shardings`' output."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def tree_shardings(boxed_abstract_tree, mesh: Mesh, rules=LOGICAL_RULES):
     """Shardings for every leaf of an abstract pytree whose leaves may be flax logical
     partitioning boxes (from `jax.eval_shape` of an init). Unboxed leaves are replicated."""

@@ -1,9 +1,13 @@
 """Orbax checkpoints: exact round trip, restore onto another mesh, retention."""
 
+import dataclasses
+import json
+
 import jax
 import numpy as np
+import pytest
 
-from sft_jax import checkpoint, sharding, train
+from sft_jax import checkpoint, runs, sharding, train
 from sft_jax.model import GPT, GPTConfig
 from sft_jax.optim import OptimConfig, make_optimizer
 from tests.test_steps import make_batch
@@ -59,3 +63,20 @@ def test_keeps_only_the_newest(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [2, 3]
     ckpt.close()
+
+
+def test_runs_from_before_the_family_field_still_open_and_resume():
+    # Old metadata has no `family`: it follows from the architecture, as it used to.
+    for preset in ("tiny", "tiny-llama"):
+        cfg = GPTConfig.preset(preset)
+        old = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the meta stores it
+        del old["family"]
+        assert runs.model_config_from_meta({"model": old}) == cfg
+        checkpoint.check_compatible(old, dataclasses.asdict(cfg), "dir")  # no error
+    qwen2 = GPTConfig.preset("tiny-llama", family="qwen2", qkv_bias=True)
+    old = {k: v for k, v in dataclasses.asdict(qwen2).items() if k != "family"}
+    assert runs.model_config_from_meta({"model": old}).family == "qwen2"
+    with pytest.raises(ValueError, match="family: checkpoint 'llama' vs config 'qwen2'"):
+        checkpoint.check_compatible(
+            dataclasses.asdict(GPTConfig.preset("tiny-llama")), dataclasses.asdict(qwen2), "dir"
+        )

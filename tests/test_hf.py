@@ -172,9 +172,12 @@ def test_bad_sources_are_named(tmp_path):
 
 
 def test_config_round_trip():
-    for name in ("gpt2", "smollm2-135m"):
-        cfg = GPTConfig.preset(name)
+    qwen2 = GPTConfig.preset("tiny-llama", family="qwen2", qkv_bias=True, tie_embeddings=True)
+    for cfg in (GPTConfig.preset("gpt2"), GPTConfig.preset("smollm2-135m"), qwen2):
         assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+    assert hf.config_to_hf(qwen2)["architectures"] == ["Qwen2ForCausalLM"]
+    with pytest.raises(ValueError, match="set family='qwen2'"):
+        hf.config_to_hf(GPTConfig.preset("tiny-llama", qkv_bias=True))
 
 
 def _tiny_gpt2_with_real_vocab(folder):

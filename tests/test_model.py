@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sft_jax import model as model_lib
-from sft_jax.model import GPT, PRESETS, GPTConfig, attention_mask
+from sft_jax.attention import attention_mask
+from sft_jax.model import GPT, PRESETS, GPTConfig
 
 VOCAB = 512
 
@@ -131,11 +132,6 @@ def test_mlp_activation_is_recomputed_not_kept(monkeypatch, grad_scratch_bytes, 
     assert ours_bytes < grad_scratch_bytes(preset, x, **fields) - 0.75 * stack
 
 
-def test_remat_attention_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match="remat='attention' is no longer needed"):
-        GPTConfig.preset("tiny", remat="attention")
-
-
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     cfg = GPTConfig.preset("tiny", vocab_size=VOCAB, dtype="bfloat16")
     model, params = _init(cfg)
@@ -180,3 +176,34 @@ def test_bad_config_messages_name_the_field():
         GPTConfig.preset("tiny-llama", n_kv_heads=3)
     with pytest.raises(ValueError, match="model.preset"):
         GPTConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="invalid family='mistral'"):
+        GPTConfig.preset("tiny-llama", family="mistral")
+    with pytest.raises(ValueError, match="invalid remat='attention'"):
+        GPTConfig.preset("tiny", remat="attention")
+    with pytest.raises(ValueError, match="gpt2 family has no grouped-query attention"):
+        GPTConfig.preset("tiny", n_kv_heads=2)
+
+
+def test_family_names_the_parameters():
+    # The family, not the architecture fields, decides the names: the same shapes under
+    # GPT-2's and Llama's names.
+    gpt2 = GPTConfig.preset("tiny", vocab_size=VOCAB)
+    assert gpt2.family == "gpt2" and GPTConfig.preset("tiny-llama").family == "llama"
+    shapes = lambda cfg: jax.eval_shape(
+        GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)
+    )["params"]
+    assert set(shapes(gpt2)) == {"wte", "wpe", "h", "ln_f"}
+    assert set(shapes(gpt2)["h"]) == {"ln_1", "attn", "ln_2", "mlp"}
+    llama = GPTConfig.preset("tiny-llama", vocab_size=VOCAB)
+    assert set(shapes(llama)) == {"embed_tokens", "layers", "norm", "lm_head"}
+    assert set(shapes(llama)["layers"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_hidden_states_are_what_the_head_turns_into_logits():
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=VOCAB)
+    model, params = _init(cfg)
+    x = _tokens((2, 12))
+    hidden = model.apply({"params": params}, x, method="hidden_states")
+    assert hidden.shape == (2, 12, cfg.d_model)
+    logits = hidden @ model_lib.head_weight(cfg, params).T
+    np.testing.assert_allclose(logits, model.apply({"params": params}, x), atol=1e-5)

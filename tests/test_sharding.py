@@ -25,6 +25,12 @@ def test_make_mesh_fills_the_free_axis_and_checks_sizes():
         sharding.make_mesh(-1, -1, 1)
 
 
+def test_get_path_walks_nested_dicts():
+    tree = {"layers": {"mlp": {"up_proj": {"kernel": 3}}}}
+    assert sharding.get_path(tree, ("layers", "mlp", "up_proj", "kernel")) == 3
+    assert sharding.get_path(tree, ()) is tree
+
+
 def test_logical_to_sharding_skips_axes_that_do_not_divide():
     mesh = sharding.make_mesh(1, 2, 4)
     s = sharding.logical_to_sharding(P("vocab", "embed"), (50257, 64), mesh)
