@@ -84,12 +84,13 @@ class Generator:
     """Decodes for one model and its params; compiled functions are cached per shape."""
 
     def __init__(self, cfg: GPTConfig, params, end_ids: Sequence[int] = (), unroll: bool = False):
-        # Scanned layers by default: one copy of the weights and a 2 s compile. Unrolled
-        # (`unroll=True`, a per-layer copy of the weights) decodes batch 1 ~1.2x faster on
-        # CPU (SmolLM2-135M: 54 vs 45 tokens/s) but compiles in 8 s; at batch 8 both are alike.
+        # Scanned layers by default: one copy of the weights and a short compile. Unrolled
+        # (`unroll=True`, a per-layer copy of the weights) decodes batch 1 faster on CPU (no
+        # per-layer slicing of the stacked weights) but compiles longer; at batch 8 both
+        # are alike.
         self.cfg, params = unstack_layers(cfg, params) if unroll else (cfg, params)
         # On the device once: host (numpy) params, as hf.load_hf gives them, would otherwise
-        # be copied over on every decode step (1.7 s of a 3.1 s SmolLM2 call, measured).
+        # be copied over on every decode step.
         self.params = jax.device_put(params)
         self.end_ids = tuple(end_ids)
         self._prefill, self._step = _compiled(self.cfg)

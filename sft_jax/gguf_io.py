@@ -184,6 +184,6 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     ``lm_head.weight`` is present only when the file has a separate ``output.weight``.
     """
     path = os.fspath(path)
-    reader = _open(path)  # parsing metadata (the token list) costs ~2 s: do it once
+    reader = _open(path)  # parsing metadata (the token list) is slow: do it once
     cfg = _config(reader, path)
     return cfg, dict(_tensors(reader, path, cfg))
