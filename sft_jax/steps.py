@@ -70,7 +70,7 @@ def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = No
         segment_ids=batch["segment_ids"],
         deterministic=rng is None,
         rngs=None if rng is None else {"dropout": rng},
-        return_hidden=True,
+        method="hidden_states",
     )
     return losses.chunked_cross_entropy(
         hidden, head_weight(model.cfg, params), batch["targets"], batch["loss_mask"]

@@ -35,7 +35,7 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
 def activation_bytes(cfg, local_rows: int, seq: int, tensor: int) -> int:
     """What the backward pass keeps, per device. Per layer and token: the block input and
     both norm outputs, q/k/v, the attention output, the MLP's pre-activations (dtype
-    bytes; the activation's output is recomputed, sft_jax.model.recompute_input), and two
+    bytes; the activation's output is recomputed, sft_jax.model.with_recomputed_activation), and two
     float32 softmax statistics per head (sft_jax.attention keeps no [seq, keys]
     probabilities) — split over `tensor` where the model shards them. `remat` keeps only
     the block inputs (+ one layer live)."""
