@@ -19,19 +19,47 @@ whatever mask its implementation takes from the segment ids (none for splash, a
 [batch, 1, queries, keys] bool mask for xla and cudnn). Calls with a KV cache (decoding and
 prompt prefill) always take the XLA path: the keys are the cache's slots, not the queries'
 positions, and one query against the cache leaves nothing to fuse.
+
+Kernels are chosen for `platform()`: JAX's default backend, or the platform that
+`target_platform(...)` names while the code is lowered for another one (`sft-jax-plan
+--lower tpu` lowers the TPU train step on a CPU machine). Pallas kernels cannot be
+partitioned by XLA: on a mesh, splash runs inside `shard_map` over the mesh axes that the
+logical rules give the batch and the heads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from sft_jax.attention import attention_mask, dot_product_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 HALF = ("bfloat16", "float16")  # the dtypes cuDNN's fused attention takes
+
+_TARGETS: list[str] = []  # the platforms target_platform() named, innermost last
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+    """Choose kernels for `name` ("tpu", "cuda" or "gpu", "cpu") instead of the default
+    backend while tracing inside: for lowering with `lowering_platforms=(name,)`."""
+    _TARGETS.append({"cuda": "gpu", "rocm": "gpu"}.get(name, name))
+    try:
+        yield
+    finally:
+        _TARGETS.pop()
+
+
+def platform() -> str:
+    """The platform kernels are traced for."""
+    return _TARGETS[-1] if _TARGETS else jax.default_backend()
 
 
 def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> str:
@@ -39,7 +67,7 @@ def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> s
     model computes in `dtype`."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
-    backend = backend or jax.default_backend()
+    backend = backend or platform()
     half = jnp.dtype(dtype).name in HALF
     if name == "cudnn" and backend == "gpu" and not half:
         raise ValueError(
@@ -89,7 +117,7 @@ def cudnn_attention(q, k, v, mask):
     # Without `implementation`, jax.nn takes its XLA form even on a GPU: name cuDNN there.
     # is_causal lets the kernel skip the blocks above the diagonal; the mask adds the
     # segment boundaries of packed rows on top.
-    gpu = jax.default_backend() == "gpu"
+    gpu = platform() == "gpu"
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=q.shape[1] == k.shape[1],
         scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn" if gpu else None,
@@ -120,20 +148,55 @@ def _splash_kernel(seq: int, group: int, interpret: bool):
 
 def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
     """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim],
-    segment_ids: [batch, seq] int (0 = padding; padding attends to padding only)."""
+    segment_ids: [batch, seq] int (0 = padding; padding attends to padding only).
+
+    On a mesh (`jax.set_mesh`) the kernel runs per shard, inside `shard_map` over the mesh
+    axes the batch and the heads are split over; `interpret` (default: unless the platform
+    is a TPU) runs it in Pallas interpret mode."""
+    if interpret is None:
+        interpret = platform() != "tpu"
+    t = q.shape[1]
+    # The TPU kernel takes whole 128-token blocks; interpret mode also takes shorter rows.
+    block = min(SPLASH_BLOCK, t) if interpret else SPLASH_BLOCK
+    if t % block:
+        raise ValueError(
+            f"model.attention='splash' needs data.max_seq_len to be a multiple of "
+            f"{SPLASH_BLOCK} (got {t}); round it up or set model.attention='xla'"
+        )
+    local = functools.partial(_splash_local, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, segment_ids)
+    batch_axes, head_axes = _splash_axes(mesh, q.shape[0], q.shape[2], k.shape[2])
+    qkv = PartitionSpec(batch_axes, None, head_axes, None)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch_axes, None)),
+        out_specs=qkv, check_vma=False,
+    )(q, k, v, segment_ids)  # fmt: skip
+
+
+def _splash_axes(mesh, batch: int, heads: int, kv_heads: int):
+    """The mesh axes (or None) that split the batch and the heads for splash's shard_map:
+    those the logical rules in force give "batch" and "act_heads", where they divide the
+    batch, and both the query and the key/value heads (so each shard keeps whole groups)."""
+
+    def axes(logical: str, *sizes: int):
+        spec = nn.logical_to_mesh_axes((logical,))[0]
+        names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+        n = math.prod(mesh.shape[a] for a in names)
+        return names if names and all(s % n == 0 for s in sizes) else None
+
+    return axes("batch", batch), axes("act_heads", heads, kv_heads)
+
+
+def _splash_local(q, k, v, segment_ids, interpret: bool):
+    """The splash kernel on one shard's (or one device's) whole arrays."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
     )
 
     b, t, h, d = q.shape
     kv = k.shape[2]
-    if t % min(SPLASH_BLOCK, t):
-        raise ValueError(
-            f"model.attention='splash' needs data.max_seq_len to be a multiple of "
-            f"{SPLASH_BLOCK} (got {t}); round it up or set model.attention='xla'"
-        )
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     kernel = _splash_kernel(t, h // kv, interpret)
     q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)
     # [batch, kv_heads, group, seq, head_dim] queries against [batch, kv_heads, seq, head_dim].

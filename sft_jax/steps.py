@@ -44,9 +44,12 @@ def init_params(rng: jax.Array, model: nn.Module) -> dict:
     per layer: XLA then compiles one layer's initialisers instead of n_layers copies, so
     the init's compile time does not grow with depth."""
     tokens = jnp.zeros((1, 8), jnp.int32)
-    if model.cfg.scan_layers:
-        return model.init(rng, tokens)["params"]
-    scanned = dataclasses.replace(model.cfg, scan_layers=True)
+    # Parameters do not depend on the attention kernel: trace the init with the XLA one,
+    # which takes any length (TPU splash takes only whole 128-token blocks).
+    cfg = dataclasses.replace(model.cfg, attention="xla")
+    if cfg.scan_layers:
+        return model.clone(cfg=cfg).init(rng, tokens)["params"]
+    scanned = dataclasses.replace(cfg, scan_layers=True)
     params = model.clone(cfg=scanned).init(rng, tokens)["params"]
     return unstack_layers(scanned, params)[1]
 

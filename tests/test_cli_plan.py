@@ -41,10 +41,19 @@ def test_a_mesh_that_does_not_cover_the_devices_is_refused():
 def test_the_command_line_prints_the_plan(console_script):
     tiny_py = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
     done = subprocess.run(
-        [console_script("sft-jax-plan"), "--config", tiny_py, "--devices", "8",
-         "--config.mesh.fsdp=2", "--config.mesh.tensor=4"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            console_script("sft-jax-plan"),
+            "--config",
+            tiny_py,
+            "--devices",
+            "8",
+            "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4}; per device:" in done.stdout
     for line in ("params", "optimizer state", "gradients", "activations", "total"):
@@ -55,3 +64,61 @@ def test_a_missing_config_is_a_flags_error(capsys):
     with pytest.raises(SystemExit) as e:
         plan.main(["--devices", "8"])
     assert e.value.code == 1 and "--config" in capsys.readouterr().err
+
+
+def _splash_llama(mesh):
+    c = tiny.get_config()
+    c.model.preset, c.model.attention, c.model.dtype = "tiny-llama", "splash", "bfloat16"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    return c
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
+def test_train_step_with_splash_lowers_for_tpu_on_faked_devices(mesh):
+    # The TPU kernel (not interpret mode) over 8 devices: it takes whole 128-token blocks
+    # and XLA cannot partition it, so it must run per shard inside shard_map.
+    c = _splash_llama(mesh)
+    lowered = plan.lower_train_step(c, plan.plan(c, 8), "tpu")
+    text = lowered.as_text()
+    assert "tpu_custom_call" in text  # the Mosaic kernel, forward and backward
+    assert "shard_map" in text or "manual" in text  # it runs per shard
+
+
+def test_lower_command_exits_nonzero_with_the_lowering_error(console_script, one_device_env):
+    tiny_py = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    common = [
+        console_script("sft-jax-plan"),
+        "--config",
+        tiny_py,
+        "--devices",
+        "8",
+        "--config.model.preset=tiny-llama",
+        "--config.model.dtype=bfloat16",
+    ]
+    ok = subprocess.run(
+        [*common, "--lower", "tpu", "--config.model.attention=splash"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=one_device_env,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "lowered for tpu on mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (attention=splash)" in (
+        ok.stdout
+    )
+    # Rows splash cannot take on a TPU: the error is the answer, and the exit is 1.
+    bad = subprocess.run(
+        [
+            *common,
+            "--lower",
+            "tpu",
+            "--config.model.attention=auto",
+            "--config.data.max_seq_len=96",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=one_device_env,
+    )
+    assert bad.returncode == 1
+    assert "does not lower for tpu" in bad.stderr and "multiple of 128" in bad.stderr

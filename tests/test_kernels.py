@@ -3,6 +3,9 @@ TPU splash kernel in Pallas interpret mode, jax.nn.dot_product_attention (cuDNN 
 its XLA form. Packed rows with several examples, padding, and GQA. Run with
 JAX_PLATFORMS=cuda on an NVIDIA GPU, the cudnn tests check cuDNN's kernel itself (bf16)."""
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,3 +147,37 @@ def test_splash_after_a_scanned_model_trace():
     q, k, v, seg = _packed()
     grads = jax.grad(lambda q: jnp.sum(kernels.splash_attention(q, k, v, seg, interpret=True)))(q)
     assert np.isfinite(np.asarray(grads)).all()
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode is checked on CPU")
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 1), (1, 2, 2)])
+def test_splash_per_shard_equals_xla_path_on_a_mesh(mesh_shape):
+    # On a mesh splash runs inside shard_map over the batch and head axes the rules give:
+    # the values and gradients are those of the unsharded XLA path.
+    import flax.linen as nn
+
+    from sft_jax import sharding
+
+    devices = jax.devices()[: math.prod(mesh_shape)]
+    mesh = sharding.make_mesh(*mesh_shape, devices=devices)
+    rules = sharding.activation_rules(mesh, {"act_heads": 4, "act_mlp": 8, "act_vocab": 8})
+    q, k, v, seg = _packed(b=4)
+    seg = seg.at[2:].set(seg[:2])  # four rows: packed, padded and whole
+    real = (seg != 0)[:, :, None, None]  # padding's outputs differ by kernel and are unused
+    w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * real
+
+    def loss(attend, q, k, v):
+        return jnp.sum(attend(q, k, v) * w)
+
+    splash = lambda q, k, v: kernels.splash_attention(q, k, v, seg, interpret=True)
+    xla = lambda q, k, v: kernels.attention(q, k, v, segment_ids=seg, implementation="xla")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        got = jax.jit(jax.value_and_grad(functools.partial(loss, splash), argnums=(0, 1, 2)))(
+            q, k, v
+        )
+        text = jax.jit(splash).lower(q, k, v).as_text()
+    want = jax.value_and_grad(functools.partial(loss, xla), argnums=(0, 1, 2))(q, k, v)
+    assert "shard_map" in text or "manual" in text
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)

@@ -8,6 +8,13 @@ each leaf divided by the mesh axes its sharding rule splits it over (the same ru
 divisibility fallback as training). Activations are an estimate from the model's shapes
 (what the backward pass keeps per layer, plus the logits); `--compile` instead compiles the
 real train step on faked CPU devices and reports XLA's own temp-buffer figure.
+
+`--lower tpu` (or `cuda`) lowers the real train step for that platform on `--devices`
+faked CPU devices with the config's mesh and the kernels that platform would run (TPU:
+splash attention inside shard_map): a config that will not partition fails here, on a
+laptop, with the lowering error and a non-zero exit, before the pod is paid for.
+
+    sft-jax-plan --config configs/X.py --devices 8 --lower tpu --config.mesh.fsdp=8
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_integer("devices", 0, "Device count to plan for (default: this host's).",
                          flag_values=values)  # fmt: skip
     flags.DEFINE_bool("compile", False, "Also compile the train step on faked CPU devices.",
+                      flag_values=values)  # fmt: skip
+    flags.DEFINE_enum("lower", "", ["", "tpu", "cuda"],
+                      "Also lower the train step for this platform on --devices faked CPU "
+                      "devices; exit 1 if it cannot be lowered or partitioned.",
                       flag_values=values)  # fmt: skip
     flags.mark_flags_as_required(["config"], flag_values=values)
 
@@ -111,8 +122,8 @@ def plan(c, n_devices: int) -> dict:
     }
 
 
-def _compiled_memory(c, p) -> None:
-    """Compile the real train step on the (faked) devices and print XLA's figures."""
+def _abstract_step(c, p):
+    """(step functions on the faked devices' mesh, abstract state, abstract batch)."""
     import jax
     import numpy as np
 
@@ -131,6 +142,14 @@ def _compiled_memory(c, p) -> None:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         fns.abstract_state, fns.state_shardings,
     )  # fmt: skip
+    return fns, state, batch
+
+
+def _compiled_memory(c, p) -> None:
+    """Compile the real train step on the (faked) devices and print XLA's figures."""
+    import jax
+
+    fns, state, batch = _abstract_step(c, p)
     with fns.context():
         mem = fns.train_step.lower(state, batch).compile().memory_analysis()
     gib = 1024**3
@@ -139,9 +158,42 @@ def _compiled_memory(c, p) -> None:
           f"{mem.argument_size_in_bytes / gib:.3f} GiB per device")  # fmt: skip
 
 
+def lower_train_step(c, p, target: str):
+    """The real train step lowered for `target` ("tpu" or "cuda") over the plan's mesh of
+    faked devices, with the kernels that platform runs. Raises what lowering raises."""
+    from sft_jax import kernels
+
+    with kernels.target_platform(target):
+        fns, state, batch = _abstract_step(c, p)
+        with fns.context():
+            return fns.train_step.trace(state, batch).lower(lowering_platforms=(target,))
+
+
+def _lower(c, p, target: str) -> int:
+    from sft_jax import kernels
+
+    model_cfg = p["model"]
+    kernel = kernels.resolve(model_cfg.attention, {"cuda": "gpu"}.get(target, target),
+                             model_cfg.dtype)  # fmt: skip
+    try:
+        lowered = lower_train_step(c, p, target)
+    except Exception as e:  # any lowering or partitioning failure is the answer here
+        print(f"sft-jax-plan: the train step does not lower for {target} on mesh {p['mesh']} "
+              f"(attention={kernel}): {type(e).__name__}: {e}", file=sys.stderr)  # fmt: skip
+        if kernel == "cudnn" and "cuDNN is not detected" in str(e):
+            # JAX asks the installed cuDNN for its version while tracing the fused kernel.
+            print("  cuDNN's fused attention can only be lowered where a CUDA jaxlib and cuDNN "
+                  "are installed; add --config.model.attention=xla to check the rest of the "
+                  "step's partitioning here", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"lowered for {target} on mesh {p['mesh']} (attention={kernel}): "
+          f"{len(lowered.as_text())} characters of StableHLO")  # fmt: skip
+    return 0
+
+
 def main(argv=None) -> int:
     args, _ = absl_args.parse("sft-jax-plan", __doc__, _define, argv)
-    if args.compile and args.devices:
+    if (args.compile or args.lower) and args.devices:
         # Before jax is imported: fake the planned number of CPU devices.
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -161,6 +213,8 @@ def main(argv=None) -> int:
     print(f"  total           ~{total / gib:9.3f} GiB")
     if args.compile:
         _compiled_memory(c, p)
+    if args.lower:
+        return _lower(c, p, args.lower)
     return 0
 
 
