@@ -79,8 +79,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10  # steps between metric records
     c.train.eval_every = 100  # steps between validation passes (0 = only at the end)
     c.train.eval_batch_size = 0  # 0 = train.batch_size
+    c.train.eval_steps = 0  # validation batches per evaluation (0 = the whole split)
     c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = data sheet, or measured on CPU
     c.train.progress_bar = True
+    # A jax.profiler trace of steps [profile_start, profile_start + profile_steps) written to
+    # WORKDIR/profile (TensorBoard's profile plugin or Perfetto read it); 0 steps = off.
+    c.train.profile_start = 3
+    c.train.profile_steps = 0
+    # JAX's persistent compilation cache: a second run of the same step skips XLA's compile.
+    c.train.compilation_cache_dir = ""  # "" = off
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 3e-4  # peak learning rate

@@ -62,8 +62,12 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batch_size: int = 0  # 0 = batch_size
+    eval_steps: int = 0  # validation batches per evaluation; 0 = the whole split
     peak_flops: float = 0.0
     progress_bar: bool = True
+    profile_start: int = 3  # the first step traced when profile_steps > 0
+    profile_steps: int = 0  # steps traced into WORKDIR/profile; 0 = off
+    compilation_cache_dir: str = ""  # persistent XLA compilation cache; "" = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +169,7 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
     _check_batch_sizes(t, mesh_shape["data"] * mesh_shape["fsdp"])
     judge.from_config(eval_config(c), {})  # its keys, before any data or weights load
     kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype)  # e.g. cuDNN needs bf16
-    for key in ("log_every", "eval_every"):
+    for key in ("log_every", "eval_every", "eval_steps", "profile_start", "profile_steps"):
         if getattr(t, key) < 0:
             raise ValueError(f"config: train.{key} must be >= 0")
     if t.log_every == 0:

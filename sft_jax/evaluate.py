@@ -5,6 +5,7 @@ curve as a PNG. `Evaluation` owns all of it for one run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -25,33 +26,54 @@ class Evaluation:
     batch of which `local_batch` is this process's part.
     """
 
-    def __init__(self, workdir: str, eval_cfg, seed: int, spec, tokenizer, model_cfg,
-                 validation_rows, eval_fn: Callable, batch_size: int):  # fmt: skip
+    def __init__(
+        self,
+        workdir: str,
+        eval_cfg,
+        seed: int,
+        spec,
+        tokenizer,
+        model_cfg,
+        validation_rows,
+        eval_fn: Callable,
+        batch_size: int,
+        max_batches: int = 0,
+    ):
         self.workdir = workdir
         self.validation_rows = validation_rows
         self._cfg, self._seed = eval_cfg, seed
         self._tokenizer, self._model_cfg = tokenizer, model_cfg
         self._eval_fn, self._batch_size = eval_fn, batch_size
+        self._max_batches = max_batches  # 0 = every batch of the split
         self._judge = judge_lib.from_config(eval_cfg, os.environ)
         self._prompts: list[tuple[list[int], str, str]] = []
         # Generation prompts are host-local rows: single-process runs only.
-        if eval_cfg.generations > 0 and jax.process_count() == 1:
+        if eval_cfg.generations > 0 and jax.process_count() > 1:
+            logging.warning(
+                "eval.generations=%d skipped: before/after generations run in single-process "
+                "runs only; answer held-out prompts after training with sft-jax-generate "
+                "--workdir %s", eval_cfg.generations, workdir,
+            )  # fmt: skip
+        elif eval_cfg.generations > 0:
             rows = held_out_rows(spec, eval_cfg.generations)
             self._prompts = prompts_and_references(rows, spec, tokenizer)
         self._before: list[dict] | None = None
 
     def validation_loss(self, params) -> dict[str, float]:
-        """Token-weighted validation loss over every held-out row once ({} without any)."""
+        """Token-weighted validation loss over every held-out row once, or over the first
+        `max_batches` batches ({} without held-out rows)."""
         if self.validation_rows is None:
             return {}
         from sft_jax import data as data_lib
 
-        loss_sum = count = 0.0
         pid, pcount = jax.process_index(), jax.process_count()
-        for local in data_lib.eval_batches(self.validation_rows, self._batch_size, pid, pcount):
-            out = self._eval_fn(params, local)
-            loss_sum += float(out["loss_sum"])
-            count += float(out["loss_tokens"])
+        batches = data_lib.eval_batches(self.validation_rows, self._batch_size, pid, pcount)
+        if self._max_batches:
+            batches = itertools.islice(batches, self._max_batches)
+        # Every batch is dispatched before the host waits once for all the sums.
+        sums = jax.device_get([self._eval_fn(params, local) for local in batches])
+        loss_sum = sum(float(out["loss_sum"]) for out in sums)
+        count = sum(float(out["loss_tokens"]) for out in sums)
         loss = loss_sum / max(count, 1.0)
         return {
             "eval_loss": loss,

@@ -172,6 +172,33 @@ class MetricsWindow:
         return record
 
 
+class StepProfiler:
+    """A `jax.profiler` trace of the steps [start, start + count) in `directory`."""
+
+    def __init__(self, directory: str, start: int, count: int):
+        self._directory = directory
+        self._start, self._end = start, start + count
+        self._active = False
+
+    def before(self, step: int) -> None:
+        """Step `step` (0-based) is about to be dispatched."""
+        if step == self._start and self._end > self._start:
+            jax.profiler.start_trace(self._directory)
+            self._active = True
+            logging.info("profiling steps %d to %d into %s", step, self._end - 1, self._directory)
+
+    def after(self, done: int, outputs: Any) -> None:
+        """`done` steps are dispatched; `outputs` are the last one's (waited for at the end)."""
+        if self._active and done == self._end:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self._active:
+            jax.profiler.stop_trace()
+            self._active = False
+
+
 class MetricsLogger:
     """Writes each logged step to metrics.jsonl, TensorBoard and the console."""
 

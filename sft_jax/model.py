@@ -16,10 +16,10 @@ Parameter names mirror the Hugging Face checkpoints of each family (`wte`, `h`, 
 is a table of names and reshapes. Every parameter carries logical axis names; the mapping of
 those names onto a device mesh lives in `sharding.py` only.
 
-Attention follows the batch contract (docs/design.md, "The batch"): position i attends to j only if j <= i
-and both carry the same non-zero segment id, so several examples packed in one row give
-the same logits as each example alone. `kernels.attention` turns the segment ids into
-whatever mask its implementation takes.
+Attention follows the batch contract (docs/design.md, "The batch"): position i attends to
+j only if j <= i and both carry the same non-zero segment id, so several examples packed in
+one row give the same logits as each example alone. `kernels.attention` turns the segment
+ids into whatever mask its implementation takes.
 """
 
 from __future__ import annotations

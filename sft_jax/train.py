@@ -123,8 +123,10 @@ class Setup:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Shapes and data before arrays; then the state: resumed, pretrained or random."""
     config = ml_collections.ConfigDict(config)  # a copy we may read freely
-    model_cfg = config_lib.model_config(config)
     train_cfg = config_lib.train_config(config)
+    if train_cfg.compilation_cache_dir:  # before the first compile
+        jax.config.update("jax_compilation_cache_dir", train_cfg.compilation_cache_dir)
+    model_cfg = config_lib.model_config(config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     config_lib.check(config, model_cfg, dict(mesh.shape))
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
@@ -207,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_batch_size = t.eval_batch_size or t.batch_size
     evaluation = evaluate_lib.Evaluation(
         workdir, config_lib.eval_config(s.config), s.config.seed, s.data_spec, s.tokenizer,
-        s.model_cfg, s.splits.validation, batch_size=eval_batch_size,
+        s.model_cfg, s.splits.validation, batch_size=eval_batch_size, max_batches=t.eval_steps,
         eval_fn=lambda p, local: fns.eval_step(
             p, global_batch(local, fns.batch_sharding, eval_batch_size)),
     )  # fmt: skip
@@ -216,6 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logger = metrics_lib.MetricsLogger(workdir, s.num_steps, s.start_step,
         enabled=jax.process_index() == 0, progress_bar=t.progress_bar)  # fmt: skip
     ckpt_cfg = config_lib.checkpoint_config(s.config)
+    profiler = metrics_lib.StepProfiler(os.path.join(workdir, "profile"), t.profile_start,
+                                        t.profile_steps)  # fmt: skip
     pid, pcount = jax.process_index(), jax.process_count()
     record: dict[str, float] = {}
     try:
@@ -234,10 +238,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for step in range(s.start_step, s.num_steps):
                 local = data_lib.batch_at(s.splits.train, step, t.batch_size, s.config.seed,
                                           pid, pcount)  # fmt: skip
+                profiler.before(step)
                 state, device_metrics = fns.train_step(
                     state, global_batch(local, fns.batch_sharding, t.batch_size)
                 )
                 done = step + 1
+                profiler.after(done, device_metrics)
                 window.add(done, device_metrics, local["tokens"].shape[1])
                 logging_now = preemption.due(t.log_every, done, s.num_steps)
                 evaluating = s.splits.validation is not None and preemption.due(
@@ -272,6 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.info("exported the final params to %s (Hugging Face format)", out)
         logging.info("done: step %d, checkpoints in %s", s.num_steps, checkpointer.directory)
     finally:
+        profiler.close()
         checkpointer.close()  # waits for the last (async) save
         logger.close()
     return record

@@ -61,25 +61,28 @@ def test_evaluation_alone_validation_loss_and_before_after_report(tmp_path):
         s.model_cfg,
         batch_size=batch,
     )
-    ev = evaluation(
-        s.splits.validation,
-        eval_fn=lambda p, local: s.fns.eval_step(
-            p, train.global_batch(local, s.fns.batch_sharding, batch)
-        ),
+    eval_fn = lambda p, local: s.fns.eval_step(
+        p, train.global_batch(local, s.fns.batch_sharding, batch)
     )
+    ev = evaluation(s.splits.validation, eval_fn=eval_fn)
+    capped = evaluation(s.splits.validation, eval_fn=eval_fn, max_batches=1)  # train.eval_steps
     with s.fns.context():
         got = ev.validation_loss(s.state.params)
+        got_capped = capped.validation_loss(s.state.params)
     # The reference: the unsharded model and the loss contract, batch by batch.
     params = jax.device_get(s.state.params)
-    total = count = 0.0
+    sums = []
     for b in data_lib.eval_batches(s.splits.validation, batch, 0, 1):
         logits = GPT(s.model_cfg).apply(
             {"params": params}, b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"]
         )
         loss_sum, n = losses.masked_cross_entropy(logits, b["targets"], b["loss_mask"])
-        total, count = total + float(loss_sum), count + float(n)
-    assert got["eval_loss_tokens"] == count > 0
+        sums.append((float(loss_sum), float(n)))
+    total, count = (sum(x) for x in zip(*sums, strict=True))
+    assert len(sums) > 1 and got["eval_loss_tokens"] == count > 0
     np.testing.assert_allclose(got["eval_loss"], total / count, rtol=1e-5)
+    assert got_capped["eval_loss_tokens"] == sums[0][1]
+    np.testing.assert_allclose(got_capped["eval_loss"], sums[0][0] / sums[0][1], rtol=1e-5)
 
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 0, "eval_loss": 3.5}\n{"step": 9, "loss": 1.0, "eval_loss": 1.25}\n'

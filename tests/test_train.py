@@ -40,8 +40,19 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path):
         "--config.optim.warmup_steps=1",
         "--config.checkpoint.save_every=3",
     ]
-    first = _main(tmp_path, "--config.train.steps=6", *common)
+    cache = tmp_path / "xla_cache"
+    first = _main(
+        tmp_path,
+        "--config.train.steps=6",
+        *common,
+        "--config.train.profile_start=2",
+        "--config.train.profile_steps=2",
+        f"--config.train.compilation_cache_dir={cache}",
+    )
     assert first.returncode == 0, first.stderr[-3000:]
+    # The trace of steps 2 and 3, and the compiled step kept for the next run.
+    assert list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert any(cache.iterdir())
     records = _records(tmp_path)
     assert [r["step"] for r in records] == [0, 2, 3, 4, 6]
     assert set(records[0]) == {"step", "eval_loss", "eval_perplexity", "eval_loss_tokens"}
