@@ -103,7 +103,7 @@ class MetricsWindow:
         self._clock = clock
         self._pending: tuple[int, Any, int] | None = None  # step, device metrics, width
         self._steps: list[dict] = []  # host copies, each with its batch width
-        self._untimed = 0  # leading steps outside the timing (the compiling one)
+        # Set in the window whose first step compiled; that step is then left out of the timing.
         self._compile_s: float | None = None
         self._compiled = False
         self._start = clock()
@@ -118,7 +118,7 @@ class MetricsWindow:
             self._compiled = True
             self._compile_s = self._clock() - self._start
             logging.info("first step (compile included) took %.1f s", self._compile_s)
-            self._start, self._paused_s, self._untimed = self._clock(), 0.0, 1
+            self._start, self._paused_s = self._clock(), 0.0
 
     def read(self) -> None:
         """Wait for the pending step's metrics; stop on a non-finite loss or gradient (the
@@ -153,7 +153,7 @@ class MetricsWindow:
         elapsed = max(self._clock() - self._start - self._paused_s, 1e-9)
         loss_tokens = sum(float(m["loss_tokens"]) for m in window)
         loss_sum = sum(float(m["loss"]) * float(m["loss_tokens"]) for m in window)
-        timed = window[self._untimed :] or window
+        timed = (window[1:] if self._compile_s is not None else window) or window
         flops = sum(self._flops_per_row(m["width"]) * self._batch_size for m in timed)
         record = {
             "loss": loss_sum / max(loss_tokens, 1.0),
@@ -167,7 +167,7 @@ class MetricsWindow:
         }
         if self._compile_s is not None:
             record["compile_s"] = self._compile_s
-        self._steps, self._untimed, self._compile_s = [], 0, None
+        self._steps, self._compile_s = [], None
         self._start, self._paused_s = self._clock(), 0.0
         return record
 

@@ -160,7 +160,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         "template": config.data.template,
     }
     with fns.context():
-        state = _initial_state(config, fns, checkpointer, meta)
+        state = _initial_state(config, model_cfg, fns, checkpointer, meta)
     return Setup(
         config=config, train_cfg=train_cfg, model_cfg=model_cfg, tokenizer=tokenizer,
         data_spec=data_spec, splits=splits, num_steps=num_steps, fns=fns,
@@ -169,7 +169,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     )  # fmt: skip
 
 
-def _initial_state(config, fns: StepFns, checkpointer, meta: dict) -> steps.TrainState:
+def _initial_state(
+    config, model_cfg: GPTConfig, fns: StepFns, checkpointer, meta: dict
+) -> steps.TrainState:
     """The workdir's latest good checkpoint, else pretrained weights, else random init."""
     target = ckpt_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
     resumed = checkpointer.restore_latest_good(
@@ -186,7 +188,6 @@ def _initial_state(config, fns: StepFns, checkpointer, meta: dict) -> steps.Trai
     if not source:
         return fns.init(jax.random.key(config.seed))
     param_shardings = fns.state_shardings.params
-    model_cfg = GPTConfig(**meta["model"])
     _, params = hf.load_hf(
         source,
         allow_pickle=config.model.allow_pickle,

@@ -173,8 +173,8 @@ def _lower(c, p, target: str) -> int:
     from sft_jax import kernels
 
     model_cfg = p["model"]
-    kernel = kernels.resolve(model_cfg.attention, {"cuda": "gpu"}.get(target, target),
-                             model_cfg.dtype)  # fmt: skip
+    with kernels.target_platform(target):
+        kernel = kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype)
     try:
         lowered = lower_train_step(c, p, target)
     except Exception as e:  # any lowering or partitioning failure is the answer here
