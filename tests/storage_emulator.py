@@ -1,0 +1,135 @@
+"""A Google Cloud Storage emulator on loopback, for tests of `gs://` paths without a cloud.
+
+The emulator is the `gcp-storage-emulator` package (a real HTTP server that speaks GCS's
+JSON API), started as its own process on a free 127.0.0.1 port, storing its objects under a
+temporary folder. Every client is pointed at it by environment variables, so a training run
+launched as a subprocess with `os.environ` (or `GcsEmulator.env`) sees the same buckets:
+
+- `STORAGE_EMULATOR_HOST`: the endpoint of gcsfs (what `etils.epath` uses for `gs://`) and
+  of google-cloud-storage (Orbax lists checkpoint steps with it), with anonymous credentials.
+- `TENSORSTORE_GCS_HTTP_URL`: the endpoint of tensorstore's `gcs` kvstore, through which
+  Orbax writes and reads array chunks; `GOOGLE_AUTH_TOKEN_FOR_TESTING`: the bearer token
+  tensorstore then sends instead of looking for Google credentials.
+- `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`: otherwise gcsfs asks the storage-control gRPC
+  API, which the emulator lacks, whether a bucket is hierarchical (a warning per call).
+- `GOOGLE_CLOUD_PROJECT`: a google-cloud-storage client needs a project name.
+
+Use in a test module (pytest finds fixtures by name, so import both):
+
+    from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401
+
+    def test_x(gcs_bucket):
+        workdir = f"{gcs_bucket}/run"   # "gs://<fresh empty bucket>/run"
+
+`gcs_emulator` is one server per test session (per xdist worker); it sets the variables
+above in `os.environ` for the rest of that session (they matter only to `gs://` paths).
+`gcs_bucket` is a new empty bucket for each test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+_HOST = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((_HOST, 0))
+        return s.getsockname()[1]
+
+
+class GcsEmulator:
+    """One `gcp-storage-emulator` process on loopback; `env` points clients at it."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.port = _free_port()
+        self.url = f"http://{_HOST}:{self.port}"
+        self.env = {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "GOOGLE_CLOUD_PROJECT": "sft-jax-test",
+        }
+        self._process: subprocess.Popen | None = None
+        self._names = itertools.count()
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "emulator.log", "wb")  # noqa: SIM115 (closed with the process)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.root / "data"),
+             "start", "--host", _HOST, "--port", str(self.port), "-q"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"the GCS emulator did not start on {self.url}: "
+                    + (self.root / "emulator.log").read_text(errors="replace")[-2000:]
+                )
+            time.sleep(0.1)
+
+    def new_bucket(self, prefix: str = "bucket") -> str:
+        """Create an empty bucket; returns its URL, `gs://<name>`."""
+        prefix = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-")[:40] or "bucket"
+        name = f"{prefix}-{os.getpid()}-{next(self._names)}"
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project={self.env['GOOGLE_CLOUD_PROJECT']}",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200, r.read()
+        return f"gs://{name}"
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory) -> GcsEmulator:
+    """A running emulator, with `os.environ` pointing every client at it."""
+    emulator = GcsEmulator(tmp_path_factory.mktemp("gcs_emulator"))
+    emulator.start()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in emulator.env.items():
+            env.setenv(key, value)
+        yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator: GcsEmulator, request) -> str:
+    """A fresh empty bucket in the emulator, as `gs://<name>` (no trailing slash)."""
+    return gcs_emulator.new_bucket(request.node.name)
