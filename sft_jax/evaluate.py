@@ -38,6 +38,7 @@ class Evaluation:
         eval_fn: Callable,
         batch_size: int,
         max_batches: int = 0,
+        process_rows=None,  # positions in each batch of this process's rows (None: all)
     ):
         self.workdir = workdir
         self.validation_rows = validation_rows
@@ -45,6 +46,7 @@ class Evaluation:
         self._tokenizer, self._model_cfg = tokenizer, model_cfg
         self._eval_fn, self._batch_size = eval_fn, batch_size
         self._max_batches = max_batches  # 0 = every batch of the split
+        self._process_rows = process_rows
         self._judge = judge_lib.from_config(eval_cfg, os.environ)
         self._prompts: list[tuple[list[int], str, str]] = []
         # Generation prompts are host-local rows: single-process runs only.
@@ -66,8 +68,7 @@ class Evaluation:
             return {}
         from sft_jax import data as data_lib
 
-        pid, pcount = jax.process_index(), jax.process_count()
-        batches = data_lib.eval_batches(self.validation_rows, self._batch_size, pid, pcount)
+        batches = data_lib.eval_batches(self.validation_rows, self._batch_size, self._process_rows)
         if self._max_batches:
             batches = itertools.islice(batches, self._max_batches)
         # Every batch is dispatched before the host waits once for all the sums.

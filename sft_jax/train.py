@@ -30,8 +30,21 @@ from sft_jax import metrics as metrics_lib
 from sft_jax.model import GPT, GPTConfig
 
 
+def process_rows(batch_sharding, global_rows: int) -> np.ndarray:
+    """Positions in a global batch of `global_rows` of the rows this process's devices hold:
+    their shards' row ranges, deduplicated, in order (the layout
+    `make_array_from_process_local_data` expects). Processes whose devices hold the same
+    shards, as when a mesh axis that does not split the batch (tensor) spans hosts, get the
+    same rows; on TPU pods a process's rows need not be one contiguous block."""
+    index_map = batch_sharding.addressable_devices_indices_map((global_rows,))
+    ranges = sorted({(r.start or 0, global_rows if r.stop is None else r.stop)
+                     for r, *_ in index_map.values()})  # fmt: skip
+    return np.concatenate([np.arange(a, b) for a, b in ranges])
+
+
 def global_batch(local: dict[str, np.ndarray], batch_sharding, global_rows: int) -> dict:
-    """This process's rows → one global jax.Array per field, sharded over (data, fsdp)."""
+    """This process's rows (at `process_rows`) → one global jax.Array per field, sharded
+    over (data, fsdp)."""
     return {
         k: jax.make_array_from_process_local_data(batch_sharding, v, (global_rows, *v.shape[1:]))
         for k, v in local.items()
@@ -211,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluation = evaluate_lib.Evaluation(
         workdir, config_lib.eval_config(s.config), s.config.seed, s.data_spec, s.tokenizer,
         s.model_cfg, s.splits.validation, batch_size=eval_batch_size, max_batches=t.eval_steps,
+        process_rows=process_rows(fns.batch_sharding, eval_batch_size),
         eval_fn=lambda p, local: fns.eval_step(
             p, global_batch(local, fns.batch_sharding, eval_batch_size)),
     )  # fmt: skip
@@ -221,7 +235,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt_cfg = config_lib.checkpoint_config(s.config)
     profiler = metrics_lib.StepProfiler(os.path.join(workdir, "profile"), t.profile_start,
                                         t.profile_steps)  # fmt: skip
-    pid, pcount = jax.process_index(), jax.process_count()
     record: dict[str, float] = {}
     try:
         if s.start_step == 0:  # the starting point, so the report shows what training changed
@@ -236,9 +249,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 lambda width: s.model_cfg.flops_per_token(width) * width,
                 t.batch_size, peak * fns.mesh.size,
             )  # fmt: skip
+            mine = process_rows(fns.batch_sharding, t.batch_size)
             for step in range(s.start_step, s.num_steps):
-                local = data_lib.batch_at(s.splits.train, step, t.batch_size, s.config.seed,
-                                          pid, pcount)  # fmt: skip
+                local = data_lib.batch_at(s.splits.train, step, t.batch_size, s.config.seed, mine)
                 profiler.before(step)
                 state, device_metrics = fns.train_step(
                     state, global_batch(local, fns.batch_sharding, t.batch_size)

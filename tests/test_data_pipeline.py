@@ -1,5 +1,6 @@
-"""Step-indexed batches: deterministic, epoch-shuffled, sliced per process (each process
-building only its rows), padding mode widths agreed by all processes, eval batches."""
+"""Step-indexed batches: deterministic, epoch-shuffled, built per process (each process
+building only the rows its devices hold, the same rows where processes share them),
+padding mode widths agreed by all processes, eval batches."""
 
 import numpy as np
 import pytest
@@ -45,6 +46,11 @@ def test_epochs_cover_rows_once_in_new_orders():
     assert all(order != sorted(order) for order in epochs)  # Shuffled, not file order.
 
 
+def _slices(batch_size, count):
+    """Positions of `count` processes that split a batch evenly, in order."""
+    return np.split(np.arange(batch_size), count)
+
+
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("count", [1, 2, 4, 8])
 def test_process_slices_concatenate_to_global_batch(count, packed):
@@ -52,9 +58,21 @@ def test_process_slices_concatenate_to_global_batch(count, packed):
     rows = _indexed_rows(40, seq_len=8, packed=packed, lengths=lengths)
     for step in (0, 5, 11):
         whole = batch_at(rows, step, 8, seed=3)
-        parts = [batch_at(rows, step, 8, 3, i, count) for i in range(count)]
+        parts = [batch_at(rows, step, 8, 3, mine) for mine in _slices(8, count)]
         for k in whole:  # Same width on every process, even padded per batch.
             np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_processes_get_the_rows_at_their_positions(packed):
+    """A TPU pod's process may hold rows that are not one block (positions 0, 1, 4, 5), and
+    processes that share shards (tensor across hosts) hold the same rows."""
+    rows = _indexed_rows(40, packed=packed, lengths=[1 + (i * 3) % 7 for i in range(40)])
+    whole = batch_at(rows, 2, 8, seed=1)
+    for mine in ([0, 1, 4, 5], [2, 3, 6, 7], list(range(8))):
+        got = batch_at(rows, 2, 8, 1, np.array(mine))
+        for k in whole:  # The global batch's width, even in padding mode.
+            np.testing.assert_array_equal(got[k], whole[k][mine])
 
 
 def test_padding_mode_pads_each_batch_to_its_longest_row():
@@ -75,10 +93,8 @@ def test_padding_mode_pads_each_batch_to_its_longest_row():
 
 def test_batch_errors():
     rows = _indexed_rows(24)
-    with pytest.raises(ValueError, match="divide evenly over 3 processes"):
-        batch_at(rows, 0, 8, 0, 0, 3)
-    with pytest.raises(ValueError, match="process_index=2"):
-        batch_at(rows, 0, 8, 0, 2, 2)
+    with pytest.raises(ValueError, match=r"not positions in a batch of 8 rows \(train\.batch"):
+        batch_at(rows, 0, 8, 0, np.array([6, 7, 8]))
     with pytest.raises(ValueError, match=r"train\.batch_size=25 .* 24 training rows"):
         num_batches_per_epoch(rows, 25)
     with pytest.raises(ValueError, match=r"train\.batch_size"):
@@ -100,7 +116,7 @@ def test_eval_batches_every_row_once_then_padding(packed):
     assert all((v == 0).all() for v in tail.values())  # segment_ids 0, loss_mask 0.
     assert (batches[-1]["loss_mask"][:2].sum(axis=1) > 0).all()
     for count in (2, 4):
-        parts = [list(eval_batches(rows, 4, i, count)) for i in range(count)]
+        parts = [list(eval_batches(rows, 4, mine)) for mine in _slices(4, count)]
         for j, whole in enumerate(batches):
             for k in whole:
                 got = np.concatenate([p[j][k] for p in parts])
@@ -119,7 +135,7 @@ def test_each_process_builds_only_its_own_rows(monkeypatch, packed):
 
     monkeypatch.setattr(packing.PackedRows, "rows", spy)
     whole = pipeline.batch_rows(rows, 3, 8, 0)
-    batch_at(rows, 3, 8, 0, process_index=1, process_count=4)
+    batch_at(rows, 3, 8, 0, process_rows=np.array([2, 3]))
     assert built == [whole[2:4].tolist()]  # Two rows of eight, and only those.
-    list(eval_batches(rows, 8, process_index=3, process_count=4))
+    list(eval_batches(rows, 8, process_rows=np.array([6, 7])))
     assert built[1:] == [[6 + s, 7 + s] for s in range(0, 40, 8)]

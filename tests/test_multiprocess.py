@@ -1,5 +1,7 @@
-"""A real multi-process run: 2 processes × 4 faked CPU devices on loopback (JAX's CPU
-collectives over gloo), against the same run in one process on 8 devices."""
+"""Real multi-process runs: 2 processes × 2 faked CPU devices on loopback (JAX's CPU
+collectives over gloo), against the same run in one process on one device. One mesh puts
+a tensor axis across the two processes (both feed the same rows), one splits the batch
+over them (fsdp) with tensor inside each."""
 
 import json
 import os
@@ -14,8 +16,8 @@ from tests.test_train import ROOT
 pytestmark = pytest.mark.slow
 
 ARGS = [
-    "--config", "configs/tiny.py", "--config.train.steps=6", "--config.train.log_every=1",
-    "--config.train.eval_every=3", "--config.checkpoint.save_every=3",
+    "--config", "configs/tiny.py", "--config.train.steps=4", "--config.train.log_every=1",
+    "--config.train.eval_every=2", "--config.checkpoint.save_every=2",
     "--config.data.train=synthetic:mix:400", "--config.data.validation=0.1",
     "--config.optim.warmup_steps=1", "--config.train.progress_bar=False",
 ]  # fmt: skip
@@ -34,17 +36,22 @@ def _losses(workdir):
     return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in records]
 
 
-@pytest.mark.parametrize("mesh", [["--config.mesh.fsdp=-1"],
-                                  ["--config.mesh.data=2", "--config.mesh.tensor=2"]],
-                         ids=["fsdp8", "data2-fsdp2-tensor2"])  # fmt: skip
-def test_two_processes_train_like_one(tmp_path, mesh):
-    single = tmp_path / "single"
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    """The reference: the same run in one process on one device."""
+    single = tmp_path_factory.mktemp("single")
     out = subprocess.run(
-        [sys.executable, "-m", "sft_jax.main", f"--workdir={single}", *ARGS, *mesh],
-        cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "sft_jax.main", f"--workdir={single}", *ARGS],
+        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    return single
 
+
+@pytest.mark.parametrize("mesh", [["--config.mesh.fsdp=1", "--config.mesh.tensor=4"],
+                                  ["--config.mesh.fsdp=2", "--config.mesh.tensor=2"]],
+                         ids=["tensor4-across-processes", "fsdp2-tensor2"])  # fmt: skip
+def test_two_processes_train_like_one_device(tmp_path, single_device_run, mesh):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -63,7 +70,7 @@ def test_two_processes_train_like_one(tmp_path, mesh):
                 f"--process_id={i}",
             ],
             cwd=ROOT,
-            env=_env(4),
+            env=_env(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -73,10 +80,10 @@ def test_two_processes_train_like_one(tmp_path, mesh):
     errs = [p.communicate(timeout=600)[1] for p in procs]
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert "process 1 of 2, 4 local devices" in errs[1]
+    assert "process 1 of 2, 2 local devices" in errs[1]
 
-    ref, got = _losses(single), _losses(multi)
-    assert [r[0] for r in got] == [r[0] for r in ref]
+    ref, got = _losses(single_device_run), _losses(multi)
+    assert [r[0] for r in got] == [r[0] for r in ref] == [0, 1, 2, 3, 4]
     for (_, loss_a, eval_a), (_, loss_b, eval_b) in zip(got, ref, strict=True):
         assert (loss_a is None) == (loss_b is None)  # step 0 holds the starting eval only
         if loss_a is not None:
@@ -85,5 +92,5 @@ def test_two_processes_train_like_one(tmp_path, mesh):
         if eval_a is not None:
             assert eval_a == pytest.approx(eval_b, rel=1e-5)
     # Only process 0 writes metrics and events; checkpoints are written together.
-    assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"]
+    assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
     assert len(os.listdir(multi / "tensorboard")) == 1

@@ -1,10 +1,13 @@
-"""Packed rows -> deterministic, step-indexed batches, each process building only its slice.
+"""Packed rows -> deterministic, step-indexed batches, each process building only its rows.
 
 `batch_at`: the global batch of a step depends on (rows, step, batch size, seed) alone,
 so resuming at step s replays exactly the data an uninterrupted run would have seen; the
-checkpoint needs no iterator state. Each process materialises only its contiguous slice
-of the batch's rows. In padding mode (packing=False) the width is the longest row of the
-*global* batch (rounded up to `pad_multiple`), so every process agrees on the shape.
+checkpoint needs no iterator state. Each process materialises only the rows of the batch
+its devices hold (`process_rows`: positions in the global batch, from the batch
+sharding, see `train.process_rows`); two processes hold the same rows when a mesh axis
+that does not split the batch (tensor) spans them. In padding mode (packing=False) the
+width is the longest row of the *global* batch (rounded up to `pad_multiple`), so every
+process agrees on the shape.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ def num_batches_per_epoch(rows: PackedRows, batch_size: int) -> int:
     return n // batch_size
 
 
-def _local_slice(batch_size: int, process_index: int, process_count: int) -> slice:
-    if batch_size % process_count or not 0 <= process_index < process_count:
+def _positions(batch_size: int, process_rows: np.ndarray | None) -> np.ndarray:
+    """The positions in a global batch this process builds (all of them by default)."""
+    if process_rows is None:
+        return np.arange(batch_size)
+    positions = np.asarray(process_rows, np.int64)
+    if positions.ndim != 1 or not ((0 <= positions) & (positions < batch_size)).all():
         raise ValueError(
-            f"train.batch_size={batch_size} must divide evenly over {process_count} processes "
-            f"(process_index={process_index})"
+            f"process_rows {positions.tolist()} are not positions in a batch of {batch_size} "
+            "rows (train.batch_size / train.eval_batch_size)"
         )
-    per = batch_size // process_count
-    return slice(process_index * per, (process_index + 1) * per)
+    return positions
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,11 +66,11 @@ def batch_at(
     step: int,
     batch_size: int,
     seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    process_rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """This process's slice [batch_size // process_count, width] of the batch at `step`."""
-    local = _local_slice(batch_size, process_index, process_count)
+    """The rows at `process_rows` (default: all) of the global batch at `step`:
+    [len(process_rows), width]."""
+    local = _positions(batch_size, process_rows)
     idx = batch_rows(rows, step, batch_size, seed)
     return rows.rows(idx[local], rows.width(idx))
 
@@ -72,11 +78,12 @@ def batch_at(
 def eval_batches(
     rows: PackedRows,
     batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    process_rows: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every row once, in order; the last batch is topped up with all-padding rows."""
-    local = _local_slice(batch_size, process_index, process_count)
+    """Every row once, in order, in global batches of `batch_size` of which this process
+    builds the rows at `process_rows` (default: all); the last batch is topped up with
+    all-padding rows."""
+    local = _positions(batch_size, process_rows)
     for start in range(0, len(rows), batch_size):
         idx = np.arange(start, min(start + batch_size, len(rows)))
         width = rows.width(idx)
