@@ -154,7 +154,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
             f"{model_cfg.vocab_size}; set model.tokenizer to the model's own (or leave it '')"
         )
     data_spec = config_lib.data_spec(config)
-    splits = data_lib.build_splits(data_spec, tokenizer)
+    if jax.process_count() > 1 and data_spec.cache and not data_spec.cache_dir:
+        # Built once across hosts: each tokenizes its share into a folder all of them read.
+        data_spec = dataclasses.replace(data_spec, cache_dir=f"{workdir.rstrip('/')}/data_cache")
+    splits = data_lib.build_splits(data_spec, tokenizer, data_lib.jax_processes())
     logging.info("data: %s", splits.stats)
     batches = data_lib.num_batches_per_epoch(splits.train, train_cfg.batch_size)
     num_steps = config_lib.total_steps(config, batches)

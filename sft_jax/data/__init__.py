@@ -12,6 +12,7 @@ Modules, in data-flow order:
 - packing: `Examples` (ids + offsets, the one container of tokenized data) and
   `PackedRows` (rows of them);
 - build: the whole build (`build_splits`, worker processes), cached by cache;
+- hosts: the build shared by several processes (each tokenizes its share of the rows);
 - pipeline: packed rows -> step-indexed batches;
 - tokenizer: loading tokenizers (GPT-2 offline); view: what is trained, for people.
 The batch and the loss are specified in docs/design.md ("The batch", "The loss").
@@ -19,6 +20,7 @@ The batch and the loss are specified in docs/design.md ("The batch", "The loss")
 
 from sft_jax.data.build import DataSplits, build_splits
 from sft_jax.data.examples import prompt_ids
+from sft_jax.data.hosts import Processes, jax_processes
 from sft_jax.data.pipeline import batch_at, eval_batches, num_batches_per_epoch
 from sft_jax.data.spec import DataSpec, FormatTemplate
 from sft_jax.data.tokenizer import load_tokenizer
@@ -27,9 +29,11 @@ __all__ = [
     "DataSpec",
     "DataSplits",
     "FormatTemplate",
+    "Processes",
     "batch_at",
     "build_splits",
     "eval_batches",
+    "jax_processes",
     "load_tokenizer",
     "num_batches_per_epoch",
     "prompt_ids",

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 import transformers
 
-from sft_jax.data import cache, examples, formats, sources, templates
+from sft_jax.data import cache, examples, formats, hosts, sources, templates
 from sft_jax.data.packing import PackedRows
 from sft_jax.data.spec import (
     BAD_ROW_REASONS,
@@ -50,6 +50,7 @@ MAX_WORKERS = 8
 # Distinct random streams derived from the one seed, so the split does not change when
 # the shuffle does, and vice versa.
 _SPLIT, _SHUFFLE_TRAIN, _SHUFFLE_VAL = 1, 2, 3
+ONE_PROCESS = hosts.Processes()
 
 
 @dataclasses.dataclass
@@ -146,25 +147,44 @@ def _raise_bad_row(src: sources.Source, row: int, reason: str, problem: str, fmt
     )
 
 
+def _format(src: sources.Source, spec: DataSpec, head: list) -> str:
+    """data.format, or the format the first rows show when it is auto."""
+    if spec.format != "auto":
+        return spec.format
+    sample = next((r for r in head if isinstance(r, dict)), None)
+    if sample is None:
+        return "alpaca"  # Nothing parseable: the rows fail later with their own messages.
+    try:
+        return formats.detect(sample, Fields.parse(spec.fields))
+    except ValueError as e:
+        raise ValueError(f"{src.key}={src.text!r}: {e}") from None
+
+
+def _stop_at_bad_rows(chunk: examples.Chunk, first: int, src, spec: DataSpec, fmt: str) -> None:
+    """Raises for the chunk's first row that the config says is an error (the row counted
+    from the source's start: `first` is the chunk's)."""
+    bad_codes = [CODES[r] for r in BAD_ROW_REASONS]
+    for i in np.flatnonzero(np.isin(chunk.status, bad_codes + [CODES["too_long"]])):
+        reason = NAMES[int(chunk.status[i])]
+        if (reason == "too_long" and spec.too_long == "error") or (
+            reason != "too_long" and spec.on_bad_row == "error"
+        ):
+            _raise_bad_row(src, first + int(i), reason, chunk.problems.get(int(i), ""), fmt)
+
+
 def encode_source(
-    src: sources.Source, spec: DataSpec, tokenizer, template
-) -> tuple[examples.Chunk, str]:
-    """Reads every row of `src` and turns it into an example or a drop reason; returns them
-    and the rows' format (resolved, when data.format=auto)."""
+    src: sources.Source, spec: DataSpec, tokenizer, template, share: tuple[int, int] = (0, 1)
+) -> tuple[examples.Chunk, str, np.ndarray]:
+    """Reads every row of `src` and turns the rows of this process's `share` (index, count:
+    chunk k of CHUNK_ROWS rows is process k % count's) into examples or drop reasons;
+    returns them, the rows' format (resolved, when data.format=auto) and the source row of
+    each of them."""
+    index, count = share
     rows = src.rows()
-    first = list(itertools.islice(rows, CHUNK_ROWS))
-    fmt = spec.format
-    if fmt == "auto":
-        sample = next((r for r in first if isinstance(r, dict)), None)
-        if sample is None:
-            fmt = "alpaca"  # Nothing parseable: the rows fail below with their own messages.
-        else:
-            try:
-                fmt = formats.detect(sample, Fields.parse(spec.fields))
-            except ValueError as e:
-                raise ValueError(f"{src.key}={src.text!r}: {e}") from None
+    head = list(itertools.islice(rows, CHUNK_ROWS))
+    fmt = _format(src, spec, head)
     encoder = examples.make_encoder(spec, tokenizer, template, fmt)
-    buffered = [first]
+    buffered = [head]
     workers = spec.num_workers
     if workers < 0:  # Auto: processes only when the data is large enough to pay for them.
         while len(buffered) * CHUNK_ROWS < AUTO_WORKERS_MIN_ROWS and len(buffered[-1]):
@@ -172,26 +192,36 @@ def encode_source(
         large = len(buffered[-1]) > 0 and len(buffered) * CHUNK_ROWS >= AUTO_WORKERS_MIN_ROWS
         workers = min(cores(), MAX_WORKERS) if large and cores() > 1 else 0
 
+    firsts: list[int] = []  # The source row of each chunk this process encodes, in order.
+    total = 0  # Rows read, this process's or not.
+
     def chunks() -> Iterator[list]:
-        yield from (c for c in buffered if c)
-        while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
-            yield chunk
+        nonlocal total
+        more = iter(lambda: list(itertools.islice(rows, CHUNK_ROWS)), [])
+        for k, chunk in enumerate(itertools.chain(buffered, more)):
+            if chunk and k % count == index:
+                firsts.append(total)
+                yield chunk
+            total += len(chunk)
 
     parts: list[examples.Chunk] = []
-    offset = 0
-    bad_codes = [CODES[r] for r in BAD_ROW_REASONS]
-    for chunk in encode_chunks(chunks(), encoder, workers):
-        for i in np.flatnonzero(np.isin(chunk.status, bad_codes + [CODES["too_long"]])):
-            reason = NAMES[int(chunk.status[i])]
-            if (reason == "too_long" and spec.too_long == "error") or (
-                reason != "too_long" and spec.on_bad_row == "error"
-            ):
-                _raise_bad_row(src, offset + int(i), reason, chunk.problems.get(int(i), ""), fmt)
+    for j, chunk in enumerate(encode_chunks(chunks(), encoder, workers)):
+        # firsts[j] was appended when chunk j was read, before its result came back.
+        _stop_at_bad_rows(chunk, firsts[j], src, spec, fmt)
         parts.append(chunk)
-        offset += len(chunk.status)
-    if offset == 0:
+    if total == 0:
         raise ValueError(f"{src.key}={src.text!r} holds no rows")
-    return examples.Chunk.concat(parts), fmt
+    if not parts:  # More processes than chunks: nothing for this one.
+        return _no_rows(), fmt, np.zeros(0, np.int64)
+    source_rows = [np.arange(f, f + len(c.status)) for f, c in zip(firsts, parts, strict=True)]
+    return examples.Chunk.concat(parts), fmt, np.concatenate(source_rows)
+
+
+def _no_rows() -> examples.Chunk:
+    return examples.Chunk(
+        ids=np.zeros(0, np.int32), trainable=np.zeros(0, np.bool_), starts=np.zeros(1, np.int64),
+        status=np.zeros(0, np.int8), flags=np.zeros(0, np.uint8), problems={},
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- examples -> packed split
@@ -294,39 +324,34 @@ def _pack_split(
 # ---------------------------------------------------------------- the entry point
 
 
-def build_splits(spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase) -> DataSplits:
-    """Reads, tokenizes and packs the train split and, if asked for, the validation split
-    (or loads them from the cache)."""
-    check(spec)
-    if tokenizer.eos_token is None:
-        raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} (model.tokenizer) has no EOS token; "
-            "sft_jax ends every response with one"
-        )
-    template = templates.resolve_template(spec, tokenizer)
+def _sources(spec: DataSpec) -> tuple[sources.Source, sources.Source | None, float | None]:
+    """The train source, a separate validation source (or None) and the held-out fraction."""
     skip = spec.on_bad_row == "skip"
     train_src = sources.Source(spec.train, "data.train", spec.streaming, skip)
     fraction = validation_fraction(spec.validation) if spec.validation else None
     val_src = None
     if spec.validation and fraction is None:
         val_src = sources.Source(spec.validation, "data.validation", spec.streaming, skip)
-    cache_key = cache_path = ""
-    if spec.cache:
-        ids = [s.fingerprint() for s in (train_src, val_src) if s is not None]
-        cache_key, inputs = cache.key(spec, tokenizer, templates.template_id(template), ids)
-        if hit := cache.load(spec, cache_key):
-            splits, stats = hit
-            path = str(cache.directory(spec) / cache_key)
-            log.info("data: loaded from the cache %s", path)
-            return DataSplits(splits["train"], splits.get("validation"), stats, path, True)
+    return train_src, val_src, fraction
 
-    train_rows, fmt = encode_source(train_src, spec, tokenizer, template)
-    all_rows = np.ones(len(train_rows.status), np.bool_)
-    train, train_stats = all_rows, None
+
+def _encode(spec, tokenizer, template, srcs: dict, share=(0, 1)) -> dict:
+    """{source name: (Chunk, format, source rows)} of this process's share of each source."""
+    return {name: encode_source(s, spec, tokenizer, template, share) for name, s in srcs.items()}
+
+
+def _pack_all(
+    spec: DataSpec, encoded: dict, srcs: dict, fraction: float | None, tokenized: dict
+) -> tuple[dict[str, PackedRows], dict]:
+    """The packed splits and their stats from every source's examples (`encoded`: {name:
+    (Chunk, format)}; `tokenized`: {name: rows each process tokenized}."""
+    train_rows, fmt = encoded["train"]
+    train_src = srcs["train"]
+    train = np.ones(len(train_rows.status), np.bool_)
     stats: dict = {}
     splits: dict[str, PackedRows] = {}
     if fraction:  # 0 means none, like "" (a numeric config override may give 0).
-        held_out = held_out_mask(len(all_rows), fraction, spec.seed)
+        held_out = held_out_mask(len(train), fraction, spec.seed)
         train = ~held_out
         splits["validation"], stats["validation"] = _pack_split(
             train_rows, fmt, held_out, spec, train_src, "validation", _SHUFFLE_VAL
@@ -337,14 +362,95 @@ def build_splits(spec: DataSpec, tokenizer: transformers.PreTrainedTokenizerBase
     stats = {"train": train_stats, **stats}
     if train_src.empty_files:
         stats["train"]["empty_files"] = train_src.empty_files
-    if val_src is not None:
-        val_rows, val_fmt = encode_source(val_src, spec, tokenizer, template)
+    if "validation" in encoded:
+        val_rows, val_fmt = encoded["validation"]
         splits["validation"], stats["validation"] = _pack_split(
-            val_rows, val_fmt, np.ones(len(val_rows.status), np.bool_), spec, val_src,
-            "validation", _SHUFFLE_VAL,
+            val_rows, val_fmt, np.ones(len(val_rows.status), np.bool_), spec,
+            srcs["validation"], "validation", _SHUFFLE_VAL,
         )  # fmt: skip
+    for name, counts in tokenized.items():  # Per source: the validation split may be held out.
+        stats[name]["rows_tokenized_by_process"] = counts
     for name, s in stats.items():
         log.info("data %s: %s", name, {k: v for k, v in s.items() if k != "problems"})
-    if spec.cache:
-        cache_path = str(cache.save(spec, cache_key, inputs, splits, stats))
-    return DataSplits(splits["train"], splits.get("validation"), stats, cache_path, False)
+    return splits, stats
+
+
+def _build_here(spec, tokenizer, template, srcs, fraction) -> tuple[dict, dict]:
+    """Every row tokenized and packed in this process."""
+    encoded = _encode(spec, tokenizer, template, srcs)
+    tokenized = {name: [len(rows)] for name, (_, _, rows) in encoded.items()}
+    encoded = {name: (chunk, fmt) for name, (chunk, fmt, _) in encoded.items()}
+    return _pack_all(spec, encoded, srcs, fraction, tokenized)
+
+
+def _build_together(
+    spec, tokenizer, template, srcs, fraction, processes: hosts.Processes, cache_key, inputs
+) -> None:
+    """Each process tokenizes its share into the cache directory; process 0 joins, packs and
+    writes the entry (see `hosts`). Returns once the entry is written."""
+    scratch = cache.directory(spec) / f".build-{cache_key}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    share = (processes.index, processes.count)
+    hosts.part_path(scratch, processes).unlink(missing_ok=True)  # A stale one.
+    tokenize = lambda: hosts.write_part(
+        scratch, processes, _encode(spec, tokenizer, template, srcs, share)
+    )
+    hosts.together(scratch, processes, "tokenize", tokenize)
+    hosts.check_parts(scratch, processes, cache_key)
+
+    def pack_and_save() -> None:
+        parts = hosts.read_parts(scratch, processes)
+        encoded = {name: hosts.join(parts, name) for name in srcs}
+        tokenized = {name: [len(p[name][2]) for p in parts] for name in srcs}
+        splits, stats = _pack_all(spec, encoded, srcs, fraction, tokenized)
+        cache.save(spec, cache_key, inputs, splits, stats)
+
+    hosts.together(scratch, processes, "pack", pack_and_save if processes.index == 0 else None)
+    if processes.index == 0:  # Every process has seen every part: the parts can go.
+        scratch.rmtree(missing_ok=True)
+
+
+def build_splits(
+    spec: DataSpec,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    processes: hosts.Processes = ONE_PROCESS,
+) -> DataSplits:
+    """Reads, tokenizes and packs the train split and, if asked for, the validation split
+    (or loads them from the cache). With several `processes` (and the cache on), each
+    tokenizes only its share of the rows and all of them load the one entry they build."""
+    check(spec)
+    if tokenizer.eos_token is None:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} (model.tokenizer) has no EOS token; "
+            "sft_jax ends every response with one"
+        )
+    template = templates.resolve_template(spec, tokenizer)
+    train_src, val_src, fraction = _sources(spec)
+    srcs = {"train": train_src, **({"validation": val_src} if val_src else {})}
+    if not spec.cache:
+        if processes.count > 1:
+            log.warning(
+                "data.cache=False: each of the %d processes tokenizes every row; turn the cache "
+                "on (data.cache_dir shared by all hosts) to tokenize each row once",
+                processes.count,
+            )
+        splits, stats = _build_here(spec, tokenizer, template, srcs, fraction)
+        return DataSplits(splits["train"], splits.get("validation"), stats)
+    ids = [s.fingerprint() for s in srcs.values()]
+    cache_key, inputs = cache.key(spec, tokenizer, templates.template_id(template), ids)
+    path = str(cache.directory(spec) / cache_key)
+    hit = cache.load(spec, cache_key)
+    if processes.sync(int(hit is not None)):  # Loaded on every process: the same branch.
+        splits, stats = hit
+        log.info("data: loaded from the cache %s", path)
+        return DataSplits(splits["train"], splits.get("validation"), stats, path, True)
+    if processes.count == 1:
+        splits, stats = _build_here(spec, tokenizer, template, srcs, fraction)
+        cache.save(spec, cache_key, inputs, splits, stats)
+        return DataSplits(splits["train"], splits.get("validation"), stats, path, False)
+    _build_together(spec, tokenizer, template, srcs, fraction, processes, cache_key, inputs)
+    hit = cache.load(spec, cache_key)
+    if hit is None:  # Process 0 wrote it where every part was seen: not expected.
+        raise ValueError(hosts.not_shared(cache.directory(spec), processes.index, 0, cache_key))
+    splits, stats = hit
+    return DataSplits(splits["train"], splits.get("validation"), stats, path, False)

@@ -5,8 +5,10 @@ field that changes the result (not the cache location, worker count or streaming
 tokenizer (its full serialisation, chat template and special tokens), the template, and
 the source code of this package. Same key, same bytes; so a second run, or another host
 with the same files, skips tokenization. Entries are folders of .npy files, loaded
-memory-mapped; written to a temporary folder and renamed, so readers never see half an
-entry. Delete the folder to reclaim space.
+memory-mapped. The folder may be a bucket (gs://…, s3://…; every path is an
+`etils.epath.Path`): a remote entry is copied to the local cache folder first, then
+mapped. Each file is written under a temporary name and renamed, and meta.json last, so a
+reader that finds meta.json finds a whole entry. Delete the folder to reclaim space.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import pathlib
 import shutil
-import tempfile
+import uuid
 
 import numpy as np
 import transformers
+from etils import epath
 
 from sft_jax import assets
 from sft_jax.data.packing import PackedRows
@@ -31,11 +33,28 @@ _ARRAYS = ("ids", "trainable", "starts", "row_starts", "source_rows")
 _NOT_IN_KEY = ("cache", "cache_dir", "num_workers", "streaming")
 
 
-def directory(spec: DataSpec) -> pathlib.Path:
-    """`data.cache_dir`, or the `data` folder of the sft_jax cache."""
+def directory(spec: DataSpec) -> epath.Path:
+    """`data.cache_dir` (a local folder or a bucket URL), or the `data` folder of the
+    sft_jax cache."""
     if spec.cache_dir:
-        return pathlib.Path(spec.cache_dir).expanduser()
-    return assets.cache_root() / "data"
+        return epath.Path(spec.cache_dir).expanduser()
+    return epath.Path(assets.cache_root() / "data")
+
+
+def _local(folder: epath.Path, names: list[str]) -> epath.Path:
+    """`folder` itself if it is on this machine, else a copy of its `names` in the local
+    cache (numpy maps only local files)."""
+    if "://" not in str(folder):
+        return folder
+    local = epath.Path(assets.cache_root() / "data" / "remote" / folder.name)
+    local.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if not (local / name).exists():
+            tmp = local / f".{name}.{uuid.uuid4().hex}"
+            with (folder / name).open("rb") as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+            tmp.replace(local / name)
+    return local
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,44 +96,50 @@ def load(spec: DataSpec, cache_key: str) -> tuple[dict[str, PackedRows], dict] |
     folder = directory(spec) / cache_key
     try:
         meta = json.loads((folder / "meta.json").read_text())
+        names = [f"{name}.{a}.npy" for name in meta["splits"] for a in _ARRAYS]
+        local = _local(folder, names)
         splits = {}
         for name, info in meta["splits"].items():
-            arrays = {a: np.load(folder / f"{name}.{a}.npy", mmap_mode="r") for a in _ARRAYS}
+            arrays = {a: np.load(local / f"{name}.{a}.npy", mmap_mode="r") for a in _ARRAYS}
             splits[name] = PackedRows(**arrays, **info)
     except FileNotFoundError:
         if (folder / "meta.json").is_file():  # Damaged (a file went missing): drop it.
-            shutil.rmtree(folder, ignore_errors=True)
+            folder.rmtree(missing_ok=True)
         return None
     except (OSError, ValueError, KeyError):
-        shutil.rmtree(folder, ignore_errors=True)  # Unreadable: rebuild it.
+        folder.rmtree(missing_ok=True)  # Unreadable: rebuild it.
         return None
     return splits, meta["stats"]
 
 
+def _write(path: epath.Path, write) -> None:
+    """`write(file)` to a temporary name beside `path`, then renamed: readers see all or none."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save(
     spec: DataSpec, cache_key: str, inputs: dict, splits: dict[str, PackedRows], stats: dict
-) -> pathlib.Path:
-    """Writes an entry atomically; returns its folder."""
-    root = directory(spec)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / cache_key
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{cache_key}-"))
-    try:
-        info = {}
-        for name, rows in splits.items():
-            for a in _ARRAYS:
-                value = getattr(rows, a)
-                np.save(tmp / f"{name}.{a}.npy", np.zeros(0, np.int64) if value is None else value)
-            info[name] = {"seq_len": rows.seq_len, "packed": rows.packed,
-                          "pad_multiple": rows.pad_multiple}  # fmt: skip
-        meta = {"key": cache_key, "inputs": inputs, "splits": info, "stats": stats}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        if (final / "meta.json").is_file():
-            return final  # Another process wrote the same entry meanwhile.
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "meta.json").is_file():  # Another process winning the race is fine.
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+) -> epath.Path:
+    """Writes an entry, meta.json last; returns its folder."""
+    final = directory(spec) / cache_key
+    if (final / "meta.json").is_file():
+        return final  # Another process wrote the same entry (the same bytes) meanwhile.
+    final.mkdir(parents=True, exist_ok=True)
+    info = {}
+    for name, rows in splits.items():
+        for a in _ARRAYS:
+            value = getattr(rows, a)
+            value = np.zeros(0, np.int64) if value is None else np.asarray(value)
+            _write(final / f"{name}.{a}.npy", lambda f, v=value: np.save(f, v))
+        info[name] = {"seq_len": rows.seq_len, "packed": rows.packed,
+                      "pad_multiple": rows.pad_multiple}  # fmt: skip
+    meta = {"key": cache_key, "inputs": inputs, "splits": info, "stats": stats}
+    text = json.dumps(meta, indent=1, default=str).encode()
+    _write(final / "meta.json", lambda f: f.write(text))
     return final

@@ -1,0 +1,108 @@
+"""The data build shared by processes (sft_jax/data/hosts.py): 2 real processes on loopback
+(jax.distributed) build the same cache entry, byte for byte, as one process does, each
+tokenizing only its share of the rows; an error in one process's share stops both with
+its message; a cache folder the processes do not share stops both with a clear message."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sft_jax.data import DataSpec, build_splits, load_tokenizer
+from sft_jax.data.build import CHUNK_ROWS
+from tests.test_train import ROOT
+
+ROWS = 2 * CHUNK_ROWS + 452  # Three chunks: 0 and 2 are process 0's, 1 is process 1's.
+BAD = CHUNK_ROWS + 476  # A row of chunk 1.
+
+
+def _write_rows(path, bad_rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(ROWS):
+            row = {"instruction": f"Add {i} and {i % 7}.", "output": f"{i + i % 7}"}
+            if i in bad_rows:
+                del row["output"]
+            f.write(json.dumps(row) + "\n")
+
+
+def _launch(tmp_path, rows, bad):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(ROOT, "tests", "data_multihost_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device each.
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                worker,
+                str(port),
+                str(i),
+                "2",
+                str(tmp_path / "shared"),
+                str(tmp_path / f"own{i}"),
+                str(rows),
+                str(bad),
+                str(tmp_path / f"out{i}.json"),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "JAX_PLATFORMS": "cpu"},
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_two_processes_build_what_one_builds(tmp_path):
+    rows, bad = tmp_path / "rows.jsonl", tmp_path / "bad.jsonl"
+    _write_rows(rows, bad_rows={5, CHUNK_ROWS + 3, 2 * CHUNK_ROWS + 9})  # Skipped, one per chunk.
+    _write_rows(bad, bad_rows={BAD})
+    got = _launch(tmp_path, rows, bad)
+
+    # Each process tokenized its chunks only, and loaded the one entry both built.
+    assert [g["built"]["tokenized"] for g in got] == [ROWS - CHUNK_ROWS, CHUNK_ROWS]
+    assert got[0]["built"]["path"] == got[1]["built"]["path"]
+    key = os.path.basename(got[0]["built"]["path"])
+    assert not (tmp_path / "shared" / f".build-{key}").exists()  # The parts are cleaned up.
+    assert [g["again"] for g in got] == [{"hit": True, "tokenized": g["built"]["tokenized"]}
+                                         for g in got]  # fmt: skip
+    tok = load_tokenizer("gpt2")
+    spec = dict(validation="0.1", max_seq_len=64, num_workers=0, max_drop_fraction=0.5)
+    shared = build_splits(
+        DataSpec(train=str(rows), on_bad_row="skip", cache_dir=str(tmp_path / "shared"), **spec),
+        tok,
+    )
+    assert shared.cache_hit and shared.cache_path == got[0]["built"]["path"]
+    one = build_splits(DataSpec(train=str(rows), on_bad_row="skip", cache=False, **spec), tok)
+    for name in ("train", "validation"):
+        a, b = getattr(shared, name), getattr(one, name)
+        for field in ("ids", "trainable", "starts", "row_starts", "source_rows"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert (a.seq_len, a.packed) == (b.seq_len, b.packed)
+    stats = shared.stats["train"]
+    assert stats.pop("rows_tokenized_by_process") == [ROWS - CHUNK_ROWS, CHUNK_ROWS]
+    assert one.stats["train"].pop("rows_tokenized_by_process") == [ROWS]
+    assert shared.stats == one.stats  # Drops by reason and the rows they name, too.
+    assert shared.stats["train"]["dropped"] or shared.stats["validation"]["dropped"]
+
+    # A bad row in process 1's share stops both, with the one-process message.
+    with pytest.raises(ValueError) as alone:
+        build_splits(DataSpec(train=str(bad), cache=False, **spec), tok)
+    assert f"line {BAD + 1}" in str(alone.value)
+    for g in got:
+        assert g["bad_row"] == f"data: process 1 of 2: ValueError: {alone.value}"
+    # Each process writes to its own folder: both stop and say what to set.
+    assert "cannot see what process 1 wrote" in got[0]["not_shared"]
+    assert "cannot see what process 0 wrote" in got[1]["not_shared"]
+    assert all("data.cache_dir is not shared" in g["not_shared"] for g in got)
