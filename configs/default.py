@@ -122,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
     # At the end of the run, write a Hugging Face folder here ("" = no; relative = in workdir).
     # Any checkpoint can also be exported later: sft-jax-export --workdir DIR --out X
     c.export.hf_dir = ""
+    # Tensor dtype of the export: float32, bfloat16 or float16. "" = bfloat16 when
+    # model.dtype is bfloat16 (the precision the model ran at, half the bytes of float32
+    # master weights), else model.param_dtype (a float32 run exports bit-exact weights).
+    c.export.dtype = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # replicated data parallelism

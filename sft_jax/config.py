@@ -96,6 +96,7 @@ class ExportConfig:
     """`config.export`: what the run writes after its last checkpoint."""
 
     hf_dir: str = ""
+    dtype: str = ""  # "" = bfloat16 for a bfloat16-computed model, else param_dtype
 
 
 def _section(c: ml_collections.ConfigDict, name: str, cls: type):
@@ -169,6 +170,9 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
     _check_batch_sizes(t, mesh_shape["data"] * mesh_shape["fsdp"])
     judge.from_config(eval_config(c), {})  # its keys, before any data or weights load
     kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype)  # e.g. cuDNN needs bf16
+    from sft_jax import hf  # a bad export.dtype fails now, not after training
+
+    hf.export_dtype(model_cfg, export_config(c).dtype)
     for key in ("log_every", "eval_every", "eval_steps", "profile_start", "profile_steps"):
         if getattr(t, key) < 0:
             raise ValueError(f"config: train.{key} must be >= 0")

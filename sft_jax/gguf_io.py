@@ -2,7 +2,7 @@
 
 Uses the ``gguf`` package (numpy only): ``GGUFReader`` memory-maps the file and
 ``gguf.quants.dequantize`` turns each quantized tensor (Q4_1, Q8_0, ...) into float32, one
-tensor at a time, so peak memory stays near one float32 copy of the model.
+tensor (or a range of its rows) at a time, read from the memory map on demand.
 
 Layout notes:
 - GGUF lists dimensions in ggml ``ne`` order (fastest first); the reader's numpy data is in
@@ -141,40 +141,66 @@ def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
     return _config(_open(path), os.fspath(path))
 
 
-def _tensors(reader: Any, path: str, cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    from gguf.quants import dequantize
+class GGUFTensors:
+    """The tensors of an open GGUF file by Hugging Face name. Rows are dequantized on
+    demand from the memory-mapped file: quantized blocks run along a row, so any range of
+    rows (of whole heads, for Q and K) is read without the rest of the tensor."""
 
-    # Q rows are permuted per query head, K rows per KV head.
-    heads = {
-        "attn_q.weight": cfg["num_attention_heads"],
-        "attn_k.weight": cfg["num_key_value_heads"],
-    }
-    seen = set()
-    for t in reader.tensors:
-        name = _hf_name(t.name, cfg["num_hidden_layers"])
-        # np.array copies: F32 tensors come back as views into the memory-mapped file.
-        arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        shape = tuple(int(d) for d in reversed(t.shape))
-        if arr.shape != shape:
-            arr = arr.reshape(shape)  # e.g. 1-D data for a 2-D tensor; fails loudly if sizes differ
+    def __init__(self, reader: Any, path: str, cfg: dict[str, Any]):
+        n_layers = cfg["num_hidden_layers"]
+        self._by_name = {_hf_name(t.name, n_layers): t for t in reader.tensors}
+        missing = [n for n in expected_names(cfg) if n not in self._by_name]
+        if missing:
+            raise ValueError(
+                f"{path}: GGUF lacks tensors for {missing[:5]} ({len(missing)} missing)"
+            )
+        # Q rows are permuted per query head, K rows per KV head.
+        self._heads = {
+            "attn_q.weight": cfg["num_attention_heads"],
+            "attn_k.weight": cfg["num_key_value_heads"],
+        }
+
+    def names(self) -> list[str]:
+        """In file order."""
+        return list(self._by_name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Torch's shape: reversed ggml `ne` (Linear weights `[out, in]`)."""
+        return tuple(int(d) for d in reversed(self._by_name[name].shape))
+
+    def rows(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows `rows` of tensor `name`, float32, un-permuted where llama.cpp permuted them."""
+        from gguf.quants import dequantize
+
+        t, shape = self._by_name[name], self.shape(name)
+        rows = slice(*rows.indices(shape[0])[:2])
         suffix = t.name.split(".", 2)[-1]
-        if t.name.startswith("blk.") and suffix in heads:
-            arr = _unpermute(arr, heads[suffix])
-        seen.add(name)
-        yield name, arr
-    missing = [n for n in expected_names(cfg) if n not in seen]
-    if missing:
-        raise ValueError(f"{path}: GGUF lacks tensors for {missing[:5]} ({len(missing)} missing)")
+        heads = self._heads.get(suffix) if t.name.startswith("blk.") else None
+        start, stop = rows.start, rows.stop
+        if heads:  # the permutation stays within a head: read whole heads
+            per_head = shape[0] // heads
+            start, stop = start // per_head * per_head, -(-stop // per_head) * per_head
+        # np.array copies: F32 tensors come back as views into the memory-mapped file.
+        arr = np.array(dequantize(t.data[start:stop], t.tensor_type), dtype=np.float32)
+        arr = arr.reshape(stop - start, *shape[1:])  # fails loudly if sizes differ
+        if heads:
+            arr = _unpermute(arr, (stop - start) // per_head)
+        return arr[rows.start - start : rows.stop - start]
+
+
+def open_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], GGUFTensors]:
+    """(Hugging Face config dict, the file's tensors); no tensor data is read yet."""
+    path = os.fspath(path)
+    reader = _open(path)  # parsing metadata (the token list) is slow: do it once
+    cfg = _config(reader, path)
+    return cfg, GGUFTensors(reader, path, cfg)
 
 
 def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, float32 array)`` one tensor at a time, in file order.
-
-    Raises ValueError (after the last tensor) if an expected tensor is missing.
-    """
-    path = os.fspath(path)
-    reader = _open(path)
-    yield from _tensors(reader, path, _config(reader, path))
+    """Yield ``(hf_name, float32 array)`` one tensor at a time, in file order."""
+    _, tensors = open_tensors(path)
+    for name in tensors.names():
+        yield name, tensors.rows(name)
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -183,7 +209,5 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     Shapes equal the Hugging Face torch state dict (Linear weights ``[out, in]``);
     ``lm_head.weight`` is present only when the file has a separate ``output.weight``.
     """
-    path = os.fspath(path)
-    reader = _open(path)  # parsing metadata (the token list) is slow: do it once
-    cfg = _config(reader, path)
-    return cfg, dict(_tensors(reader, path, cfg))
+    cfg, tensors = open_tensors(path)
+    return cfg, {name: tensors.rows(name) for name in tensors.names()}

@@ -11,22 +11,24 @@ is laid out, the kernel's input dims). Layouts:
 
 Layers are stacked along a leading axis when `scan_layers` is on (`h`, `layers`), else
 named `h_0`, `layers_0`, …. No torch here: safetensors are read and written with numpy,
-tensor by tensor, so peak host memory stays near one copy of the parameters.
+a block or a tensor at a time (`hf_files`), and each process reads or gathers only what
+its devices hold (`hf_sharded`): no process holds more than its shards plus one tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
+import functools
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 
+from sft_jax import hf_files, hf_sharded
 from sft_jax.model import GPTConfig
 from sft_jax.sharding import get_path
 
@@ -238,12 +240,29 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 # --------------------------------------------------------------------------- tensors
 
 
-def _to_ours(hf: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
-    if layout == "linear":
-        hf = hf.T
-    if hf.size != math.prod(shape):
-        raise ValueError(f"expected {math.prod(shape)} values for shape {shape}, got {hf.shape}")
-    return hf.reshape(shape)
+class Tensor(NamedTuple):
+    """One HF tensor: its entry, its name, where our leaf is, and which layer of a stacked
+    leaf it is (None: the whole leaf)."""
+
+    entry: Entry
+    name: str
+    path: tuple[str, ...]
+    layer: int | None
+
+
+def tensors(cfg: GPTConfig) -> Iterator[Tensor]:
+    """Every HF tensor of `cfg`'s model, in HF's order (top-level, then layer by layer)."""
+    top, layer = _entries(cfg)
+    layers = cfg.names.layers
+    for entry in top:
+        yield Tensor(entry, entry.hf_name, entry.path, None)
+    for entry in layer:
+        for i in range(cfg.n_layers):
+            name = entry.hf_name.format(i=i)
+            if cfg.scan_layers:
+                yield Tensor(entry, name, (layers, *entry.path), i)
+            else:
+                yield Tensor(entry, name, (f"{layers}_{i}", *entry.path), None)
 
 
 def _to_hf(ours: np.ndarray, layout: str, in_dims: int) -> np.ndarray:
@@ -272,149 +291,138 @@ def _set(tree: dict, path, value) -> None:
     tree[path[-1]] = value
 
 
-def params_from_hf(
-    cfg: GPTConfig,
-    get_tensor: Callable[[str], np.ndarray],
-    place: Callable[[tuple[str, ...], np.ndarray], object] | None = None,
-    shapes: dict | None = None,
-) -> dict:
-    """Our params from HF tensors, one leaf at a time. `get_tensor(name)` reads a tensor;
-    `place(path, array)` may put each finished leaf on devices (default: keep numpy).
+def _layer_reader(reader, t: Tensor, shape: tuple[int, ...]) -> hf_sharded.ReadBlock:
+    """Blocks of one HF tensor in our layout (`shape`: one layer of our leaf)."""
+    entry = t.entry
+    want = hf_sharded.hf_shape(entry.layout, shape, entry.in_dims)
+    got = tuple(reader.shape(t.name))
+    if got != want:
+        raise ValueError(f"{t.name}: shape mismatch: expected {want} for our {shape}, got {got}")
+    read = functools.partial(reader.read, t.name)
+    return hf_sharded.block_reader(read, entry.layout, shape, entry.in_dims)
+
+
+def params_from_hf(cfg: GPTConfig, reader, shardings=None, shapes: dict | None = None) -> dict:
+    """Our params from HF tensors. `reader` has `shape(name)` and `read(name, index)` (see
+    `hf_files`). With `shardings` (our params' tree of `NamedSharding`s), each leaf is a
+    global jax.Array of which this process reads only its devices' blocks; without, numpy.
     `shapes`: the abstract params, if the caller has them (else from `eval_shape`, which
     must then run outside a mesh context: flax constrains boxed params under one)."""
     shapes = shapes if shapes is not None else _leaf_shapes(cfg)
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
-    top, layer = _entries(cfg)
-    layers = cfg.names.layers
+    by_leaf: dict[tuple[str, ...], list[Tensor]] = {}
+    for t in tensors(cfg):
+        by_leaf.setdefault(t.path, []).append(t)
     params: dict = {}
-
-    def finish(path, array):
-        array = array.astype(dtype)
-        _set(params, path, place(path, array) if place else array)
-
-    def read(entry: Entry, shape, i: int = 0):
-        name = entry.hf_name.format(i=i)
-        try:
-            return _to_ours(np.asarray(get_tensor(name)), entry.layout, shape)
-        except ValueError as e:
-            raise ValueError(f"{name}: shape mismatch: {e}") from None
-
-    for entry in top:
-        finish(entry.path, read(entry, get_path(shapes, entry.path).shape))
-    for entry in layer:
-        if cfg.scan_layers:
-            path = (layers, *entry.path)
-            shape = get_path(shapes, path).shape[1:]
-            finish(path, np.stack([read(entry, shape, i) for i in range(cfg.n_layers)]))
-        else:
-            for i in range(cfg.n_layers):
-                path = (f"{layers}_{i}", *entry.path)
-                finish(path, read(entry, get_path(shapes, path).shape, i))
+    for path, parts in by_leaf.items():
+        shape = tuple(get_path(shapes, path).shape)
+        sharding = None if shardings is None else get_path(shardings, path)
+        if parts[0].layer is None:
+            read = _layer_reader(reader, parts[0], shape)
+            if sharding is None:
+                leaf = read(tuple(slice(0, n) for n in shape)).astype(dtype)
+            else:
+                leaf = hf_sharded.place(shape, sharding, dtype, read)
+        else:  # a stacked leaf: one layer's tensor at a time
+            readers = [functools.partial(_layer_reader, reader, t, shape[1:]) for t in parts]
+            leaf = _stacked(shape, dtype, readers, sharding)
+        _set(params, path, leaf)
     return params
 
 
-def params_to_hf(cfg: GPTConfig, params) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, numpy tensor) pairs, gathered from devices one leaf at a time."""
-    top, layer = _entries(cfg)
-    for entry in top:
-        leaf = _host(get_path(params, entry.path))
-        yield entry.hf_name, _to_hf(leaf, entry.layout, entry.in_dims)
-    for entry in layer:
-        for i, leaf in enumerate(_per_layer(cfg, params, entry.path)):
-            yield entry.hf_name.format(i=i), _to_hf(leaf, entry.layout, entry.in_dims)
+def _stacked(shape, dtype, readers, sharding):
+    """A `[layers, …]` leaf, one layer's tensor at a time (`readers[i]()` reads layer i)."""
+    if sharding is not None:
+        return hf_sharded.place_stacked(shape, sharding, dtype, lambda i: readers[i]())
+    out = np.empty(shape, dtype)
+    whole = tuple(slice(0, n) for n in shape[1:])
+    for i, make in enumerate(readers):
+        out[i] = make()(whole)
+    return out
 
 
-def _per_layer(cfg: GPTConfig, params, path: tuple[str, ...]) -> Iterator[np.ndarray]:
-    """Layer 0, 1, … of the leaf at `path` within a layer, on the host."""
-    layers = cfg.names.layers
-    if cfg.scan_layers:
-        stacked = _host(get_path(params, (layers, *path)))
-        yield from stacked
-    else:
-        for i in range(cfg.n_layers):
-            yield _host(get_path(params, (f"{layers}_{i}", *path)))
+def params_to_hf(cfg: GPTConfig, params) -> Iterator[tuple[str, np.ndarray | None]]:
+    """(HF name, numpy tensor) pairs, gathered from devices one tensor (one layer of a
+    stacked leaf) at a time. Collective across processes: every process must iterate to
+    the end; the tensors are on process 0, None on the others."""
+    for t in tensors(cfg):
+        ours = hf_sharded.to_host(get_path(params, t.path), t.layer)
+        yield t.name, None if ours is None else _to_hf(ours, t.entry.layout, t.entry.in_dims)
 
 
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+def _shard_plan(cfg: GPTConfig, params, itemsize: int, max_shard_bytes: int) -> dict:
+    """File name → the HF tensor names it will hold, planned from shapes alone, so that each
+    file can be written as soon as its last tensor arrives."""
+    files: list[list[str]] = [[]]
+    size = 0
+    for t in tensors(cfg):
+        shape = get_path(params, t.path).shape[(t.layer is not None) :]
+        nbytes = math.prod(hf_sharded.hf_shape(t.entry.layout, shape, t.entry.in_dims)) * itemsize
+        if size and size + nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(t.name)
+        size += nbytes
+    if len(files) == 1:
+        return {"model.safetensors": files[0]}
+    n = len(files)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": names for i, names in enumerate(files)}
 
 
 # --------------------------------------------------------------------------- files
 
 
-class _SafetensorsFolder:
-    """Tensors by name from model.safetensors or a sharded set with an index."""
+def _hub_download(source: str, **kwargs):
+    """A hub call whose failure (network, auth, missing repo) reads the same to the user."""
+    import huggingface_hub
 
-    def __init__(self, folder: str):
-        from safetensors import safe_open
-
-        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-        self._handles = [safe_open(f, framework="numpy") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
-        self.folder = folder
-
-    def __call__(self, name: str) -> np.ndarray:
-        # GPT-2 checkpoints from the hub name tensors without the "transformer." prefix.
-        for candidate in (name, name.removeprefix("transformer.")):
-            if candidate in self._where:
-                return self._where[candidate].get_tensor(candidate)
-        raise ValueError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
-
-
-class _TorchBinFolder:
-    """Pickled pytorch_model*.bin weights: can run code when loaded, hence opt-in only."""
-
-    def __init__(self, folder: str):
-        try:
-            import torch
-        except ImportError:
-            raise ValueError(f"{folder}: reading .bin weights needs torch installed") from None
-        state: dict = {}
-        for f in sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin"))):
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-        self._state = {k: v.float().numpy() for k, v in state.items()}
-        self.folder = folder
-
-    def __call__(self, name: str) -> np.ndarray:
-        for candidate in (name, name.removeprefix("transformer.")):
-            if candidate in self._state:
-                return self._state[candidate]
-        raise ValueError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
-
-
-def resolve_folder(source: str) -> str:
-    """A local folder as is; otherwise a hub id downloaded (config, safetensors, tokenizer)."""
-    if os.path.isdir(source):
-        return source
-    if os.path.exists(source) or source.startswith((".", "/", "~")):
-        raise ValueError(f"model.init_from: {source!r} is not a Hugging Face folder or GGUF file")
     try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            source,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
-        )
-    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        if "filename" in kwargs:
+            return huggingface_hub.hf_hub_download(source, **kwargs)
+        return huggingface_hub.snapshot_download(source, **kwargs)
+    except Exception as e:
         raise ValueError(
             f"model.init_from: could not get {source!r} from the Hugging Face hub ({e}). "
             "Give a local folder with config.json and *.safetensors, or a GGUF file."
         ) from None
 
 
-def _config_file(folder: str) -> str:
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"model.init_from: {folder} has no config.json")
-    return path
+# Everything but the weights: config, tokenizer files, chat templates.
+_HUB_SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def resolve_folder(source: str, weights: bool = True) -> epath.Path:
+    """A local folder as is; a remote one (gs://, s3://) copied to a local cache; a hub id
+    downloaded: its config and tokenizer files, and its safetensors if `weights`."""
+    path = epath.Path(source).expanduser()
+    if "://" in source:
+        return _local_copy(path, weights)
+    if path.is_dir():
+        return path
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ValueError(f"model.init_from: {source!r} is not a Hugging Face folder or GGUF file")
+    patterns = _HUB_SMALL_FILES + (["*.safetensors"] if weights else [])
+    return epath.Path(_hub_download(source, allow_patterns=patterns))
+
+
+def _local_copy(remote: epath.Path, weights: bool) -> epath.Path:
+    """A remote HF folder's files in a fresh local folder (safetensors are memory-mapped to
+    be read a block at a time), each streamed in chunks. It costs local disk for the whole
+    checkpoint on every host; reading ranges from the bucket directly would not."""
+    import tempfile
+
+    if not remote.is_dir():
+        raise ValueError(f"model.init_from: {remote} is not a Hugging Face folder")
+    local = epath.Path(tempfile.mkdtemp(prefix="sft_jax_init_"))
+    for f in remote.iterdir():
+        if not f.is_dir() and (weights or not f.name.endswith((".safetensors", ".bin"))):
+            hf_files.copy_file(f, local / f.name)
+    return local
 
 
 def load_config(source: str) -> GPTConfig:
-    """The architecture of a hub id, HF folder or GGUF file, without reading weights."""
+    """The architecture of a hub id, HF folder or GGUF file; weights are neither read nor
+    downloaded (from the hub only config.json is fetched)."""
     from sft_jax import assets
 
     source = assets.resolve_source(source)
@@ -422,28 +430,30 @@ def load_config(source: str) -> GPTConfig:
         from sft_jax import gguf_io
 
         return config_from_hf(gguf_io.read_gguf_config(source), source)
-    path = _config_file(resolve_folder(source))
-    with open(path, encoding="utf-8") as f:
-        return config_from_hf(json.load(f), path)
+    path = epath.Path(source).expanduser()
+    if "://" in source or path.exists() or source.startswith((".", "/", "~")):
+        path = resolve_folder(source, weights=False) / "config.json"
+    else:  # a hub id
+        path = epath.Path(_hub_download(source, filename="config.json"))
+    if not path.exists():
+        raise ValueError(f"model.init_from: {path.parent} has no config.json")
+    return config_from_hf(json.loads(path.read_text()), str(path))
 
 
-def _tensor_reader(source: str, allow_pickle: bool) -> Callable[[str], np.ndarray]:
+def _tensor_reader(source: str, allow_pickle: bool):
     if source.endswith(".gguf"):
-        from sft_jax import gguf_io
-
-        # GGUF blocks are quantised: dequantising reads the file once, into float32.
-        return gguf_io.read_gguf(source)[1].__getitem__
+        return hf_files.GGUFFile(source)
     folder = resolve_folder(source)
-    if glob.glob(os.path.join(folder, "*.safetensors")):
-        return _SafetensorsFolder(folder)
-    if glob.glob(os.path.join(folder, "pytorch_model*.bin")):
+    if list(folder.glob("*.safetensors")):
+        return hf_files.SafetensorsFolder(folder)
+    if list(folder.glob("pytorch_model*.bin")):
         if not allow_pickle:
             raise ValueError(
                 f"model.init_from: {folder} has only pickled .bin weights, which can run code "
                 "when loaded; convert them to safetensors, or opt in with "
                 "model.allow_pickle=True if you trust the source"
             )
-        return _TorchBinFolder(folder)
+        return hf_files.TorchBinFolder(folder)
     raise ValueError(f"model.init_from: {folder} has no *.safetensors weights")
 
 
@@ -453,17 +463,31 @@ def load_hf(
     allow_pickle: bool = False,
     param_dtype: str = "float32",
     scan_layers: bool = True,
-    place: Callable[[tuple[str, ...], np.ndarray], object] | None = None,
+    shardings=None,
     shapes: dict | None = None,
 ) -> tuple[GPTConfig, dict]:
-    """(GPTConfig, params) from a hub id, a local HF folder, a GGUF file or `asset:<name>`.
-
-    `place(path, leaf)` can put each parameter on the mesh as soon as it is built."""
+    """(GPTConfig, params) from a hub id, a local or remote HF folder, a GGUF file or
+    `asset:<name>`. With `shardings` (the params' tree of NamedShardings), every leaf is a
+    global jax.Array and each process reads only the blocks of its own devices; without,
+    params are numpy arrays."""
     from sft_jax import assets
 
     source = assets.resolve_source(source)
     cfg = dataclasses.replace(load_config(source), param_dtype=param_dtype, scan_layers=scan_layers)
-    return cfg, params_from_hf(cfg, _tensor_reader(source, allow_pickle), place, shapes)
+    return cfg, params_from_hf(cfg, _tensor_reader(source, allow_pickle), shardings, shapes)
+
+
+_EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export_dtype(cfg: GPTConfig, requested: str = "", key: str = "export.dtype") -> str:
+    """The dtype an export writes: `requested`, else bfloat16 for a model computed in
+    bfloat16 (what it ran as; half the bytes of float32 master weights), else the params'
+    own dtype."""
+    dtype = requested or ("bfloat16" if cfg.dtype == "bfloat16" else cfg.param_dtype)
+    if dtype not in _EXPORT_DTYPES:
+        raise ValueError(f"{key}: {dtype!r} is not one of {', '.join(_EXPORT_DTYPES)}")
+    return dtype
 
 
 def save_hf(
@@ -474,49 +498,46 @@ def save_hf(
     max_shard_bytes: int = 2 * 1024**3,
     dtype: str | None = None,
 ) -> str:
-    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
-    config.json, generation_config.json, safetensors (sharded with an index above
-    `max_shard_bytes`) and, if given, the tokenizer files with its chat template.
+    """Write a folder (a local path or a gs:// / s3:// URL) that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads: config.json,
+    generation_config.json, safetensors (sharded with an index above `max_shard_bytes`) and,
+    if given, the tokenizer files with its chat template.
 
-    Every process must call this (gathering sharded params is collective); process 0 writes."""
-    from safetensors.numpy import save_file
-
+    Every process must call this (gathering sharded params is collective); process 0 writes,
+    one tensor at a time, each safetensors file as soon as it is full."""
     out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
-    tensors = params_to_hf(cfg, params)
-    if jax.process_index() != 0:
-        for _ in tensors:  # take part in the gathers, write nothing
-            pass
+    out = epath.Path(out_dir)
+    writer = None
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        plan = _shard_plan(cfg, params, out_dtype.itemsize, max_shard_bytes)
+        writer = hf_files.ShardWriter(out, plan)
+    for name, tensor in params_to_hf(cfg, params):
+        if writer is not None:
+            writer.add(name, tensor.astype(out_dtype, copy=False))
+    if writer is None:
         return out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, tensor in tensors:
-        tensor = tensor.astype(out_dtype)
-        if size and size + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += tensor.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-        total = sum(t.nbytes for s in shards for t in s.values())
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    writer.finish()
     hf_config = config_to_hf(cfg) | {"torch_dtype": str(out_dtype)}
     generation = {}
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        _save_tokenizer(tokenizer, out)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tokenizer, key, None) is not None:
                 hf_config[key] = generation[key] = getattr(tokenizer, key)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
+    hf_files.write_json(hf_config, out / "config.json")
+    hf_files.write_json(generation, out / "generation_config.json")
     return out_dir
+
+
+def _save_tokenizer(tokenizer, out: epath.Path) -> None:
+    """`save_pretrained` writes local files only: a remote folder gets copies."""
+    if "://" not in str(out):
+        tokenizer.save_pretrained(str(out))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for f in epath.Path(tmp).iterdir():
+            hf_files.copy_file(f, out / f.name)

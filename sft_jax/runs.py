@@ -4,13 +4,14 @@ without the optimizer state. Used by export and generation tools."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from sft_jax import checkpoint as ckpt_lib
+from sft_jax import sharding
 from sft_jax.data import load_tokenizer
 from sft_jax.model import GPT, GPTConfig
 
@@ -32,8 +33,9 @@ def model_config_from_meta(meta: dict) -> GPTConfig:
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:
-    """The params of checkpoint `step` (default: latest) of the run in `workdir`, replicated
-    on the local devices."""
+    """The params of checkpoint `step` (default: latest) of the run in `workdir` (a local
+    path or a gs:// / s3:// URL), sharded fsdp-style over all devices (each holds its
+    share, as in training), not replicated on each."""
     ckpt = ckpt_lib.Checkpointer(workdir)
     steps = ckpt.all_steps()
     if not steps:
@@ -44,17 +46,12 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     meta = ckpt.restore_meta(step)
     cfg = model_config_from_meta(meta)
     boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(jax.local_devices(), ("all",)), jax.sharding.PartitionSpec()
-    )
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-        nn.meta.unbox(boxed)["params"],
-    )
+    shardings = sharding.tree_shardings(boxed["params"], sharding.make_mesh(fsdp=-1))
+    target = ckpt_lib.abstract_with_shardings(nn.meta.unbox(boxed)["params"], shardings)
     params = ckpt.restore_params(step, target)
     ckpt.close()
-    saved_tokenizer = os.path.join(workdir, "tokenizer")
+    saved_tokenizer = epath.Path(workdir) / "tokenizer"
     tokenizer = load_tokenizer(
-        saved_tokenizer if os.path.isdir(saved_tokenizer) else meta["tokenizer"]
+        str(saved_tokenizer) if saved_tokenizer.is_dir() else meta["tokenizer"]
     )
     return Run(model_cfg=cfg, params=params, tokenizer=tokenizer, meta=meta, step=step)

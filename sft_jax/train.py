@@ -203,14 +203,13 @@ def _initial_state(
     source = config_lib.init_source(config)
     if not source:
         return fns.init(jax.random.key(config.seed))
-    param_shardings = fns.state_shardings.params
     _, params = hf.load_hf(
         source,
         allow_pickle=config.model.allow_pickle,
         param_dtype=model_cfg.param_dtype,
         scan_layers=model_cfg.scan_layers,
-        # Each tensor goes to its devices as soon as it is converted.
-        place=lambda path, leaf: jax.device_put(leaf, sharding.get_path(param_shardings, path)),
+        # Each process reads only the blocks of the params its own devices hold.
+        shardings=fns.state_shardings.params,
         shapes=fns.abstract_state.params,
     )
     logging.info("initialised from pretrained weights %s", source)
@@ -288,10 +287,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     return record
         evaluation.finish(state.params)
         checkpointer.wait()  # the export follows only a committed final checkpoint
-        export_dir = config_lib.export_config(s.config).hf_dir
-        if export_dir:
-            out = os.path.join(workdir, os.path.expanduser(export_dir))
-            hf.save_hf(s.model_cfg, state.params, out, tokenizer=s.tokenizer)
+        export_cfg = config_lib.export_config(s.config)
+        if export_cfg.hf_dir:
+            out = os.path.join(workdir, os.path.expanduser(export_cfg.hf_dir))
+            hf.save_hf(s.model_cfg, state.params, out, tokenizer=s.tokenizer,
+                       dtype=hf.export_dtype(s.model_cfg, export_cfg.dtype))  # fmt: skip
             logging.info("exported the final params to %s (Hugging Face format)", out)
         logging.info("done: step %d, checkpoints in %s", s.num_steps, checkpointer.directory)
     finally:

@@ -1,0 +1,167 @@
+"""Hugging Face weight files: read any block of a tensor without reading the rest, and
+write safetensors shards one file at a time.
+
+Readers share one face, `shape(name)` and `read(name, index)` (a tuple of unit-step slices
+in the tensor's own HF layout), so an import reads only the rows its devices hold:
+
+- safetensors: `safe_open(...).get_slice(name)[index]` reads just those bytes;
+- GGUF: the file is memory-mapped; quantized blocks run along a row, so whole rows are
+  dequantized (the rows of `index[0]`, once per tensor and row range) and columns cut after;
+- pytorch_model*.bin: `torch.load(mmap=True)` maps the zip's storages, so a slice pages in
+  only its bytes. A legacy (pre-zip, torch < 1.6) file cannot be mapped and is read whole.
+
+Paths are `etils.epath` paths, so a folder may be a `gs://` or `s3://` URL. Readers take a
+local folder (`hf.resolve_folder` copies a remote one first); the writer writes each
+safetensors file locally (a remote destination gets it copied in chunks), so memory holds
+one shard's tensors, never its bytes twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+Index = tuple[slice, ...]
+
+
+def _find(names, name: str, folder) -> str:
+    for candidate in (name, name.removeprefix("transformer.")):
+        if candidate in names:
+            return candidate
+    raise ValueError(f"{folder}: tensor {name!r} is missing from the checkpoint")
+
+
+class SafetensorsFolder:
+    """Tensors of model.safetensors or a sharded set with an index. A file is opened (memory
+    mapped) for each read and closed after it: pages a read touched would otherwise stay
+    in this process's resident memory until the whole model had passed through it."""
+
+    def __init__(self, folder: epath.Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        self._file: dict[str, str] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="numpy") as f:
+                for k in f.keys():
+                    self._file[k] = str(path)
+                    self._shape[k] = tuple(f.get_slice(k).get_shape())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[_find(self._file, name, self.folder)]
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        from safetensors import safe_open
+
+        name = _find(self._file, name, self.folder)
+        with safe_open(self._file[name], framework="numpy") as f:
+            return f.get_slice(name)[index]
+
+
+class TorchBinFolder:
+    """Pickled pytorch_model*.bin weights: loading can run code, hence opt-in only."""
+
+    def __init__(self, folder: epath.Path):
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{folder}: reading .bin weights needs torch installed") from None
+        self.folder = folder
+        self._state: dict = {}
+        for f in sorted(folder.glob("pytorch_model*.bin")):
+            try:
+                part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy format has no storages to map
+                logging.warning("%s is a legacy torch file: read whole, not mapped", f)
+                part = torch.load(str(f), map_location="cpu", weights_only=True)
+            self._state.update(part)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[_find(self._state, name, self.folder)].shape)
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        # float(): numpy has no bfloat16 for torch to hand over; only the slice is converted.
+        return self._state[_find(self._state, name, self.folder)][index].float().numpy()
+
+
+class GGUFFile:
+    """A llama GGUF file's tensors under their HF names (see `gguf_io`)."""
+
+    def __init__(self, path: str):
+        from sft_jax import gguf_io
+
+        self.config, self._tensors = gguf_io.open_tensors(path)
+        self._rows: tuple = (None, None)  # (key, array): the last rows dequantized
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors.shape(name)
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        key = (name, index[0].start, index[0].stop)
+        if self._rows[0] != key:  # every device of a row range reads the same rows
+            self._rows = (key, self._tensors.rows(name, index[0]))
+        return self._rows[1][(slice(None), *index[1:])]
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: epath.Path) -> None:
+    """One safetensors file, written where it belongs without a second copy in memory."""
+    from safetensors.numpy import save_file
+
+    metadata = {"format": "pt"}  # transformers wants to know the tensors are torch's layout
+    if _is_local(path):
+        save_file(tensors, str(path), metadata=metadata)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = epath.Path(tmp) / path.name
+        save_file(tensors, str(local), metadata=metadata)
+        copy_file(local, path)
+
+
+def copy_file(src: epath.Path, dst: epath.Path) -> None:
+    """Stream `src` to `dst` (either may be a URL) in chunks."""
+    with src.open("rb") as f, dst.open("wb") as g:
+        shutil.copyfileobj(f, g, 64 * 1024**2)
+
+
+def write_json(obj, path: epath.Path) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)
+
+
+class ShardWriter:
+    """Safetensors shards written as soon as each one holds its planned tensors, then the
+    index. `plan`: file name → the tensor names it holds, in the order they will come."""
+
+    def __init__(self, out_dir: epath.Path, plan: dict[str, list[str]]):
+        self.out_dir, self._plan = out_dir, plan
+        self._files = iter(plan.items())
+        self._file, self._names = next(self._files)
+        self._pending: dict[str, np.ndarray] = {}
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: np.ndarray) -> None:
+        if name != self._names[len(self._pending)]:
+            raise AssertionError(f"export: {name} came out of the planned order")
+        self._pending[name] = tensor
+        self.total_bytes += tensor.nbytes
+        if len(self._pending) == len(self._names):
+            write_safetensors(self._pending, self.out_dir / self._file)
+            self._pending = {}
+            self._file, self._names = next(self._files, (None, None))
+
+    def finish(self) -> None:
+        if self._file is not None:
+            raise AssertionError(f"export: {self._file} never received all its tensors")
+        if len(self._plan) > 1:
+            weight_map = {n: f for f, names in self._plan.items() for n in names}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            write_json(index, self.out_dir / "model.safetensors.index.json")

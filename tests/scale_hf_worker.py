@@ -1,0 +1,78 @@
+"""One process of tests/test_scale_hf.py: import an HF folder onto a mesh that spans all
+processes, export it back, and report peak memory and what each process holds.
+
+    python tests/scale_hf_worker.py SRC OUT RESULT.json PROCESS_ID NUM_PROCESSES PORT
+
+Peak RSS is the kernel's high-water mark (VmHWM), reset before each phase by writing 5 to
+/proc/self/clear_refs (Linux ≥ 4.0), so each phase's peak is measured alone.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _reset_peak() -> int:
+    """Reset the high-water mark to the current RSS; returns that RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def main(src, out, result, pid, nproc, port):
+    jax.distributed.initialize(f"127.0.0.1:{port}", int(nproc), int(pid))
+    import flax.linen as nn
+
+    from sft_jax import hf, sharding
+    from sft_jax.model import GPT
+
+    cfg = hf.load_config(src)
+    # fsdp spans the processes; tensor pairs devices inside each.
+    mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=2)
+    boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jax.numpy.zeros((1, 1), "int32"))
+    shardings = sharding.tree_shardings(boxed["params"], mesh)
+    shapes = nn.meta.unbox(boxed["params"])
+
+    # The first compile in a process maps XLA's and LLVM's own memory: not the import's.
+    jax.jit(lambda x: x + 1)(jax.numpy.zeros(8)).block_until_ready()
+    before = _reset_peak()
+    _, params = hf.load_hf(src, shardings=shardings, shapes=shapes)
+    jax.block_until_ready(params)
+    import_peak = _peak() - before
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    held = sum(s.data.nbytes for _, leaf in leaves for s in leaf.addressable_shards)
+
+    before = _reset_peak()
+    hf.save_hf(cfg, params, out, max_shard_bytes=48 * 1024**2)
+    export_peak = _peak() - before
+
+    # What each device holds equals the same block of a single-process (numpy) import.
+    _, reference = hf.load_hf(src)
+    mismatched, wrong_sharding = [], []
+    for path, leaf in leaves:
+        keys = tuple(k.key for k in path)
+        want = sharding.get_path(reference, keys)
+        if leaf.sharding != sharding.get_path(shardings, keys):
+            wrong_sharding.append("/".join(keys))
+        for shard in leaf.addressable_shards:
+            if not np.array_equal(np.asarray(shard.data), want[shard.index]):
+                mismatched.append(f"{'/'.join(keys)} {shard.index}")
+    with open(result, "w") as f:
+        json.dump({"import_peak": import_peak, "export_peak": export_peak, "held": held,
+                   "mismatched": mismatched, "wrong_sharding": wrong_sharding,
+                   "devices": jax.local_device_count()}, f)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
