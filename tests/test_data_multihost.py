@@ -1,7 +1,8 @@
-"""The data build shared by processes (sft_jax/data/hosts.py): 2 real processes on loopback
-(jax.distributed) build the same cache entry, byte for byte, as one process does, each
-tokenizing only its share of the rows; an error in one process's share stops both with
-its message; a cache folder the processes do not share stops both with a clear message."""
+"""The data build shared by processes (sft_jax/data/hosts.py): shares of the rows join back
+into the one-process rows; 2 real processes on loopback (jax.distributed) build the same
+cache entry, byte for byte, as one process does, each tokenizing only its share of the
+rows; an error in one process's share stops both with its message; a cache folder the
+processes do not share stops both with a clear message."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from sft_jax.data import DataSpec, build_splits, load_tokenizer
+from sft_jax.data import DataSpec, build, build_splits, hosts, load_tokenizer, sources, templates
 from sft_jax.data.build import CHUNK_ROWS
 from tests.test_train import ROOT
 
@@ -20,9 +21,9 @@ ROWS = 2 * CHUNK_ROWS + 452  # Three chunks: 0 and 2 are process 0's, 1 is proce
 BAD = CHUNK_ROWS + 476  # A row of chunk 1.
 
 
-def _write_rows(path, bad_rows):
+def _write_rows(path, bad_rows, n=ROWS):
     with open(path, "w", encoding="utf-8") as f:
-        for i in range(ROWS):
+        for i in range(n):
             row = {"instruction": f"Add {i} and {i % 7}.", "output": f"{i + i % 7}"}
             if i in bad_rows:
                 del row["output"]
@@ -61,6 +62,31 @@ def _launch(tmp_path, rows, bad):
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_shares_join_into_the_one_process_rows(tmp_path, monkeypatch, count):
+    """Every share of the rows (chunk k to process k % count; 5 processes > 4 chunks, so one
+    gets none), joined, is what one process encodes: examples, drops and their rows."""
+    monkeypatch.setattr(build, "CHUNK_ROWS", 8)
+    rows = tmp_path / "rows.jsonl"
+    _write_rows(rows, bad_rows={3, 12, 25}, n=30)
+    spec = DataSpec(train=str(rows), on_bad_row="skip", num_workers=0, cache=False)
+    tok = load_tokenizer("gpt2")
+    template = templates.resolve_template(spec, tok)
+    src = sources.Source(str(rows), "data.train", skip_empty=True)
+    one, fmt, source_rows = build.encode_source(src, spec, tok, template)
+    assert source_rows.tolist() == list(range(30))
+    shares = [build.encode_source(src, spec, tok, template, (i, count)) for i in range(count)]
+    assert [r.tolist() for _, _, r in shares] == [
+        [r for r in range(30) if r // 8 % count == i] for i in range(count)
+    ]
+    joined, joined_fmt = hosts.join([{"train": s} for s in shares], "train")
+    assert joined_fmt == fmt == "alpaca"
+    for field in ("ids", "trainable", "starts", "status", "flags"):
+        np.testing.assert_array_equal(getattr(joined, field), getattr(one, field))
+        assert getattr(joined, field).dtype == getattr(one, field).dtype
+    assert joined.problems == one.problems and sorted(one.problems) == [3, 12, 25]
 
 
 @pytest.mark.slow
