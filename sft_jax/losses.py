@@ -8,9 +8,11 @@ devices and hosts. Never a mean of means.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 
 def masked_cross_entropy(
@@ -32,6 +34,7 @@ def chunked_cross_entropy(
     targets: jax.Array,
     loss_mask: jax.Array,
     chunk: int = 128,
+    layout: PartitionSpec | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The loss of `masked_cross_entropy(hidden @ head.T, …)` without its logits.
 
@@ -41,28 +44,31 @@ def chunked_cross_entropy(
     [batch, chunk, vocab] float32 logits exist at a time, never [batch, seq, vocab] (412 MB
     for GPT-2 at 4 × 512, three times over in autodiff). Under differentiation, each chunk's
     gradients are formed right after its loss (d logits = softmax − onehot, masked), so the
-    backward pass needs no recomputation: the same three matmuls as unfused autodiff."""
-    seq = hidden.shape[1]
-    chunk = min(chunk, seq)
-    pad = -seq % chunk
-    if pad:  # masked-out positions: they add nothing to either sum
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
-    return _chunked_ce(hidden, head, targets, loss_mask.astype(jnp.float32), chunk)
+    backward pass needs no recomputation: the same three matmuls as unfused autodiff.
+
+    `layout`, a PartitionSpec of [batch, seq] over the mesh in force (`jax.set_mesh`), splits
+    the work across devices: the rows arrive split over the axes of `layout[0]` and each
+    device of the axes of `layout[1]` (over which the rows are the same) takes its own part
+    of their positions. Each device runs the chunk loop on its positions with the whole head
+    (gathered once, before the loop); the head's gradient and the sums are added across
+    devices once, after it. Left to XLA's partitioner, the loop instead all-reduced a
+    [vocab, d_model] gradient in every chunk (and, with the vocabulary split over `tensor`,
+    logits-sized partial sums)."""
+    return _chunked_ce(hidden, head, targets, loss_mask.astype(jnp.float32), chunk, layout)
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """[batch, seq, …] → [seq / chunk, batch, chunk, …]: the batch axis (and its sharding)
-    stays inside every chunk."""
+    """[batch, seq, …] → [seq / chunk, batch, chunk, …], the sequence padded to whole chunks
+    (padding carries mask 0: it adds nothing to either sum)."""
     b, t = x.shape[:2]
-    return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
+    x = jnp.pad(x, ((0, 0), (0, -t % chunk)) + ((0, 0),) * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(b, -1, chunk, *x.shape[2:]), 0, 1)
 
 
 def _chunk_logits(h: jax.Array, head: jax.Array) -> jax.Array:
     # [batch, chunk, d] · [vocab, d] → [batch, chunk, vocab], accumulated in float32.
     return jax.lax.dot_general(
-        h, head.astype(h.dtype), (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        h, head, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
 
 
@@ -71,19 +77,20 @@ def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_ce(hidden, head, targets, mask, chunk):
+def _loss_sum(hidden, head, targets, mask, chunk):
+    """{"total": Σ mask·nll} of these (one device's) positions, chunk by chunk."""
+
     def body(total, xs):
         h, t, m = xs
-        nll = _nll(_chunk_logits(h, head), t)
-        return total + jnp.sum(nll * m), None
+        return total + jnp.sum(_nll(_chunk_logits(h, head), t) * m), None
 
-    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(mask, chunk))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total, jnp.sum(mask)
+    xs = tuple(_chunks(x, chunk) for x in (hidden, targets, mask))
+    return {"total": jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]}
 
 
-def _chunked_ce_fwd(hidden, head, targets, mask, chunk):
+def _loss_sum_and_grads(hidden, head, targets, mask, chunk):
+    """{"total": Σ mask·nll, "d_hidden", "d_head": its gradients} of these (one device's)
+    positions, chunk by chunk; the head's gradient adds up in float32 across the chunks."""
     vocab = head.shape[0]
 
     def body(carry, xs):
@@ -99,22 +106,86 @@ def _chunked_ce_fwd(hidden, head, targets, mask, chunk):
         onehot = jax.nn.one_hot(t, vocab, dtype=exp.dtype)
         d_logits = exp * (m[..., None] / total_exp) - onehot * m[..., None]
         d_logits = d_logits.astype(h.dtype)
-        d_h = jnp.einsum("bcv,vd->bcd", d_logits, head.astype(h.dtype),
-                         preferred_element_type=jnp.float32)  # fmt: skip
+        d_h = jnp.einsum("bcv,vd->bcd", d_logits, head, preferred_element_type=jnp.float32)
         d_head = d_head + jnp.einsum("bcv,bcd->vd", d_logits, h,
                                      preferred_element_type=jnp.float32)  # fmt: skip
         return (total + jnp.sum(nll * m), d_head), d_h
 
-    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(mask, chunk))
+    xs = tuple(_chunks(x, chunk) for x in (hidden, targets, mask))
     init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
     (total, d_head), d_hidden = jax.lax.scan(body, init, xs)
-    d_hidden = jnp.swapaxes(d_hidden, 0, 1).reshape(hidden.shape)
+    b, t, d = hidden.shape
+    d_hidden = jnp.swapaxes(d_hidden, 0, 1).reshape(b, -1, d)[:, :t]
+    return {"total": total, "d_hidden": d_hidden, "d_head": d_head}
+
+
+def _sums(hidden, head, targets, mask, chunk, layout, grads: bool) -> dict[str, jax.Array]:
+    """{"total": Σ mask·nll, "count": Σ mask} and, with `grads`, "d_hidden" and "d_head"
+    (the gradients of the total), computed per `layout`."""
+    head = head.astype(hidden.dtype)  # gathered (below) in the compute dtype, once
+    mesh = jax.sharding.get_abstract_mesh()
+    if layout is None or mesh.empty or mesh.size == 1:
+        return _device_sums(hidden, head, targets, mask, chunk, grads, (), ())
+    row_axes, seq_axes = (_names(part) for part in layout)
+    local = functools.partial(
+        _device_sums, chunk=chunk, grads=grads, row_axes=row_axes, seq_axes=seq_axes
+    )
+    # The arrays go in and out as the model lays them out (rows split, the same on every
+    # device of the sequence axes): a sequence-split spec here would propagate into the
+    # model's own layout. Each device takes its part of the positions inside.
+    rows = PartitionSpec(row_axes or None)
+    out_specs = {"total": PartitionSpec(), "count": PartitionSpec()}
+    if grads:
+        out_specs.update(d_hidden=rows, d_head=PartitionSpec())
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(rows, PartitionSpec(), rows, rows), out_specs=out_specs,
+        check_vma=False,
+    )(hidden, head, targets, mask)  # fmt: skip
+
+
+def _device_sums(hidden, head, targets, mask, chunk, grads, row_axes, seq_axes):
+    """`_sums` on one device's rows: its own part of their positions (split over
+    `seq_axes`), then the sums and the head's gradient added over all the axes, once."""
+    if seq_axes:
+        part = hidden.shape[1] // _size(seq_axes)
+        start = jax.lax.axis_index(seq_axes) * part
+        hidden, targets, mask = (
+            jax.lax.dynamic_slice_in_dim(x, start, part, axis=1) for x in (hidden, targets, mask)
+        )
+    local_sums = _loss_sum_and_grads if grads else _loss_sum
+    sums = local_sums(hidden, head, targets, mask, min(chunk, hidden.shape[1]))
+    sums["count"] = jnp.sum(mask)
+    if row_axes or seq_axes:  # after the chunk loop: once per call, not once per chunk
+        shared = {k: v for k, v in sums.items() if k != "d_hidden"}
+        sums.update(jax.lax.psum(shared, row_axes + seq_axes))
+    if grads and seq_axes:  # [rows, seq, d_model] again, the same on every device
+        sums["d_hidden"] = jax.lax.all_gather(sums["d_hidden"], seq_axes, axis=1, tiled=True)
+    return sums
+
+
+def _size(axes: tuple[str, ...]) -> int:
+    return math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+
+
+def _names(part) -> tuple[str, ...]:
+    """The mesh axis names in one entry of a PartitionSpec (None, a name, or a tuple)."""
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_ce(hidden, head, targets, mask, chunk, layout):
+    sums = _sums(hidden, head, targets, mask, chunk, layout, grads=False)
+    return sums["total"], sums["count"]
+
+
+def _chunked_ce_fwd(hidden, head, targets, mask, chunk, layout):
+    sums = _sums(hidden, head, targets, mask, chunk, layout, grads=True)
     # Zero-size arrays carry the input dtypes: residuals must be arrays.
     like = (jnp.zeros((0,), hidden.dtype), jnp.zeros((0,), head.dtype))
-    return (total, jnp.sum(mask)), (d_hidden, d_head, like)
+    return (sums["total"], sums["count"]), (sums["d_hidden"], sums["d_head"], like)
 
 
-def _chunked_ce_bwd(chunk, res, g):
+def _chunked_ce_bwd(chunk, layout, res, g):
     d_hidden, d_head, (hidden_like, head_like) = res
     g_total = g[0]  # the count's cotangent does not reach the inputs
     return (

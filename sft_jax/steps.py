@@ -8,6 +8,7 @@ makes loss and gradient exactly those of the whole batch (docs/design.md, "The l
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from sft_jax import losses
 from sft_jax.model import head_weight, unstack_layers
@@ -76,8 +78,31 @@ def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = No
         method="hidden_states",
     )
     return losses.chunked_cross_entropy(
-        hidden, head_weight(model.cfg, params), batch["targets"], batch["loss_mask"]
+        hidden,
+        head_weight(model.cfg, params),
+        batch["targets"],
+        batch["loss_mask"],
+        layout=loss_layout(*batch["targets"].shape),
     )
+
+
+def loss_layout(rows: int, seq: int) -> PartitionSpec | None:
+    """How the chunked loss splits a [rows, seq] batch over the mesh in force (None without
+    one): rows over the mesh axes the logical rules give "batch" (if they divide the rows),
+    positions over the other axes (if they divide the sequence), so that every device
+    computes a different part of the loss (the hidden states are the same on every device
+    of those other axes, e.g. `tensor`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    spec = nn.logical_to_mesh_axes(("batch",))[0]
+    row_axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    if rows % math.prod(mesh.shape[a] for a in row_axes):
+        row_axes = ()
+    seq_axes = tuple(a for a in mesh.axis_names if a not in row_axes and mesh.shape[a] > 1)
+    if seq % math.prod(mesh.shape[a] for a in seq_axes):
+        seq_axes = ()
+    return PartitionSpec(row_axes or None, seq_axes or None)
 
 
 def _split_micro(batch: Batch, micro_steps: int) -> Batch:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import AxisType, PartitionSpec
 
 from sft_jax.losses import chunked_cross_entropy, masked_cross_entropy
 
@@ -74,3 +75,36 @@ def test_chunked_equals_full_logits_loss_and_gradients(dtype):
         np.testing.assert_allclose(
             np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tol, rtol=tol
         )
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+def test_chunked_split_over_a_mesh_equals_torch(mesh_shape):
+    # The loss and its gradients with the rows split over (data, fsdp) and, on (2, 2, 2), the
+    # 44 positions over tensor: 22 per device in chunks of 8, so each device pads its last
+    # chunk. Reference: torch's summed cross-entropy and autograd on the whole logits.
+    rng = np.random.default_rng(3)
+    hidden = rng.normal(size=(8, 44, 16)).astype(np.float32)
+    head = (rng.normal(size=(101, 16)) * 0.3).astype(np.float32)
+    targets = rng.integers(0, 101, size=(8, 44))
+    mask = (rng.random((8, 44)) < 0.6).astype(np.float32)
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    layout = PartitionSpec(("data", "fsdp"), "tensor")
+
+    def loss(h, w):
+        return chunked_cross_entropy(h, w, jnp.asarray(targets), jnp.asarray(mask), 8, layout)
+
+    def loss_and_grads(h, w):
+        return loss(h, w), jax.grad(lambda h, w: loss(h, w)[0], argnums=(0, 1))(h, w)
+
+    with jax.set_mesh(mesh):
+        (total, count), grads = jax.jit(loss_and_grads)(jnp.asarray(hidden), jnp.asarray(head))
+    h_t, w_t = (torch.tensor(x, requires_grad=True) for x in (hidden, head))
+    labels = torch.tensor(np.where(mask > 0, targets, -100))
+    ref = torch.nn.functional.cross_entropy(
+        (h_t @ w_t.T).reshape(-1, 101), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    ref.backward()
+    assert float(count) == mask.sum()
+    np.testing.assert_allclose(float(total), ref.item(), rtol=1e-5)
+    for g, e in zip(grads, (h_t.grad, w_t.grad), strict=True):
+        np.testing.assert_allclose(np.asarray(g), e.numpy(), atol=1e-5, rtol=1e-5)
