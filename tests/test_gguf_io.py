@@ -146,6 +146,30 @@ def test_synthetic_roundtrip(tmp_path, tied):
     assert [n for n, _ in iter_gguf_tensors(tmp_path / "m.gguf")] == list(hf)
 
 
+def test_rows_are_read_alone_and_a_sharded_import_reads_its_blocks(tmp_path):
+    """Any range of rows (inside a head of Q or K too) equals those rows of the original,
+    and an import onto a data × fsdp × tensor mesh equals the whole-tensor import."""
+    import jax
+
+    from sft_jax import hf, sharding
+    from sft_jax.gguf_io import open_tensors
+    from tests.test_hf import _sharded_target
+
+    hf_tensors = _hf_tensors(tied=False)
+    expected = _write_llama(tmp_path / "m.gguf", hf_tensors)
+    _, tensors = open_tensors(tmp_path / "m.gguf")
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.0.mlp.up_proj.weight", "model.norm.weight"):  # fmt: skip
+        for rows in (slice(0, 8), slice(3, 13), slice(8, 16)):
+            np.testing.assert_array_equal(tensors.rows(name, rows), expected[name][rows], name)
+
+    cfg, whole = hf.load_hf(str(tmp_path / "m.gguf"))
+    shardings, shapes = _sharded_target(cfg, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    _, params = hf.load_hf(str(tmp_path / "m.gguf"), shardings=shardings, shapes=shapes)
+    for leaf, want in zip(jax.tree.leaves(params), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf), want)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         read_gguf(tmp_path / "nope.gguf")

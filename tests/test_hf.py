@@ -1,5 +1,6 @@
 """Hugging Face import/export against transformers itself (torch is the reference)."""
 
+import dataclasses
 import json
 import os
 
@@ -11,6 +12,7 @@ import transformers
 
 from sft_jax import hf
 from sft_jax.model import GPT, GPTConfig
+from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (pytest fixtures)
 
 VOCAB = 384
 
@@ -118,6 +120,110 @@ def test_import_matches_transformers_and_export_round_trips(kind, scan_layers, t
     reloaded.eval()
     assert type(reloaded) is type(model)
     np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)
+
+
+def _sharded_target(cfg, mesh):
+    import flax.linen as nn
+    import jax
+
+    from sft_jax import sharding
+
+    boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return sharding.tree_shardings(boxed["params"], mesh), nn.meta.unbox(boxed["params"])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_sharded_import_reads_blocks_equal_to_the_whole_and_exports_bfloat16(kind, tmp_path):
+    """On a data=2 × fsdp=2 × tensor=2 mesh every leaf is a global array whose device blocks
+    (read slice by slice, replicas once) equal the whole-tensor import; its bfloat16
+    export is the original cast to bfloat16."""
+    import jax
+    import ml_dtypes
+
+    from sft_jax import sharding
+
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    model = _tiny_hf(kind, src)
+    cfg, whole = hf.load_hf(src)
+    shardings, shapes = _sharded_target(cfg, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    _, params = hf.load_hf(src, shardings=shardings, shapes=shapes)
+    split = 0
+    for (path, leaf), want, target in zip(jax.tree_util.tree_leaves_with_path(params),
+                                          jax.tree.leaves(whole), jax.tree.leaves(shardings),
+                                          strict=True):  # fmt: skip
+        assert leaf.sharding == target, path
+        np.testing.assert_array_equal(np.asarray(leaf), want, err_msg=str(path))
+        split += not target.is_fully_replicated
+    assert split >= 5  # the mesh really splits the kernels and tables
+
+    hf.save_hf(cfg, params, out, dtype="bfloat16")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    for name, tensor in exported.state_dict().items():
+        if name != "lm_head.weight" or not cfg.tie_embeddings:
+            want = model.state_dict()[name].numpy().astype(ml_dtypes.bfloat16)
+            got = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_export_dtype_follows_the_compute_dtype_and_names_the_key():
+    cfg = GPTConfig.preset("tiny-llama")
+    assert hf.export_dtype(cfg) == "float32"
+    assert hf.export_dtype(dataclasses.replace(cfg, dtype="bfloat16")) == "bfloat16"
+    assert hf.export_dtype(cfg, "float16") == "float16"
+    with pytest.raises(ValueError, match="--dtype: 'int8' is not one of float32, bfloat16"):
+        hf.export_dtype(cfg, "int8", key="--dtype")
+
+
+def test_hub_config_is_read_without_the_weights(tmp_path, monkeypatch):
+    """load_config asks the hub for config.json alone; loading params asks for the
+    safetensors too. The hub cannot be reached here: its two calls are recorded and
+    answered from a local folder (the hub client is not what is under test)."""
+    import huggingface_hub
+
+    src = tmp_path / "snapshot"
+    _tiny_hf("llama", str(src))
+    calls = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        calls.append(("file", repo_id, filename))
+        return str(src / filename)
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append(("snapshot", repo_id, tuple(allow_patterns)))
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    cfg = hf.load_config("someone/tiny-llama")
+    assert calls == [("file", "someone/tiny-llama", "config.json")]
+    assert cfg.family == "llama" and cfg.vocab_size == VOCAB
+    calls.clear()
+    hf.load_hf("someone/tiny-llama")
+    weights = [c for c in calls if c[0] == "snapshot"]
+    assert len(weights) == 1 and "*.safetensors" in weights[0][2]
+
+
+def test_export_lands_in_a_bucket_and_loads_back(gcs_bucket, tmp_path):  # noqa: F811
+    """gs:// end to end against a GCS emulator: sharded safetensors, index, config and
+    tokenizer files written into the bucket, and `init_from` of that bucket folder."""
+    import jax
+    from etils import epath
+
+    from sft_jax.data import load_tokenizer
+
+    src, out = str(tmp_path / "src"), f"{gcs_bucket}/runs/export"
+    _tiny_hf("llama", src)
+    cfg, params = hf.load_hf(src)
+    hf.save_hf(cfg, params, out, tokenizer=load_tokenizer("gpt2"), max_shard_bytes=100_000)
+    names = {p.name for p in epath.Path(out).iterdir()}
+    files = set(json.loads((epath.Path(out) / "model.safetensors.index.json").read_text())[
+        "weight_map"].values())  # fmt: skip
+    assert len(files) > 1 and files | {"config.json", "tokenizer.json"} <= names
+    assert not any(tmp_path.glob("**/gs:*"))  # nothing landed in a local "gs:" folder
+    loaded_cfg, loaded = hf.load_hf(out)
+    assert loaded_cfg == cfg
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_sharded_export_writes_an_index_that_transformers_reads(tmp_path):
@@ -245,6 +351,20 @@ def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path, console_sc
     )
     run = runs.load_run(workdir)
     assert run.step == 3
+    # Restored fsdp-sharded over all 8 devices, not replicated on each.
+    embedding = run.params["wte"]["embedding"]
+    assert len(embedding.sharding.device_set) == 8 and not embedding.sharding.is_fully_replicated
+    assert embedding.addressable_shards[0].data.size * 8 == embedding.size
+    # --dtype bfloat16: the same tensors, rounded; a bad dtype is one line naming --dtype.
+    from sft_jax.cli import export
+
+    assert export.main(["--workdir", workdir, "--out", out + "_bf16", "--dtype", "bfloat16"]) == 0
+    half = transformers.AutoModelForCausalLM.from_pretrained(out + "_bf16")
+    assert half.dtype == torch.bfloat16
+    full = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, tensor in half.state_dict().items():
+        torch.testing.assert_close(tensor, full[name].bfloat16(), rtol=0, atol=0, msg=name)
+    assert export.main(["--workdir", workdir, "--out", out + "_x", "--dtype", "int8"]) == 2
     tokens, mask = np.random.default_rng(0).integers(0, 50257, (2, 10)), np.ones((2, 10), int)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     np.testing.assert_allclose(
