@@ -389,12 +389,13 @@ def _build_together(
     """Each process tokenizes its share into the cache directory; process 0 joins, packs and
     writes the entry (see `hosts`). Returns once the entry is written."""
     scratch = cache.directory(spec) / f".build-{cache_key}"
-    scratch.mkdir(parents=True, exist_ok=True)
     share = (processes.index, processes.count)
-    hosts.part_path(scratch, processes).unlink(missing_ok=True)  # A stale one.
-    tokenize = lambda: hosts.write_part(
-        scratch, processes, _encode(spec, tokenizer, template, srcs, share)
-    )
+
+    def tokenize() -> None:
+        scratch.mkdir(parents=True, exist_ok=True)
+        hosts.part_path(scratch, processes).unlink(missing_ok=True)  # A stale one.
+        hosts.write_part(scratch, processes, _encode(spec, tokenizer, template, srcs, share))
+
     hosts.together(scratch, processes, "tokenize", tokenize)
     hosts.check_parts(scratch, processes, cache_key)
 

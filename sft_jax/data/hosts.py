@@ -114,20 +114,28 @@ def _error_path(scratch: epath.Path, stage: str, index: int, count: int) -> epat
 
 def together(scratch: epath.Path, processes: Processes, stage: str, work: Callable | None) -> None:
     """Runs `work` here (if given), then waits for every process; if any failed, raises its
-    error on every process (the lowest process index first)."""
+    error on every process (the lowest process index first). Never returns or raises before
+    the wait: a process that did would leave the others waiting forever."""
     error = _error_path(scratch, stage, processes.index, processes.count)
-    error.unlink(missing_ok=True)  # A stale one from an earlier attempt.
+    failure = None
     try:
+        error.unlink(missing_ok=True)  # A stale one from an earlier attempt.
         if work is not None:
             work()
     except Exception as e:
-        _write_atomic(error, f"{type(e).__name__}: {e}".encode())
+        failure = e
         traceback.print_exc()
+        try:
+            _write_atomic(error, f"{type(e).__name__}: {e}".encode())
+        except OSError:  # The others will say they cannot see this process's part.
+            pass
     processes.sync(0)
     for i in range(processes.count):
         path = _error_path(scratch, stage, i, processes.count)
         if path.exists():
             raise ValueError(f"data: process {i} of {processes.count}: {path.read_text()}")
+    if failure is not None:
+        raise failure
 
 
 def check_parts(scratch: epath.Path, processes: Processes, cache_key: str) -> None:
