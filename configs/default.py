@@ -68,7 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.streaming = False  # stream hub data sets instead of reading their Arrow copy
     # Tokenized, packed data is cached on disk, keyed by data, config, tokenizer and code.
     c.data.cache = True
-    c.data.cache_dir = ""  # "" = $SFT_JAX_CACHE/data, else ~/.cache/sft_jax/data
+    # "" = $SFT_JAX_CACHE/data, else ~/.cache/sft_jax/data; with several processes,
+    # WORKDIR/data_cache: they tokenize a share each there, so every host must read it.
+    c.data.cache_dir = ""
     c.data.num_workers = -1  # tokenizing processes: -1 = one per core for >16k rows; 0 = none
 
     c.train = ml_collections.ConfigDict()
