@@ -391,33 +391,25 @@ def _hub_download(source: str, **kwargs):
 _HUB_SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
+def _is_url(source: str) -> bool:
+    return "://" in source
+
+
+def _is_hub_id(source: str) -> bool:
+    local = source.startswith((".", "/", "~")) or epath.Path(source).exists()
+    return not (_is_url(source) or local)
+
+
 def resolve_folder(source: str, weights: bool = True) -> epath.Path:
-    """A local folder as is; a remote one (gs://, s3://) copied to a local cache; a hub id
-    downloaded: its config and tokenizer files, and its safetensors if `weights`."""
+    """A local or remote (gs://, s3://) folder as is; a hub id downloaded: its config and
+    tokenizer files, and its safetensors if `weights`."""
+    if _is_hub_id(source):
+        patterns = _HUB_SMALL_FILES + (["*.safetensors"] if weights else [])
+        return epath.Path(_hub_download(source, allow_patterns=patterns))
     path = epath.Path(source).expanduser()
-    if "://" in source:
-        return _local_copy(path, weights)
-    if path.is_dir():
-        return path
-    if path.exists() or source.startswith((".", "/", "~")):
+    if not path.is_dir():
         raise ValueError(f"model.init_from: {source!r} is not a Hugging Face folder or GGUF file")
-    patterns = _HUB_SMALL_FILES + (["*.safetensors"] if weights else [])
-    return epath.Path(_hub_download(source, allow_patterns=patterns))
-
-
-def _local_copy(remote: epath.Path, weights: bool) -> epath.Path:
-    """A remote HF folder's files in a fresh local folder (safetensors are memory-mapped to
-    be read a block at a time), each streamed in chunks. It costs local disk for the whole
-    checkpoint on every host; reading ranges from the bucket directly would not."""
-    import tempfile
-
-    if not remote.is_dir():
-        raise ValueError(f"model.init_from: {remote} is not a Hugging Face folder")
-    local = epath.Path(tempfile.mkdtemp(prefix="sft_jax_init_"))
-    for f in remote.iterdir():
-        if not f.is_dir() and (weights or not f.name.endswith((".safetensors", ".bin"))):
-            hf_files.copy_file(f, local / f.name)
-    return local
+    return path
 
 
 def load_config(source: str) -> GPTConfig:
@@ -429,12 +421,14 @@ def load_config(source: str) -> GPTConfig:
     if source.endswith(".gguf"):
         from sft_jax import gguf_io
 
+        if _is_url(source):
+            raise ValueError(f"model.init_from: {source} must be on local disk: GGUF files are "
+                             "memory-mapped; copy it there")  # fmt: skip
         return config_from_hf(gguf_io.read_gguf_config(source), source)
-    path = epath.Path(source).expanduser()
-    if "://" in source or path.exists() or source.startswith((".", "/", "~")):
-        path = resolve_folder(source, weights=False) / "config.json"
-    else:  # a hub id
+    if _is_hub_id(source):
         path = epath.Path(_hub_download(source, filename="config.json"))
+    else:
+        path = resolve_folder(source, weights=False) / "config.json"
     if not path.exists():
         raise ValueError(f"model.init_from: {path.parent} has no config.json")
     return config_from_hf(json.loads(path.read_text()), str(path))
@@ -445,7 +439,11 @@ def _tensor_reader(source: str, allow_pickle: bool):
         return hf_files.GGUFFile(source)
     folder = resolve_folder(source)
     if list(folder.glob("*.safetensors")):
-        return hf_files.SafetensorsFolder(folder)
+        remote = _is_url(source)
+        return (hf_files.RemoteSafetensorsFolder if remote else hf_files.SafetensorsFolder)(folder)
+    if _is_url(source):
+        raise ValueError(f"model.init_from: {folder} has no *.safetensors weights; other "
+                         "formats are read from local disk: copy the folder there")  # fmt: skip
     if list(folder.glob("pytorch_model*.bin")):
         if not allow_pickle:
             raise ValueError(

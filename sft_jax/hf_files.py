@@ -10,18 +10,20 @@ in the tensor's own HF layout), so an import reads only the rows its devices hol
 - pytorch_model*.bin: `torch.load(mmap=True)` maps the zip's storages, so a slice pages in
   only its bytes. A legacy (pre-zip, torch < 1.6) file cannot be mapped and is read whole.
 
-Paths are `etils.epath` paths, so a folder may be a `gs://` or `s3://` URL. Readers take a
-local folder (`hf.resolve_folder` copies a remote one first); the writer writes each
-safetensors file locally (a remote destination gets it copied in chunks), so memory holds
-one shard's tensors, never its bytes twice.
+Paths are `etils.epath` paths, so a folder may be a `gs://` or `s3://` URL: safetensors
+there are read by byte range (`RemoteSafetensorsFolder`); GGUF and .bin must be local. The
+writer writes each safetensors file locally (a remote destination gets it copied in
+chunks), so memory holds one file's tensors, never its bytes twice.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 
+import ml_dtypes
 import numpy as np
 from absl import logging
 from etils import epath
@@ -62,6 +64,42 @@ class SafetensorsFolder:
         name = _find(self._file, name, self.folder)
         with safe_open(self._file[name], framework="numpy") as f:
             return f.get_slice(name)[index]
+
+
+class RemoteSafetensorsFolder:
+    """safetensors in a bucket (gs://, s3://), read by byte range. The format is a JSON
+    header, then each tensor's bytes in row-major order: a block is one ranged read of the
+    rows of its first dimension, the other dimensions cut after. Nothing is copied to local
+    disk, and each process fetches only its rows."""
+
+    def __init__(self, folder: epath.Path):
+        self.folder = folder
+        self._where: dict[str, tuple[epath.Path, int, dict]] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self._where.update({k: (path, 8 + size, v) for k, v in header.items()})
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[_find(self._where, name, self.folder)][2]["shape"])
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        path, data_start, info = self._where[_find(self._where, name, self.folder)]
+        shape = tuple(info["shape"])
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        rows = index[0]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        with path.open("rb") as f:
+            f.seek(data_start + info["data_offsets"][0] + rows.start * row_bytes)
+            data = f.read((rows.stop - rows.start) * row_bytes)
+        block = np.frombuffer(data, dtype).reshape(rows.stop - rows.start, *shape[1:])
+        return block[(slice(None), *index[1:])]
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
+                       "BF16": ml_dtypes.bfloat16, "I64": "int64", "I32": "int32"}  # fmt: skip
 
 
 class TorchBinFolder:

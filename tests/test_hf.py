@@ -204,26 +204,31 @@ def test_hub_config_is_read_without_the_weights(tmp_path, monkeypatch):
 
 
 def test_export_lands_in_a_bucket_and_loads_back(gcs_bucket, tmp_path):  # noqa: F811
-    """gs:// end to end against a GCS emulator: sharded safetensors, index, config and
-    tokenizer files written into the bucket, and `init_from` of that bucket folder."""
+    """gs:// end to end against a GCS emulator: bfloat16 safetensors in several files, the
+    index, config and tokenizer files written into the bucket; then `init_from` that bucket
+    folder onto a mesh, each block fetched by a ranged read of its rows."""
     import jax
+    import ml_dtypes
     from etils import epath
 
+    from sft_jax import sharding
     from sft_jax.data import load_tokenizer
 
     src, out = str(tmp_path / "src"), f"{gcs_bucket}/runs/export"
     _tiny_hf("llama", src)
     cfg, params = hf.load_hf(src)
-    hf.save_hf(cfg, params, out, tokenizer=load_tokenizer("gpt2"), max_shard_bytes=100_000)
+    hf.save_hf(cfg, params, out, load_tokenizer("gpt2"), max_shard_bytes=50_000, dtype="bfloat16")
     names = {p.name for p in epath.Path(out).iterdir()}
     files = set(json.loads((epath.Path(out) / "model.safetensors.index.json").read_text())[
         "weight_map"].values())  # fmt: skip
     assert len(files) > 1 and files | {"config.json", "tokenizer.json"} <= names
     assert not any(tmp_path.glob("**/gs:*"))  # nothing landed in a local "gs:" folder
-    loaded_cfg, loaded = hf.load_hf(out)
+
+    shardings, shapes = _sharded_target(cfg, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    loaded_cfg, loaded = hf.load_hf(out, shardings=shardings, shapes=shapes)
     assert loaded_cfg == cfg
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, want.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_sharded_export_writes_an_index_that_transformers_reads(tmp_path):
