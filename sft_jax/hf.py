@@ -251,7 +251,8 @@ class Tensor(NamedTuple):
 
 
 def tensors(cfg: GPTConfig) -> Iterator[Tensor]:
-    """Every HF tensor of `cfg`'s model, in HF's order (top-level, then layer by layer)."""
+    """Every HF tensor of `cfg`'s model: the top-level ones, then each per-layer tensor for
+    layers 0, 1, … (the order of import, export and the safetensors files)."""
     top, layer = _entries(cfg)
     layers = cfg.names.layers
     for entry in top:

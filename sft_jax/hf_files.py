@@ -134,7 +134,7 @@ class GGUFFile:
     def __init__(self, path: str):
         from sft_jax import gguf_io
 
-        self.config, self._tensors = gguf_io.open_tensors(path)
+        _, self._tensors = gguf_io.open_tensors(path)
         self._rows: tuple = (None, None)  # (key, array): the last rows dequantized
 
     def shape(self, name: str) -> tuple[int, ...]:
