@@ -503,7 +503,8 @@ def save_hf(
     if given, the tokenizer files with its chat template.
 
     Every process must call this (gathering sharded params is collective); process 0 writes,
-    one tensor at a time, each safetensors file as soon as it is full."""
+    one tensor at a time, each safetensors file as soon as it is full. All return once the
+    folder is complete."""
     out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
     out = epath.Path(out_dir)
     writer = None
@@ -514,9 +515,18 @@ def save_hf(
     for name, tensor in params_to_hf(cfg, params):
         if writer is not None:
             writer.add(name, tensor.astype(out_dtype, copy=False))
-    if writer is None:
-        return out_dir
-    writer.finish()
+    if writer is not None:
+        writer.finish()
+        _write_configs(cfg, out, out_dtype, tokenizer)
+    if jax.process_count() > 1:  # no process reports an export that is still being written
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"sft_jax.hf.save_hf:{out_dir}")
+    return out_dir
+
+
+def _write_configs(cfg: GPTConfig, out: epath.Path, out_dtype: np.dtype, tokenizer) -> None:
+    """config.json, generation_config.json and the tokenizer's files."""
     hf_config = config_to_hf(cfg) | {"torch_dtype": str(out_dtype)}
     generation = {}
     if tokenizer is not None:
@@ -526,7 +536,6 @@ def save_hf(
                 hf_config[key] = generation[key] = getattr(tokenizer, key)
     hf_files.write_json(hf_config, out / "config.json")
     hf_files.write_json(generation, out / "generation_config.json")
-    return out_dir
 
 
 def _save_tokenizer(tokenizer, out: epath.Path) -> None:
