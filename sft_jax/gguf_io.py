@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -194,13 +193,6 @@ def open_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], GGUFTensors]:
     reader = _open(path)  # parsing metadata (the token list) is slow: do it once
     cfg = _config(reader, path)
     return cfg, GGUFTensors(reader, path, cfg)
-
-
-def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, float32 array)`` one tensor at a time, in file order."""
-    _, tensors = open_tensors(path)
-    for name in tensors.names():
-        yield name, tensors.rows(name)
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
