@@ -112,7 +112,7 @@ def load(spec: DataSpec, cache_key: str) -> tuple[dict[str, PackedRows], dict] |
     return splits, meta["stats"]
 
 
-def _write(path: epath.Path, write) -> None:
+def write_atomic(path: epath.Path, write) -> None:
     """`write(file)` to a temporary name beside `path`, then renamed: readers see all or none."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
     try:
@@ -136,10 +136,10 @@ def save(
         for a in _ARRAYS:
             value = getattr(rows, a)
             value = np.zeros(0, np.int64) if value is None else np.asarray(value)
-            _write(final / f"{name}.{a}.npy", lambda f, v=value: np.save(f, v))
+            write_atomic(final / f"{name}.{a}.npy", lambda f, v=value: np.save(f, v))
         info[name] = {"seq_len": rows.seq_len, "packed": rows.packed,
                       "pad_multiple": rows.pad_multiple}  # fmt: skip
     meta = {"key": cache_key, "inputs": inputs, "splits": info, "stats": stats}
     text = json.dumps(meta, indent=1, default=str).encode()
-    _write(final / "meta.json", lambda f: f.write(text))
+    write_atomic(final / "meta.json", lambda f: f.write(text))
     return final

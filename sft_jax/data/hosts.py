@@ -17,13 +17,12 @@ import dataclasses
 import io
 import json
 import traceback
-import uuid
 from collections.abc import Callable
 
 import numpy as np
 from etils import epath
 
-from sft_jax.data import examples
+from sft_jax.data import cache, examples
 
 _ARRAYS = ("ids", "trainable", "starts", "status", "flags")
 
@@ -49,12 +48,6 @@ def jax_processes() -> Processes:
     return Processes(jax.process_index(), jax.process_count(), sync)
 
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def part_path(scratch: epath.Path, processes: Processes, index: int | None = None) -> epath.Path:
     i = processes.index if index is None else index
     return scratch / f"part-{i}-of-{processes.count}.npz"
@@ -69,9 +62,7 @@ def write_part(scratch: epath.Path, processes: Processes, sources: dict) -> None
         arrays[f"{name}.rows"] = rows
         info[name] = {"format": fmt, "problems": {str(k): v for k, v in chunk.problems.items()}}
     arrays["info"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    _write_atomic(part_path(scratch, processes), buffer.getvalue())
+    cache.write_atomic(part_path(scratch, processes), lambda f: np.savez(f, **arrays))
 
 
 def _read_part(path: epath.Path) -> dict:
@@ -126,7 +117,8 @@ def together(scratch: epath.Path, processes: Processes, stage: str, work: Callab
         failure = e
         traceback.print_exc()
         try:
-            _write_atomic(error, f"{type(e).__name__}: {e}".encode())
+            message = f"{type(e).__name__}: {e}".encode()
+            cache.write_atomic(error, lambda f: f.write(message))
         except OSError:  # The others will say they cannot see this process's part.
             pass
     processes.sync(0)
