@@ -17,6 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
     # "" = random init; "hf:<hub id | HF folder | GGUF file | asset:name>" starts from
     # pretrained weights, and the architecture comes from there (model.preset is unused).
     c.model.init_from = ""
+    # GPTConfig fields (d_model, n_layers, vocab_size …) replacing the preset's: a recipe
+    # states its model's shapes so sft-jax-plan works without the hub; with init_from set
+    # they must equal the checkpoint's config.
+    c.model.architecture = ml_collections.ConfigDict()
     c.model.allow_pickle = False  # allow pickled pytorch_model.bin weights (they can run code)
     c.model.tokenizer = ""  # tokenizer name or folder; "" = from init_from, else the preset's
     c.model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU

@@ -44,11 +44,35 @@ def model_config(c: ml_collections.ConfigDict) -> GPTConfig:
         dropout=m.dropout,
         attention=m.attention,
     )
+    shape = _architecture(c)
     if init_source(c):
         from sft_jax import hf
 
-        return dataclasses.replace(hf.load_config(init_source(c)), **numerics)
-    return GPTConfig.preset(m.preset, **numerics)
+        loaded = hf.load_config(init_source(c))
+        wrong = {k: (v, getattr(loaded, k)) for k, v in shape.items() if getattr(loaded, k) != v}
+        if wrong:  # a recipe's written-down shapes (for planning) must be the checkpoint's
+            raise ValueError(
+                f"config: model.architecture disagrees with {m.init_from}: "
+                + ", ".join(f"{k}={a!r} (its config: {b!r})" for k, (a, b) in wrong.items())
+                + "; fix model.architecture or remove those keys"
+            )
+        return dataclasses.replace(loaded, **numerics)
+    return GPTConfig.preset(m.preset, **shape, **numerics)
+
+
+def _architecture(c: ml_collections.ConfigDict) -> dict:
+    """model.architecture: GPTConfig fields that replace the preset's (a recipe states its
+    model's shapes, so it can be planned without the hub; with init_from they must agree)."""
+    shape = c.model.architecture.to_dict() if "architecture" in c.model else {}
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    numerics = {"dtype", "param_dtype", "remat", "scan_layers", "dropout", "attention"}
+    unknown = set(shape) - (fields - numerics)
+    if unknown:
+        raise ValueError(
+            f"config: unknown model.architecture keys {sorted(unknown)}; valid: "
+            f"{sorted(fields - numerics)} (numerics such as dtype are model.* keys)"
+        )
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in shape.items()}
 
 
 @dataclasses.dataclass(frozen=True)
