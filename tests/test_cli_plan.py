@@ -1,5 +1,5 @@
 """sft_jax/cli/plan.py (sft-jax-plan): per-device parameter and optimizer bytes equal what
-training holds."""
+training holds; --device says whether a plan fits; --lower lowers for TPU."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from configs import tiny
-from sft_jax import sharding, train
+from sft_jax import memory_plan, sharding, train
 from sft_jax.cli import plan
 from sft_jax.model import GPT
 
@@ -21,43 +21,39 @@ def _shard_bytes(tree):
 def test_planned_bytes_equal_the_real_shards(mesh):
     c = tiny.get_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-    p = plan.plan(c, 8)
+    p = memory_plan.plan(c, 8)
     assert p["mesh"] == dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
     fns = train.build_steps(GPT(p["model"]), p["tx"], p["schedule"], sharding.make_mesh(*mesh))
     with fns.context():
         state = fns.init(jax.random.key(0))
-    assert p["params"] == _shard_bytes(state.params)
-    assert p["optimizer"] == _shard_bytes(state.opt_state)
-    assert p["activations"] > 0
+    assert p["terms"]["parameters"] == _shard_bytes(state.params)
+    assert p["terms"]["optimizer state"] == _shard_bytes(state.opt_state)
+    assert p["total"] == sum(p["terms"].values())
 
 
 def test_a_mesh_that_does_not_cover_the_devices_is_refused():
     c = tiny.get_config()
     c.mesh.data, c.mesh.fsdp = 3, 1
     with pytest.raises(SystemExit, match="does not cover 8 devices"):
-        plan.plan(c, 8)
+        memory_plan.plan(c, 8)
 
 
-def test_the_command_line_prints_the_plan(console_script):
+def test_the_command_line_prints_the_plan_and_whether_it_fits(console_script):
     tiny_py = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-    done = subprocess.run(
-        [
-            console_script("sft-jax-plan"),
-            "--config",
-            tiny_py,
-            "--devices",
-            "8",
-            "--config.mesh.fsdp=2",
-            "--config.mesh.tensor=4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4}; per device:" in done.stdout
-    for line in ("params", "optimizer state", "gradients", "activations", "total"):
-        assert f"  {line} " in done.stdout
+    command = [console_script("sft-jax-plan"), "--config", tiny_py, "--devices", "8",
+               "--config.mesh.fsdp=2", "--config.mesh.tensor=4"]  # fmt: skip
+    fits = subprocess.run([*command, "--device", "v5p"], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4}" in fits.stdout
+    assert "per device, biggest first:" in fits.stdout
+    for term in ("parameters", "optimizer state", "gradients", "activations kept", "total"):
+        assert term in fits.stdout
+    assert "fits in 95.0 GiB per device (headroom" in fits.stdout
+    # 1 MB cannot hold it: the exit says so, for scripts.
+    tight = subprocess.run([*command, "--device", "1MB"], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert tight.returncode == 2 and "does NOT fit in 0.0 GiB" in tight.stdout
 
 
 def test_a_missing_config_is_a_flags_error(capsys):
@@ -78,7 +74,7 @@ def test_train_step_with_splash_lowers_for_tpu_on_faked_devices(mesh):
     # The TPU kernel (not interpret mode) over 8 devices: it takes whole 128-token blocks
     # and XLA cannot partition it, so it must run per shard inside shard_map.
     c = _splash_llama(mesh)
-    lowered = plan.lower_train_step(c, plan.plan(c, 8), "tpu")
+    lowered = plan.lower_train_step(c, memory_plan.plan(c, 8), "tpu")
     text = lowered.as_text()
     assert "tpu_custom_call" in text  # the Mosaic kernel, forward and backward
     assert "shard_map" in text or "manual" in text  # it runs per shard

@@ -1,13 +1,15 @@
 r"""Per-device memory of a training config on a mesh, before paying for the machines.
 
-    sft-jax-plan --config configs/gpt2_alpaca.py --devices 64 \
-        --config.mesh.fsdp=16 --config.mesh.tensor=4
+    sft-jax-plan --config configs/llama3_70b_v5p.py --devices 64 --device v5p
 
-Parameters and optimizer state are exact: shapes from `jax.eval_shape` of the real init,
-each leaf divided by the mesh axes its sharding rule splits it over (the same rules and
-divisibility fallback as training). Activations are an estimate from the model's shapes
-(what the backward pass keeps per layer, plus the logits); `--compile` instead compiles the
-real train step on faked CPU devices and reports XLA's own temp-buffer figure.
+Prints each term (parameters, optimizer state, gradients, kept activations, the loss's and
+attention's working sets …) biggest first, so a config that does not fit says why, and with
+`--device` (a name: v5p, h100-80gb, …; or a size: 95GiB, 80GB) whether it fits and the
+headroom left; exit 2 if it does not. Parameters and optimizer state are exact; the rest
+is sft_jax.memory_plan's formula, checked against XLA's compiled figure in the tests.
+`--compile` also compiles the real train step on faked CPU devices and prints XLA's own
+figure (on CPU, XLA keeps bfloat16 intermediates in float32, so it reads higher than an
+accelerator for bfloat16 configs).
 
 `--lower tpu` (or `cuda`) lowers the real train step for that platform on `--devices`
 faked CPU devices with the config's mesh and the kernels that platform would run (TPU:
@@ -19,13 +21,13 @@ laptop, with the lowering error and a non-zero exit, before the pod is paid for.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
+from sft_jax import memory_plan
 from sft_jax.cli import absl_args
 
 
@@ -34,6 +36,10 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
                                     flag_values=values, sys_argv=argv)  # fmt: skip
     flags.DEFINE_integer("devices", 0, "Device count to plan for (default: this host's).",
                          flag_values=values)  # fmt: skip
+    names = ", ".join(memory_plan.DEVICES)
+    flags.DEFINE_string("device", "", f"Memory of one device: a name ({names}) or a size "
+                        "(95GiB, 80GB); exit 2 if the plan does not fit.",
+                        flag_values=values)  # fmt: skip
     flags.DEFINE_bool("compile", False, "Also compile the train step on faked CPU devices.",
                       flag_values=values)  # fmt: skip
     flags.DEFINE_enum("lower", "", ["", "tpu", "cuda"],
@@ -41,85 +47,6 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
                       "devices; exit 1 if it cannot be lowered or partitioned.",
                       flag_values=values)  # fmt: skip
     flags.mark_flags_as_required(["config"], flag_values=values)
-
-
-def activation_bytes(cfg, local_rows: int, seq: int, tensor: int) -> int:
-    """What the backward pass keeps, per device. Per layer and token: the block input and
-    both norm outputs, q/k/v, the attention output, the MLP's pre-activations (dtype
-    bytes; the activation's output is recomputed, sft_jax.model.with_recomputed_activation), and two
-    float32 softmax statistics per head (sft_jax.attention keeps no [seq, keys]
-    probabilities) — split over `tensor` where the model shards them. `remat` keeps only
-    the block inputs (+ one layer live)."""
-    b = 2 if cfg.dtype == "bfloat16" else 4
-    q = cfg.n_heads * cfg.dim_per_head
-    kv = cfg.n_kv_heads * cfg.dim_per_head
-    mlp = (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff  # gate and up, or c_fc's output
-    per_token_layer = (3 * cfg.d_model + (q + 2 * kv + q + mlp) / tensor) * b
-    per_token_layer += 2 * 4 * cfg.n_heads / tensor  # softmax maximum and 1 / Σ exp
-    tokens = local_rows * seq
-    logits = 3 * 4 * tokens * cfg.vocab_size / tensor  # logits, log-softmax, their gradient
-    if cfg.remat == "none":
-        kept = cfg.n_layers * per_token_layer
-    else:
-        kept = cfg.n_layers * cfg.d_model * b + per_token_layer
-    return int(tokens * kept + logits)
-
-
-def plan(c, n_devices: int) -> dict:
-    """Per-device bytes of params, optimizer state, gradients and activations for config `c`
-    on `n_devices` devices (its mesh.* sizes, -1 filled in). Nothing is allocated."""
-    import flax.linen as nn
-    import jax
-    import numpy as np
-    from jax.sharding import AbstractMesh, AxisType
-
-    from sft_jax import config as config_lib
-    from sft_jax import optim, sharding, steps
-    from sft_jax.model import GPT
-
-    sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
-    free = [k for k, v in sizes.items() if v == -1]
-    if free:
-        sizes[free[0]] = n_devices // math.prod(v for v in sizes.values() if v != -1)
-    if math.prod(sizes.values()) != n_devices:
-        raise SystemExit(f"sft-jax-plan: mesh {sizes} does not cover {n_devices} devices")
-    try:
-        model_cfg = config_lib.model_config(c)
-    except ValueError as e:  # init_from on a hub this machine cannot reach: plan the preset
-        print(f"note: {e}\nplanning model.preset={c.model.preset!r} instead")
-        c.model.init_from = ""
-        model_cfg = config_lib.model_config(c)
-    config_lib.check(c, model_cfg, sizes)
-    mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * 3)
-    tx, schedule = optim.make_optimizer(config_lib.optim_config(c), max(c.train.steps, 10**6))
-    boxed = jax.eval_shape(lambda r: steps.init_state(r, GPT(model_cfg), tx), jax.random.key(0))
-    shardings = sharding.tree_shardings(boxed, mesh)
-    abstract = nn.meta.unbox(boxed)
-
-    def per_device(tree, tree_shardings) -> int:
-        total = 0
-        for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings), strict=True):
-            axes = [
-                a for part in s.spec if part for a in ((part,) if isinstance(part, str) else part)
-            ]
-            total += (
-                leaf.size * np.dtype(leaf.dtype).itemsize // math.prod(mesh.shape[a] for a in axes)
-            )
-        return total
-
-    params = per_device(abstract.params, shardings.params)
-    local_rows = c.train.batch_size // c.train.micro_steps // (sizes["data"] * sizes["fsdp"])
-    return {
-        "model": model_cfg,
-        "mesh": sizes,
-        "local_rows": local_rows,
-        "params": params,
-        "optimizer": per_device(abstract.opt_state, shardings.opt_state),
-        "gradients": params * 4 // np.dtype(model_cfg.param_dtype).itemsize,  # float32 sums
-        "activations": activation_bytes(model_cfg, local_rows, c.data.max_seq_len, sizes["tensor"]),
-        "tx": tx,
-        "schedule": schedule,
-    }
 
 
 def _abstract_step(c, p):
@@ -145,17 +72,18 @@ def _abstract_step(c, p):
     return fns, state, batch
 
 
-def _compiled_memory(c, p) -> None:
-    """Compile the real train step on the (faked) devices and print XLA's figures."""
-    import jax
-
+def compiled_bytes(c, p) -> int:
+    """XLA's peak per device for the real train step compiled on the (faked) CPU devices:
+    temp + arguments + outputs − what the donated state aliases."""
     fns, state, batch = _abstract_step(c, p)
     with fns.context():
-        mem = fns.train_step.lower(state, batch).compile().memory_analysis()
-    gib = 1024**3
-    print(f"XLA, compiled for {jax.device_count()} CPU devices: temp "
-          f"{mem.temp_size_in_bytes / gib:.3f} GiB, arguments "
-          f"{mem.argument_size_in_bytes / gib:.3f} GiB per device")  # fmt: skip
+        m = fns.train_step.lower(state, batch).compile().memory_analysis()
+    return (
+        m.temp_size_in_bytes
+        + m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def lower_train_step(c, p, target: str):
@@ -191,8 +119,22 @@ def _lower(c, p, target: str) -> int:
     return 0
 
 
+def _platform(args) -> str:
+    """The platform whose kernels the plan counts: --lower's, else --device's, else JAX's."""
+    if args.lower:
+        return {"cuda": "gpu"}.get(args.lower, args.lower)
+    if args.device.lower() in memory_plan.DEVICES:
+        return "tpu" if args.device.lower().startswith("v") else "gpu"
+    return ""
+
+
 def main(argv=None) -> int:
     args, _ = absl_args.parse("sft-jax-plan", __doc__, _define, argv)
+    try:
+        device_memory = memory_plan.device_bytes(args.device) if args.device else 0
+    except ValueError as e:
+        print(f"sft-jax-plan: --device: {e}", file=sys.stderr)
+        return 1
     if (args.compile or args.lower) and args.devices:
         # Before jax is imported: fake the planned number of CPU devices.
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -200,22 +142,14 @@ def main(argv=None) -> int:
     import jax
 
     c = args.config
-    p = plan(c, args.devices or jax.device_count())
-    model_cfg, sizes = p["model"], p["mesh"]
-    gib = 1024**3
-    total = sum(p[k] for k in ("params", "optimizer", "gradients", "activations"))
-    print(f"{model_cfg.num_params() / 1e6:.1f} M params, mesh {sizes}; per device:")
-    print(f"  params           {p['params'] / gib:9.3f} GiB")
-    print(f"  optimizer state  {p['optimizer'] / gib:9.3f} GiB")
-    print(f"  gradients        {p['gradients'] / gib:9.3f} GiB")
-    print(f"  activations     ~{p['activations'] / gib:9.3f} GiB (estimate; {p['local_rows']} rows"
-          f" × {c.data.max_seq_len} tokens, remat={model_cfg.remat})")  # fmt: skip
-    print(f"  total           ~{total / gib:9.3f} GiB")
+    p = memory_plan.plan(c, args.devices or jax.device_count(), _platform(args))
+    print(memory_plan.report(p, c.data.max_seq_len, device_memory))
     if args.compile:
-        _compiled_memory(c, p)
+        print(f"XLA, compiled for {jax.device_count()} CPU devices: "
+              f"{compiled_bytes(c, p) / 2**30:.3f} GiB per device")  # fmt: skip
     if args.lower:
         return _lower(c, p, args.lower)
-    return 0
+    return 2 if device_memory and p["total"] > device_memory else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""Per-device memory of a training config on a mesh, from shapes alone (`sft-jax-plan`).
+
+Parameters and optimizer state are exact: `jax.eval_shape` of the real init, each leaf
+divided by the mesh axes its sharding rule splits it over (the same rules and divisibility
+fallback as training). Everything else is a formula over the model's shapes, one named term
+per buffer family of the compiled train step (`activation_terms`), derived from the code it
+counts (sft_jax.model, sft_jax.attention, sft_jax.losses, sft_jax.steps) and checked
+against XLA's own figure for the real compiled step (tests/test_memory_plan.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+# Memory of one device, by the names `sft-jax-plan --device` takes (data sheets: TPU v5p
+# has 95 GiB of HBM per chip, v5e 16 GiB, v4 32 GiB; NVIDIA's 80 GB cards 80·10⁹ bytes).
+DEVICES = {
+    "v4": 32 * 2**30,
+    "v5e": 16 * 2**30,
+    "v5p": 95 * 2**30,
+    "a100-40gb": 40 * 10**9,
+    "a100-80gb": 80 * 10**9,
+    "h100-80gb": 80 * 10**9,
+}
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def device_bytes(text: str) -> int:
+    """Bytes of one device: a name of `DEVICES` ("v5p") or a size ("95GiB", "80GB")."""
+    if text.lower() in DEVICES:
+        return DEVICES[text.lower()]
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(
+            f"device memory {text!r}: give a size such as 95GiB or 80GB, or one of "
+            f"{', '.join(DEVICES)}"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What one device computes per micro-step: `rows` of `seq` tokens, with heads, MLP
+    width and vocabulary split over `tensor`; `xla_attention` when attention runs as
+    sft_jax.attention's XLA ops (not a fused TPU/GPU kernel)."""
+
+    rows: int
+    seq: int
+    tensor: int = 1
+    xla_attention: bool = True
+
+
+def activation_terms(cfg, step: StepShape) -> dict[str, int]:
+    """Bytes per device of the train step's buffers beyond params, optimizer state and
+    gradients, by name. `cfg` is a sft_jax.model.GPTConfig.
+
+    The counts of each term (how many buffers of that shape are live at the peak) were
+    read off XLA's buffer assignment of the compiled step on CPU and are checked against
+    its peak over several shapes and remat policies in tests/test_memory_plan.py."""
+    b = 2 if cfg.dtype in ("bfloat16", "float16") else 4  # activation bytes
+    t = step.tensor
+    tokens = step.rows * step.seq
+    d, heads = cfg.d_model, cfg.n_heads
+    q = heads * cfg.dim_per_head
+    kv = cfg.n_kv_heads * cfg.dim_per_head
+    mlp_in = (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff  # gate and up, or c_fc's output
+    # What the backward pass keeps of one layer, per token (the scan stacks it over
+    # layers): eight d_model-wide tensors (the block input, both norms' inputs and outputs,
+    # both branches' outputs, the MLP's output), q twice (as projected, and heads first
+    # as sft_jax.attention.attend takes it) and attention's output, k and v, the MLP's
+    # pre-activations (its activation is recomputed: model.with_recomputed_activation),
+    # and two float32 softmax statistics per head: no [queries, keys] scores are kept.
+    layer = b * (8 * d + (3 * q + 2 * kv + mlp_in) / t) + 2 * 4 * heads / t
+    if cfg.remat == "full":
+        # Only each block's input; the block being differentiated is recomputed into the
+        # buffers its backward pass uses anyway (the working set below).
+        kept = cfg.n_layers * b * d
+    else:  # "dots" keeps every matmul output: here that is nearly all of `layer`
+        kept = cfg.n_layers * layer
+    # The layer being differentiated: its weights gathered over fsdp, and their full-size
+    # float32 gradient before it is reduce-scattered.
+    layer_params = d * (q + 2 * kv) + q * d + (mlp_in + cfg.d_ff) * d
+    weights = (b + 4) * layer_params / t
+    # Its MLP's backward: float32 [tokens, d_ff] gradients of the pre-activations and the
+    # recomputed activation (three for SwiGLU's gate and up, two for GELU).
+    mlp = 4 * tokens * (mlp_in + cfg.d_ff) / t
+    # The XLA attention's backward (sft_jax.attention._attend_bwd): float32 scores,
+    # probabilities and score gradients of every causal query block, the unrolled blocks
+    # live side by side: 3 × [rows, heads, ~seq²/2]. A fused kernel (splash, cuDNN) keeps
+    # its blocks on chip instead.
+    attention = 3 * 4 * step.rows * heads / t * step.seq**2 / 2 if step.xla_attention else 0
+    # The chunked loss (sft_jax.losses.chunked_cross_entropy): float32 logits, exp and
+    # their gradient for one chunk of 128 positions, and the head's float32 gradient
+    # [vocab, d_model] twice (the scan's accumulator and its result).
+    vocab = cfg.vocab_size / t
+    loss = 3 * 4 * step.rows * min(128, step.seq) * vocab + 2 * 4 * vocab * d
+    return {
+        "activations kept for the backward pass": int(tokens * kept),
+        "one layer's MLP backward": int(mlp),
+        "one layer's gathered weights and gradients": int(weights),
+        "attention's query blocks (XLA attention)": int(attention),
+        "chunked loss: logits of a chunk, head gradient": int(loss),
+    }
+
+
+def mesh_sizes(c, n_devices: int) -> dict[str, int]:
+    """The config's mesh.* sizes on `n_devices`, -1 filled in."""
+    sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if free:
+        sizes[free[0]] = n_devices // math.prod(v for v in sizes.values() if v != -1)
+    if math.prod(sizes.values()) != n_devices:
+        raise SystemExit(f"sft-jax-plan: mesh {sizes} does not cover {n_devices} devices")
+    return sizes
+
+
+def plan(c, n_devices: int, platform: str = "") -> dict:
+    """Per-device bytes of config `c` on `n_devices` devices: "terms" (name → bytes, params,
+    optimizer state and gradients exact, the rest `activation_terms`), their "total", and
+    what planning built ("model", "mesh", "local_rows", "tx", "schedule"). `platform`
+    ("tpu", "gpu", "cpu"; default JAX's) decides which attention kernel runs. Nothing is
+    allocated: shapes come from `jax.eval_shape`."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from jax.sharding import AbstractMesh, AxisType
+
+    from sft_jax import config as config_lib
+    from sft_jax import kernels, optim, sharding, steps
+    from sft_jax.model import GPT
+
+    sizes = mesh_sizes(c, n_devices)
+    c = c.copy_and_resolve_references()
+    if c.model.init_from and c.model.architecture:
+        c.model.init_from = ""  # the recipe states its shapes: no hub needed to plan them
+    try:
+        model_cfg = config_lib.model_config(c)
+    except ValueError as e:  # init_from on a hub this machine cannot reach
+        print(f"note: {e}\nplanning model.preset={c.model.preset!r} instead")
+        c.model.init_from = ""
+        model_cfg = config_lib.model_config(c)
+    config_lib.check(c, model_cfg, sizes)
+    mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * 3)
+    tx, schedule = optim.make_optimizer(config_lib.optim_config(c), max(c.train.steps, 10**6))
+    boxed = jax.eval_shape(lambda r: steps.init_state(r, GPT(model_cfg), tx), jax.random.key(0))
+    shardings = sharding.tree_shardings(boxed, mesh)
+    abstract = nn.meta.unbox(boxed)
+
+    def per_device(tree, tree_shardings) -> int:
+        total = 0
+        for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings), strict=True):
+            axes = [
+                a for part in s.spec if part for a in ((part,) if isinstance(part, str) else part)
+            ]
+            total += (
+                leaf.size * np.dtype(leaf.dtype).itemsize // math.prod(mesh.shape[a] for a in axes)
+            )
+        return total
+
+    params = per_device(abstract.params, shardings.params)
+    # Gradients are float32 sums; with micro_steps > 1 the accumulator is a second copy.
+    grads = params * 4 // np.dtype(model_cfg.param_dtype).itemsize
+    grads *= 2 if c.train.micro_steps > 1 else 1
+    local_rows = c.train.batch_size // c.train.micro_steps // (sizes["data"] * sizes["fsdp"])
+    kernel = kernels.resolve(model_cfg.attention, platform or None, model_cfg.dtype)
+    step = StepShape(local_rows, c.data.max_seq_len, sizes["tensor"], kernel == "xla")
+    terms = {
+        "parameters": params,
+        "optimizer state": per_device(abstract.opt_state, shardings.opt_state),
+        "gradients (float32)": grads,
+        **activation_terms(model_cfg, step),
+    }
+    return {
+        "model": model_cfg,
+        "mesh": sizes,
+        "local_rows": local_rows,
+        "attention": kernel,
+        "terms": terms,
+        "total": sum(terms.values()),
+        "tx": tx,
+        "schedule": schedule,
+    }
+
+
+def report(p: dict, seq: int, device_memory: int = 0) -> str:
+    """The plan as the lines `sft-jax-plan` prints: every term, biggest first, the total
+    and, given a device's memory, whether it fits and with what headroom."""
+    gib = 2**30
+    cfg = p["model"]
+    lines = [
+        f"{cfg.num_params() / 1e6:.1f} M params, mesh {p['mesh']}, {p['local_rows']} rows × "
+        f"{seq} tokens per device and micro-step, remat={cfg.remat}, dtype={cfg.dtype}, "
+        f"attention={p['attention']}; per device, biggest first:"
+    ]
+    for name, n in sorted(p["terms"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {n / gib:9.3f} GiB  {100 * n / p['total']:4.1f} %  {name}")
+    lines.append(f"  {p['total'] / gib:9.3f} GiB  total")
+    if device_memory:
+        headroom = 1 - p["total"] / device_memory
+        verdict = "fits" if headroom >= 0 else "does NOT fit"
+        lines.append(
+            f"{verdict} in {device_memory / gib:.1f} GiB per device "
+            f"(headroom {100 * headroom:.0f} %)"
+        )
+    return "\n".join(lines)
