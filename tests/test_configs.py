@@ -1,4 +1,5 @@
-"""Every config in configs/ loads, converts and evaluates its shapes without allocating."""
+"""Every config in configs/ loads, converts and evaluates its shapes without allocating;
+every pod and cluster recipe fits its stated devices by the memory plan."""
 
 import glob
 import importlib.util
@@ -8,7 +9,7 @@ import jax
 import pytest
 
 from sft_jax import config as config_lib
-from sft_jax import steps
+from sft_jax import memory_plan, steps
 from sft_jax.model import GPT
 from sft_jax.optim import make_optimizer
 
@@ -18,11 +19,15 @@ CONFIGS = sorted(
 )
 
 
-def _load(path):
+def _module(path):
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def _load(path):
+    return _module(path).get_config()
 
 
 def test_there_are_configs():
@@ -45,3 +50,56 @@ def test_config_loads_and_its_state_shapes_evaluate(path):
     abstract = jax.eval_shape(lambda r: steps.init_state(r, GPT(model_cfg), tx), jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     assert n_params == model_cfg.num_params()
+
+
+# Recipes for real machines (a TARGETS table: target → devices, device, batch, micro-steps),
+# and their models' parameter counts as their model cards give them.
+RECIPES = {
+    "llama3_8b.py": 8_030_261_248,  # meta-llama/Llama-3.1-8B-Instruct
+    "llama3_70b.py": 70_553_706_496,  # meta-llama/Llama-3.1-70B-Instruct
+    "qwen25_72b.py": 72_706_203_648,  # Qwen/Qwen2.5-72B-Instruct
+}
+HEADROOM = 0.15  # of each device's memory, left free by every recipe's plan
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_fits_its_devices_with_headroom(name):
+    module = _module(os.path.join(ROOT, "configs", name))
+    assert set(module.TARGETS) == {"v5p", "h100"}
+    for target, (devices, device, batch_size, micro_steps) in module.TARGETS.items():
+        c = module.get_config(target)
+        assert c.model.init_from.startswith("hf:")  # real users start from the hub weights
+        assert (c.train.batch_size, c.train.micro_steps) == (batch_size, micro_steps)
+        assert (c.model.dtype, c.model.param_dtype) == ("bfloat16", "float32")
+        assert c.model.remat != "none" and 4096 <= c.data.max_seq_len <= 8192
+        platform = "tpu" if device.startswith("v") else "gpu"
+        p = memory_plan.plan(c, devices, platform)  # the model.architecture: no hub
+        assert p["model"].num_params() == RECIPES[name]
+        memory = memory_plan.device_bytes(device)
+        assert p["total"] <= (1 - HEADROOM) * memory, memory_plan.report(
+            p, c.data.max_seq_len, memory
+        )
+
+
+def test_model_architecture_replaces_preset_fields_and_must_match_init_from(tmp_path):
+    import json
+
+    from configs import tiny
+    from sft_jax import hf
+
+    c = tiny.get_config()
+    c.model.preset = "tiny-llama"
+    c.model.architecture.update(d_model=96, n_layers=3)
+    cfg = config_lib.model_config(c)
+    assert (cfg.d_model, cfg.n_layers, cfg.family) == (96, 3, "llama")
+    c.model.architecture.dtype = "bfloat16"  # numerics are model.* keys
+    with pytest.raises(ValueError, match=r"unknown model.architecture keys \['dtype'\]"):
+        config_lib.model_config(c)
+    # With init_from, the written-down shapes must be the checkpoint's.
+    del c.model.architecture["dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(cfg)))
+    c.model.init_from = f"hf:{tmp_path}"
+    assert config_lib.model_config(c).d_model == 96
+    c.model.architecture.d_model = 128
+    with pytest.raises(ValueError, match="d_model=128 .its config: 96."):
+        config_lib.model_config(c)
