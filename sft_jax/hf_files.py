@@ -10,6 +10,11 @@ in the tensor's own HF layout), so an import reads only the rows its devices hol
 - pytorch_model*.bin: `torch.load(mmap=True)` maps the zip's storages, so a slice pages in
   only its bytes. A legacy (pre-zip, torch < 1.6) file cannot be mapped and is read whole.
 
+GGUF and .bin stay mapped for the whole import, so the pages read stay resident (file
+pages the kernel may drop, but counted in RSS) up to the file's size; safetensors files are
+mapped per read, so only one tensor's pages are resident at a time. For bounded RSS on a
+large model, convert to safetensors.
+
 Paths are `etils.epath` paths, so a folder may be a `gs://` or `s3://` URL: safetensors
 there are read by byte range (`RemoteSafetensorsFolder`); GGUF and .bin must be local. The
 writer writes each safetensors file locally (a remote destination gets it copied in
