@@ -115,3 +115,12 @@ def test_two_processes_import_and_export_their_share(tmp_path):
         files = set(json.load(f)["weight_map"].values())
     assert len(files) >= model_bytes // (48 * MIB)
     assert all(os.path.getsize(os.path.join(out, f)) < 49 * MIB for f in files)
+    # And the single-process export of the same weights: the same files, byte for byte.
+    from sft_jax import hf
+
+    single = str(tmp_path / "single")
+    hf.save_hf(*hf.load_hf(src), single, max_shard_bytes=48 * MIB)
+    assert sorted(os.listdir(single)) == sorted(os.listdir(out))
+    for name in os.listdir(single):
+        with open(os.path.join(single, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+            assert a.read() == b.read(), name
