@@ -55,8 +55,9 @@ def block_reader(
     """A function from a block of our leaf (slices over `shape`) to its values, reading from
     the HF tensor (`read(hf_index)`) only the rows that hold it. Each HF dim is several of
     ours flattened; the block's range along the first of them is one contiguous HF range,
-    and the others are cut after reading (they are whole in every sharding our rules make,
-    e.g. head_dim under heads)."""
+    and the others are cut after reading. Our rules leave those others whole (head_dim
+    under heads), except in GPT-2's fused [embed, 3, heads, head_dim] kernel, where a
+    tensor-parallel block reads all heads of its rows and keeps its own."""
     groups = _hf_groups(layout, len(shape), in_dims)
     leads = {g[0] for g in groups if g}
 
