@@ -46,30 +46,56 @@ def attention_mask(
 
     Training: queries and keys are the same row. Decoding with a KV cache: the keys are the
     cache's slots (`key_segment_ids` [batch, slots]) and query i sits at slot
-    `query_offset + i`."""
+    `query_offset + i`. (The XLA path below never builds it whole: cuDNN takes it.)"""
     if key_segment_ids is None:
         key_segment_ids = segment_ids
-    q_slots = query_offset + jnp.arange(segment_ids.shape[-1])
-    causal = jnp.arange(key_segment_ids.shape[-1])[None, :] <= q_slots[:, None]
-    same = segment_ids[:, :, None] == key_segment_ids[:, None, :]
-    real = (segment_ids != 0)[:, :, None]
-    return (causal[None] & same & real)[:, None]
+    return _visible(segment_ids, key_segment_ids, _query_slots(segment_ids, query_offset))[:, None]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention with softmax in float32.
+def _query_slots(segment_ids: Array, query_offset: Array | int) -> Array:
+    return query_offset + jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+
+
+def _visible(q_seg: Array, k_seg: Array, q_slots: Array, keys_first: bool = False) -> Array:
+    """Which keys each query sees: [batch, queries, keys] bool, or [batch, keys, queries]
+    with `keys_first`. q_seg [batch, queries], k_seg [batch, keys], q_slots [queries]: the
+    key slot of each query (a key is visible up to and including it)."""
+    if keys_first:
+        causal = jnp.arange(k_seg.shape[-1])[:, None] <= q_slots[None, :]
+        same = k_seg[:, :, None] == q_seg[:, None, :]
+        return causal[None] & same & (q_seg != 0)[:, None, :]
+    causal = jnp.arange(k_seg.shape[-1])[None, :] <= q_slots[:, None]
+    same = q_seg[:, :, None] == k_seg[:, None, :]
+    return causal[None] & same & (q_seg != 0)[:, :, None]
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array,
+    key_segment_ids: Array | None = None,
+    query_offset: Array | int = 0,
+) -> Array:
+    """Grouped-query attention with softmax in float32, masked as `attention_mask` says, one
+    query block's mask at a time: never a whole [batch, queries, keys] mask (64 MiB per
+    8192-token row, and a transposed copy of it in the backward pass).
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, keys, kv_heads, head_dim];
-    mask: [batch, 1, seq, keys] bool. Returns [batch, seq, heads, head_dim]."""
+    segment_ids: [batch, seq] int; key_segment_ids [batch, keys] (default: segment_ids) and
+    query_offset as in `attention_mask`. Returns [batch, seq, heads, head_dim]."""
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
+    if key_segment_ids is None:
+        key_segment_ids = segment_ids
+    q_slots = _query_slots(segment_ids, query_offset)
     q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)  # scaled here: [t, d] not [t, keys]
     q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, group, t, d]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, keys, d]
     # Causal query blocks need queries and keys at the same positions; otherwise (prefill
     # against a cache) one block sees every key.
     block = max(BLOCK, -(-t // MAX_BLOCKS)) if t == s else t
-    out = attend(q, k, v, mask, block)
+    out = attend(q, k, v, segment_ids, key_segment_ids, q_slots, block)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -81,15 +107,16 @@ def _blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
     return [(i, min(i + block, t), min(i + block, t)) for i in range(0, t, block)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attend(q: Array, k: Array, v: Array, mask: Array, block: int) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def attend(q: Array, k: Array, v: Array, q_seg, k_seg, q_slots, block: int) -> Array:
     """softmax(q·kᵀ, masked)·v per query block. q: [batch, kv_heads, group, seq, head_dim]
-    (already scaled); k, v: [batch, kv_heads, keys, head_dim]; mask: [batch, 1, seq, keys]
-    bool. Returns q's shape and dtype."""
-    return _attend_fwd(q, k, v, mask, block)[0]
+    (already scaled); k, v: [batch, kv_heads, keys, head_dim]; q_seg [batch, seq], k_seg
+    [batch, keys] and q_slots [seq] say what each query sees (`_visible`). Returns q's
+    shape and dtype."""
+    return _attend_fwd(q, k, v, q_seg, k_seg, q_slots, block)[0]
 
 
-def _attend_fwd(q, k, v, mask, block):
+def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, block):
     outs, tops, inv_totals = [], [], []
     for qs, qe, ke in _blocks(q.shape[3], k.shape[2], block):
         scores = jnp.einsum(
@@ -98,7 +125,8 @@ def _attend_fwd(q, k, v, mask, block):
         )  # fmt: skip
         # Masked entries at float32's minimum (finite, not -inf: a query that sees no key
         # at all, padding, must not give NaN).
-        scores = jnp.where(mask[:, :, None, qs:qe, :ke], scores, _MIN)
+        visible = _visible(q_seg[:, qs:qe], k_seg[:, :ke], q_slots[qs:qe])
+        scores = jnp.where(visible[:, None, None], scores, _MIN)
         top = jnp.max(scores, axis=-1)
         exp = jnp.exp(scores - top[..., None])
         inv_total = 1.0 / jnp.sum(exp, axis=-1)
@@ -115,23 +143,24 @@ def _attend_fwd(q, k, v, mask, block):
     # float32 minimum, where max + log(Σ) rounds back to the minimum and the recomputed
     # probabilities would be 1 instead of 1/keys.
     top, inv_total = jnp.concatenate(tops, axis=3), jnp.concatenate(inv_totals, axis=3)
-    return out, (q, k, v, mask, out, top, inv_total)
+    return out, (q, k, v, q_seg, k_seg, q_slots, out, top, inv_total)
 
 
 def _attend_bwd(block, res, d_out):
-    q, k, v, mask, out, top, inv_total = res
+    q, k, v, q_seg, k_seg, q_slots, out, top, inv_total = res
     # softmax's backward: p·(dp − Σ_keys p·dp), and Σ_keys p·dp = Σ_head_dim dO·O.
     row = jnp.einsum("bkgtd,bkgtd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     # Everything [keys, queries]-shaped below is transposed: [batch, kv_heads, keys, group,
     # block]; the per-query terms broadcast over keys.
-    mask_t = jnp.swapaxes(mask, -1, -2)[:, :, :, None]  # [batch, 1, keys, 1, seq]
     top, inv_total, row = (x[:, :, None] for x in (top, inv_total, row))
     k_t = jnp.swapaxes(k, -1, -2)  # [batch, kv_heads, head_dim, keys]
     d_k = jnp.zeros(k.shape, jnp.float32)
     d_v = jnp.zeros(v.shape, jnp.float32)
     d_q_t = []
     for qs, qe, ke in _blocks(q.shape[3], k.shape[2], block):
-        q_b, d_out_b, m = q[:, :, :, qs:qe], d_out[:, :, :, qs:qe], mask_t[:, :, :ke, :, qs:qe]
+        q_b, d_out_b = q[:, :, :, qs:qe], d_out[:, :, :, qs:qe]
+        m = _visible(q_seg[:, qs:qe], k_seg[:, :ke], q_slots[qs:qe], keys_first=True)
+        m = m[:, None, :, None]  # [batch, 1, keys, 1, block]
         scores = jnp.einsum(
             "bksd,bkgtd->bksgt", k[:, :, :ke], q_b, preferred_element_type=jnp.float32
         )
@@ -151,7 +180,7 @@ def _attend_bwd(block, res, d_out):
         )
         d_q_t.append(jnp.einsum("bkds,bksgt->bkdgt", k_t[..., :ke], d_scores))
     d_q = jnp.concatenate(d_q_t, axis=-1).transpose(0, 1, 3, 4, 2)
-    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
+    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

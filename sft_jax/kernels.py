@@ -9,16 +9,18 @@
   MQA form, one kernel call per key/value head. On CPU it runs in Pallas interpret mode
   (slow; that is how the tests check it against the XLA path).
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs: cuDNN's
-  fused flash attention, causal, with the segment mask as an additive bias. cuDNN takes
-  bfloat16/float16 only. Elsewhere the same call in its XLA form, which is how the tests
-  exercise it on CPU (on a GPU they check the cuDNN kernel itself).
+  fused flash attention, causal, with the segment mask as an additive bias (a dense
+  [batch, 1, seq, seq] array, and JAX asks cuDNN for its gradient too: see
+  `cudnn_attention` for why no segment form is used). cuDNN takes bfloat16/float16 only.
+  Elsewhere the same call in its XLA form, which is how the tests exercise it on CPU (on a
+  GPU they check the cuDNN kernel itself).
 - "auto" (default): splash on TPU, cudnn on GPU in bfloat16/float16, xla otherwise.
 
 `attention(q, k, v, segment_ids=…, implementation=…)` is the one entry point: it builds
-whatever mask its implementation takes from the segment ids (none for splash, a
-[batch, 1, queries, keys] bool mask for xla and cudnn). Calls with a KV cache (decoding and
-prompt prefill) always take the XLA path: the keys are the cache's slots, not the queries'
-positions, and one query against the cache leaves nothing to fuse.
+whatever mask its implementation takes from the segment ids (none for splash, each query
+block's own for xla, a [batch, 1, queries, keys] bool mask for cudnn). Calls with a KV cache
+(decoding and prompt prefill) always take the XLA path: the keys are the cache's slots, not
+the queries' positions, and one query against the cache leaves nothing to fuse.
 
 Kernels are chosen for `platform()`: JAX's default backend, or the platform that
 `target_platform(...)` names while the code is lowered for another one (`sft-jax-plan
@@ -100,20 +102,30 @@ def attention(
     `key_segment_ids` [batch, keys] the keys are a KV cache's slots, query i at slot
     `query_offset + i`, and the XLA path runs. Returns q's shape and dtype."""
     if key_segment_ids is not None:
-        mask = attention_mask(segment_ids, key_segment_ids, query_offset)
-        return dot_product_attention(q, k, v, mask)
+        return dot_product_attention(q, k, v, segment_ids, key_segment_ids, query_offset)
     kernel = resolve(implementation, dtype=q.dtype)
     if kernel == "splash":
         return splash_attention(q, k, v, segment_ids)  # masks by segment ids itself
-    mask = attention_mask(segment_ids)
     if kernel == "cudnn":
-        return cudnn_attention(q, k, v, mask)
-    return dot_product_attention(q, k, v, mask)
+        return cudnn_attention(q, k, v, attention_mask(segment_ids))
+    return dot_product_attention(q, k, v, segment_ids)  # masks each query block itself
 
 
 def cudnn_attention(q, k, v, mask):
     """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim] (GQA is
-    native), mask: [batch, 1, seq, seq] bool (causal and same segment)."""
+    native), mask: [batch, 1, seq, seq] bool (causal and same segment).
+
+    Why a dense mask (JAX 0.10): `jax.nn.dot_product_attention` takes no segment ids; its
+    only mask-free forms are `is_causal` and one valid length per row
+    (`query_seq_lengths`, `key_value_seq_lengths`), which cannot describe packed rows. The
+    mask becomes a bias, and JAX always asks cuDNN for that bias's gradient
+    (`should_export_dbias` is True). cuDNN's packed ("ragged") layout is reachable only
+    through the private `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`
+    (`q_offsets`, `kv_offsets` [batch, max_segments + 1], per-segment lengths): a static
+    bound on the segments per row, Hopper or newer only, and softmax statistics of
+    [batch · max_segments, heads, seq] float32 per layer kept for the backward pass, so
+    at 8192 tokens and 32 heads each allowed segment costs 1 MiB per row and layer. That
+    trade is not taken blind: it cannot even be traced without cuDNN present."""
     # Without `implementation`, jax.nn takes its XLA form even on a GPU: name cuDNN there.
     # is_causal lets the kernel skip the blocks above the diagonal; the mask adds the
     # segment boundaries of packed rows on top.

@@ -45,7 +45,7 @@ def test_equals_autodiff_of_plain_attention_with_padding_and_gqa():
     # pass is the same function's gradient everywhere, not only where a loss would look.
     q, k, v, seg, w = _inputs()
     mask = attention_mask(seg)
-    ours = _value_and_grads(lambda *x: attention.dot_product_attention(*x, mask), q, k, v, w)
+    ours = _value_and_grads(lambda *x: attention.dot_product_attention(*x, seg), q, k, v, w)
     want = _value_and_grads(lambda *x: plain_attention(*x, mask), q, k, v, w)
     for got, exp in zip(jax.tree.leaves(ours), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, exp, atol=2e-5, rtol=2e-5)
@@ -58,7 +58,7 @@ def test_equals_torch_scaled_dot_product_attention():
     real = np.asarray(seg != 0)[:, :, None, None]
     w = w * real  # torch gives NaN for queries that see no key: keep them out of the loss
     got, got_grads = _value_and_grads(
-        lambda *x: attention.dot_product_attention(*x, mask), q, k, v, w
+        lambda *x: attention.dot_product_attention(*x, seg), q, k, v, w
     )
     tq, tk, tv = (torch.tensor(np.asarray(x)).transpose(1, 2).requires_grad_() for x in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -73,7 +73,7 @@ def test_equals_torch_scaled_dot_product_attention():
 def test_bfloat16_inputs_follow_the_float32_function():
     q, k, v, seg, w = _inputs(seed=2, dtype=jnp.bfloat16)
     mask = attention_mask(seg)
-    out, grads = _value_and_grads(lambda *x: attention.dot_product_attention(*x, mask), q, k, v, w)
+    out, grads = _value_and_grads(lambda *x: attention.dot_product_attention(*x, seg), q, k, v, w)
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     want, want_grads = _value_and_grads(lambda *x: plain_attention(*x, mask), *f32, w)
@@ -101,9 +101,10 @@ def test_queries_against_more_keys_as_in_prefill_with_a_cache():
     keys = jnp.concatenate([k, k[:, :50]], axis=1)  # 200 slots, the prompt at slots 20…169
     values = jnp.concatenate([v, v[:, :50]], axis=1)
     key_seg = jnp.zeros((2, 200), jnp.int32).at[:, 20:170].set(1)
-    mask = attention_mask(jnp.ones((2, 150), jnp.int32), key_seg, query_offset=20)
+    query_seg = jnp.ones((2, 150), jnp.int32)
+    mask = attention_mask(query_seg, key_seg, query_offset=20)
     ours = _value_and_grads(
-        lambda *x: attention.dot_product_attention(*x, mask), q, keys, values, w
+        lambda *x: attention.dot_product_attention(*x, query_seg, key_seg, 20), q, keys, values, w
     )
     want = _value_and_grads(lambda *x: plain_attention(*x, mask), q, keys, values, w)
     for got, exp in zip(jax.tree.leaves(ours), jax.tree.leaves(want), strict=True):

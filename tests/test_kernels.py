@@ -45,7 +45,7 @@ def test_resolve():
 @pytest.mark.skipif(ON_GPU, reason="cuDNN's bf16 kernel is checked against xla above")
 def test_attention_builds_the_mask_its_implementation_takes():
     q, k, v, seg = _packed()
-    want = dot_product_attention(q, k, v, attention_mask(seg))
+    want = dot_product_attention(q, k, v, seg)
     real = (seg != 0)[:, :, None, None]
     for implementation in ("xla", "cudnn", "auto"):
         got = kernels.attention(q, k, v, segment_ids=seg, implementation=implementation)
@@ -54,8 +54,37 @@ def test_attention_builds_the_mask_its_implementation_takes():
     keys = jnp.concatenate([jnp.ones((2, 5), jnp.int32), seg], axis=1)
     kk, vv = (jnp.concatenate([x[:, :5], x], axis=1) for x in (k, v))
     got = kernels.attention(q, kk, vv, segment_ids=seg, key_segment_ids=keys, query_offset=5)
-    want = dot_product_attention(q, kk, vv, attention_mask(seg, keys, 5))
+    want = dot_product_attention(q, kk, vv, seg, keys, 5)
     np.testing.assert_array_equal(got, want)
+
+
+def _shapes(jaxpr):
+    """The shape of every value in a jaxpr and in the jaxprs inside it (loops, custom
+    gradients, calls)."""
+    for eqn in jaxpr.eqns:
+        yield from (var.aval.shape for var in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _shapes(inner)
+
+
+def test_xla_path_builds_no_whole_mask():
+    # Value and gradient of the XLA path on 1024-token rows: no value anywhere holds a
+    # [seq, seq] pair of axes (a whole mask would be 64 MiB per 8192-token row, and the
+    # backward pass would need its transpose as well); each query block builds its own.
+    t = 1024
+    q, k, v, _ = _packed(b=2, t=t)
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 0], [1, 1, 2, 2]], t // 4, axis=1), jnp.int32)
+    loss = lambda q, k, v: jnp.sum(
+        kernels.attention(q, k, v, segment_ids=seg, implementation="xla") ** 2
+    )
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+    shapes = list(_shapes(jaxpr))
+    assert any(t in shape for shape in shapes)  # the walk did reach the attention
+    square = [s for s in shapes if any(a == b == t for a, b in zip(s, s[1:], strict=False))]
+    assert not square, f"[.., {t}, {t}, ..]-shaped values: {square[:3]}"
 
 
 @pytest.mark.parametrize("kernel", ["splash", "cudnn"])
@@ -75,7 +104,7 @@ def test_kernel_equals_xla_path_with_gradients(kernel):
         return lambda q, k, v: jnp.sum(f(q, k, v) * w)
 
     f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
-    ours = lambda q, k, v: dot_product_attention(*f32(q, k, v), mask)
+    ours = lambda q, k, v: dot_product_attention(*f32(q, k, v), seg)
     if kernel == "splash":
         theirs = lambda q, k, v: kernels.splash_attention(q, k, v, seg, interpret=True)
     else:
