@@ -10,23 +10,31 @@ checkpoint written on one mesh loads onto another.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from sft_jax import paths
 
 
 class Checkpointer:
     """A thin, typed face on `ocp.CheckpointManager` for the train loop and tools."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, writer: bool = False):
+        """`writer`: the training run that owns the folder. It first deletes the unfinished
+        saves a killed run left (in a bucket, a step folder without commit_success.txt,
+        which a new save of that step could not overwrite); tools that only read must not,
+        since a live run may be writing one."""
+        self.directory = paths.join(paths.resolve(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=writer,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -59,35 +67,71 @@ class Checkpointer:
     def restore_latest_good(
         self, abstract_state: Any, validate: Callable[[dict], None] | None = None
     ) -> tuple[Any, dict, int] | None:
-        """(state, meta, step) of the newest checkpoint that restores; a damaged newer one
-        (killed mid-write, truncated, disk full) is skipped with a warning. None if there is
-        no checkpoint at all. `validate(meta)` may raise to refuse an incompatible run; that
-        error is not mistaken for damage."""
-        steps = sorted(self.all_steps(), reverse=True)
+        """(state, meta, step) of the newest checkpoint that every process restores; a
+        damaged newer one (killed mid-write, truncated, disk full) is skipped with a warning.
+        None if there is no checkpoint at all. `validate(meta)` may raise to refuse an
+        incompatible run; that error is not mistaken for damage.
+
+        Each process reads only its own shards, so damage can be visible to one host only:
+        every process tries, then all agree (a collective) before any of them accepts a
+        step, and so all restore the same step or none does."""
+        steps = sorted(self.all_steps(), reverse=True)  # Orbax lists them on process 0
         for step in steps:
-            try:
-                meta = self.restore_meta(step)
-            except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                logging.warning("checkpoint %s/%d has no readable metadata (%s); trying the "
-                                "previous one", self.directory, step, e)  # fmt: skip
+            meta = self._try(step, "has no readable metadata", self._read, step, "meta", None)
+            if not self._everywhere(meta is not None, step):
                 continue
             if validate is not None:
-                validate(meta)
-            try:
-                state, _ = self.restore(step, abstract_state)
-            except Exception as e:
-                logging.warning(
-                    "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
-                    self.directory, step, type(e).__name__, str(e)[:300],
-                )  # fmt: skip
-                continue
-            return state, meta, step
+                validate(meta)  # the same file on every host: the same verdict
+            state = self._try(step, "cannot be restored", self._read, step, "state", abstract_state)
+            if self._everywhere(state is not None, step):
+                return state, meta, step
         if steps:
             raise ValueError(
                 f"none of the checkpoints {sorted(steps)} in {self.directory} can be restored; "
                 "move the folder away to start afresh"
             )
         return None
+
+    def _try(self, step: int, failure: str, read: Callable, *args) -> Any:
+        """`read(*args)`, or None (with a warning) when this process cannot read it."""
+        try:
+            return read(*args)
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            logging.warning(
+                "checkpoint %s/%d %s on process %d (%s: %s); trying the previous one",
+                self.directory, step, failure, jax.process_index(), type(e).__name__,
+                str(e)[:300],
+            )  # fmt: skip
+            return None
+
+    def _read(self, step: int, item: str, abstract_state: Any) -> Any:
+        """This process's part of one item of a checkpoint ("meta", or "state" laid out as
+        `abstract_state`). Through the handlers, not the manager: the manager's restore
+        ends in a barrier that a process whose read failed would never reach, leaving the
+        others waiting there."""
+        path = epath.Path(self.directory) / str(step) / item
+        if item == "meta":
+            return ocp.JsonCheckpointHandler().restore(path, args=ocp.args.JsonRestore())
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            return handler.restore(path, args=ocp.args.StandardRestore(abstract_state))
+        finally:
+            handler.close()
+
+    @staticmethod
+    def _everywhere(ok: bool, step: int) -> bool:
+        """Whether `ok` holds on every process (a collective: all processes call it)."""
+        if jax.process_count() == 1:
+            return ok
+        from jax.experimental import multihost_utils
+
+        oks = np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1)
+        if ok and not oks.all():
+            logging.warning(
+                "checkpoint %d cannot be read on processes %s; every process tries the "
+                "previous one", step, np.flatnonzero(oks == 0).tolist(),
+            )  # fmt: skip
+        return bool(oks.all())
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the params of the state at `step` (no optimizer state is read): for export

@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from sft_jax import judge as judge_lib
+from sft_jax import paths
 from sft_jax.generate import Generator, Sampling, end_token_ids
 
 
@@ -89,17 +91,16 @@ class Evaluation:
 
     def finish(self, params) -> None:
         """After training: the same prompts again, the before/after report, the loss curve."""
-        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        metrics_path = paths.join(self.workdir, "metrics.jsonl")
         if self._prompts:
             after = self._generate(params, "after")
             before = self._before or self._saved_before()
             if before is not None:
                 report = report_markdown(before, after, *_first_and_last_eval_loss(metrics_path))
-                with open(os.path.join(self.workdir, "report.md"), "w", encoding="utf-8") as f:
-                    f.write(report)
+                epath.Path(self.workdir, "report.md").write_text(report, encoding="utf-8")
                 print(report.split("\n\n| prompt")[0])  # the figures; the rest is in the file
-        if jax.process_index() == 0 and os.path.exists(metrics_path):
-            plot_loss_curve(metrics_path, os.path.join(self.workdir, "loss_curve.png"))
+        if jax.process_index() == 0 and epath.Path(metrics_path).exists():
+            plot_loss_curve(metrics_path, paths.join(self.workdir, "loss_curve.png"))
 
     def _generate(self, params, name: str) -> list[dict]:
         generator = Generator(self._model_cfg, params, end_token_ids(self._tokenizer))
@@ -113,24 +114,23 @@ class Evaluation:
         )
         if self._judge is not None:
             self._judge.score_records(records)
-        write_jsonl(os.path.join(self.workdir, f"generations_{name}.jsonl"), records)
+        write_jsonl(paths.join(self.workdir, f"generations_{name}.jsonl"), records)
         logging.info("generations %s training: %s", name, summarize(records))
         return records
 
     def _saved_before(self) -> list[dict] | None:
         """A resumed run answered the prompts "before" in an earlier process: read its file."""
-        path = os.path.join(self.workdir, "generations_before.jsonl")
-        if not os.path.exists(path):
+        path = epath.Path(self.workdir, "generations_before.jsonl")
+        if not path.exists():
             return None
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _first_and_last_eval_loss(metrics_path: str) -> tuple[float | None, float | None]:
-    if not os.path.exists(metrics_path):
+    if not epath.Path(metrics_path).exists():
         return None, None
-    with open(metrics_path, encoding="utf-8") as f:
-        losses = [r["eval_loss"] for r in map(json.loads, f) if "eval_loss" in r]
+    lines = epath.Path(metrics_path).read_text(encoding="utf-8").splitlines()
+    losses = [r["eval_loss"] for r in map(json.loads, lines) if "eval_loss" in r]
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
@@ -195,9 +195,9 @@ def generation_records(
 
 
 def write_jsonl(path: str, records: Sequence[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """One JSON object per line, to a local path or a bucket URL."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    epath.Path(path).write_text(text, encoding="utf-8")
 
 
 def _cell(text: str, limit: int = 300) -> str:
@@ -248,13 +248,12 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str:
     import matplotlib.pyplot as plt
 
     train, evals = [], []
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if "loss" in r:
-                train.append((r["step"], r["loss"]))
-            if "eval_loss" in r:
-                evals.append((r["step"], r["eval_loss"]))
+    for line in epath.Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            train.append((r["step"], r["loss"]))
+        if "eval_loss" in r:
+            evals.append((r["step"], r["eval_loss"]))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss (response tokens)")
@@ -265,8 +264,10 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    fig.savefig(png_path)
+    png = epath.Path(paths.resolve(png_path))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with png.open("wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return png_path
 

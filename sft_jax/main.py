@@ -18,12 +18,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sft_jax import train
+from sft_jax import paths, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 flags.DEFINE_string(
-    "workdir", None, "Where metrics, events and checkpoints go; resumed if present."
+    "workdir",
+    None,
+    "Where metrics, events and checkpoints go (a local path or a gs:// / s3:// URL); "
+    "resumed if present.",
 )
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process GPU/CPU).")
 flags.DEFINE_integer("num_processes", None, "Processes in the run (multi-process GPU/CPU).")
@@ -68,7 +71,8 @@ def main(argv):
         jax.local_device_count(),
     )
     try:
-        train.train_and_evaluate(FLAGS.config, os.path.abspath(os.path.expanduser(FLAGS.workdir)))
+        # A bucket URL (gs://, s3://) stays a URL: every host must write to the same place.
+        train.train_and_evaluate(FLAGS.config, paths.resolve(FLAGS.workdir))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # Bad config or data: our messages name the key and the fix; the traceback would
         # only bury them. It stays available for debugging.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
+
+from sft_jax import paths
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, matched on device_kind.
 PEAK_FLOPS_BF16 = {
@@ -173,17 +177,21 @@ class MetricsWindow:
 
 
 class StepProfiler:
-    """A `jax.profiler` trace of the steps [start, start + count) in `directory`."""
+    """A `jax.profiler` trace of the steps [start, start + count) in `directory` (a bucket
+    URL too: the trace is written to a local folder, then copied there)."""
 
     def __init__(self, directory: str, start: int, count: int):
         self._directory = directory
         self._start, self._end = start, start + count
         self._active = False
+        self._local = ""
 
     def before(self, step: int) -> None:
         """Step `step` (0-based) is about to be dispatched."""
         if step == self._start and self._end > self._start:
-            jax.profiler.start_trace(self._directory)
+            remote = paths.is_remote(self._directory)
+            self._local = tempfile.mkdtemp(prefix="sft_jax-profile-") if remote else ""
+            jax.profiler.start_trace(self._local or self._directory)
             self._active = True
             logging.info("profiling steps %d to %d into %s", step, self._end - 1, self._directory)
 
@@ -197,6 +205,74 @@ class StepProfiler:
         if self._active:
             jax.profiler.stop_trace()
             self._active = False
+            if self._local:
+                paths.upload(self._local, self._directory)
+                shutil.rmtree(self._local, ignore_errors=True)
+
+
+class AppendedFile:
+    """A text file that grows by lines, flushed after each: appended to on a local disk;
+    in a bucket, where an object cannot be appended to, rewritten whole (what was there
+    before, then every line since), at most every `remote_flush_s` seconds and at close."""
+
+    def __init__(self, path: str, remote_flush_s: float = 10.0):
+        self.path = path
+        self._remote = paths.is_remote(path)
+        self._flush_s = remote_flush_s if self._remote else 0.0
+        self._last_flush = -math.inf
+        if self._remote:
+            file = epath.Path(path)
+            self._text = [file.read_text(encoding="utf-8")] if file.exists() else []
+        else:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+
+    def write(self, line: str) -> bool:
+        """Add one line; returns whether it was flushed now."""
+        if not self._remote:
+            self._file.write(line + "\n")
+            self._file.flush()
+            return True
+        self._text.append(line + "\n")
+        if time.monotonic() - self._last_flush < self._flush_s:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        if self._remote:
+            epath.Path(self.path).write_text("".join(self._text), encoding="utf-8")
+            self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self._remote:
+            self.flush()
+        else:
+            self._file.close()
+
+
+class TensorBoardEvents:
+    """A tensorboardX writer for `directory`. For a bucket it writes to a local folder that
+    `flush` copies up: tensorboardX's own gs:// writer uploads once more when it is
+    garbage-collected, which hangs a run's exit for minutes if the network is gone."""
+
+    def __init__(self, directory: str):
+        from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
+        self._directory = directory
+        remote = paths.is_remote(directory)
+        self._local = tempfile.mkdtemp(prefix="sft_jax-tensorboard-") if remote else ""
+        self.writer = SummaryWriter(self._local or directory)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self._local:
+            paths.upload(self._local, self._directory)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self._local:
+            paths.upload(self._local, self._directory)
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 class MetricsLogger:
@@ -216,11 +292,9 @@ class MetricsLogger:
         self._bar = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        self._jsonl = AppendedFile(paths.join(workdir, "metrics.jsonl"))
+        self._tb = TensorBoardEvents(paths.join(workdir, "tensorboard"))
         if progress_bar:
             from tqdm import tqdm
 
@@ -233,12 +307,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        flushed = self._jsonl.write(json.dumps(record))
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+                self._tb.writer.add_scalar(key, value, step)
+        if flushed:  # in a bucket, events are copied up when metrics.jsonl is
+            self._tb.flush()
         shown = " ".join(f"{k}={_short(v)}" for k, v in record.items())
         if self._bar is not None:
             self._bar.write(shown)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -25,8 +24,9 @@ from sft_jax import checkpoint as ckpt_lib
 from sft_jax import config as config_lib
 from sft_jax import data as data_lib
 from sft_jax import evaluate as evaluate_lib
-from sft_jax import hf, optim, preemption, sharding, steps
+from sft_jax import hf, optim, paths, preemption, sharding, steps
 from sft_jax import metrics as metrics_lib
+from sft_jax.data.tokenizer import save_tokenizer
 from sft_jax.model import GPT, GPTConfig
 
 
@@ -166,9 +166,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     tx, schedule = optim.make_optimizer(config_lib.optim_config(config), num_steps)
     fns = build_steps(GPT(model_cfg), tx, schedule, mesh, train_cfg.micro_steps)
     ckpt_cfg = config_lib.checkpoint_config(config)
-    checkpointer = ckpt_lib.Checkpointer(workdir, ckpt_cfg.keep, ckpt_cfg.async_save)
+    checkpointer = ckpt_lib.Checkpointer(workdir, ckpt_cfg.keep, ckpt_cfg.async_save, writer=True)
     if jax.process_index() == 0:  # the tokenizer travels with the run: export and generation
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+        save_tokenizer(tokenizer, paths.join(workdir, "tokenizer"))
     meta = {
         "config": config_lib.to_json(config),
         "model": dataclasses.asdict(model_cfg),
@@ -235,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logger = metrics_lib.MetricsLogger(workdir, s.num_steps, s.start_step,
         enabled=jax.process_index() == 0, progress_bar=t.progress_bar)  # fmt: skip
     ckpt_cfg = config_lib.checkpoint_config(s.config)
-    profiler = metrics_lib.StepProfiler(os.path.join(workdir, "profile"), t.profile_start,
+    profiler = metrics_lib.StepProfiler(paths.join(workdir, "profile"), t.profile_start,
                                         t.profile_steps)  # fmt: skip
     record: dict[str, float] = {}
     try:
@@ -289,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.wait()  # the export follows only a committed final checkpoint
         export_cfg = config_lib.export_config(s.config)
         if export_cfg.hf_dir:
-            out = os.path.join(workdir, os.path.expanduser(export_cfg.hf_dir))
+            out = paths.under(workdir, export_cfg.hf_dir)
             hf.save_hf(s.model_cfg, state.params, out, tokenizer=s.tokenizer,
                        dtype=hf.export_dtype(s.model_cfg, export_cfg.dtype))  # fmt: skip
             logging.info("exported the final params to %s (Hugging Face format)", out)

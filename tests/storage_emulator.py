@@ -2,8 +2,9 @@
 
 The emulator is the `gcp-storage-emulator` package (a real HTTP server that speaks GCS's
 JSON API), started as its own process on a free 127.0.0.1 port, storing its objects under a
-temporary folder. Every client is pointed at it by environment variables, so a training run
-launched as a subprocess with `os.environ` (or `GcsEmulator.env`) sees the same buckets:
+temporary folder, with one header added that real GCS sends (see `serve`). Every client
+is pointed at it by environment variables, so a training run launched as a subprocess
+with `os.environ` (or `GcsEmulator.env`) sees the same buckets:
 
 - `STORAGE_EMULATOR_HOST`: the endpoint of gcsfs (what `etils.epath` uses for `gs://`) and
   of google-cloud-storage (Orbax lists checkpoint steps with it), with anonymous credentials.
@@ -18,7 +19,7 @@ Use in a test module (pytest finds fixtures by name, so import both):
 
     from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401
 
-    def test_x(gcs_bucket):
+    def test_x(gcs_bucket):  # noqa: F811
         workdir = f"{gcs_bucket}/run"   # "gs://<fresh empty bucket>/run"
 
 `gcs_emulator` is one server per test session (per xdist worker); it sets the variables
@@ -71,8 +72,7 @@ class GcsEmulator:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "emulator.log", "wb")  # noqa: SIM115 (closed with the process)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.root / "data"),
-             "start", "--host", _HOST, "--port", str(self.port), "-q"],
+            [sys.executable, __file__, str(self.root / "data"), str(self.port)],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
@@ -117,6 +117,35 @@ class GcsEmulator:
         self._process = None
 
 
+def serve(data_dir: str, port: int) -> None:
+    """Run the emulator (this file's `__main__`), adding the one response header real GCS
+    sends and it lacks: `x-goog-generation` on object downloads. tensorstore takes an
+    object's generation from it and makes its next write of that object conditional on it
+    (OCDBT rewrites its manifest that way); without it that write fails with "Malformed
+    StorageGeneration"."""
+    import logging
+
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj["metageneration"])
+        except NotFound:
+            pass  # the handler answers 404
+        return download(request, response, storage, *args, **kwargs)
+
+    objects.download = download_with_generation  # before the server module builds its routes
+    from gcp_storage_emulator.server import create_server
+
+    logging.basicConfig(level=logging.CRITICAL)
+    create_server(_HOST, port, in_memory=False, data_dir=data_dir).run()
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory) -> GcsEmulator:
     """A running emulator, with `os.environ` pointing every client at it."""
@@ -133,3 +162,7 @@ def gcs_emulator(tmp_path_factory) -> GcsEmulator:
 def gcs_bucket(gcs_emulator: GcsEmulator, request) -> str:
     """A fresh empty bucket in the emulator, as `gs://<name>` (no trailing slash)."""
     return gcs_emulator.new_bucket(request.node.name)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]))

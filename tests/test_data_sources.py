@@ -5,9 +5,11 @@ import json
 
 import datasets
 import pytest
+from etils import epath
 
 from sft_jax.data import sources, synthetic
 from sft_jax.data.spec import BadRow
+from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (pytest fixtures)
 
 ROWS = [
     {"instruction": "a", "input": "x", "output": "b"},
@@ -173,3 +175,22 @@ def test_hub_code_path_on_a_local_folder(tmp_path, monkeypatch, streaming):
     assert rows == ROWS and src.kind == "hub" and src.where(2) == "row 3"
     fp = src.fingerprint()
     assert fp.startswith("hub:") and (fp == f"hub:hf:{folder}@train") == streaming
+
+
+def test_files_globs_and_folders_in_a_bucket(gcs_bucket, tmp_path):  # noqa: F811
+    """gs:// sources (GCS emulator on loopback): the same rows, places and fingerprint as
+    the same files on a local disk; parquet read through `datasets` from the bucket."""
+    datasets.Dataset.from_list(ROWS[:2]).to_parquet(str(tmp_path / "p-1.parquet"))
+    _jsonl(tmp_path / "p-2.jsonl", ROWS[2:])
+    (tmp_path / "notes.txt").write_text("not data", encoding="utf-8")
+    for f in tmp_path.iterdir():
+        epath.Path(f"{gcs_bucket}/data/{f.name}").write_bytes(f.read_bytes())
+    src, rows = _read(f"{gcs_bucket}/data/p-*")
+    assert rows == ROWS
+    assert src.files == [f"{gcs_bucket}/data/p-1.parquet", f"{gcs_bucket}/data/p-2.jsonl"]
+    assert src.where(2) == f"{gcs_bucket}/data/p-2.jsonl, line 1"
+    assert src.fingerprint() == sources.Source(str(tmp_path / "p-*"), "data.train").fingerprint()
+    assert _read(f"{gcs_bucket}/data")[1] == ROWS  # a folder: its data files, sorted
+    assert _read(f"{gcs_bucket}/data/p-2.jsonl")[1] == ROWS[2:]
+    with pytest.raises(ValueError, match=r"data\.train='gs://.*/data/q-\*': no such file"):
+        _read(f"{gcs_bucket}/data/q-*")

@@ -5,9 +5,11 @@ import importlib.util
 import pathlib
 
 import pytest
+from etils import epath
 
 from sft_jax.data import load_tokenizer
 from sft_jax.data import tokenizer as tokenizer_lib
+from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (pytest fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,17 @@ def test_unloadable_tokenizer_names_the_config_key(tmp_path):
 def test_local_folder_round_trip(gpt2, tmp_path):
     gpt2.save_pretrained(tmp_path)
     tok = load_tokenizer(str(tmp_path))
+    assert tok.is_fast
+    assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
+
+
+def test_bucket_folder_round_trip(gpt2, gcs_bucket):  # noqa: F811
+    """The workdir's tokenizer copy in a bucket (GCS emulator on loopback): saved there,
+    loaded back from there."""
+    folder = f"{gcs_bucket}/run/tokenizer"
+    tokenizer_lib.save_tokenizer(gpt2, folder)
+    assert epath.Path(folder, "tokenizer.json").exists()
+    tok = load_tokenizer(folder)
     assert tok.is_fast
     assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
 

@@ -1,10 +1,15 @@
 """The metrics window alone: one-step-late reads, compile timing apart, the token-weighted
-loss over the window, throughput and MFU over the timed steps, paused time left out."""
+loss over the window, throughput and MFU over the timed steps, paused time left out; the
+logger's files in a bucket."""
+
+import json
 
 import numpy as np
 import pytest
+from etils import epath
 
 from sft_jax import metrics
+from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (pytest fixtures)
 
 
 class Clock:
@@ -100,3 +105,22 @@ def test_training_and_the_benchmark_share_one_peak_measurement(monkeypatch):
     assert total == pytest.approx(8e11) and metrics.CPU_PEAK_SOURCE in bench_source
     assert source == metrics.CPU_PEAK_SOURCE
     assert metrics.peak_flops_per_device(5e12) == (5e12, "config train.peak_flops")
+
+
+def test_logger_in_a_bucket_appends_across_runs(gcs_bucket):  # noqa: F811
+    """metrics.jsonl and TensorBoard events in a bucket (GCS emulator on loopback): an object
+    cannot be appended to, so a resumed run's logger keeps what was there and adds to it."""
+    workdir = f"{gcs_bucket}/run"
+    first = metrics.MetricsLogger(workdir, 4, 0, progress_bar=False)
+    first.write(1, {"loss": 2.5})
+    first.write(2, {"loss": 2.0})  # within the flush interval: written at close
+    first.close()
+    resumed = metrics.MetricsLogger(workdir, 4, 2, progress_bar=False)
+    resumed.write(3, {"loss": np.float32(1.5)})
+    resumed.close()
+    lines = epath.Path(workdir, "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5},
+    ]  # fmt: skip
+    events = list(epath.Path(workdir, "tensorboard").iterdir())
+    assert events and all(e.stat().length > 0 for e in events)

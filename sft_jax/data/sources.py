@@ -9,6 +9,7 @@ Source strings (config keys `data.train`, `data.validation`):
     path/to/*.jsonl                    a glob: every matching file, in sorted order
     path/to/folder                     every .json/.jsonl/.csv/.parquet file in it, sorted
     path/to/saved[@<split>]            a folder written by `datasets` `save_to_disk`
+    gs://bucket/path/*.jsonl           any of the paths above in a bucket (gs://, s3://)
     hf:<name>[:<config>][@<split>]     a hub data set, e.g. hf:tatsu-lab/alpaca@train
     <owner>/<name>                     same as hf:<owner>/<name>, when no such local path exists
 
@@ -27,13 +28,16 @@ import array
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 import re
 from collections.abc import Iterator
 
 import datasets
+from etils import epath
 
+from sft_jax import paths
 from sft_jax.data import synthetic
 from sft_jax.data.spec import BadRow
 
@@ -52,18 +56,44 @@ def parse_hf(source: str) -> tuple[str, str | None, str]:
 
 
 def _local_files(source: str) -> list[str]:
+    if paths.is_remote(source):
+        return _remote_files(source)
     if os.path.isdir(source):
         found = [f for ext in DATA_EXTENSIONS for f in glob.glob(os.path.join(source, "*" + ext))]
         return sorted(found)
     return sorted(f for f in glob.glob(source) if os.path.isfile(f))
 
 
+def _remote_files(source: str) -> list[str]:
+    """`_local_files` for a bucket URL: a file, a folder's data files, or a glob (`*`, `?`,
+    `[…]` in the last parts), through epath."""
+    parts = source.split("/")
+    fixed = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))
+    base = epath.Path("/".join(parts[:fixed]))
+    if fixed < len(parts):
+        found = base.glob("/".join(parts[fixed:]))
+    elif base.is_dir():
+        found = (f for f in base.iterdir() if f.name.endswith(DATA_EXTENSIONS))
+    else:
+        found = [base] if base.exists() else []
+    return sorted(str(f) for f in found if not f.is_dir())
+
+
+def _is_dir(path: str) -> bool:
+    return epath.Path(path).is_dir() if paths.is_remote(path) else os.path.isdir(path)
+
+
 def _saved_dataset(source: str) -> tuple[str, str | None] | None:
     """(folder, split) if `source` names a `save_to_disk` folder, optionally `@split`."""
-    path, _, split = source.partition("@") if not os.path.isdir(source) else (source, "", "")
-    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in _SAVED_MARKERS):
+    path, _, split = source.partition("@") if not _is_dir(source) else (source, "", "")
+    if _is_dir(path) and any(epath.Path(path, m).exists() for m in _SAVED_MARKERS):
         return path, split or None
     return None
+
+
+def _open(path: str):
+    """A data file (local or in a bucket), opened for reading bytes."""
+    return epath.Path(path).open("rb")
 
 
 def _line_of(data: bytes, offset: int) -> tuple[int, int]:
@@ -140,7 +170,7 @@ class Source:
             h = hashlib.blake2b(digest_size=16)
             for path in self.files:
                 h.update(os.path.basename(path).encode() + b"\0")
-                with open(path, "rb") as f:
+                with _open(path) as f:
                     while block := f.read(1 << 20):
                         h.update(block)
             return "files:" + h.hexdigest()
@@ -178,14 +208,14 @@ class Source:
                 self.empty_files.append(path)
 
     def _json_rows(self, path: str, file_index: int) -> Iterator:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             head = f.read(4096).lstrip()
         if head.startswith(b"["):
             self._units.append("item")
             yield from self._json_list(path, file_index)
             return
         self._units.append("line")
-        with open(path, "rb") as f:
+        with _open(path) as f:
             for lineno, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
@@ -203,7 +233,7 @@ class Source:
                     )
 
     def _json_list(self, path: str, file_index: int) -> Iterator:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             data = f.read()
         try:
             items = json.loads(data.decode("utf-8"))
@@ -227,7 +257,7 @@ class Source:
         # Streaming: rows come from the file in batches, never as one Arrow copy.
         try:
             if path.endswith(".csv"):
-                with open(path, encoding="utf-8", newline="") as f:
+                with io.TextIOWrapper(_open(path), encoding="utf-8", newline="") as f:
                     header = next(csv.reader(f), [])
                 # Every column as text: "007" stays "007", empty cells stay "".
                 features = datasets.Features({c: datasets.Value("string") for c in header})
@@ -239,7 +269,7 @@ class Source:
                 "parquet", data_files=[path], split="train", streaming=True
             )
         except UnicodeDecodeError as e:
-            with open(path, "rb") as f:
+            with _open(path) as f:
                 data = f.read()
             raise ValueError(
                 f"{self.key}={self.text!r}: {path}: {_utf8_problem(data, e)}"
@@ -289,7 +319,7 @@ class Source:
                 yield row
         except UnicodeDecodeError as e:
             path = self.files[file_index] if file_index >= 0 else self.text
-            with open(path, "rb") as f:
+            with _open(path) as f:
                 data = f.read()
             raise ValueError(
                 f"{self.key}={self.text!r}: {path}: {_utf8_problem(data, e)}"

@@ -15,7 +15,7 @@ import tempfile
 
 import transformers
 
-from sft_jax import assets
+from sft_jax import assets, paths
 
 # Every GPT-2 size shares one tokenizer, so these names all resolve to the offline files.
 GPT2_NAMES = frozenset(
@@ -78,21 +78,40 @@ def _load_gguf(source: str) -> transformers.PreTrainedTokenizerBase:
     )
 
 
+def _load_auto(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
+    try:
+        if not paths.is_remote(name_or_path):
+            return transformers.AutoTokenizer.from_pretrained(name_or_path)
+        # transformers reads local folders only: copy the tokenizer files (not the weights).
+        with tempfile.TemporaryDirectory(prefix="sft_jax-tokenizer-") as local:
+            return transformers.AutoTokenizer.from_pretrained(paths.download(name_or_path, local))
+    except Exception as e:  # Many exception types (OSError, ValueError, hub errors).
+        raise ValueError(
+            f"could not load tokenizer {name_or_path!r} (config key model.tokenizer): "
+            f"{type(e).__name__}: {e}\nUse 'gpt2' (works offline) or a folder (local, gs:// or "
+            "s3://) holding tokenizer.json / tokenizer_config.json."
+        ) from e
+
+
+def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase, folder: str) -> None:
+    """`tokenizer.save_pretrained(folder)`, where `folder` may be a bucket URL."""
+    if not paths.is_remote(folder):
+        tokenizer.save_pretrained(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="sft_jax-tokenizer-") as local:
+        tokenizer.save_pretrained(local)
+        paths.upload(local, folder)
+
+
 def load_tokenizer(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
-    """Loads a fast tokenizer by name (`gpt2` works offline) or from a local HF folder."""
+    """Loads a fast tokenizer by name (`gpt2` works offline) or from an HF folder (local,
+    or a `gs://` / `s3://` URL)."""
     if name_or_path in GPT2_NAMES:
         tok = _load_gpt2()
     elif name_or_path.endswith(".gguf") or name_or_path.startswith("asset:"):
         tok = _load_gguf(name_or_path)
     else:
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
-        except Exception as e:  # Many exception types (OSError, ValueError, hub errors).
-            raise ValueError(
-                f"could not load tokenizer {name_or_path!r} (config key model.tokenizer): "
-                f"{type(e).__name__}: {e}\nUse 'gpt2' (works offline) or a local folder holding "
-                "tokenizer.json / tokenizer_config.json."
-            ) from e
+        tok = _load_auto(name_or_path)
     # transformers 5 builds an empty tokenizer, without a word, from a folder that holds only
     # a model's config.json: refuse it rather than train on empty examples.
     if len(tok) < 2 or not tok("Hello world", add_special_tokens=False)["input_ids"]:
