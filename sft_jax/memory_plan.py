@@ -197,6 +197,8 @@ def report(p: dict, seq: int, device_memory: int = 0) -> str:
         f"attention={p['attention']}; per device, biggest first:"
     ]
     for name, n in sorted(p["terms"].items(), key=lambda kv: -kv[1]):
+        if not n:  # e.g. attention's query blocks under a fused kernel
+            continue
         lines.append(f"  {n / gib:9.3f} GiB  {100 * n / p['total']:4.1f} %  {name}")
     lines.append(f"  {p['total'] / gib:9.3f} GiB  total")
     if device_memory:
