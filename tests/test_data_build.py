@@ -30,6 +30,7 @@ from sft_jax.data import (
     view,
 )
 from sft_jax.data.examples import encode
+from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (pytest fixtures)
 
 EOS = 50256
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_en_demo.json")
@@ -399,3 +400,21 @@ def test_workers_that_cannot_start_fall_back(encoder, caplog):
         got = list(build.encode_chunks(iter(chunks), broken, 2))
     assert "worker processes failed" in caplog.text
     _same(got, build.encode_chunks(iter(chunks), encoder, 0))
+
+
+def test_cache_in_a_bucket(tok, tmp_path, monkeypatch, gcs_bucket):  # noqa: F811
+    """data.cache_dir as a gs:// URL (a GCS emulator on loopback): the entry is written to the
+    bucket, and a second build maps a local copy of it, byte for byte the first."""
+    monkeypatch.setenv("SFT_JAX_CACHE", str(tmp_path / "local"))  # Where the copy goes.
+    path = _write_jsonl(tmp_path / "d.jsonl", _unique_rows(30))
+    spec = DataSpec(train=path, validation="0.1", max_seq_len=64, cache_dir=f"{gcs_bucket}/c")
+    first = build_splits(spec, tok)
+    assert not first.cache_hit and first.cache_path.startswith(f"{gcs_bucket}/c/")
+    assert not (tmp_path / "local").exists()  # Nothing written locally while building.
+    second = build_splits(spec, tok)
+    assert second.cache_hit and second.cache_path == first.cache_path
+    assert second.stats == first.stats
+    assert os.path.isdir(tmp_path / "local" / "data" / "remote")
+    for a, b in ((first.train, second.train), (first.validation, second.validation)):
+        for k, v in _arrays(a).items():
+            assert v.tobytes() == _arrays(b)[k].tobytes(), k

@@ -44,7 +44,7 @@ def directory(spec: DataSpec) -> epath.Path:
 def _local(folder: epath.Path, names: list[str]) -> epath.Path:
     """`folder` itself if it is on this machine, else a copy of its `names` in the local
     cache (numpy maps only local files)."""
-    if "://" not in str(folder):
+    if not _remote(folder):
         return folder
     local = epath.Path(assets.cache_root() / "data" / "remote" / folder.name)
     local.mkdir(parents=True, exist_ok=True)
@@ -112,8 +112,19 @@ def load(spec: DataSpec, cache_key: str) -> tuple[dict[str, PackedRows], dict] |
     return splits, meta["stats"]
 
 
+def _remote(path: epath.Path) -> bool:
+    return "://" in str(path)
+
+
 def write_atomic(path: epath.Path, write) -> None:
-    """`write(file)` to a temporary name beside `path`, then renamed: readers see all or none."""
+    """`write(file)` so that readers see all of it or none: to a temporary name beside a local
+    `path`, then renamed. A bucket's object appears only once its upload completes, and a
+    rename there is a copy (tens of seconds through gcsfs's fallback), so there it is
+    written in place."""
+    if _remote(path):
+        with path.open("wb") as f:
+            write(f)
+        return
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
     try:
         with tmp.open("wb") as f:
