@@ -1,6 +1,6 @@
 r"""Per-device memory of a training config on a mesh, before paying for the machines.
 
-    sft-jax-plan --config configs/llama3_70b_v5p.py --devices 64 --device v5p
+    sft-jax-plan --config configs/llama3_70b.py:v5p --devices 64 --device v5p
 
 Prints each term (parameters, optimizer state, gradients, kept activations, the loss's and
 attention's working sets …) biggest first, so a config that does not fit says why, and with
@@ -147,8 +147,8 @@ def main(argv=None) -> int:
     if args.compile:
         print(f"XLA, compiled for {jax.device_count()} CPU devices: "
               f"{compiled_bytes(c, p) / 2**30:.3f} GiB per device")  # fmt: skip
-    if args.lower:
-        return _lower(c, p, args.lower)
+    if args.lower and _lower(c, p, args.lower):
+        return 1
     return 2 if device_memory and p["total"] > device_memory else 0
 
 
