@@ -31,6 +31,14 @@ class Checkpointer:
         which a new save of that step could not overwrite); tools that only read must not,
         since a live run may be writing one."""
         self.directory = paths.join(paths.resolve(workdir), "checkpoints")
+        if paths.is_remote(self.directory) and not self.directory.startswith("gs://"):
+            # Orbax builds tensorstore specs for gs:// only; it would write s3://b/… arrays
+            # to a local folder "s3:/b/…" or refuse the path.
+            raise ValueError(
+                f"workdir {workdir}: Orbax {ocp.__version__} writes checkpoints to gs:// "
+                "buckets and to file systems only, not to other URLs; use a gs:// workdir "
+                "or a folder on a file system every host mounts"
+            )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,

@@ -80,3 +80,8 @@ def test_runs_from_before_the_family_field_still_open_and_resume():
         checkpoint.check_compatible(
             dataclasses.asdict(GPTConfig.preset("tiny-llama")), dataclasses.asdict(qwen2), "dir"
         )
+
+
+def test_a_workdir_orbax_cannot_write_arrays_to_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"workdir s3://b/run: Orbax .* gs://"):
+        checkpoint.Checkpointer("s3://b/run")

@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from etils import epath
+
 
 def _args(argv):
     p = argparse.ArgumentParser(prog="sft-jax-generate", description=__doc__.split("\n\n")[0])
@@ -81,8 +83,8 @@ def main(argv=None) -> int:
         if args.prompt is not None:
             rows = [_row(args.prompt, spec)]
         else:
-            with open(args.input, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            lines = epath.Path(args.input).read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
         ids = [prompt_ids(r, spec, tokenizer) for r in rows]
     except (ValueError, OSError, json.JSONDecodeError) as e:
         print(f"sft-jax-generate: {e}", file=sys.stderr)
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
     if args.prompt is not None:
         print(responses[0])
         return 0
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    # A local path or a bucket URL (gs://, s3://).
+    out = epath.Path(args.output).open("w", encoding="utf-8") if args.output else sys.stdout
     for row, response in zip(rows, responses, strict=True):
         out.write(json.dumps({**row, "response": response}, ensure_ascii=False) + "\n")
     if args.output:

@@ -23,6 +23,7 @@ import json
 import sys
 
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from sft_jax.cli import absl_args
@@ -98,7 +99,7 @@ def _print_rows(first: dict, rows: int, tokenizer, color: bool) -> None:
 def _dump_batches(rows, n: int, batch_size: int, seed: int, out: str) -> None:
     from sft_jax import data as data_lib
 
-    with open(out, "w", encoding="utf-8") as f:
+    with epath.Path(out).open("w", encoding="utf-8") as f:  # a local path or a bucket URL
         for step in range(n):
             batch = data_lib.batch_at(rows, step, batch_size, seed)
             f.write(json.dumps({"step": step, **{k: v.tolist() for k, v in batch.items()}}))
@@ -123,8 +124,7 @@ def _write_html(splits, stats, tokenizer, c, n_rows: int, path: str) -> None:
                      f"{int(trained.sum())} trained")  # fmt: skip
             sections.append((label, view.runs(ids, trained, tokenizer)))
     page = view.html_page(f"sft_jax data: {c.data.train}", stats, sections)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    epath.Path(path).write_text(page, encoding="utf-8")
     print(f"\nwrote {path}")
 
 
