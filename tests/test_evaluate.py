@@ -72,7 +72,7 @@ def test_evaluation_alone_validation_loss_and_before_after_report(tmp_path):
     # The reference: the unsharded model and the loss contract, batch by batch.
     params = jax.device_get(s.state.params)
     sums = []
-    for b in data_lib.eval_batches(s.splits.validation, batch, 0, 1):
+    for b in data_lib.eval_batches(s.splits.validation, batch):
         logits = GPT(s.model_cfg).apply(
             {"params": params}, b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"]
         )
