@@ -1,7 +1,8 @@
 """Real multi-process runs: 2 processes × 2 faked CPU devices on loopback (JAX's CPU
 collectives over gloo), against the same run in one process on one device. One mesh puts
 a tensor axis across the two processes (both feed the same rows), one splits the batch
-over them (fsdp) with tensor inside each."""
+over them (fsdp) with tensor inside each. The processes build the data together
+(sft_jax/data/hosts.py) in WORKDIR/data_cache."""
 
 import json
 import os
@@ -94,3 +95,7 @@ def test_two_processes_train_like_one_device(tmp_path, single_device_run, mesh):
     # Only process 0 writes metrics and events; checkpoints are written together.
     assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
     assert len(os.listdir(multi / "tensorboard")) == 1
+    # The data was built once, shared: in WORKDIR/data_cache, by both processes.
+    (entry,) = os.listdir(multi / "data_cache")
+    meta = json.loads((multi / "data_cache" / entry / "meta.json").read_text())
+    assert meta["stats"]["train"]["rows_tokenized_by_process"] == [400, 0]  # One chunk.
