@@ -121,8 +121,12 @@ def test_bucket_workdir_is_killed_after_a_save_and_resumes(gcs_bucket, reference
     _assert_bitwise(_final_params(workdir), reference)
     # Everything the run writes is in the bucket, nothing in a local folder named "gs:".
     root = epath.Path(workdir)
+    resumed = int(err.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert saved <= resumed < STEPS
     steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-(STEPS - saved) :] == list(range(saved + 1, STEPS + 1))
+    # The killed run's first record (flushed at once; later ones every 10 s), then the
+    # resumed run's appended to it.
+    assert steps[0] == 1 and steps[-(STEPS - resumed) :] == list(range(resumed + 1, STEPS + 1))
     assert [f.name for f in (root / "tensorboard").iterdir()]
     assert sorted(d.name for d in (root / "checkpoints").iterdir()) == ["10", "12", "8"]  # keep=3
     assert (root / "tokenizer" / "tokenizer.json").exists()
