@@ -6,6 +6,12 @@ fallback as training). Everything else is a formula over the model's shapes, one
 per buffer family of the compiled train step (`activation_terms`), derived from the code it
 counts (sft_jax.model, sft_jax.attention, sft_jax.losses, sft_jax.steps) and checked
 against XLA's own figure for the real compiled step (tests/test_memory_plan.py).
+
+Measured on 8 faked CPU devices in float32: 0.84-1.14 of XLA's peak over 18 small shapes;
+1.20-1.22 on a 2-layer Llama-70B-shaped step (2048 tokens per device, remat none and
+full). The loss's and one layer's backward working sets are added, though XLA overlaps
+them in part: the plan errs high, the safe side for "does it fit". bfloat16 activations
+count 2 bytes, as accelerators keep them (XLA on CPU widens them to float32).
 """
 
 from __future__ import annotations
