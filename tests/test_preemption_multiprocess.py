@@ -7,6 +7,9 @@ loopback (JAX's CPU collectives over gloo), launched once for two checks:
 - `Checkpointer.restore_latest_good` when the newest checkpoint is damaged where only
   process 1 reads (its own shards' files truncated): process 0 alone could restore it, yet
   both processes restore the previous step, and the same values.
+
+The checkpoints are in a bucket of the GCS emulator (tests/storage_emulator.py), so both
+processes write their shards to one place and read each other's back.
 """
 
 import json
@@ -17,7 +20,9 @@ import sys
 
 import pytest
 
-# Not imported from tests.test_train: this file also runs as a script, one per process.
+from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (pytest fixtures)
+
+# Not imported from tests.test_train: this module also runs as each process's main.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.slow
@@ -51,6 +56,7 @@ def _save_steps(process_id: int) -> dict:
 def _restore_with_damage_on_one_host(process_id: int, workdir: str) -> dict:
     import jax
     import numpy as np
+    from etils import epath
     from jax.experimental import multihost_utils
 
     from sft_jax import checkpoint
@@ -70,11 +76,8 @@ def _restore_with_damage_on_one_host(process_id: int, workdir: str) -> dict:
     ckpt.wait()
     multihost_utils.sync_global_devices("saved")
     if process_id == 1:  # truncate the data files of the shards process 1 wrote (and reads)
-        ours = os.path.join(ckpt.directory, "4", "state", "ocdbt.process_1", "d")
-        for root, _, files in os.walk(ours):
-            for name in files:
-                with open(os.path.join(root, name), "r+b") as f:
-                    f.truncate(3)
+        for f in epath.Path(ckpt.directory, "4", "state", "ocdbt.process_1", "d").iterdir():
+            f.write_bytes(f.read_bytes()[:3])
     multihost_utils.sync_global_devices("damaged")
     abstract = {"w": jax.ShapeDtypeStruct((8, 1024), np.float32, sharding=sharding)}
     local = ckpt._try(4, "cannot be restored", ckpt._read, 4, "state", abstract)
@@ -102,7 +105,7 @@ def worker(process_id: int, port: int, workdir: str, out: str) -> None:
         json.dump(result, f)
 
 
-def test_hosts_agree_on_when_to_save_and_which_checkpoint_to_restore(tmp_path):
+def test_hosts_agree_on_when_to_save_and_which_checkpoint_to_restore(tmp_path, gcs_bucket):  # noqa: F811
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -111,7 +114,15 @@ def test_hosts_agree_on_when_to_save_and_which_checkpoint_to_restore(tmp_path):
     outs = [tmp_path / f"process{i}.json" for i in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, str(i), str(port), str(tmp_path / "run"), str(outs[i])],
+            [
+                sys.executable,
+                "-m",
+                "tests.test_preemption_multiprocess",
+                str(i),
+                str(port),
+                f"{gcs_bucket}/run",
+                str(outs[i]),
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -134,6 +145,7 @@ def test_hosts_agree_on_when_to_save_and_which_checkpoint_to_restore(tmp_path):
     assert first["meta"] == second["meta"] == {"step": 2}
     assert first["restored_exactly"] and second["restored_exactly"]
     assert "cannot be read on processes [1]" in errs[0]
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))  # all of it went to the bucket
 
 
 if __name__ == "__main__":
