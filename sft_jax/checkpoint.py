@@ -43,6 +43,8 @@ class Checkpointer:
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=writer,
+            # Process 0 lists the steps and broadcasts them: every host tries the same ones.
+            single_host_load_and_broadcast=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -83,7 +85,7 @@ class Checkpointer:
         Each process reads only its own shards, so damage can be visible to one host only:
         every process tries, then all agree (a collective) before any of them accepts a
         step, and so all restore the same step or none does."""
-        steps = sorted(self.all_steps(), reverse=True)  # Orbax lists them on process 0
+        steps = sorted(self.all_steps(), reverse=True)  # process 0's list, broadcast
         for step in steps:
             meta = self._try(step, "has no readable metadata", self._read, step, "meta", None)
             if not self._everywhere(meta is not None, step):
