@@ -125,27 +125,32 @@ def _sums(hidden, head, targets, mask, chunk, layout, grads: bool) -> dict[str, 
     head = head.astype(hidden.dtype)  # gathered (below) in the compute dtype, once
     mesh = jax.sharding.get_abstract_mesh()
     if layout is None or mesh.empty or mesh.size == 1:
-        return _device_sums(hidden, head, targets, mask, chunk, grads, (), ())
+        return _device_sums(hidden, head, targets, mask, chunk, grads, (), (), ())
     row_axes, seq_axes = (_names(part) for part in layout)
+    # The head's gradient leaves summed and split over d_model across the row axes (a
+    # reduce-scatter): no device holds a second whole float32 [vocab, d_model] copy.
+    scatter = row_axes if grads and head.shape[1] % _size(row_axes) == 0 else ()
     local = functools.partial(
-        _device_sums, chunk=chunk, grads=grads, row_axes=row_axes, seq_axes=seq_axes
-    )
+        _device_sums, chunk=chunk, grads=grads, row_axes=row_axes, seq_axes=seq_axes,
+        scatter_axes=scatter,
+    )  # fmt: skip
     # The arrays go in and out as the model lays them out (rows split, the same on every
     # device of the sequence axes): a sequence-split spec here would propagate into the
     # model's own layout. Each device takes its part of the positions inside.
     rows = PartitionSpec(row_axes or None)
     out_specs = {"total": PartitionSpec(), "count": PartitionSpec()}
     if grads:
-        out_specs.update(d_hidden=rows, d_head=PartitionSpec())
+        out_specs.update(d_hidden=rows, d_head=PartitionSpec(None, scatter or None))
     return jax.shard_map(
         local, mesh=mesh, in_specs=(rows, PartitionSpec(), rows, rows), out_specs=out_specs,
         check_vma=False,
     )(hidden, head, targets, mask)  # fmt: skip
 
 
-def _device_sums(hidden, head, targets, mask, chunk, grads, row_axes, seq_axes):
+def _device_sums(hidden, head, targets, mask, chunk, grads, row_axes, seq_axes, scatter_axes):
     """`_sums` on one device's rows: its own part of their positions (split over
-    `seq_axes`), then the sums and the head's gradient added over all the axes, once."""
+    `seq_axes`), then the sums and the head's gradient added over all the axes, once (the
+    gradient scattered over `scatter_axes` along d_model)."""
     if seq_axes:
         part = hidden.shape[1] // _size(seq_axes)
         start = jax.lax.axis_index(seq_axes) * part
@@ -155,9 +160,17 @@ def _device_sums(hidden, head, targets, mask, chunk, grads, row_axes, seq_axes):
     local_sums = _loss_sum_and_grads if grads else _loss_sum
     sums = local_sums(hidden, head, targets, mask, min(chunk, hidden.shape[1]))
     sums["count"] = jnp.sum(mask)
-    if row_axes or seq_axes:  # after the chunk loop: once per call, not once per chunk
-        shared = {k: v for k, v in sums.items() if k != "d_hidden"}
-        sums.update(jax.lax.psum(shared, row_axes + seq_axes))
+    axes = row_axes + seq_axes
+    if not axes:
+        return sums
+    # After the chunk loop: once per call, not once per chunk.
+    sums["total"], sums["count"] = jax.lax.psum((sums["total"], sums["count"]), axes)
+    if grads:
+        d_head = sums["d_head"]
+        if scatter_axes:
+            d_head = jax.lax.psum_scatter(d_head, scatter_axes, scatter_dimension=1, tiled=True)
+        rest = tuple(a for a in axes if a not in scatter_axes)
+        sums["d_head"] = jax.lax.psum(d_head, rest) if rest else d_head
     if grads and seq_axes:  # [rows, seq, d_model] again, the same on every device
         sums["d_hidden"] = jax.lax.all_gather(sums["d_hidden"], seq_axes, axis=1, tiled=True)
     return sums
