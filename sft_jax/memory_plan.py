@@ -99,11 +99,12 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     # live side by side: 3 × [rows, heads, ~seq²/2]. A fused kernel (splash, cuDNN) keeps
     # its blocks on chip instead.
     attention = 3 * 4 * step.rows * heads / t * step.seq**2 / 2 if step.xla_attention else 0
-    # The chunked loss (sft_jax.losses.chunked_cross_entropy): float32 logits, exp and
-    # their gradient for one chunk of 128 positions, and the head's float32 gradient
-    # [vocab, d_model] twice (the scan's accumulator and its result).
-    vocab = cfg.vocab_size / t
-    loss = 3 * 4 * step.rows * min(128, step.seq) * vocab + 2 * 4 * vocab * d
+    # The chunked loss (sft_jax.losses.chunked_cross_entropy, per device in shard_map):
+    # float32 logits, exp and their gradient for one chunk of 128 of this device's
+    # positions (tensor splits the positions, not the vocabulary), the head gathered whole
+    # in the compute dtype and its float32 gradient accumulated across chunks.
+    chunk = min(128, -(-step.seq // t))
+    loss = 3 * 4 * step.rows * chunk * cfg.vocab_size + (b + 4) * cfg.vocab_size * d
     return {
         "activations kept for the backward pass": int(tokens * kept),
         "one layer's MLP backward": int(mlp),

@@ -71,14 +71,21 @@ def test_terms_follow_the_code_they_count():
     terms = memory_plan.activation_terms(cfg, step)
     kept = terms["activations kept for the backward pass"]
     # Kept activations grow with depth and tokens; a fused attention kernel has no query
-    # blocks in memory; tensor parallelism splits the vocabulary-sized loss buffers.
+    # blocks in memory; the loss gathers the whole head on every device (tensor splits its
+    # positions, so only a chunk shorter than 128 positions shrinks its logits).
     deeper = memory_plan.activation_terms(model_config(_config(8)), step)
     assert deeper["activations kept for the backward pass"] == 2 * kept
     fused = memory_plan.activation_terms(cfg, memory_plan.StepShape(2, 1024, xla_attention=False))
     assert fused["attention's query blocks (XLA attention)"] == 0
     split = memory_plan.activation_terms(cfg, memory_plan.StepShape(2, 1024, tensor=2))
     loss = "chunked loss: logits of a chunk, head gradient"
-    assert split[loss] == terms[loss] // 2
+    assert split[loss] == terms[loss]
+    short, short_split = (
+        memory_plan.activation_terms(cfg, memory_plan.StepShape(2, 128, tensor=t))[loss]
+        for t in (1, 2)
+    )
+    head = 8 * cfg.vocab_size * cfg.d_model  # float32 here: gathered head + its gradient
+    assert short_split - head == (short - head) // 2
 
 
 @pytest.mark.parametrize(
