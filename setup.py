@@ -34,6 +34,8 @@ setup(
         # and Orbax lists checkpoint steps in a bucket with google-cloud-storage.
         "gcsfs>=2024.2",
         "google-cloud-storage>=2.14",
+        # s3:// data, data cache, init_from and exports: etils.epath opens s3:// through s3fs.
+        "s3fs>=2024.2",
     ],
     # The user commands (sft_jax/cli/); the developer benchmarks stay in tools/.
     entry_points={
@@ -57,6 +59,8 @@ setup(
             "ruff>=0.6",
             # A real GCS server on loopback for the gs:// tests (tests/storage_emulator.py).
             "gcp-storage-emulator>=2026.7",
+            # moto's S3 server on loopback for the s3:// tests (tests/storage_emulator.py).
+            "moto[server]>=5.0",
         ],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],

@@ -1,4 +1,5 @@
-"""A Google Cloud Storage emulator on loopback, for tests of `gs://` paths without a cloud.
+"""A Google Cloud Storage emulator on loopback, for tests of `gs://` paths without a cloud
+(and, in the S3 section at the end, moto's S3 server for `s3://` paths).
 
 The emulator is the `gcp-storage-emulator` package (a real HTTP server that speaks GCS's
 JSON API), started as its own process on a free 127.0.0.1 port, storing its objects under a
@@ -36,6 +37,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -162,6 +164,140 @@ def gcs_emulator(tmp_path_factory) -> GcsEmulator:
 def gcs_bucket(gcs_emulator: GcsEmulator, request) -> str:
     """A fresh empty bucket in the emulator, as `gs://<name>` (no trailing slash)."""
     return gcs_emulator.new_bucket(request.node.name)
+
+
+# ---- S3: moto's server on loopback ----------------------------------------------------
+#
+# moto's real S3 HTTP server (what `moto_server` and `ThreadedMotoServer` run), in a thread
+# of the test process on a free 127.0.0.1 port: no mock is patched into any client, every
+# request goes over a socket. Clients are pointed at it by environment variables, which
+# subprocesses inherit (`S3Server.env`):
+#
+# - `AWS_ENDPOINT_URL_S3` (and `AWS_ENDPOINT_URL`): botocore's endpoint setting, which
+#   aiobotocore, and so s3fs (what `etils.epath` and fsspec use for `s3://`), and boto3 read.
+# - `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`: dummy credentials
+#   and a region, so no client looks for real ones; `AWS_CONFIG_FILE` and
+#   `AWS_SHARED_CREDENTIALS_FILE` name nothing, so a developer's ~/.aws (a profile's
+#   endpoint or role) cannot override them.
+#
+# fsspec keeps one S3FileSystem per set of arguments, and epath one per protocol, each
+# holding the endpoint it was made with: both caches are emptied when the server starts
+# and stops, so no test talks to a server of another session or to real S3.
+#
+#     from tests.storage_emulator import s3_bucket, s3_server  # noqa: F401
+#
+#     def test_x(s3_bucket):  # noqa: F811
+#         workdir = f"{s3_bucket}/run"   # "s3://<fresh empty bucket>/run"
+
+
+class S3Server:
+    """moto's S3 server in a thread on loopback; `env` points clients at it.
+
+    It is `ThreadedMotoServer`'s server (moto's WSGI app and request handler under
+    werkzeug), built here to count `object_bytes_served`: the bytes of object bodies sent
+    (GETs without a query; listings have one), so a test can check what a reader fetched."""
+
+    def __init__(self):
+        self.url = ""
+        self.env: dict[str, str] = {}
+        self.object_bytes_served = 0
+        self._names = itertools.count()
+        self._lock = threading.Lock()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def _counting(self, app):
+        def counted(environ, start_response):
+            body = app(environ, start_response)
+            if environ["REQUEST_METHOD"] != "GET" or environ.get("QUERY_STRING"):
+                yield from body
+                return
+            for chunk in body:
+                with self._lock:
+                    self.object_bytes_served += len(chunk)
+                yield chunk
+
+        return counted
+
+    def start(self) -> None:
+        import logging
+
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request else
+        app = self._counting(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server(
+            _HOST, 0, app, threaded=True, request_handler=MotoRequestHandler
+        )  # port 0: a free one
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://{_HOST}:{self._server.server_port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ENDPOINT_URL_S3": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+
+    def new_bucket(self, prefix: str = "bucket") -> str:
+        """Create an empty bucket; returns its URL, `s3://<name>`."""
+        import boto3
+
+        prefix = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-")[:40] or "bucket"
+        name = f"{prefix}-{os.getpid()}-{next(self._names)}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+
+
+def forget_s3_clients() -> None:
+    """Drop the S3 file systems fsspec and epath cached, with the endpoint they were made
+    with; the next `s3://` access builds one from the environment as it is now."""
+    import s3fs
+    from etils.epath import backend
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    """A running S3 server, with `os.environ` pointing every S3 client at it."""
+    server = S3Server()
+    server.start()
+    with pytest.MonkeyPatch.context() as env:
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            env.delenv(key, raising=False)
+        for key, value in server.env.items():
+            env.setenv(key, value)
+        forget_s3_clients()
+        yield server
+    forget_s3_clients()
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, request) -> str:
+    """A fresh empty bucket in the S3 server, as `s3://<name>` (no trailing slash)."""
+    return s3_server.new_bucket(request.node.name)
 
 
 if __name__ == "__main__":
