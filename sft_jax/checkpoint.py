@@ -22,6 +22,29 @@ from etils import epath
 from sft_jax import paths
 
 
+def check_workdir(workdir: str) -> None:
+    """Refuse a workdir URL that Orbax cannot write checkpoints to, saying what to use.
+
+    Orbax builds tensorstore specs for gs:// only (`_use_gcs_driver` in its
+    tensorstore_utils): it would write the arrays of s3://b/… to a local folder "s3:/b/…"
+    on each host, where no other host could restore them. A mounted bucket serves as a local
+    path only if the mount can rename: on a file system Orbax commits a step by renaming
+    its folder, and tensorstore writes the OCDBT manifest by renaming a file; mountpoint-s3
+    does not rename on general-purpose buckets, s3fs-fuse does (by copying)."""
+    if not paths.is_remote(workdir) or str(workdir).startswith("gs://"):
+        return
+    scheme = str(workdir).split("://", 1)[0]
+    raise ValueError(
+        f"--workdir {workdir}: Orbax {ocp.__version__} writes checkpoints to gs:// buckets "
+        f"and file systems only, not to {scheme}:// URLs. Use a gs:// workdir, or a folder "
+        "on a file system every host mounts: a shared file system (NFS, Lustre, EFS, FSx) "
+        "or the bucket mounted with s3fs-fuse (not mountpoint-s3: it cannot rename, which "
+        "is how Orbax commits a step on a file system). Everything else may stay in the "
+        f"bucket: data.train / data.validation, data.cache_dir, "
+        f"model.init_from=hf:{scheme}://… and sft-jax-export --out {scheme}://…"
+    )
+
+
 class Checkpointer:
     """A thin, typed face on `ocp.CheckpointManager` for the train loop and tools."""
 
@@ -30,15 +53,8 @@ class Checkpointer:
         saves a killed run left (in a bucket, a step folder without commit_success.txt,
         which a new save of that step could not overwrite); tools that only read must not,
         since a live run may be writing one."""
+        check_workdir(workdir)
         self.directory = paths.join(paths.resolve(workdir), "checkpoints")
-        if paths.is_remote(self.directory) and not self.directory.startswith("gs://"):
-            # Orbax builds tensorstore specs for gs:// only; it would write s3://b/… arrays
-            # to a local folder "s3:/b/…" or refuse the path.
-            raise ValueError(
-                f"workdir {workdir}: Orbax {ocp.__version__} writes checkpoints to gs:// "
-                "buckets and to file systems only, not to other URLs; use a gs:// workdir "
-                "or a folder on a file system every host mounts"
-            )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
