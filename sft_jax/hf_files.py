@@ -28,6 +28,7 @@ import math
 import shutil
 import tempfile
 
+import fsspec
 import ml_dtypes
 import numpy as np
 from absl import logging
@@ -81,9 +82,8 @@ class RemoteSafetensorsFolder:
         self.folder = folder
         self._where: dict[str, tuple[epath.Path, int, dict]] = {}
         for path in sorted(folder.glob("*.safetensors")):
-            with path.open("rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
+            size = int.from_bytes(_read_range(path, 0, 8), "little")
+            header = json.loads(_read_range(path, 8, size))
             header.pop("__metadata__", None)
             self._where.update({k: (path, 8 + size, v) for k, v in header.items()})
 
@@ -96,11 +96,21 @@ class RemoteSafetensorsFolder:
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         rows = index[0]
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        with path.open("rb") as f:
-            f.seek(data_start + info["data_offsets"][0] + rows.start * row_bytes)
-            data = f.read((rows.stop - rows.start) * row_bytes)
+        start = data_start + info["data_offsets"][0] + rows.start * row_bytes
+        data = _read_range(path, start, (rows.stop - rows.start) * row_bytes)
         block = np.frombuffer(data, dtype).reshape(rows.stop - rows.start, *shape[1:])
         return block[(slice(None), *index[1:])]
+
+
+def _read_range(path: epath.Path, start: int, length: int) -> bytes:
+    """Bytes [start, start + length) of a file in a bucket, as one ranged GET. Not through
+    `path.open()`: its file object reads a block ahead of every read (50 MiB in s3fs, 5 MiB
+    in gcsfs; 1 000 bytes of a 20 MiB S3 object fetched all 20 MiB), which would add a
+    block per tensor to each process's share."""
+    if length == 0:
+        return b""
+    fs, location = fsspec.core.url_to_fs(str(path))
+    return fs.cat_file(location, start=start, end=start + length)
 
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
