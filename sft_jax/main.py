@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sft_jax import paths, train
+from sft_jax import checkpoint, paths, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
@@ -71,8 +71,11 @@ def main(argv):
         jax.local_device_count(),
     )
     try:
-        # A bucket URL (gs://, s3://) stays a URL: every host must write to the same place.
-        train.train_and_evaluate(FLAGS.config, paths.resolve(FLAGS.workdir))
+        # A bucket URL stays a URL: every host must write to the same place. One Orbax
+        # cannot checkpoint to (s3://) is refused now, not after the data is tokenized.
+        workdir = paths.resolve(FLAGS.workdir)
+        checkpoint.check_workdir(workdir)
+        train.train_and_evaluate(FLAGS.config, workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # Bad config or data: our messages name the key and the fix; the traceback would
         # only bury them. It stays available for debugging.

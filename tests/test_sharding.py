@@ -81,9 +81,11 @@ def test_llama_with_accumulation_on_fsdp_tensor_mesh_matches_one_device():
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
-def test_logits_and_loss_stay_vocab_sharded_under_tensor_parallelism():
-    """With tensor=4 no device ever holds [rows, seq, full vocab]: XLA's compiled program
-    has only [rows, seq, vocab/4] logits."""
+def test_loss_logits_stay_split_under_tensor_parallelism():
+    """With tensor=4 no device ever holds [rows, seq, full vocab]: the chunked loss runs per
+    device in shard_map, tensor splitting the positions (the head is gathered whole, so
+    its gradient is reduced once, after the chunk loop), so XLA's compiled program has
+    only [rows/fsdp, seq/tensor, vocab] logits."""
     import re
 
     model = GPT(GPTConfig.preset("tiny", vocab_size=512))
@@ -93,5 +95,5 @@ def test_logits_and_loss_stay_vocab_sharded_under_tensor_parallelism():
         state = fns.init(jax.random.key(0))
         batch = jax.device_put(make_batch(rows=8, seq=16), fns.batch_sharding)
         hlo = fns.train_step.lower(state, batch).compile().as_text()
-    assert re.search(r"f32\[4,16,128\]", hlo)  # the local logits shard: 8/2 rows, 512/4 vocab
+    assert re.search(r"f32\[4,4,512\]", hlo)  # the local logits: 8/2 rows, 16/4 positions
     assert not re.search(r"f32\[\d+,16,512\]", hlo)

@@ -90,6 +90,15 @@ def test_unknown_config_key_is_named_with_a_suggestion(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_s3_workdir_is_refused_before_the_data_is_built():
+    """Orbax cannot checkpoint to s3://: the run says so at start, not after tokenizing
+    (a synthetic data set of a million rows would take minutes to build first)."""
+    out = _main("s3://bucket/run", "--config.data.train=synthetic:mix:1000000")
+    assert out.returncode != 0
+    assert "--workdir s3://bucket/run: Orbax" in out.stderr and "gs://" in out.stderr
+    assert "Traceback" not in out.stderr and "data:" not in out.stderr
+
+
 def _config(**overrides):
     c = tiny.get_config()
     c.train.progress_bar = False
