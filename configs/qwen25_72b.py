@@ -17,7 +17,7 @@ Check the memory before paying for the machines (runs on a laptop, no weights ne
     sft-jax-plan --config configs/qwen25_72b.py:v5p --devices 64 --device v5p
 """
 
-from configs import default
+from configs import recipes
 
 # target → (devices, device, train.batch_size, train.micro_steps): one 8192-token row per
 # device and micro-step; sft-jax-plan says each fits, with the headroom tests/test_configs.py
@@ -30,39 +30,12 @@ TARGETS = {
 
 
 def get_config(target: str = "v5p"):
-    if target not in TARGETS:
-        raise ValueError(f"configs/qwen25_72b.py:{target}: choose one of {sorted(TARGETS)}")
-    _, _, batch_size, micro_steps = TARGETS[target]
-    c = default.get_config()
-    c.model.init_from = "hf:Qwen/Qwen2.5-72B-Instruct"
-    # Its config.json, written out so the plan (and the tests) need no hub; with init_from
-    # set, training checks that the two agree. The preset gives the fields not restated
-    # here (RoPE, RMSNorm, SwiGLU, no biases).
-    c.model.preset = "tiny-llama"
-    c.model.architecture.update(
-        family="qwen2", vocab_size=152064, max_seq_len=32768, d_model=8192, n_layers=80,
-        n_heads=64, n_kv_heads=8, d_ff=29568, qkv_bias=True, tie_embeddings=False,
-        norm_eps=1e-6, rope_theta=1000000.0,
+    return recipes.full_finetune(
+        "qwen25_72b.py", TARGETS, target, init_from="hf:Qwen/Qwen2.5-72B-Instruct",
+        learning_rate=5e-6,
+        architecture=dict(
+            family="qwen2", vocab_size=152064, max_seq_len=32768, d_model=8192, n_layers=80,
+            n_heads=64, n_kv_heads=8, d_ff=29568, qkv_bias=True, tie_embeddings=False,
+            norm_eps=1e-6, rope_theta=1000000.0,
+        ),
     )  # fmt: skip
-    c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
-    c.model.remat = "full"
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    c.data.train = "hf:allenai/tulu-3-sft-mixture"  # ~939k conversations
-    c.data.validation = "0.005"
-    c.data.format = "messages"
-    c.data.template = "tokenizer"  # Qwen2.5's own chat template (ChatML)
-    c.data.max_seq_len = 8192
-    c.train.epochs = 2.0
-    c.train.batch_size = batch_size
-    c.train.micro_steps = micro_steps
-    c.train.eval_every = 500
-    c.train.eval_steps = 20
-    c.train.progress_bar = False
-    c.optim.learning_rate = 5e-6
-    c.optim.warmup_steps = 200
-    c.optim.decay = "linear"
-    c.optim.end_learning_rate_ratio = 0.0
-    c.checkpoint.save_every = 500
-    c.checkpoint.keep = 2
-    c.export.hf_dir = "hf"
-    return c

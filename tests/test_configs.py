@@ -14,8 +14,11 @@ from sft_jax.model import GPT
 from sft_jax.optim import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# recipes.py is the 8B–72B recipes' shared builder, not a config of its own.
 CONFIGS = sorted(
-    p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py")
+    p
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not p.endswith(("__init__.py", "recipes.py"))
 )
 
 
