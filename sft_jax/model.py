@@ -115,7 +115,7 @@ class GPTConfig:
     head_dim: int = 0  # 0 = d_model // n_heads
     positions: str = "learned"  # "learned" | "rope"
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"  # "gelu" | "swiglu"
+    mlp: str = "gelu"  # "gelu" | "swiglu" | "geglu" (Gemma: gated, tanh GELU)
     bias: bool = True  # biases on every dense layer and norm (GPT-2)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by `bias`
     tie_embeddings: bool = True
@@ -132,16 +132,29 @@ class GPTConfig:
     remat: str = "none"
     scan_layers: bool = True  # one compiled block, scanned: compile time independent of depth
     attention: str = "auto"  # "auto" | "xla" | "splash" (TPU) | "cudnn" (GPU): sft_jax.kernels
+    # Qwen3, Mistral, Gemma 2 / 3 (each off by default):
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k, before RoPE (Qwen3, Gemma 3)
+    norm_plus_one: bool = False  # every norm scales by (1 + w), w initialised to 0 (Gemma)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2 / 3)
+    embed_scale: bool = False  # embeddings × sqrt(d_model), in the compute dtype (Gemma)
+    query_pre_attn_scalar: float = 0.0  # scores × its -1/2 power; 0 = head_dim (Gemma)
+    attn_softcap: float = 0.0  # attention scores → cap·tanh(score / cap); 0 = off (Gemma 2)
+    final_softcap: float = 0.0  # logits → cap·tanh(logit / cap); 0 = off (Gemma 2)
+    sliding_window: int = 0  # local layers see the last `sliding_window` keys; 0 = none
+    global_every: int = 0  # with a window, every N-th layer is global (Gemma 2: 2, Gemma 3: 6);
+    # 0 = every layer local (Mistral)
+    rope_local_theta: float = 0.0  # RoPE base of local layers, unscaled; 0 = rope_theta (Gemma 3)
+    rope_linear_factor: float = 1.0  # linear RoPE scaling of global layers (Gemma 3 4B+)
 
     def __post_init__(self):
         _check(self.family in FAMILIES, "family", self.family)
         _check(self.positions in ("learned", "rope"), "positions", self.positions)
         _check(self.norm in ("layernorm", "rmsnorm"), "norm", self.norm)
-        _check(self.mlp in ("gelu", "swiglu"), "mlp", self.mlp)
+        _check(self.mlp in ("gelu", "swiglu", "geglu"), "mlp", self.mlp)
         _check(self.remat in ("none", "full", "dots"), "remat", self.remat)
         _check(self.attention in kernels.IMPLEMENTATIONS, "attention", self.attention)
         names = FAMILIES[self.family]
-        if len(names.mlp_in) != (2 if self.mlp == "swiglu" else 1):
+        if len(names.mlp_in) != (1 if self.mlp == "gelu" else 2):
             raise ValueError(
                 f"model: the {self.family} family's MLP names {names.mlp_in} do not fit "
                 f"mlp={self.mlp!r}"
