@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,33 +41,50 @@ _MIN = jnp.finfo(jnp.float32).min
 
 
 def attention_mask(
-    segment_ids: Array, key_segment_ids: Array | None = None, query_offset: Array | int = 0
+    segment_ids: Array,
+    key_segment_ids: Array | None = None,
+    query_offset: Array | int = 0,
+    window: int = 0,
 ) -> Array:
-    """[batch, 1, queries, keys] bool: causal, same segment, never padding (segment 0).
+    """[batch, 1, queries, keys] bool: causal, same segment, never padding (segment 0), and
+    with `window` > 0 only the last `window` keys (key slot j is seen from query slot i if
+    i - j < window, transformers' sliding window).
 
     Training: queries and keys are the same row. Decoding with a KV cache: the keys are the
     cache's slots (`key_segment_ids` [batch, slots]) and query i sits at slot
     `query_offset + i`. (The XLA path below never builds it whole: cuDNN takes it.)"""
     if key_segment_ids is None:
         key_segment_ids = segment_ids
-    return _visible(segment_ids, key_segment_ids, _query_slots(segment_ids, query_offset))[:, None]
+    q_slots = _query_slots(segment_ids, query_offset)
+    return _visible(segment_ids, key_segment_ids, q_slots, window=window)[:, None]
 
 
 def _query_slots(segment_ids: Array, query_offset: Array | int) -> Array:
     return query_offset + jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
 
 
-def _visible(q_seg: Array, k_seg: Array, q_slots: Array, keys_first: bool = False) -> Array:
+def _visible(
+    q_seg: Array,
+    k_seg: Array,
+    q_slots: Array,
+    keys_first: bool = False,
+    key_start: int = 0,
+    window: int = 0,
+) -> Array:
     """Which keys each query sees: [batch, queries, keys] bool, or [batch, keys, queries]
-    with `keys_first`. q_seg [batch, queries], k_seg [batch, keys], q_slots [queries]: the
-    key slot of each query (a key is visible up to and including it)."""
+    with `keys_first`. q_seg [batch, queries], k_seg [batch, keys] (the keys from slot
+    `key_start` on), q_slots [queries]: the key slot of each query (a key is visible up to
+    and including it, and with `window` > 0 from `q_slot - window + 1` on)."""
+    k_slots = key_start + jnp.arange(k_seg.shape[-1])
+    distance = q_slots[None, :] - k_slots[:, None]  # [keys, queries]
+    seen = distance >= 0
+    if window:
+        seen &= distance < window
     if keys_first:
-        causal = jnp.arange(k_seg.shape[-1])[:, None] <= q_slots[None, :]
         same = k_seg[:, :, None] == q_seg[:, None, :]
-        return causal[None] & same & (q_seg != 0)[:, None, :]
-    causal = jnp.arange(k_seg.shape[-1])[None, :] <= q_slots[:, None]
+        return seen[None] & same & (q_seg != 0)[:, None, :]
     same = q_seg[:, :, None] == k_seg[:, None, :]
-    return causal[None] & same & (q_seg != 0)[:, :, None]
+    return seen.T[None] & same & (q_seg != 0)[:, :, None]
 
 
 def dot_product_attention(
@@ -76,63 +94,96 @@ def dot_product_attention(
     segment_ids: Array,
     key_segment_ids: Array | None = None,
     query_offset: Array | int = 0,
+    *,
+    scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Array:
     """Grouped-query attention with softmax in float32, masked as `attention_mask` says, one
     query block's mask at a time: never a whole [batch, queries, keys] mask (64 MiB per
     8192-token row, and a transposed copy of it in the backward pass).
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, keys, kv_heads, head_dim];
-    segment_ids: [batch, seq] int; key_segment_ids [batch, keys] (default: segment_ids) and
-    query_offset as in `attention_mask`. Returns [batch, seq, heads, head_dim]."""
+    segment_ids: [batch, seq] int; key_segment_ids [batch, keys] (default: segment_ids),
+    query_offset and window (static) as in `attention_mask`. scale multiplies q·k (default
+    1/sqrt(head_dim)); softcap (static, 0 = off) maps the scaled scores s to
+    softcap·tanh(s / softcap) before masking (Gemma 2). Returns [batch, seq, heads,
+    head_dim]."""
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     if key_segment_ids is None:
         key_segment_ids = segment_ids
     q_slots = _query_slots(segment_ids, query_offset)
-    q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)  # scaled here: [t, d] not [t, keys]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q = (q * scale).astype(q.dtype)  # scaled here: [t, d] not [t, keys]
     q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, group, t, d]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, keys, d]
     # Causal query blocks need queries and keys at the same positions; otherwise (prefill
     # against a cache) one block sees every key.
     block = max(BLOCK, -(-t // MAX_BLOCKS)) if t == s else t
-    out = attend(q, k, v, segment_ids, key_segment_ids, q_slots, block)
+    mask = Masking(block, int(window), float(softcap))
+    out = attend(q, k, v, segment_ids, key_segment_ids, q_slots, mask)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
-    """(first query, end query, end key) per query block: keys up to the block's end when
-    the block is smaller than the sequence (causal), all of them otherwise."""
-    if block >= t:
-        return [(0, t, s)]
-    return [(i, min(i + block, t), min(i + block, t)) for i in range(0, t, block)]
+class Masking(NamedTuple):
+    """The static part of `attend`: query block length, sliding window (0 = none) and
+    score soft cap (0 = off)."""
+
+    block: int
+    window: int = 0
+    softcap: float = 0.0
+
+    def blocks(self, t: int, s: int) -> list[tuple[int, int, int, int]]:
+        """(first query, end query, first key, end key) per query block of `t` queries
+        against `s` keys: when the block is shorter than the sequence, keys up to the
+        block's end (causal) and from `window - 1` before its first query on (so a window
+        saves the scores it hides); one block sees all keys otherwise."""
+        if self.block >= t:
+            return [(0, t, 0, s)]
+        return [
+            (i, min(i + self.block, t), max(0, i - self.window + 1) if self.window else 0,
+             min(i + self.block, t))
+            for i in range(0, t, self.block)
+        ]  # fmt: skip
+
+    def cap(self, scores: Array) -> tuple[Array, Array | float]:
+        """The soft-capped scores and d(capped)/d(scores)."""
+        if not self.softcap:
+            return scores, 1.0
+        tanh = jnp.tanh(scores / self.softcap)
+        return self.softcap * tanh, 1.0 - tanh * tanh
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def attend(q: Array, k: Array, v: Array, q_seg, k_seg, q_slots, block: int) -> Array:
-    """softmax(q·kᵀ, masked)·v per query block. q: [batch, kv_heads, group, seq, head_dim]
-    (already scaled); k, v: [batch, kv_heads, keys, head_dim]; q_seg [batch, seq], k_seg
-    [batch, keys] and q_slots [seq] say what each query sees (`_visible`). Returns q's
-    shape and dtype."""
-    return _attend_fwd(q, k, v, q_seg, k_seg, q_slots, block)[0]
+def attend(q: Array, k: Array, v: Array, q_seg, k_seg, q_slots, mask: Masking) -> Array:
+    """softmax(cap(q·kᵀ), masked)·v per query block. q: [batch, kv_heads, group, seq,
+    head_dim] (already scaled); k, v: [batch, kv_heads, keys, head_dim]; q_seg [batch,
+    seq], k_seg [batch, keys], q_slots [seq] and `mask.window` say what each query sees
+    (`_visible`). Returns q's shape and dtype."""
+    return _attend_fwd(q, k, v, q_seg, k_seg, q_slots, mask)[0]
 
 
-def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, block):
+def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, mask):
     outs, tops, inv_totals = [], [], []
-    for qs, qe, ke in _blocks(q.shape[3], k.shape[2], block):
+    for qs, qe, ks, ke in mask.blocks(q.shape[3], k.shape[2]):
         scores = jnp.einsum(
-            "bkgtd,bksd->bkgts", q[:, :, :, qs:qe], k[:, :, :ke],
+            "bkgtd,bksd->bkgts", q[:, :, :, qs:qe], k[:, :, ks:ke],
             preferred_element_type=jnp.float32,
         )  # fmt: skip
+        scores = mask.cap(scores)[0]
         # Masked entries at float32's minimum (finite, not -inf: a query that sees no key
         # at all, padding, must not give NaN).
-        visible = _visible(q_seg[:, qs:qe], k_seg[:, :ke], q_slots[qs:qe])
+        visible = _visible(
+            q_seg[:, qs:qe], k_seg[:, ks:ke], q_slots[qs:qe], key_start=ks, window=mask.window
+        )
         scores = jnp.where(visible[:, None, None], scores, _MIN)
         top = jnp.max(scores, axis=-1)
         exp = jnp.exp(scores - top[..., None])
         inv_total = 1.0 / jnp.sum(exp, axis=-1)
         # Normalised after the matmul: [block, head_dim] multiplies, not [block, keys].
         out = jnp.einsum(
-            "bkgts,bksd->bkgtd", exp.astype(v.dtype), v[:, :, :ke],
+            "bkgts,bksd->bkgtd", exp.astype(v.dtype), v[:, :, ks:ke],
             preferred_element_type=jnp.float32,
         )  # fmt: skip
         outs.append((out * inv_total[..., None]).astype(q.dtype))
@@ -146,7 +197,7 @@ def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, block):
     return out, (q, k, v, q_seg, k_seg, q_slots, out, top, inv_total)
 
 
-def _attend_bwd(block, res, d_out):
+def _attend_bwd(mask, res, d_out):
     q, k, v, q_seg, k_seg, q_slots, out, top, inv_total = res
     # softmax's backward: p·(dp − Σ_keys p·dp), and Σ_keys p·dp = Σ_head_dim dO·O.
     row = jnp.einsum("bkgtd,bkgtd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -157,28 +208,33 @@ def _attend_bwd(block, res, d_out):
     d_k = jnp.zeros(k.shape, jnp.float32)
     d_v = jnp.zeros(v.shape, jnp.float32)
     d_q_t = []
-    for qs, qe, ke in _blocks(q.shape[3], k.shape[2], block):
+    for qs, qe, ks, ke in mask.blocks(q.shape[3], k.shape[2]):
         q_b, d_out_b = q[:, :, :, qs:qe], d_out[:, :, :, qs:qe]
-        m = _visible(q_seg[:, qs:qe], k_seg[:, :ke], q_slots[qs:qe], keys_first=True)
+        m = _visible(
+            q_seg[:, qs:qe], k_seg[:, ks:ke], q_slots[qs:qe], keys_first=True, key_start=ks,
+            window=mask.window,
+        )  # fmt: skip
         m = m[:, None, :, None]  # [batch, 1, keys, 1, block]
         scores = jnp.einsum(
-            "bksd,bkgtd->bksgt", k[:, :, :ke], q_b, preferred_element_type=jnp.float32
+            "bksd,bkgtd->bksgt", k[:, :, ks:ke], q_b, preferred_element_type=jnp.float32
         )
+        scores, d_cap = mask.cap(scores)
         probs = jnp.exp(jnp.where(m, scores, _MIN) - top[..., qs:qe]) * inv_total[..., qs:qe]
         d_probs = jnp.einsum(
-            "bksd,bkgtd->bksgt", v[:, :, :ke], d_out_b, preferred_element_type=jnp.float32
+            "bksd,bkgtd->bksgt", v[:, :, ks:ke], d_out_b, preferred_element_type=jnp.float32
         )
         # Masked scores were constants: no gradient flows through them (this matters only
         # for padding queries, whose probabilities are uniform over masked keys).
-        d_scores = jnp.where(m, probs * (d_probs - row[..., qs:qe]), 0.0).astype(q.dtype)
-        d_v = d_v.at[:, :, :ke].add(
+        d_scores = probs * (d_probs - row[..., qs:qe]) * d_cap
+        d_scores = jnp.where(m, d_scores, 0.0).astype(q.dtype)
+        d_v = d_v.at[:, :, ks:ke].add(
             jnp.einsum("bksgt,bkgtd->bksd", probs.astype(v.dtype), d_out_b,
                        preferred_element_type=jnp.float32)
         )  # fmt: skip
-        d_k = d_k.at[:, :, :ke].add(
+        d_k = d_k.at[:, :, ks:ke].add(
             jnp.einsum("bksgt,bkgtd->bksd", d_scores, q_b, preferred_element_type=jnp.float32)
         )
-        d_q_t.append(jnp.einsum("bkds,bksgt->bkdgt", k_t[..., :ke], d_scores))
+        d_q_t.append(jnp.einsum("bkds,bksgt->bkdgt", k_t[..., ks:ke], d_scores))
     d_q = jnp.concatenate(d_q_t, axis=-1).transpose(0, 1, 3, 4, 2)
     return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
 

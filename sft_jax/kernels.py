@@ -64,13 +64,21 @@ def platform() -> str:
     return _TARGETS[-1] if _TARGETS else jax.default_backend()
 
 
-def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> str:
+def resolve(
+    name: str, backend: str | None = None, dtype: str = "bfloat16", softcap: float = 0.0
+) -> str:
     """The implementation `name` stands for on `backend` (default: JAX's default) when the
-    model computes in `dtype`."""
+    model computes in `dtype` with attention scores soft-capped at `softcap` (0 = off)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
     backend = backend or platform()
     half = jnp.dtype(dtype).name in HALF
+    if name == "cudnn" and softcap:
+        raise ValueError(
+            f"model.attention='cudnn' cannot soft-cap attention scores (the model's "
+            f"attn_softcap is {softcap}): jax.nn.dot_product_attention has no soft cap; "
+            "set model.attention='xla' or 'auto' (which takes xla on a GPU for such models)"
+        )
     if name == "cudnn" and backend == "gpu" and not half:
         raise ValueError(
             f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (got {dtype}): "
@@ -79,7 +87,7 @@ def resolve(name: str, backend: str | None = None, dtype: str = "bfloat16") -> s
     if name != "auto":
         return name
     if backend == "gpu":
-        return "cudnn" if half else "xla"
+        return "cudnn" if half and not softcap else "xla"
     return {"tpu": "splash"}.get(backend, "xla")
 
 
@@ -92,28 +100,45 @@ def attention(
     implementation: str = "auto",
     key_segment_ids: jax.Array | None = None,
     query_offset: jax.Array | int = 0,
+    scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Causal attention within segments (the batch contract: query i sees key j only if
-    j <= i and both carry the same non-zero segment id).
+    j <= i and both carry the same non-zero segment id), and with `window` > 0 only the
+    last `window` keys (i - j < window, transformers' sliding window).
 
     q: [batch, queries, heads, head_dim]; k, v: [batch, keys, kv_heads, head_dim];
     segment_ids: [batch, queries] int. Without `key_segment_ids` the keys are the queries'
     own positions and `implementation` (a `model.attention` value) picks the kernel. With
     `key_segment_ids` [batch, keys] the keys are a KV cache's slots, query i at slot
-    `query_offset + i`, and the XLA path runs. Returns q's shape and dtype."""
+    `query_offset + i` (the window counts slots), and the XLA path runs. `scale` multiplies
+    q·k (default 1/sqrt(head_dim)); `softcap` > 0 maps the scaled scores s to
+    softcap·tanh(s / softcap) before masking. `window` and `softcap` are static. Returns
+    q's shape and dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    window, softcap = int(window), float(softcap)
     if key_segment_ids is not None:
-        return dot_product_attention(q, k, v, segment_ids, key_segment_ids, query_offset)
-    kernel = resolve(implementation, dtype=q.dtype)
-    if kernel == "splash":
-        return splash_attention(q, k, v, segment_ids)  # masks by segment ids itself
+        return dot_product_attention(
+            q, k, v, segment_ids, key_segment_ids, query_offset, scale=scale, window=window,
+            softcap=softcap,
+        )  # fmt: skip
+    kernel = resolve(implementation, dtype=q.dtype, softcap=softcap)
+    if kernel == "splash":  # masks by segment ids itself
+        return splash_attention(q, k, v, segment_ids, scale=scale, window=window, softcap=softcap)
     if kernel == "cudnn":
-        return cudnn_attention(q, k, v, attention_mask(segment_ids))
-    return dot_product_attention(q, k, v, segment_ids)  # masks each query block itself
+        return cudnn_attention(q, k, v, attention_mask(segment_ids), scale=scale, window=window)
+    # The XLA path masks each query block itself.
+    return dot_product_attention(q, k, v, segment_ids, scale=scale, window=window, softcap=softcap)
 
 
-def cudnn_attention(q, k, v, mask):
+def cudnn_attention(q, k, v, mask, scale: float | None = None, window: int = 0):
     """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim] (GQA is
-    native), mask: [batch, 1, seq, seq] bool (causal and same segment).
+    native), mask: [batch, 1, seq, seq] bool (causal and same segment); scale multiplies
+    q·k (default 1/sqrt(head_dim)); window > 0: each query sees its last `window` keys,
+    jax.nn's `local_window_size=(window - 1, 0)`, which cuDNN takes as its own sliding
+    window (it skips the blocks outside it). There is no soft cap: `resolve` refuses
+    'cudnn' for a soft-capped model, and 'auto' takes the XLA path for it.
 
     Why a dense mask (JAX 0.10): `jax.nn.dot_product_attention` takes no segment ids; its
     only mask-free forms are `is_causal` and one valid length per row
@@ -132,7 +157,9 @@ def cudnn_attention(q, k, v, mask):
     gpu = platform() == "gpu"
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=q.shape[1] == k.shape[1],
-        scale=1.0 / math.sqrt(q.shape[-1]), implementation="cudnn" if gpu else None,
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+        local_window_size=(window - 1, 0) if window else None,
+        implementation="cudnn" if gpu else None,
     )  # fmt: skip
 
 
@@ -140,7 +167,7 @@ def cudnn_attention(q, k, v, mask):
 SPLASH_BLOCK = 128
 
 
-def _splash_kernel(seq: int, group: int, interpret: bool):
+def _splash_kernel(seq: int, group: int, interpret: bool, window: int = 0, softcap: float = 0.0):
     # Built afresh for each trace, never cached across traces: the kernel holds arrays of
     # its mask's block layout, and one made under a transformation would leak its tracers.
     from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -154,13 +181,33 @@ def _splash_kernel(seq: int, group: int, interpret: bool):
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )  # fmt: skip
-    mask = masks.MultiHeadMask([masks.CausalMask((seq, seq)) for _ in range(group)])
-    return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    # A window: query i sees keys i - (window - 1) … i (LocalMask's left and right reach).
+    one = (
+        masks.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
+        if window
+        else masks.CausalMask((seq, seq))
+    )
+    mask = masks.MultiHeadMask([one for _ in range(group)])
+    return splash.make_splash_mqa_single_device(
+        mask, block_sizes=sizes, interpret=interpret, attn_logits_soft_cap=softcap or None
+    )
 
 
-def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
+def splash_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    interpret: bool | None = None,
+    *,
+    scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
+):
     """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim],
-    segment_ids: [batch, seq] int (0 = padding; padding attends to padding only).
+    segment_ids: [batch, seq] int (0 = padding; padding attends to padding only); scale,
+    window and softcap as in `attention` (the window is splash's LocalMask, whose wholly
+    masked blocks the kernel skips; softcap its `attn_logits_soft_cap`).
 
     On a mesh (`jax.set_mesh`) the kernel runs per shard, inside `shard_map` over the mesh
     axes the batch and the heads are split over; `interpret` (default: unless the platform
@@ -175,7 +222,9 @@ def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
             f"model.attention='splash' needs data.max_seq_len to be a multiple of "
             f"{SPLASH_BLOCK} (got {t}); round it up or set model.attention='xla'"
         )
-    local = functools.partial(_splash_local, interpret=interpret)
+    local = functools.partial(
+        _splash_local, interpret=interpret, scale=scale, window=window, softcap=softcap
+    )
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, k, v, segment_ids)
@@ -201,7 +250,7 @@ def _splash_axes(mesh, batch: int, heads: int, kv_heads: int):
     return axes("batch", batch), axes("act_heads", heads, kv_heads)
 
 
-def _splash_local(q, k, v, segment_ids, interpret: bool):
+def _splash_local(q, k, v, segment_ids, interpret: bool, scale, window: int, softcap: float):
     """The splash kernel on one shard's (or one device's) whole arrays."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
@@ -209,8 +258,8 @@ def _splash_local(q, k, v, segment_ids, interpret: bool):
 
     b, t, h, d = q.shape
     kv = k.shape[2]
-    kernel = _splash_kernel(t, h // kv, interpret)
-    q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)
+    kernel = _splash_kernel(t, h // kv, interpret, window, softcap)
+    q = (q * (1.0 / math.sqrt(d) if scale is None else scale)).astype(q.dtype)
     # [batch, kv_heads, group, seq, head_dim] queries against [batch, kv_heads, seq, head_dim].
     q = jnp.transpose(q.reshape(b, t, kv, h // kv, d), (0, 2, 3, 1, 4))
     k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))

@@ -24,12 +24,15 @@ def _inputs(b=2, t=300, h=4, kv=2, d=16, seed=0, dtype=jnp.float32):
     return q, k, v, seg, cotangent
 
 
-def plain_attention(q, k, v, mask):
-    """Softmax attention as one would first write it, differentiated by autodiff."""
+def plain_attention(q, k, v, mask, scale=None, softcap=0.0):
+    """Softmax attention as one would first write it (Gemma 2's soft cap as transformers
+    writes it), differentiated by autodiff."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     k, v = (jnp.repeat(x, h // kv, axis=2) for x in (k, v))
-    scores = jnp.einsum("bthd,bshd->bhts", q / np.sqrt(d), k)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) * (scale or 1 / np.sqrt(d))
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
 
@@ -109,3 +112,83 @@ def test_queries_against_more_keys_as_in_prefill_with_a_cache():
     want = _value_and_grads(lambda *x: plain_attention(*x, mask), q, keys, values, w)
     for got, exp in zip(jax.tree.leaves(ours), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, exp, atol=2e-5, rtol=2e-5)
+
+
+def window_mask(seg, window, key_seg=None, query_offset=0):
+    """The reference mask written out in numpy: causal, same non-zero segment, and key
+    slot j seen from query slot i only if i - j < window (transformers'
+    `kv_idx > q_idx - sliding_window`)."""
+    seg = np.asarray(seg)
+    key_seg = seg if key_seg is None else np.asarray(key_seg)
+    i = query_offset + np.arange(seg.shape[1])[:, None]
+    j = np.arange(key_seg.shape[1])[None, :]
+    near = (j <= i) & (i - j < window if window else True)
+    same = (seg[:, :, None] == key_seg[:, None, :]) & (seg != 0)[:, :, None]
+    return jnp.asarray(near[None] & same)[:, None]
+
+
+@pytest.mark.parametrize(
+    "window, softcap, scale",
+    [(100, 0.0, None), (0, 2.0, 0.3), (37, 1.5, None), (128, 0.0, 0.2)],
+)
+def test_window_softcap_and_scale_equal_autodiff_of_plain_attention(window, softcap, scale):
+    # 300 queries in blocks of 128: windows that end inside a block and on a block edge,
+    # soft caps small enough that tanh bends the scores (whose spread is ~4 here). Padding
+    # queries see no key and average whatever keys their block scores, which a window
+    # narrows: their outputs are unused and left out (no cotangent either).
+    q, k, v, seg, w = _inputs(seed=4)
+    real = (seg != 0)[:, :, None, None]
+    w = w * real
+    mask = window_mask(seg, window)
+    kw = dict(scale=scale, window=window, softcap=softcap)
+    out, grads = _value_and_grads(
+        lambda *x: attention.dot_product_attention(*x, seg, **kw), q, k, v, w
+    )
+    want, want_grads = _value_and_grads(
+        lambda *x: plain_attention(*x, mask, scale=scale, softcap=softcap), q, k, v, w
+    )
+    np.testing.assert_allclose(out * real, want * real, atol=3e-5, rtol=3e-5)
+    for got, exp in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, exp, atol=3e-5, rtol=3e-5)
+
+
+def test_attention_mask_with_a_window_is_transformers_sliding_window():
+    # Left padding as the generator writes prompts; padding queries see nothing here and
+    # are left out (transformers lets them see the real keys).
+    torch = pytest.importorskip("torch")
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    seg = jnp.ones((2, 12), jnp.int32).at[0, :3].set(0)
+    want = masking_utils.sdpa_mask(
+        batch_size=2, q_length=12, kv_length=12, attention_mask=torch.tensor(np.asarray(seg)),
+        mask_function=masking_utils.sliding_window_causal_mask_function(5),
+        allow_is_causal_skip=False,
+    )  # fmt: skip
+    real = np.asarray(seg != 0)[:, None, :, None]
+    got = attention_mask(seg, window=5)
+    np.testing.assert_array_equal(got & real, want.numpy() & real)
+    np.testing.assert_array_equal(got, window_mask(seg, 5))
+
+
+def test_a_window_skips_the_key_blocks_outside_it():
+    # Query blocks of 128 over 2048 positions: with a 256-key window each block scores at
+    # most 128 + 255 keys, against all keys up to its end without one.
+    full = attention.Masking(128).blocks(2048, 2048)
+    local = attention.Masking(128, window=256).blocks(2048, 2048)
+    keys = lambda blocks: sum((qe - qs) * (ke - ks) for qs, qe, ks, ke in blocks)
+    assert max(ke - ks for _, _, ks, ke in local) == 128 + 255
+    assert keys(local) / keys(full) < 0.35
+
+
+def test_decoding_past_the_window_equals_attention_without_a_cache():
+    # A left-padded row decoded one query at a time against a 48-slot cache, window 8:
+    # every step's output equals the uncached forward pass at that position, far past the
+    # window (what the generator relies on).
+    q, k, v, _, _ = _inputs(b=2, t=48, h=4, kv=2, d=16, seed=5)
+    seg = jnp.zeros((2, 48), jnp.int32).at[0, 6:].set(1).at[1, :].set(1)  # row 0: 6 pads
+    kw = dict(window=8, softcap=3.0)
+    want = attention.dot_product_attention(q, k, v, seg, **kw)
+    for slot in (10, 20, 47):
+        got = attention.dot_product_attention(
+            q[:, slot : slot + 1], k, v, seg[:, slot : slot + 1], seg, slot, **kw
+        )
+        np.testing.assert_allclose(got[:, 0], want[:, slot], atol=1e-5, rtol=1e-5)
