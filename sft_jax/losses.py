@@ -35,6 +35,7 @@ def chunked_cross_entropy(
     loss_mask: jax.Array,
     chunk: int = 128,
     layout: PartitionSpec | None = None,
+    softcap: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """The loss of `masked_cross_entropy(hidden @ head.T, …)` without its logits.
 
@@ -53,8 +54,13 @@ def chunked_cross_entropy(
     (gathered once, before the loop); the head's gradient and the sums are added across
     devices once, after it. Left to XLA's partitioner, the loop instead all-reduced a
     [vocab, d_model] gradient in every chunk (and, with the vocabulary split over `tensor`,
-    logits-sized partial sums)."""
-    return _chunked_ce(hidden, head, targets, loss_mask.astype(jnp.float32), chunk, layout)
+    logits-sized partial sums).
+
+    `softcap` > 0 caps the logits as Gemma 2 does (transformers' final_logit_softcapping):
+    softcap·tanh(logits / softcap), in float32, before the log-softmax; the gradient goes
+    back through the cap (d logits = d capped · (1 − tanh²)). 0 leaves them as they are."""
+    mask = loss_mask.astype(jnp.float32)
+    return _chunked_ce(hidden, head, targets, mask, chunk, layout, float(softcap))
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -72,23 +78,33 @@ def _chunk_logits(h: jax.Array, head: jax.Array) -> jax.Array:
     )
 
 
+def _soft_capped(logits: jax.Array, softcap: float) -> tuple[jax.Array, jax.Array | None]:
+    """(softcap·tanh(logits / softcap), the tanh) of float32 logits; (logits, None) when
+    softcap is 0. The tanh is kept for the gradient: d capped / d logits = 1 − tanh²."""
+    if not softcap:
+        return logits, None
+    squashed = jnp.tanh(logits / softcap)
+    return softcap * squashed, squashed
+
+
 def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     log_z = jax.nn.logsumexp(logits, axis=-1)
     return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def _loss_sum(hidden, head, targets, mask, chunk):
+def _loss_sum(hidden, head, targets, mask, chunk, softcap):
     """{"total": Σ mask·nll} of these (one device's) positions, chunk by chunk."""
 
     def body(total, xs):
         h, t, m = xs
-        return total + jnp.sum(_nll(_chunk_logits(h, head), t) * m), None
+        logits, _ = _soft_capped(_chunk_logits(h, head), softcap)
+        return total + jnp.sum(_nll(logits, t) * m), None
 
     xs = tuple(_chunks(x, chunk) for x in (hidden, targets, mask))
     return {"total": jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]}
 
 
-def _loss_sum_and_grads(hidden, head, targets, mask, chunk):
+def _loss_sum_and_grads(hidden, head, targets, mask, chunk, softcap):
     """{"total": Σ mask·nll, "d_hidden", "d_head": its gradients} of these (one device's)
     positions, chunk by chunk; the head's gradient adds up in float32 across the chunks."""
     vocab = head.shape[0]
@@ -96,7 +112,7 @@ def _loss_sum_and_grads(hidden, head, targets, mask, chunk):
     def body(carry, xs):
         total, d_head = carry
         h, t, m = xs
-        logits = _chunk_logits(h, head)  # [batch, chunk, vocab]
+        logits, squashed = _soft_capped(_chunk_logits(h, head), softcap)  # [batch, chunk, vocab]
         # One exp pass serves the loss and its gradient: softmax = exp / Σ exp.
         top = jnp.max(logits, axis=-1, keepdims=True)
         exp = jnp.exp(logits - top)
@@ -105,6 +121,8 @@ def _loss_sum_and_grads(hidden, head, targets, mask, chunk):
         nll = log_z - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         onehot = jax.nn.one_hot(t, vocab, dtype=exp.dtype)
         d_logits = exp * (m[..., None] / total_exp) - onehot * m[..., None]
+        if squashed is not None:  # back through the cap to the raw logits
+            d_logits = d_logits * (1.0 - squashed * squashed)
         d_logits = d_logits.astype(h.dtype)
         d_h = jnp.einsum("bcv,vd->bcd", d_logits, head, preferred_element_type=jnp.float32)
         d_head = d_head + jnp.einsum("bcv,bcd->vd", d_logits, h,
@@ -119,20 +137,20 @@ def _loss_sum_and_grads(hidden, head, targets, mask, chunk):
     return {"total": total, "d_hidden": d_hidden, "d_head": d_head}
 
 
-def _sums(hidden, head, targets, mask, chunk, layout, grads: bool) -> dict[str, jax.Array]:
+def _sums(hidden, head, targets, mask, chunk, layout, softcap, grads) -> dict[str, jax.Array]:
     """{"total": Σ mask·nll, "count": Σ mask} and, with `grads`, "d_hidden" and "d_head"
     (the gradients of the total), computed per `layout`."""
     head = head.astype(hidden.dtype)  # gathered (below) in the compute dtype, once
     mesh = jax.sharding.get_abstract_mesh()
     if layout is None or mesh.empty or mesh.size == 1:
-        return _device_sums(hidden, head, targets, mask, chunk, grads, (), (), ())
+        return _device_sums(hidden, head, targets, mask, chunk, softcap, grads, (), (), ())
     row_axes, seq_axes = (_names(part) for part in layout)
     # The head's gradient leaves summed and split over d_model across the row axes (a
     # reduce-scatter): no device holds a second whole float32 [vocab, d_model] copy.
     scatter = row_axes if grads and head.shape[1] % _size(row_axes) == 0 else ()
     local = functools.partial(
-        _device_sums, chunk=chunk, grads=grads, row_axes=row_axes, seq_axes=seq_axes,
-        scatter_axes=scatter,
+        _device_sums, chunk=chunk, softcap=softcap, grads=grads, row_axes=row_axes,
+        seq_axes=seq_axes, scatter_axes=scatter,
     )  # fmt: skip
     # The arrays go in and out as the model lays them out (rows split, the same on every
     # device of the sequence axes): a sequence-split spec here would propagate into the
@@ -147,7 +165,9 @@ def _sums(hidden, head, targets, mask, chunk, layout, grads: bool) -> dict[str, 
     )(hidden, head, targets, mask)  # fmt: skip
 
 
-def _device_sums(hidden, head, targets, mask, chunk, grads, row_axes, seq_axes, scatter_axes):
+def _device_sums(
+    hidden, head, targets, mask, chunk, softcap, grads, row_axes, seq_axes, scatter_axes
+):
     """`_sums` on one device's rows: its own part of their positions (split over
     `seq_axes`), then the sums and the head's gradient added over all the axes, once (the
     gradient scattered over `scatter_axes` along d_model)."""
@@ -158,7 +178,7 @@ def _device_sums(hidden, head, targets, mask, chunk, grads, row_axes, seq_axes, 
             jax.lax.dynamic_slice_in_dim(x, start, part, axis=1) for x in (hidden, targets, mask)
         )
     local_sums = _loss_sum_and_grads if grads else _loss_sum
-    sums = local_sums(hidden, head, targets, mask, min(chunk, hidden.shape[1]))
+    sums = local_sums(hidden, head, targets, mask, min(chunk, hidden.shape[1]), softcap)
     sums["count"] = jnp.sum(mask)
     axes = row_axes + seq_axes
     if not axes:
@@ -185,20 +205,20 @@ def _names(part) -> tuple[str, ...]:
     return () if part is None else (part,) if isinstance(part, str) else tuple(part)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_ce(hidden, head, targets, mask, chunk, layout):
-    sums = _sums(hidden, head, targets, mask, chunk, layout, grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_ce(hidden, head, targets, mask, chunk, layout, softcap):
+    sums = _sums(hidden, head, targets, mask, chunk, layout, softcap, grads=False)
     return sums["total"], sums["count"]
 
 
-def _chunked_ce_fwd(hidden, head, targets, mask, chunk, layout):
-    sums = _sums(hidden, head, targets, mask, chunk, layout, grads=True)
+def _chunked_ce_fwd(hidden, head, targets, mask, chunk, layout, softcap):
+    sums = _sums(hidden, head, targets, mask, chunk, layout, softcap, grads=True)
     # Zero-size arrays carry the input dtypes: residuals must be arrays.
     like = (jnp.zeros((0,), hidden.dtype), jnp.zeros((0,), head.dtype))
     return (sums["total"], sums["count"]), (sums["d_hidden"], sums["d_head"], like)
 
 
-def _chunked_ce_bwd(chunk, layout, res, g):
+def _chunked_ce_bwd(chunk, layout, softcap, res, g):
     d_hidden, d_head, (hidden_like, head_like) = res
     g_total = g[0]  # the count's cotangent does not reach the inputs
     return (

@@ -67,7 +67,8 @@ def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = No
     """(Σ mask·nll, Σ mask) of one (micro-)batch; dropout on when `rng` is given.
 
     The logits are never materialised whole: the loss applies the output projection to the
-    final hidden states chunk by chunk (`losses.chunked_cross_entropy`)."""
+    final hidden states chunk by chunk (`losses.chunked_cross_entropy`), soft-capping them
+    there as the model's own logits are (`final_softcap`, Gemma 2)."""
     hidden = model.apply(
         {"params": params},
         batch["tokens"],
@@ -83,6 +84,7 @@ def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = No
         batch["targets"],
         batch["loss_mask"],
         layout=loss_layout(*batch["targets"].shape),
+        softcap=model.cfg.final_softcap,
     )
 
 

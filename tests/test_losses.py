@@ -1,4 +1,6 @@
-"""Masked cross-entropy against a hand computation and torch's ignore_index=-100 loss."""
+"""Masked cross-entropy against a hand computation and torch's ignore_index=-100 loss; the
+chunked loss against the whole-logits loss, on one device and split over a mesh, with and
+without Gemma 2's final logit soft-cap."""
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +79,54 @@ def test_chunked_equals_full_logits_loss_and_gradients(dtype):
         )
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
-def test_chunked_split_over_a_mesh_equals_torch(mesh_shape):
+def capped_torch_logits(hidden, head, softcap):
+    """Gemma 2's final logits in torch (transformers' Gemma2ForCausalLM.forward): logits /
+    cap, tanh, × cap; softcap 0 = plain logits."""
+    logits = hidden @ head.T
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def test_chunked_soft_capped_equals_reference_loss_and_gradients():
+    # Logits of std ~2 against a cap of 1.5: most of them are bent by the cap, so a loss that
+    # skipped the cap (or its 1 − tanh² in the gradient) would be far off. 37 positions in
+    # chunks of 8: the padded last chunk must add nothing through the cap either.
+    rng = np.random.default_rng(4)
+    hidden = rng.normal(size=(3, 37, 16)).astype(np.float32)
+    head = (rng.normal(size=(101, 16)) * 0.5).astype(np.float32)
+    targets = rng.integers(0, 101, size=(3, 37))
+    mask = (rng.random((3, 37)) < 0.6).astype(np.float32)
+    cap = 1.5
+
+    def naive(h, w):  # the cap written out on the whole logits, differentiated by JAX
+        logits = cap * jnp.tanh(jnp.einsum("btd,vd->btv", h, w) / cap)
+        return masked_cross_entropy(logits, targets, mask)[0]
+
+    def chunked(h, w):
+        return chunked_cross_entropy(h, w, targets, mask, chunk=8, softcap=cap)[0]
+
+    h, w = jnp.asarray(hidden), jnp.asarray(head)
+    total, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(h, w)
+    expected = jax.grad(naive, argnums=(0, 1))(h, w)
+    for g, e in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-5, rtol=1e-5)
+    logits = capped_torch_logits(torch.tensor(hidden), torch.tensor(head), cap)
+    labels = torch.tensor(np.where(mask > 0, targets, -100))
+    ref = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 101), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    np.testing.assert_allclose(float(total), ref.item(), rtol=1e-5)
+    uncapped = chunked_cross_entropy(h, w, jnp.asarray(targets), jnp.asarray(mask), 8)[0]
+    assert abs(float(uncapped) - ref.item()) > 0.05 * ref.item(), "the cap made no difference"
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, softcap", [((1, 8, 1), 0.0), ((2, 2, 2), 0.0), ((2, 2, 2), 1.5)]
+)
+def test_chunked_split_over_a_mesh_equals_torch(mesh_shape, softcap):
     # The loss and its gradients with the rows split over (data, fsdp) and, on (2, 2, 2), the
     # 44 positions over tensor: 22 per device in chunks of 8, so each device pads its last
-    # chunk. Reference: torch's summed cross-entropy and autograd on the whole logits.
+    # chunk. Reference: torch's summed cross-entropy and autograd on the whole logits (soft-
+    # capped as Gemma 2 caps them where `softcap` is set).
     rng = np.random.default_rng(3)
     hidden = rng.normal(size=(8, 44, 16)).astype(np.float32)
     head = (rng.normal(size=(101, 16)) * 0.3).astype(np.float32)
@@ -91,7 +136,9 @@ def test_chunked_split_over_a_mesh_equals_torch(mesh_shape):
     layout = PartitionSpec(("data", "fsdp"), "tensor")
 
     def loss(h, w):
-        return chunked_cross_entropy(h, w, jnp.asarray(targets), jnp.asarray(mask), 8, layout)
+        return chunked_cross_entropy(
+            h, w, jnp.asarray(targets), jnp.asarray(mask), 8, layout, softcap=softcap
+        )
 
     def loss_and_grads(h, w):
         return loss(h, w), jax.grad(lambda h, w: loss(h, w)[0], argnums=(0, 1))(h, w)
@@ -100,8 +147,9 @@ def test_chunked_split_over_a_mesh_equals_torch(mesh_shape):
         (total, count), grads = jax.jit(loss_and_grads)(jnp.asarray(hidden), jnp.asarray(head))
     h_t, w_t = (torch.tensor(x, requires_grad=True) for x in (hidden, head))
     labels = torch.tensor(np.where(mask > 0, targets, -100))
+    logits = capped_torch_logits(h_t, w_t, softcap)
     ref = torch.nn.functional.cross_entropy(
-        (h_t @ w_t.T).reshape(-1, 101), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.reshape(-1, 101), labels.reshape(-1), ignore_index=-100, reduction="sum"
     )
     ref.backward()
     assert float(count) == mask.sum()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sft_jax import steps
+from sft_jax import losses, steps
 from sft_jax.model import GPT, GPTConfig
 from sft_jax.optim import OptimConfig, make_optimizer
 
@@ -143,3 +143,30 @@ def test_unrolled_init_is_the_scanned_init_split_per_layer():
     np.testing.assert_array_equal(
         params["embed_tokens"]["embedding"], stacked["embed_tokens"]["embedding"]
     )
+
+
+def test_loss_caps_logits_as_the_config_says():
+    # Gemma 2's final_softcap reaches the chunked loss: the train loss is the cross-entropy
+    # of cap·tanh(logits / cap), not of the raw logits. The head is scaled up so that the
+    # logits (~0.1 at init) reach the cap and are bent by it.
+    cap = 2.0
+    model = GPT(GPTConfig.preset("tiny-llama", vocab_size=VOCAB, n_layers=1, final_softcap=cap))
+    params = nn.meta.unbox(steps.init_params(jax.random.key(0), model))
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 50
+    batch = make_batch(rows=2, seed=7)
+
+    @jax.jit
+    def train_and_reference_losses(params, batch):
+        hidden = model.apply(
+            {"params": params}, batch["tokens"], positions=batch["positions"],
+            segment_ids=batch["segment_ids"], method="hidden_states",
+        )  # fmt: skip
+        raw = jnp.einsum("btd,vd->btv", hidden, steps.head_weight(model.cfg, params))
+        targets, mask = batch["targets"], batch["loss_mask"]
+        capped = losses.masked_cross_entropy(cap * jnp.tanh(raw / cap), targets, mask)[0]
+        uncapped = losses.masked_cross_entropy(raw, targets, mask)[0]
+        return steps.loss_sums(params, batch, model)[0], capped, uncapped
+
+    got, capped, uncapped = map(float, train_and_reference_losses(params, batch))
+    np.testing.assert_allclose(got, capped, rtol=1e-5)
+    assert abs(got - uncapped) > 0.05 * uncapped, (got, uncapped)
