@@ -16,6 +16,16 @@
   GPU they check the cuDNN kernel itself).
 - "auto" (default): splash on TPU, cudnn on GPU in bfloat16/float16, xla otherwise.
 
+Sliding windows (`window`: query i sees key j only if i - j < window, transformers'
+sliding window) and soft caps (`softcap`: scaled scores s → softcap·tanh(s / softcap),
+before masking, Gemma 2) in each path: xla skips the key blocks wholly outside the window
+(a window's cost grows with seq · window, not seq²) and soft-caps in its forward and
+backward passes; splash takes its LocalMask (whose empty blocks it skips) and its
+`attn_logits_soft_cap`; cudnn takes jax.nn's `local_window_size`, which cuDNN runs as its
+own sliding window, but jax.nn has no soft cap: "auto" takes xla on a GPU for a soft-capped
+model and "cudnn" is refused for one (`resolve`). The KV-cache path masks the window by
+cache slots (the generator left-pads, so slot distance is position distance in a row).
+
 `attention(q, k, v, segment_ids=…, implementation=…)` is the one entry point: it builds
 whatever mask its implementation takes from the segment ids (none for splash, each query
 block's own for xla, a [batch, 1, queries, keys] bool mask for cudnn). Calls with a KV cache

@@ -38,6 +38,11 @@ def test_resolve():
         kernels.resolve("cudnn", "gpu", dtype="float32")
     with pytest.raises(ValueError, match="model.attention='flash'"):
         kernels.resolve("flash")
+    # jax.nn.dot_product_attention has no soft cap: auto takes the XLA path, cudnn refuses.
+    assert kernels.resolve("auto", "gpu", softcap=50.0) == "xla"
+    assert kernels.resolve("auto", "tpu", softcap=50.0) == "splash"
+    with pytest.raises(ValueError, match="'cudnn' cannot soft-cap.*model.attention='xla'"):
+        kernels.resolve("cudnn", "gpu", softcap=50.0)
     with pytest.raises(ValueError, match="invalid attention"):
         GPTConfig.preset("tiny", attention="flash")
 
@@ -87,8 +92,20 @@ def test_xla_path_builds_no_whole_mask():
     assert not square, f"[.., {t}, {t}, ..]-shaped values: {square[:3]}"
 
 
-@pytest.mark.parametrize("kernel", ["splash", "cudnn"])
-def test_kernel_equals_xla_path_with_gradients(kernel):
+LOCAL = dict(window=40, scale=0.2)
+
+
+@pytest.mark.parametrize(
+    "kernel, options",
+    [
+        ("splash", {}),
+        ("cudnn", {}),
+        ("splash", dict(LOCAL, softcap=2.0)),  # LocalMask and attn_logits_soft_cap
+        ("cudnn", LOCAL),  # local_window_size; no soft cap in jax.nn (resolve refuses it)
+    ],
+    ids=["splash", "cudnn", "splash-window-softcap", "cudnn-window"],
+)
+def test_kernel_equals_xla_path_with_gradients(kernel, options):
     if kernel == "splash" and ON_GPU:
         pytest.skip("Pallas TPU interpret mode is checked on CPU")
     # cuDNN takes half precision only: on a GPU, bf16 inputs against the XLA path in float32
@@ -96,6 +113,10 @@ def test_kernel_equals_xla_path_with_gradients(kernel):
     gpu_cudnn = kernel == "cudnn" and ON_GPU
     dtype = jnp.bfloat16 if gpu_cudnn else jnp.float32
     q, k, v, seg = _packed(dtype=dtype)
+    if options:  # two of splash's 128-query blocks, the second seeing into the first
+        q, k, v, _ = _packed(t=256, h=2, kv=1, d=16, dtype=dtype)
+        seg = jnp.zeros((2, 256), jnp.int32).at[0, :100].set(1).at[0, 100:230].set(2)
+        seg = seg.at[1].set(1)
     mask = attention_mask(seg)
     real = (seg != 0)[:, :, None, None]
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * real
@@ -104,11 +125,11 @@ def test_kernel_equals_xla_path_with_gradients(kernel):
         return lambda q, k, v: jnp.sum(f(q, k, v) * w)
 
     f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
-    ours = lambda q, k, v: dot_product_attention(*f32(q, k, v), seg)
+    ours = lambda q, k, v: dot_product_attention(*f32(q, k, v), seg, **options)
     if kernel == "splash":
-        theirs = lambda q, k, v: kernels.splash_attention(q, k, v, seg, interpret=True)
+        theirs = lambda q, k, v: kernels.splash_attention(q, k, v, seg, interpret=True, **options)
     else:
-        theirs = lambda q, k, v: kernels.cudnn_attention(q, k, v, mask)
+        theirs = lambda q, k, v: kernels.cudnn_attention(q, k, v, mask, **options)
     tol = dict(atol=3e-2, rtol=3e-2) if gpu_cudnn else dict(atol=2e-5)
     got = jnp.asarray(theirs(q, k, v), jnp.float32)
     np.testing.assert_allclose(got * real, ours(q, k, v) * real, **tol)
