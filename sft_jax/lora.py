@@ -1,0 +1,486 @@
+"""LoRA (Hu et al., 2021) on sft_jax's models, as PEFT does it: the spec, its targets, the
+adapters' init, the merge, and PEFT's adapter folder written and read.
+
+A LoRA adapter on a dense layer with kernel W [*in, *out] adds two float32 matrices,
+A [*in, r] and B [r, *out]: the layer computes x·W + scale·(x·A)·B with
+scale = alpha / r (alpha / √r with rsLoRA). Our kernels keep head structure, and so do the
+adapters: q_proj's kernel is [d_model, heads, head_dim], its A [d_model, r] and its
+B [r, heads, head_dim], so B shards over heads as the kernel does (the rank axis,
+`lora_rank`, is replicated). PEFT's tensors are the same numbers flattened:
+lora_A.weight [r, in], lora_B.weight [out, r] (torch `nn.Linear` weights, for GPT-2's
+Conv1D layers too: `fan_in_fan_out` only changes how PEFT merges).
+
+The adapters are a tree that mirrors the params down to each adapted layer, with a leading
+layers axis when `scan_layers` is on:
+`{"layers": {"self_attn": {"q_proj": {"lora_a": [layers, d_model, r],
+"lora_b": [layers, r, heads, head_dim]}}}}`.
+
+Targets are the dense layers of a block, named as PEFT names them (`target_modules`): a name
+matches every layer whose HF module name ends with it, so GPT-2's `c_proj` is both the
+attention's and the MLP's (`attn.c_proj`, `mlp.c_proj` pick one), and `all-linear` is every
+dense layer of every block (not the head), as in PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from sft_jax import hf, hf_files, hf_sharded
+from sft_jax.matmul import dense_matmul
+from sft_jax.model import GPTConfig
+from sft_jax.sharding import get_path
+
+Array = jax.Array
+
+ALL_LINEAR = "all-linear"
+RANK_AXIS = "lora_rank"  # the logical name of the rank axis: replicated on every mesh
+INITS = ("kaiming", "gaussian")  # PEFT's init_lora_weights=True and ="gaussian"
+_DEFAULT_ALPHA = 16.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What LoRA a run trains: the `lora.*` config keys. Frozen: a static jit argument."""
+
+    rank: int = 0  # 0: no LoRA (full fine-tuning)
+    alpha: float = _DEFAULT_ALPHA
+    dropout: float = 0.0  # on the adapter's input, training only (PEFT's lora_dropout)
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+    use_rslora: bool = False  # scale alpha / √rank instead of alpha / rank
+    init: str = "kaiming"  # A: "kaiming" uniform (PEFT's default) or "gaussian"; B is zero
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"lora.rank: {self.rank!r} must be an integer ≥ 0 (0 = off)")
+        if self.rank == 0 and self.alpha != _DEFAULT_ALPHA:
+            raise ValueError(
+                f"lora.alpha: set to {self.alpha} but lora.rank is 0 (LoRA off); set "
+                "lora.rank > 0 to train adapters, or leave lora.alpha unset"
+            )
+        if self.rank and not self.alpha > 0:
+            raise ValueError(f"lora.alpha: {self.alpha!r} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout: {self.dropout!r} must be in [0, 1)")
+        if self.init not in INITS:
+            raise ValueError(f"lora.init: {self.init!r} is not one of {', '.join(INITS)}")
+        if not self.targets:
+            raise ValueError(f"lora.targets: empty; name dense layers or {ALL_LINEAR!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """The factor on the adapter's output: alpha / r, or alpha / √r with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @classmethod
+    def from_config(cls, c: Any) -> LoraSpec:
+        """From the config's `lora` block (a ConfigDict or dict); missing keys take the
+        defaults. `targets` may be a comma-separated string ("q_proj,v_proj")."""
+        get = c.get if hasattr(c, "get") else lambda k, d: getattr(c, k, d)
+        defaults = cls()
+        targets = get("targets", defaults.targets)
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        return cls(
+            rank=int(get("rank", defaults.rank)),
+            alpha=float(get("alpha", defaults.alpha)),
+            dropout=float(get("dropout", defaults.dropout)),
+            targets=tuple(targets),
+            use_rslora=bool(get("use_rslora", defaults.use_rslora)),
+            init=str(get("init", defaults.init)),
+        )
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """One dense layer of a block that LoRA can adapt."""
+
+    name: str  # its HF module name within a layer: "self_attn.q_proj", "mlp.c_proj"
+    path: tuple[str, ...]  # our path to it within a layer: ("self_attn", "q_proj")
+    in_dims: int  # how many leading kernel dims are the matmul's input
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+def layer_modules(cfg: GPTConfig) -> tuple[Module, ...]:
+    """Every dense layer of a block, in HF's order, from the conversion table (`hf.tensors`),
+    so each family's names come from `model.FAMILIES` like the rest of the conversion."""
+    modules: dict[str, Module] = {}
+    for t in hf.tensors(cfg):
+        entry = t.entry
+        if "{i}" not in entry.hf_name or entry.layout not in ("linear", "conv1d"):
+            continue  # top-level tensors (embeddings, head), norms and biases
+        name = entry.hf_name.split("{i}.", 1)[1].removesuffix(".weight")
+        modules.setdefault(name, Module(name, entry.path[:-1], entry.in_dims))
+    return tuple(modules.values())
+
+
+def _matches(module: Module, target: str) -> bool:
+    """PEFT's rule for a `target_modules` list: the module name is the target or ends
+    with "." + target."""
+    return module.name == target or module.name.endswith("." + target)
+
+
+def valid_targets(cfg: GPTConfig) -> list[str]:
+    """The names `lora.targets` takes for this family: each layer's own name, its qualified
+    name where that name is shared (GPT-2's `attn.c_proj`, `mlp.c_proj`), and all-linear."""
+    modules = layer_modules(cfg)
+    shorts = list(dict.fromkeys(m.short_name for m in modules))
+    shared = [m.name for m in modules if sum(m.short_name == s.short_name for s in modules) > 1]
+    return shorts + shared + [ALL_LINEAR]
+
+
+def resolve_targets(cfg: GPTConfig, spec: LoraSpec) -> tuple[Module, ...]:
+    """The dense layers `spec.targets` names, in HF's order; an unknown name is an error
+    listing the valid ones."""
+    modules = layer_modules(cfg)
+    if ALL_LINEAR in spec.targets:
+        return modules
+    unknown = [t for t in spec.targets if not any(_matches(m, t) for m in modules)]
+    if unknown:
+        raise ValueError(
+            f"lora.targets: {', '.join(map(repr, unknown))} is not a dense layer of the "
+            f"{cfg.family} family; valid: {', '.join(valid_targets(cfg))}"
+        )
+    return tuple(m for m in modules if any(_matches(m, t) for t in spec.targets))
+
+
+def target_names(cfg: GPTConfig, chosen: Sequence[Module]) -> list[str]:
+    """The fewest names that select exactly `chosen` (PEFT's `target_modules`): a layer's
+    own name where every layer of that name is chosen, else its qualified name."""
+    modules = layer_modules(cfg)
+    chosen_names = {m.name for m in chosen}
+    names: list[str] = []
+    for m in modules:
+        if m.name not in chosen_names:
+            continue
+        namesakes = {s.name for s in modules if s.short_name == m.short_name}
+        name = m.short_name if namesakes <= chosen_names else m.name
+        if name not in names:
+            names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class _Site(NamedTuple):
+    """Where one adapted layer's adapters live: the module, its path in the params (the
+    kernel's parent), and its layer index, or None for a stack of all layers."""
+
+    module: Module
+    path: tuple[str, ...]
+    layer: int | None
+
+
+def _sites(cfg: GPTConfig, modules: Sequence[Module]) -> Iterator[_Site]:
+    layers = cfg.names.layers
+    for m in modules:
+        if cfg.scan_layers:
+            yield _Site(m, (layers, *m.path), None)
+        else:
+            for i in range(cfg.n_layers):
+                yield _Site(m, (f"{layers}_{i}", *m.path), i)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(cfg: GPTConfig) -> dict:
+    """The model's params as shapes with logical axis names (boxed), from `eval_shape`."""
+    from sft_jax.model import GPT
+
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(GPT(cfg).init, jax.random.key(0), tokens)["params"]
+
+
+def _kernel(cfg: GPTConfig, site: _Site) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
+    """(shape, logical axis names) of the kernel at `site`."""
+    boxed = get_path(_abstract_params(cfg), (*site.path, "kernel"))
+    return tuple(boxed.value.shape), tuple(boxed.names)
+
+
+def _adapter_layout(cfg: GPTConfig, site: _Site, rank: int):
+    """((shape, axes) of A, (shape, axes) of B) at `site`: A [*lead, *in, r],
+    B [*lead, r, *out], with lead the layers axis of a stacked kernel."""
+    shape, axes = _kernel(cfg, site)
+    lead = 1 if site.layer is None else 0
+    split = lead + site.module.in_dims
+    a = ((*shape[:split], rank), (*axes[:split], RANK_AXIS))
+    b = ((*shape[:lead], rank, *shape[split:]), (*axes[:lead], RANK_AXIS, *axes[split:]))
+    return a, b
+
+
+def _layer_shapes(cfg: GPTConfig, module: Module, rank: int):
+    """(A's shape, B's shape) of one layer's adapters on `module`."""
+    site = next(_sites(cfg, [module]))
+    (a_shape, _), (b_shape, _) = _adapter_layout(cfg, site, rank)
+    lead = 1 if site.layer is None else 0
+    return a_shape[lead:], b_shape[lead:]
+
+
+def _set(tree: dict, path: Sequence[str], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def adapter_axes(cfg: GPTConfig, spec: LoraSpec) -> dict:
+    """The adapters' tree with each leaf the tuple of its logical axis names: the kernel's,
+    with `lora_rank` (replicated) for the rank: A ("layers", "embed", "lora_rank"),
+    B ("layers", "lora_rank", "heads", "head_dim") for q_proj."""
+    tree: dict = {}
+    for site in _sites(cfg, resolve_targets(cfg, spec)):
+        (_, a_axes), (_, b_axes) = _adapter_layout(cfg, site, spec.rank)
+        _set(tree, (*site.path, "lora_a"), a_axes)
+        _set(tree, (*site.path, "lora_b"), b_axes)
+    return tree
+
+
+def init_adapters(cfg: GPTConfig, spec: LoraSpec, key: Array) -> dict:
+    """Fresh float32 adapters as PEFT makes them: A Kaiming-uniform (torch's
+    `kaiming_uniform_(a=√5)`: U(±1/√fan_in), fan_in = the layer's input size), or normal
+    with std 1/r ("gaussian"); B zero, so the adapted model starts as the base model."""
+    if not spec.enabled:
+        raise ValueError("lora.rank: 0 (LoRA off) has no adapters to initialise")
+    tree: dict = {}
+    for i, site in enumerate(_sites(cfg, resolve_targets(cfg, spec))):
+        (a_shape, _), (b_shape, _) = _adapter_layout(cfg, site, spec.rank)
+        k = jax.random.fold_in(key, i)
+        if spec.init == "kaiming":
+            bound = 1.0 / math.sqrt(math.prod(a_shape[-1 - site.module.in_dims : -1]))
+            a = jax.random.uniform(k, a_shape, jnp.float32, -bound, bound)
+        else:
+            a = jax.random.normal(k, a_shape, jnp.float32) / spec.rank
+        _set(tree, (*site.path, "lora_a"), a)
+        _set(tree, (*site.path, "lora_b"), jnp.zeros(b_shape, jnp.float32))
+    return tree
+
+
+def lora_output(x: Array, lora_a: Array, lora_b: Array, scale: float, in_dims: int = 1) -> Array:
+    """scale·(x·A)·B, the adapter's part of a dense layer's output: x [..., *in] →
+    [..., *out], in x's dtype. (PEFT applies dropout to x first, in training.)"""
+    h = dense_matmul(x, lora_a.astype(x.dtype), in_dims)  # [..., r]
+    return scale * dense_matmul(h, lora_b.astype(x.dtype), 1)
+
+
+def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:
+    """W + scale·A·B in float32, returned in W's dtype (PEFT's merge). Stacked layers
+    (a leading layers axis on all three) merge layer by layer."""
+    lead = lora_a.ndim + lora_b.ndim - 2 - kernel.ndim  # 1 for stacked layers, else 0
+    rank = lora_a.shape[-1]
+    a = jnp.reshape(lora_a, (*lora_a.shape[:lead], -1, rank)).astype(jnp.float32)
+    b = jnp.reshape(lora_b, (*lora_b.shape[: lead + 1], -1)).astype(jnp.float32)
+    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [*lead, in, out]
+    merged = jnp.asarray(kernel, jnp.float32) + scale * delta.reshape(kernel.shape)
+    return merged.astype(kernel.dtype)
+
+
+def merge(params: dict, adapters: dict, spec: LoraSpec) -> dict:
+    """The params with every adapted kernel replaced by W + scale·A·B: a plain model that
+    computes what the base with adapters computes. `params` is not changed."""
+
+    def walk(p, a):
+        if "lora_a" in a:
+            kernel = merged_kernel(p["kernel"], a["lora_a"], a["lora_b"], spec.scale)
+            return {**p, "kernel": kernel}
+        return {**p, **{k: walk(p[k], v) for k, v in a.items()}}
+
+    return walk(params, adapters)
+
+
+# --------------------------------------------------------------------------- PEFT folders
+
+_CONFIG = "adapter_config.json"
+_WEIGHTS = "adapter_model.safetensors"
+
+
+def _peft_name(cfg: GPTConfig, module: Module, layer: int, which: str) -> str:
+    """PEFT's tensor name (the adapter name `default` left out, as PEFT saves it)."""
+    block = f"{cfg.names.hf_prefix}{cfg.names.layers}.{layer}"
+    return f"base_model.model.{block}.{module.name}.lora_{which}.weight"
+
+
+def _layer_adapters(cfg: GPTConfig, adapters: dict, module: Module, layer: int):
+    """(A, B) of one layer as numpy on process 0, (None, None) on the others (collective)."""
+    site = next(s for s in _sites(cfg, [module]) if s.layer in (None, layer))
+    index = layer if site.layer is None else None  # a stacked leaf, or this layer's own
+    a, b = (get_path(adapters, (*site.path, f"lora_{w}")) for w in "ab")
+    return hf_sharded.to_host(a, index), hf_sharded.to_host(b, index)
+
+
+def peft_config(cfg: GPTConfig, spec: LoraSpec, base_model_name_or_path: str = "") -> dict:
+    """adapter_config.json of `spec` on `cfg`'s model, as PEFT writes it."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": target_names(cfg, resolve_targets(cfg, spec)),
+        "use_rslora": spec.use_rslora,
+        "fan_in_fan_out": cfg.names.hf_kernels == "conv1d",  # GPT-2's Conv1D: W is [in, out]
+        "bias": "none",
+        "init_lora_weights": True if spec.init == "kaiming" else spec.init,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def write_peft_adapter(
+    cfg: GPTConfig, spec: LoraSpec, adapters: dict, out_dir: str, base_model_name_or_path: str = ""
+) -> str:
+    """A PEFT adapter folder (adapter_config.json, adapter_model.safetensors) that
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads. Every process must call it
+    (gathering sharded adapters is collective); process 0 writes."""
+    out = epath.Path(out_dir)
+    tensors: dict[str, np.ndarray] = {}
+    for m in resolve_targets(cfg, spec):
+        for i in range(cfg.n_layers):
+            a, b = _layer_adapters(cfg, adapters, m, i)
+            if a is None:  # not process 0
+                continue
+            # ours A [*in, r], B [r, *out] → PEFT's lora_A [r, in], lora_B [out, r]
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            tensors[_peft_name(cfg, m, i, "A")] = np.ascontiguousarray(a.reshape(-1, spec.rank).T)
+            tensors[_peft_name(cfg, m, i, "B")] = np.ascontiguousarray(b.reshape(spec.rank, -1).T)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        hf_files.write_safetensors(tensors, out / _WEIGHTS)
+        hf_files.write_json(peft_config(cfg, spec, base_model_name_or_path), out / _CONFIG)
+    return out_dir
+
+
+class PeftAdapter(NamedTuple):
+    """A PEFT adapter folder as ours: its spec, adapters (numpy float32) and base model."""
+
+    spec: LoraSpec
+    adapters: dict
+    base_model_name_or_path: str
+
+
+# adapter_config.json settings this reader cannot honour, and the value that it can.
+_UNSUPPORTED = {
+    "use_dora": False,
+    "bias": "none",
+    "lora_bias": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "exclude_modules": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+}
+
+
+def _read_peft_config(folder: epath.Path) -> dict:
+    path = folder / _CONFIG
+    if not path.exists():
+        raise ValueError(f"{folder}: no {_CONFIG}; not a PEFT adapter folder")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; only LORA is supported")
+    for key, ok in _UNSUPPORTED.items():
+        if config.get(key, ok) not in (ok, None, [], {}):
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported (want {ok!r})")
+    return config
+
+
+def _read_weights(folder: epath.Path) -> dict[str, np.ndarray]:
+    path = folder / _WEIGHTS
+    if not path.exists():
+        found = ", ".join(sorted(p.name for p in folder.iterdir()))
+        raise ValueError(
+            f"{folder}: no {_WEIGHTS} (found: {found}); save the adapter with "
+            "safe_serialization=True (PEFT's default)"
+        )
+    from safetensors.numpy import load
+
+    return load(path.read_bytes())
+
+
+def _adapted_layers(cfg: GPTConfig, module: Module, tensors: dict) -> list[bool]:
+    return [_peft_name(cfg, module, i, "A") in tensors for i in range(cfg.n_layers)]
+
+
+def _present_modules(cfg: GPTConfig, tensors: dict, folder) -> tuple[Module, ...]:
+    """The layers the folder adapts (every block, or it is refused); unknown tensors too."""
+    present = []
+    for m in layer_modules(cfg):
+        layers = _adapted_layers(cfg, m, tensors)
+        if any(layers) and not all(layers):
+            missing = [i for i, there in enumerate(layers) if not there]
+            raise ValueError(f"{folder}: {m.name} is adapted in some layers but not {missing}")
+        if all(layers):
+            present.append(m)
+    known = {_peft_name(cfg, m, i, w) for m in present for i in range(cfg.n_layers) for w in "AB"}
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        raise ValueError(
+            f"{folder}: tensors {unknown[:4]} are not LoRA adapters of a {cfg.family} block's "
+            f"dense layers ({', '.join(m.name for m in layer_modules(cfg))})"
+        )
+    if not present:
+        raise ValueError(f"{folder}: no LoRA tensors for a {cfg.family} model")
+    return tuple(present)
+
+
+def _to_ours(tensors: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """PEFT's lora_A [r, in] or lora_B [out, r] as ours of `shape` ([*in, r] or [r, *out])."""
+    is_a = name.endswith("lora_A.weight")
+    rank, rest = (shape[-1], math.prod(shape[:-1])) if is_a else (shape[0], math.prod(shape[1:]))
+    want = (rank, rest) if is_a else (rest, rank)
+    got = tensors[name].shape
+    if tuple(got) != want:
+        raise ValueError(f"{name}: shape {tuple(got)}, expected {want} (r={rank})")
+    return np.asarray(tensors[name], np.float32).T.reshape(shape)
+
+
+def read_peft_adapter(folder: str, cfg: GPTConfig) -> PeftAdapter:
+    """A PEFT LoRA adapter folder for the model `cfg` (its base) as our spec and adapters
+    (stacked per `cfg.scan_layers`). Settings this code cannot reproduce (DoRA, biases,
+    per-layer ranks, modules_to_save, some layers only) are refused by name."""
+    path = epath.Path(folder)
+    config = _read_peft_config(path)
+    tensors = _read_weights(path)
+    modules = _present_modules(cfg, tensors, folder)
+    spec = LoraSpec(
+        rank=int(config["r"]),
+        alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        targets=tuple(target_names(cfg, modules)),
+        use_rslora=bool(config.get("use_rslora", False)),
+    )
+    adapters: dict = {}
+    for m in modules:
+        for which, shape in zip("ab", _layer_shapes(cfg, m, spec.rank), strict=True):
+            names = [_peft_name(cfg, m, i, which.upper()) for i in range(cfg.n_layers)]
+            per_layer = [_to_ours(tensors, name, shape) for name in names]
+            for site in _sites(cfg, [m]):
+                value = np.stack(per_layer) if site.layer is None else per_layer[site.layer]
+                _set(adapters, (*site.path, f"lora_{which}"), value)
+    return PeftAdapter(spec, adapters, config.get("base_model_name_or_path") or "")
