@@ -61,6 +61,12 @@ class Family:
     hf_prefix: str  # of every HF tensor name but lm_head's
     hf_kernels: str  # "conv1d" (GPT-2's Conv1D: [in, out], as ours) | "linear" ([out, in])
     hf_architecture: str  # config.json's "architectures"
+    # Optional parts ("" = the family has none): per-head norms on q and k (under `attn`),
+    # and the sandwich norms on the attention output and on the MLP output.
+    q_norm: str = ""
+    k_norm: str = ""
+    attn_out_norm: str = ""
+    mlp_out_norm: str = ""
 
 
 _LLAMA_NAMES = Family(
@@ -78,6 +84,18 @@ _LLAMA_NAMES = Family(
     hf_kernels="linear",
     hf_architecture="LlamaForCausalLM",
 )
+
+# Gemma's four norms per block: input_layernorm before attention, post_attention_layernorm
+# ON the attention output (not before the MLP, as Llama's of the same name), then
+# pre_feedforward_layernorm and post_feedforward_layernorm around the MLP.
+_GEMMA_NAMES = dataclasses.replace(
+    _LLAMA_NAMES,
+    norm_2="pre_feedforward_layernorm",
+    attn_out_norm="post_attention_layernorm",
+    mlp_out_norm="post_feedforward_layernorm",
+    hf_architecture="Gemma2ForCausalLM",
+)
+_QK_NORMS = dict(q_norm="q_norm", k_norm="k_norm")
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
@@ -97,6 +115,10 @@ FAMILIES: dict[str, Family] = {
     ),
     "llama": _LLAMA_NAMES,
     "qwen2": dataclasses.replace(_LLAMA_NAMES, hf_architecture="Qwen2ForCausalLM"),
+    "qwen3": dataclasses.replace(_LLAMA_NAMES, hf_architecture="Qwen3ForCausalLM", **_QK_NORMS),
+    "mistral": dataclasses.replace(_LLAMA_NAMES, hf_architecture="MistralForCausalLM"),
+    "gemma2": _GEMMA_NAMES,
+    "gemma3": dataclasses.replace(_GEMMA_NAMES, hf_architecture="Gemma3ForCausalLM", **_QK_NORMS),
 }
 
 
@@ -173,6 +195,38 @@ class GPTConfig:
                 f"model: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                 "set head_dim explicitly"
             )
+        self._check_family_parts()
+        self._check_attention_fields()
+
+    def _check_family_parts(self) -> None:
+        """q/k norms and sandwich norms exist exactly where the family names them."""
+        names = FAMILIES[self.family]
+        for field, name in (("qk_norm", names.q_norm), ("sandwich_norms", names.attn_out_norm)):
+            if getattr(self, field) != bool(name):
+                raise ValueError(
+                    f"model: {field}={getattr(self, field)} does not fit the {self.family} "
+                    f"family, which {'has' if name else 'has no'} such norms; set "
+                    f"{field}={bool(name)} or another family"
+                )
+
+    def _check_attention_fields(self) -> None:
+        for field in ("sliding_window", "global_every", "query_pre_attn_scalar"):
+            _check(getattr(self, field) >= 0, field, getattr(self, field))
+        for field in ("attn_softcap", "final_softcap", "rope_local_theta"):
+            _check(getattr(self, field) >= 0, field, getattr(self, field))
+        _check(self.rope_linear_factor > 0, "rope_linear_factor", self.rope_linear_factor)
+        if self.global_every and not self.sliding_window:
+            raise ValueError(
+                f"model: global_every={self.global_every} needs a sliding_window (the other "
+                "layers' window); set sliding_window or global_every=0"
+            )
+        rope_only = ("rope_local_theta", "rope_linear_factor", "rope_llama3_scaling")
+        if self.positions != "rope" and any(getattr(self, f) != _DEFAULTS[f] for f in rope_only):
+            raise ValueError(f"model: {', '.join(rope_only)} need positions='rope'")
+        if self.rope_llama3_scaling and self.rope_linear_factor != 1.0:
+            raise ValueError(
+                "model: rope_llama3_scaling and rope_linear_factor are two RoPE scalings; set one"
+            )
 
     @property
     def dim_per_head(self) -> int:
@@ -192,13 +246,24 @@ class GPTConfig:
             )
         return dataclasses.replace(PRESETS[name], **overrides)
 
+    @property
+    def local_layers(self) -> tuple[bool, ...]:
+        """Which layers attend through the sliding window (HF's "sliding_attention"): all
+        of them with a window and no `global_every`, else all but every N-th."""
+        every = self.global_every
+        return tuple(
+            bool(self.sliding_window) and not (every and (i + 1) % every == 0)
+            for i in range(self.n_layers)
+        )
+
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count from the shapes (no arrays allocated)."""
         d, f, hd = self.d_model, self.d_ff, self.dim_per_head
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
         attn = d * (q + 2 * kv) + q * d
-        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
-        norms = (2 if self.bias else 1) * d * 2
+        mlp = (2 if self.mlp == "gelu" else 3) * d * f
+        norms = (2 if self.bias else 1) * d * (4 if self.sandwich_norms else 2)
+        norms += 2 * hd if self.qk_norm else 0
         biases = 0
         if self.bias:
             biases = (q + 2 * kv) + d + f + d
@@ -216,11 +281,17 @@ class GPTConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention
-        scores and values, counted once for the causal half (2·2·T·q_dim per layer, ×3)."""
+        scores and values over the keys each query sees (2·2·keys·q_dim per layer, ×3):
+        the causal half of the row, or a local layer's window."""
         matmul = 6 * (self.num_params(include_embeddings=False) + self.vocab_size * self.d_model)
         if not self.tie_embeddings:
             matmul -= 6 * self.vocab_size * self.d_model  # already counted as a weight
-        attention = 6 * self.n_layers * seq_len * self.n_heads * self.dim_per_head
+        # Keys per query, on average: half the row under the causal mask, or within the
+        # window (all of the first `window` queries' keys, then `window` each).
+        w, t = self.sliding_window, seq_len
+        local_keys = t / 2 if not w or w >= t else w - w * w / (2 * t)
+        keys = sum(local_keys if local else t / 2 for local in self.local_layers)
+        attention = 12 * keys * self.n_heads * self.dim_per_head
         return float(matmul + attention)
 
 
@@ -229,10 +300,20 @@ def _check(ok: bool, field: str, value: Any) -> None:
         raise ValueError(f"model: invalid {field}={value!r}")
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+
+
 _GPT2 = dict(
     family="gpt2", positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True
 )
-_LLAMA = dict(family="llama", positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+_ROPE_SWIGLU = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+_LLAMA = dict(family="llama", **_ROPE_SWIGLU)
+_LLAMA31_ROPE = (8.0, 1.0, 4.0, 8192)  # factor, low and high frequency factors, context
+# Gemma 2 and 3: (1 + w) RMSNorms, four per block, GeGLU, embeddings × sqrt(d_model).
+_GEMMA = dict(
+    positions="rope", norm="rmsnorm", mlp="geglu", bias=False, norm_eps=1e-6,
+    norm_plus_one=True, sandwich_norms=True, embed_scale=True, tie_embeddings=True,
+)  # fmt: skip
 
 PRESETS: dict[str, GPTConfig] = {
     "gpt2": GPTConfig(**_GPT2),
@@ -255,6 +336,141 @@ PRESETS: dict[str, GPTConfig] = {
         rope_theta=100000.0,
         tie_embeddings=True,
         **_LLAMA,
+    ),
+    # Published shapes (each model's config.json), for planning and eval_shape tests; the
+    # parameter counts are checked against the published ones in tests/test_model.py.
+    "qwen3-0.6b": GPTConfig(
+        family="qwen3",
+        vocab_size=151936,
+        max_seq_len=40960,
+        d_model=1024,
+        n_layers=28,
+        n_heads=16,
+        n_kv_heads=8,
+        d_ff=3072,
+        head_dim=128,
+        qk_norm=True,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_embeddings=True,
+        **_ROPE_SWIGLU,
+    ),
+    "qwen3-8b": GPTConfig(
+        family="qwen3",
+        vocab_size=151936,
+        max_seq_len=40960,
+        d_model=4096,
+        n_layers=36,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=12288,
+        head_dim=128,
+        qk_norm=True,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_embeddings=False,
+        **_ROPE_SWIGLU,
+    ),
+    # v0.3: no sliding window (v0.1's was 4096: sliding_window=4096 gives that one).
+    "mistral-7b": GPTConfig(
+        family="mistral",
+        vocab_size=32768,
+        max_seq_len=32768,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=14336,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+        tie_embeddings=False,
+        **_ROPE_SWIGLU,
+    ),
+    "llama3.1-8b": GPTConfig(
+        family="llama",
+        vocab_size=128256,
+        max_seq_len=131072,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=14336,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_llama3_scaling=_LLAMA31_ROPE,
+        tie_embeddings=False,
+        **_ROPE_SWIGLU,
+    ),
+    "llama3.1-70b": GPTConfig(
+        family="llama",
+        vocab_size=128256,
+        max_seq_len=131072,
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        d_ff=28672,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_llama3_scaling=_LLAMA31_ROPE,
+        tie_embeddings=False,
+        **_ROPE_SWIGLU,
+    ),
+    "gemma2-2b": GPTConfig(
+        family="gemma2",
+        vocab_size=256000,
+        max_seq_len=8192,
+        d_model=2304,
+        n_layers=26,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=9216,
+        head_dim=256,
+        rope_theta=10000.0,
+        query_pre_attn_scalar=256,
+        attn_softcap=50.0,
+        final_softcap=30.0,
+        sliding_window=4096,
+        global_every=2,
+        **_GEMMA,
+    ),
+    "gemma3-1b": GPTConfig(
+        family="gemma3",
+        vocab_size=262144,
+        max_seq_len=32768,
+        d_model=1152,
+        n_layers=26,
+        n_heads=4,
+        n_kv_heads=1,
+        d_ff=6912,
+        head_dim=256,
+        qk_norm=True,
+        rope_theta=1e6,
+        rope_local_theta=10000.0,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        global_every=6,
+        **_GEMMA,
+    ),
+    # The text part of Gemma 3 4B (its vision tower and projector are not imported).
+    "gemma3-4b": GPTConfig(
+        family="gemma3",
+        vocab_size=262208,
+        max_seq_len=131072,
+        d_model=2560,
+        n_layers=34,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=10240,
+        head_dim=256,
+        qk_norm=True,
+        rope_theta=1e6,
+        rope_local_theta=10000.0,
+        rope_linear_factor=8.0,
+        query_pre_attn_scalar=256,
+        sliding_window=1024,
+        global_every=6,
+        **_GEMMA,
     ),
     # Tiny models for tests and CPU demos; the GPT-2 one uses the real GPT-2 vocabulary.
     "tiny": GPTConfig(
@@ -293,6 +509,16 @@ def gelu(x: Array) -> Array:
 def swiglu(gate: Array, up: Array) -> Array:
     """Llama's gated MLP activation."""
     return jax.nn.silu(gate) * up
+
+
+def geglu(gate: Array, up: Array) -> Array:
+    """Gemma's gated MLP activation: the tanh GELU of the gate times up."""
+    return gelu(gate) * up
+
+
+def softcap(x: Array, cap: float) -> Array:
+    """cap · tanh(x / cap) (Gemma's soft cap), x itself for cap = 0."""
+    return cap * jnp.tanh(x / cap) if cap else x
 
 
 def recompute_input(apply: Callable) -> Callable:
@@ -342,13 +568,15 @@ class Dense(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm (GPT-2) or RMSNorm (Llama), statistics in float32."""
+    """LayerNorm (GPT-2) or RMSNorm (Llama) over the last axis, statistics in float32;
+    `plus_one` (Gemma) scales by 1 + w with w initialised to 0."""
 
     kind: str
     eps: float
     use_bias: bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -357,8 +585,9 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        scale = self.param("scale", _param(nn.initializers.ones, "norm"), (d,), self.param_dtype)
-        y = y * scale.astype(jnp.float32)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", _param(init, "norm"), (d,), self.param_dtype)
+        y = y * (scale.astype(jnp.float32) + (1.0 if self.plus_one else 0.0))
         if self.use_bias:
             bias = self.param("bias", _param(nn.initializers.zeros, "norm"), (d,), self.param_dtype)
             y = y + bias.astype(jnp.float32)
@@ -367,7 +596,7 @@ class Norm(nn.Module):
 
 def _norm(cfg: GPTConfig, name: str) -> Norm:
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dt, pdt, name=name)
+    return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dt, pdt, cfg.norm_plus_one, name=name)
 
 
 def _dense(cfg: GPTConfig, features, kernel_axes, use_bias, name: str, in_dims: int = 1):
@@ -375,12 +604,15 @@ def _dense(cfg: GPTConfig, features, kernel_axes, use_bias, name: str, in_dims: 
     return Dense(features, kernel_axes, use_bias, in_dims, dt, pdt, name=name)
 
 
-def rope_frequencies(cfg: GPTConfig) -> Array:
-    """Inverse frequencies [head_dim // 2] of RoPE, with Llama 3 scaling when configured."""
+def rope_frequencies(cfg: GPTConfig, local: bool = False) -> Array:
+    """Inverse frequencies [head_dim // 2] of RoPE, with Llama 3 or linear scaling when
+    configured; `local` layers with their own base (`rope_local_theta`) are unscaled."""
     half = cfg.dim_per_head // 2
+    if local and cfg.rope_local_theta:
+        return 1.0 / (cfg.rope_local_theta ** (jnp.arange(half, dtype=jnp.float32) / half))
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half))
     if not cfg.rope_llama3_scaling:
-        return inv_freq
+        return inv_freq / cfg.rope_linear_factor
     factor, low, high, original = cfg.rope_llama3_scaling
     # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     wavelen = 2 * math.pi / inv_freq
@@ -438,13 +670,44 @@ def init_cache(cfg: GPTConfig, batch: int, slots: int) -> dict[str, Array]:
     }
 
 
+def _select(local: bool | Array, if_local: Callable, if_global: Callable, *args):
+    """if_local(*args) or if_global(*args): chosen while tracing for a Python bool (an
+    unrolled layer, or every layer alike), else by `lax.cond` on the scanned flag, which
+    compiles both once for the whole scan."""
+    if isinstance(local, bool):
+        return (if_local if local else if_global)(*args)
+    return jax.lax.cond(local, if_local, if_global, *args)
+
+
+def _rope_frequencies(cfg: GPTConfig, local: bool | Array) -> Array:
+    if not cfg.rope_local_theta:
+        return rope_frequencies(cfg)
+    if isinstance(local, bool):
+        return rope_frequencies(cfg, local)
+    return jnp.where(local, rope_frequencies(cfg, True), rope_frequencies(cfg))
+
+
+def _attend(cfg: GPTConfig, local: bool | Array, q, k, v, **kwargs) -> Array:
+    """`kernels.attention` with the model's score scale and soft cap, through the sliding
+    window on local layers."""
+    scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
+
+    def call(window: int) -> Callable:
+        return lambda q, k, v: kernels.attention(
+            q, k, v, scale=scale, window=window, softcap=cfg.attn_softcap, **kwargs
+        )
+
+    return _select(local, call(cfg.sliding_window), call(0), q, k, v)
+
+
 class Attention(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, segment_ids: Array, cache=None):
+    def __call__(self, x: Array, positions: Array, segment_ids: Array, cache=None, local=False):
         """cache: None (training) or (k, v, key_segment_ids, slot) of this layer; then
-        returns (out, (k, v)) with this call's keys and values written at `slot`."""
+        returns (out, (k, v)) with this call's keys and values written at `slot`.
+        local: whether this layer is local (`_select`: a bool or a traced flag)."""
         cfg, names = self.cfg, self.cfg.names
         hd = cfg.dim_per_head
         if len(names.qkv) == 1:
@@ -459,20 +722,23 @@ class Attention(nn.Module):
             q = _dense(cfg, (cfg.n_heads, hd), q_axes, qkv_bias, q_name)(x)
             k = _dense(cfg, (cfg.n_kv_heads, hd), kv_axes, qkv_bias, k_name)(x)
             v = _dense(cfg, (cfg.n_kv_heads, hd), kv_axes, qkv_bias, v_name)(x)
+        if cfg.qk_norm:  # over head_dim, per head, before RoPE
+            q, k = _norm(cfg, names.q_norm)(q), _norm(cfg, names.k_norm)(k)
         if cfg.positions == "rope":
-            inv_freq = rope_frequencies(cfg)
+            inv_freq = _rope_frequencies(cfg, local)
             q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         if cache is None:
-            out = kernels.attention(q, k, v, segment_ids=segment_ids, implementation=cfg.attention)
+            out = _attend(cfg, local, q, k, v, segment_ids=segment_ids,
+                          implementation=cfg.attention)  # fmt: skip
             new_cache = None
         else:
             cache_k, cache_v, key_segment_ids, slot = cache  # [batch, slots, kv_heads, hd]
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
             new_cache = (k, v)
-            out = kernels.attention(
-                q, k, v, segment_ids=segment_ids, key_segment_ids=key_segment_ids,
+            out = _attend(
+                cfg, local, q, k, v, segment_ids=segment_ids, key_segment_ids=key_segment_ids,
                 query_offset=slot,
             )  # fmt: skip
         # [batch, seq, heads, head_dim] → [batch, seq, d_model]
@@ -482,8 +748,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """c_proj(gelu(c_fc(x))) (GPT-2), or down_proj(swiglu(gate_proj(x), up_proj(x))) (Llama),
-    with the activation recomputed in the backward pass (`with_recomputed_activation`)."""
+    """c_proj(gelu(c_fc(x))) (GPT-2), or down_proj(swiglu(gate_proj(x), up_proj(x))) (Llama;
+    geglu for Gemma), with the activation recomputed in the backward pass
+    (`with_recomputed_activation`)."""
 
     cfg: GPTConfig
 
@@ -500,31 +767,42 @@ class MLP(nn.Module):
             (fc,) = names.mlp_in
             return with_recomputed_activation(down, gelu)(into(fc))
         gate, up = names.mlp_in
-        return with_recomputed_activation(down, swiglu)(into(gate), into(up))
+        activation = swiglu if cfg.mlp == "swiglu" else geglu
+        return with_recomputed_activation(down, activation)(into(gate), into(up))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. Signature fits `nn.scan`: (carry, broadcast…, scanned)
-    → (carry, scanned out): the layer's KV cache goes in and out as the scanned part.
-    `decode`: None (training) or (key_segment_ids, slot) of the cache."""
+    """Pre-norm transformer block (with sandwich norms: the attention and MLP outputs
+    normed too, Gemma). Signature fits `nn.scan`: (carry, broadcast…, scanned…) → (carry,
+    scanned out): the layer's KV cache goes in and out as a scanned part, and so does the
+    flag `local_flag` when layers differ (Gemma's local and global layers: the params stay
+    one stack and one block is compiled). `decode`: None (training) or (key_segment_ids,
+    slot) of the cache. `local`: this layer's kind when known while tracing (unrolled
+    layers, or all alike), None to read `local_flag`."""
 
     cfg: GPTConfig
     deterministic: bool = True
+    local: bool | None = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, decode=None, layer_cache=None):
+    def __call__(self, x, positions, segment_ids, decode=None, layer_cache=None, local_flag=None):
         cfg, names = self.cfg, self.cfg.names
+        local = self.local if self.local is not None else local_flag
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h = _norm(cfg, names.norm_1)(x)
         attention = Attention(cfg, name=names.attn)
         new_cache = None
         if layer_cache is None:
-            h = attention(h, positions, segment_ids)
+            h = attention(h, positions, segment_ids, local=local)
         else:
-            h, new_cache = attention(h, positions, segment_ids, (*layer_cache, *decode))
+            h, new_cache = attention(h, positions, segment_ids, (*layer_cache, *decode), local)
+        if cfg.sandwich_norms:
+            h = _norm(cfg, names.attn_out_norm)(h)
         x = x + drop(h)
-        h = _norm(cfg, names.norm_2)(x)
-        x = x + drop(MLP(cfg, name="mlp")(h))
+        h = MLP(cfg, name="mlp")(_norm(cfg, names.norm_2)(x))
+        if cfg.sandwich_norms:
+            h = _norm(cfg, names.mlp_out_norm)(h)
+        x = x + drop(h)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, new_cache
 
@@ -599,6 +877,8 @@ class GPT(nn.Module):
             name=names.embed,
         )
         x = embed(tokens)  # [batch, seq, d_model]
+        if cfg.embed_scale:  # the factor rounded to the compute dtype first, as in HF
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
         if cfg.positions == "learned":
             wpe = self.param(
                 "wpe",
@@ -611,23 +891,27 @@ class GPT(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         block = _block_class(cfg)
+        local = cfg.local_layers
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
             )
-            x, new_caches = stack(cfg, deterministic, name=names.layers)(
-                x, positions, segment_ids, decode, layer_caches
-            )
+            alike = len(set(local)) == 1
+            flags = None if alike else jnp.asarray(local)  # [layers] bool, scanned
+            x, new_caches = stack(cfg, deterministic, local[0] if alike else None,
+                                  name=names.layers)(
+                x, positions, segment_ids, decode, layer_caches, flags
+            )  # fmt: skip
         else:
             outs = []
             for i in range(cfg.n_layers):
                 layer = None if cache is None else tuple(c[i] for c in layer_caches)
-                x, out = block(cfg, deterministic, name=f"{names.layers}_{i}")(
+                x, out = block(cfg, deterministic, local[i], name=f"{names.layers}_{i}")(
                     x, positions, segment_ids, decode, layer
                 )
                 outs.append(out)
@@ -643,7 +927,7 @@ class GPT(nn.Module):
         else:
             out = _dense(cfg, (cfg.vocab_size,), ("embed", "vocab"), False, "lm_head")(x)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_vocab"))
-        out = out.astype(jnp.float32)
+        out = softcap(out.astype(jnp.float32), cfg.final_softcap)
         if cache is None:
             return out
         new_k, new_v = new_caches

@@ -176,8 +176,16 @@ def test_bad_config_messages_name_the_field():
         GPTConfig.preset("tiny-llama", n_kv_heads=3)
     with pytest.raises(ValueError, match="model.preset"):
         GPTConfig.preset("gpt5")
-    with pytest.raises(ValueError, match="invalid family='mistral'"):
-        GPTConfig.preset("tiny-llama", family="mistral")
+    with pytest.raises(ValueError, match="invalid family='falcon'"):
+        GPTConfig.preset("tiny-llama", family="falcon")
+    with pytest.raises(ValueError, match="qk_norm=False does not fit the qwen3 family"):
+        GPTConfig.preset("tiny-llama", family="qwen3")
+    with pytest.raises(ValueError, match="sandwich_norms=True does not fit the llama family"):
+        GPTConfig.preset("tiny-llama", sandwich_norms=True)
+    with pytest.raises(ValueError, match="global_every=2 needs a sliding_window"):
+        GPTConfig.preset("tiny-llama", global_every=2)
+    with pytest.raises(ValueError, match="need positions='rope'"):
+        GPTConfig.preset("tiny", rope_local_theta=100.0)
     with pytest.raises(ValueError, match="invalid remat='attention'"):
         GPTConfig.preset("tiny", remat="attention")
     with pytest.raises(ValueError, match="gpt2 family has no grouped-query attention"):

@@ -1,0 +1,229 @@
+"""Qwen3, Mistral, Gemma 2 and Gemma 3 against transformers itself: tiny random models built
+from each family's transformers config class, with odd sizes (head_dim ≠ d_model / n_heads,
+grouped-query attention, tied and untied heads) and, where the family has them, sliding
+windows shorter than the sequences, local and global layers, and soft caps.
+
+One module-scoped fixture per family builds the transformers model and saves it once."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from sft_jax import hf, steps
+from sft_jax.generate import Generator, Sampling
+from sft_jax.model import GPT
+
+VOCAB = 160
+SEQ = 12  # longer than every window below
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6,
+)  # fmt: skip
+
+
+def _qwen3():
+    config = transformers.Qwen3Config(
+        **COMMON, num_hidden_layers=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )  # fmt: skip
+    return transformers.Qwen3ForCausalLM(config)
+
+
+def _mistral():
+    config = transformers.MistralConfig(
+        **COMMON, num_hidden_layers=2, tie_word_embeddings=True, sliding_window=5
+    )
+    return transformers.MistralForCausalLM(config)
+
+
+def _gemma2():
+    # Local, global, local, global; soft caps small enough to bend the scores and logits.
+    config = transformers.Gemma2Config(
+        **COMMON, num_hidden_layers=4, tie_word_embeddings=True, sliding_window=4,
+        query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def _gemma3():
+    # Every 3rd layer global, with linearly scaled RoPE; the local ones with their own base.
+    config = transformers.Gemma3TextConfig(
+        **COMMON, num_hidden_layers=3, tie_word_embeddings=False, sliding_window=4,
+        query_pre_attn_scalar=20, layer_types=["sliding_attention"] * 2 + ["full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        },
+        attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.Gemma3ForCausalLM(config)
+
+
+BUILDERS = {"qwen3": _qwen3, "mistral": _mistral, "gemma2": _gemma2, "gemma3": _gemma3}
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, (2, SEQ))
+    mask = np.ones((2, SEQ), np.int64)
+    mask[1, 9:] = 0  # right padding in the second row
+    return tokens, mask
+
+
+def _torch_logits(model, tokens, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
+    return out.logits.float().numpy()
+
+
+def _our_logits(cfg, params, tokens, segment_ids, positions=None):
+    return np.asarray(
+        GPT(cfg).apply(
+            {"params": params},
+            jnp.asarray(tokens),
+            segment_ids=jnp.asarray(segment_ids),
+            positions=None if positions is None else jnp.asarray(positions),
+        )  # fmt: skip
+    )
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def family(request, tmp_path_factory):
+    """(name, transformers model, its folder, its logits on `_batch()`)."""
+    torch.manual_seed(0)
+    model = BUILDERS[request.param]()
+    # Random init leaves the norms at 1 (or 0 for Gemma's 1 + w): perturb every tensor.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    folder = str(tmp_path_factory.mktemp(request.param))
+    model.save_pretrained(folder)
+    tokens, mask = _batch()
+    return request.param, model, folder, _torch_logits(model, tokens, mask)
+
+
+def test_config_is_the_family_s(family):
+    name, model, folder, _ = family
+    cfg = hf.load_config(folder)
+    assert cfg.family == name
+    assert cfg.dim_per_head == 16 and cfg.d_model == 48 and cfg.n_kv_heads == 2
+    assert cfg.tie_embeddings == model.config.tie_word_embeddings
+    local = [t == "sliding_attention" for t in getattr(model.config, "layer_types", None) or []]
+    if name == "mistral":
+        local = [True] * cfg.n_layers
+    assert list(cfg.local_layers) == (local or [False] * cfg.n_layers)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_imported_logits_equal_transformers(family, scan_layers):
+    _, _, folder, ref = family
+    cfg, params = hf.load_hf(folder, scan_layers=scan_layers)
+    tokens, mask = _batch()
+    real = mask.astype(bool)
+    assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
+
+
+def test_packed_row_equals_each_example_alone(family):
+    """Two examples in one row (positions restart, segment ids differ), each longer than the
+    window, give each example's own logits (computed in the same call, in rows padded with
+    segment 0)."""
+    _, _, folder, _ = family
+    cfg, params = hf.load_hf(folder)
+    tokens, _ = _batch()
+    n = 7  # the first example's length; the second's is SEQ - n
+    rows = np.zeros((3, SEQ), np.int64)
+    rows[0], rows[1, :n], rows[2, : SEQ - n] = tokens[0], tokens[0, :n], tokens[0, n:]
+    segments = np.zeros((3, SEQ), np.int64)
+    segments[0], segments[1, :n], segments[2, : SEQ - n] = [1] * n + [2] * (SEQ - n), 1, 1
+    positions = np.zeros((3, SEQ), np.int64)
+    positions[0] = np.concatenate([np.arange(n), np.arange(SEQ - n)])
+    positions[1:] = np.arange(SEQ)
+    out = _our_logits(cfg, params, rows, segments, positions)
+    np.testing.assert_allclose(out[0, :n], out[1, :n], atol=1e-5)
+    np.testing.assert_allclose(out[0, n:], out[2, : SEQ - n], atol=1e-5)
+
+
+def test_export_is_bitwise_and_reloads_in_transformers(family, tmp_path):
+    _, model, folder, ref = family
+    cfg, params = hf.load_hf(folder)
+    original = {k: v.numpy() for k, v in model.state_dict().items()}
+    exported = dict(hf.params_to_hf(cfg, params))
+    for name, tensor in exported.items():
+        np.testing.assert_array_equal(tensor, original[name], err_msg=name)
+    missing = set(original) - set(exported)
+    assert missing <= {"lm_head.weight"} and (not missing or cfg.tie_embeddings)
+    hf.save_hf(cfg, params, str(tmp_path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    reloaded.eval()
+    assert type(reloaded) is type(model)
+    tokens, mask = _batch()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)
+
+
+def _fine_tune(cfg, params, n_steps=3):
+    """A few optimizer steps of `steps.train_step` on the padded batch."""
+    model = GPT(cfg)
+    tx = optax.adam(1e-2)
+    state = steps.state_from_params(jax.tree.map(jnp.asarray, params), jax.random.key(0), tx)
+    tokens, mask = _batch()
+    batch = {
+        "tokens": jnp.asarray(tokens, jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ)),
+        "segment_ids": jnp.asarray(mask, jnp.int32),
+        "targets": jnp.asarray(np.roll(tokens, -1, axis=1), jnp.int32),
+        "loss_mask": jnp.asarray(mask, jnp.float32).at[:, -1].set(0),
+    }
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=lambda s: 0.0))
+    losses = []
+    for _ in range(n_steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state.params, losses
+
+
+def test_fine_tuned_export_gives_the_runs_logits(family, tmp_path):
+    _, model, folder, ref = family
+    cfg, params = hf.load_hf(folder)
+    tuned, losses = _fine_tune(cfg, params)
+    assert losses[-1] < losses[0]
+    hf.save_hf(cfg, tuned, str(tmp_path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    reloaded.eval()
+    tokens, mask = _batch()
+    real = mask.astype(bool)
+    ours = _our_logits(cfg, tuned, tokens, mask)
+    assert np.abs(ours[real] - ref[real]).max() > 1e-2  # the run changed the model
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ours[real], atol=1e-4)
+
+
+def test_greedy_generation_equals_transformers_past_the_window(family):
+    _, model, folder, _ = family
+    cfg, params = hf.load_hf(folder)
+    prompt = [int(t) for t in _batch()[0][0, :5]]
+    new = 10  # 15 tokens in all: past every window above
+    ours = Generator(cfg, params).generate([prompt], Sampling(max_new_tokens=new))[0]
+    with torch.no_grad():
+        theirs = model.generate(
+            torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+    assert ours == theirs
+
+
+def test_eval_shape_of_the_families_presets_counts_their_params():
+    from sft_jax.model import PRESETS
+
+    for name in ("qwen3-0.6b", "gemma2-2b", "gemma3-1b"):
+        cfg = PRESETS[name]
+        boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(boxed))) == cfg.num_params()
