@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.template_format.default_system_with_input = ""  # …and its user turn has an input
     c.data.train_on = "response"  # "response": loss on responses + their EOS only; "all": all
     c.data.assistant_turns = "all"  # conversations: train every assistant turn, or only the "last"
+    # One example per assistant turn, each its prompt as at inference then that turn (trained):
+    # "auto" where the chat template renders earlier turns differently once more follow (Qwen3),
+    # "always", or "never" (such a conversation is then an error, or skipped with on_bad_row).
+    c.data.split_turns = "auto"
     c.data.max_seq_len = 128  # tokens per row
     # Over max_seq_len: "truncate" cuts the response (its EOS is lost, counted), "drop", "error".
     c.data.too_long = "truncate"

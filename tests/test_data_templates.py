@@ -2,9 +2,13 @@
 characters are trained (⟦…⟧), and which GPT-2 tokens are trained) and user format
 templates; then the assistant spans of stock chat templates, found by rendering and
 diffing: SmolLM2's own ChatML template (from its GGUF file), Llama 3's and Qwen 2.5's stock
-templates; generation markers; templates that cannot work. Golden masks, token by token."""
+templates; generation markers; templates that cannot work. Golden masks, token by token.
+Then the new families' published templates (tests/data/templates): Qwen3's, which rewrites
+history (conversations split per assistant turn), and Gemma 2's and 3's, with a system turn."""
 
 import copy
+import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ from sft_jax.data import (
     view,
 )
 from sft_jax.data.examples import encode
-from sft_jax.data.spec import RowError
+from sft_jax.data.spec import CODES, RowError
 from sft_jax.data.templates import JinjaTemplate
 
 
@@ -430,8 +434,16 @@ def test_template_raise_exception_is_a_row_error(smol, tmp_path):
     enc = examples.make_encoder(spec, smol, templates.resolve_template(spec, smol), "messages")
     r = enc.render(enc.messages({"messages": NO_SYSTEM}))
     assert view.mark_text(r.text, r.spans) == "user: Hi\nassistant: ⟦Hello!⟧\n"
-    with pytest.raises(RowError, match=r"strict\.jinja.*must alternate"):
-        enc.render(enc.messages({"messages": MULTI}))  # A system turn breaks alternation.
+    twice = [{"role": "user", "content": "Hi"}, *NO_SYSTEM]
+    with pytest.raises(RowError, match=r"strict\.jinja.*must alternate") as e:
+        enc.render(enc.messages({"messages": twice}))
+    assert e.value.reason == "template_error"
+    # A system turn breaks its alternation too: the template refuses a system role, so the
+    # system text goes into the first user turn (as for Gemma 2, below).
+    r = enc.render(enc.messages({"messages": MULTI}))
+    assert view.mark_text(r.text, r.spans) == (
+        "user: Be brief.\n\nHi\nassistant: ⟦Hello!⟧\nuser: 2+2?\nassistant: ⟦4⟧\n"
+    )
 
 
 def test_no_chat_template_names_the_keys():
@@ -457,3 +469,153 @@ def test_prompt_cut_from_the_left_keeps_the_templates_bos(llama3):
     assert flags == examples.PROMPT_CUT and len(cut) == 33
     assert cut[0] == llama3.bos_token_id and llama3.decode(cut[cut_mask]) == "ok<|eot_id|>"
     assert llama3.decode(cut[-8:]).endswith("assistant<|end_header_id|>\n\nok<|eot_id|>")
+
+
+# ---------------------------------------------------------------- Qwen3, Gemma 2, Gemma 3
+
+STOCK = pathlib.Path(__file__).parent / "data" / "templates"  # published texts, sources inside
+THREE = [
+    *MULTI,
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6"},
+]
+THINK = "<think>\n\n</think>\n\n"  # what Qwen3's template writes before its last turn
+
+
+def _stock(tok, name: str):
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (STOCK / f"{name}.jinja").read_text(encoding="utf-8")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def qwen3(smol):
+    return _stock(smol, "qwen3")  # SmolLM2 has <|im_start|> and <|im_end|>, as Qwen3 has
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def gemma(request, tok):
+    """GPT-2's vocabulary plus Gemma's special tokens, with Gemma 2's or 3's template."""
+    g = copy.deepcopy(tok)
+    specials = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+    g.add_special_tokens({"additional_special_tokens": specials})
+    g.bos_token, g.eos_token = "<bos>", "<eos>"
+    return _stock(g, request.param)
+
+
+def test_qwen3_conversation_splits_into_one_example_per_assistant_turn(qwen3):
+    enc = _encoder(qwen3)
+    msgs = enc.messages({"messages": THREE})
+    with pytest.raises(RowError, match="not prefix-stable.*data.split_turns"):
+        enc.render(msgs)  # as one example: the last turn has a think block, earlier ones not
+    got = enc.render_examples(msgs)
+    answers = ["Hello!", "4", "6"]
+    assert len(got) == 3
+    for r, end, answer in zip(got, (3, 5, 7), answers, strict=True):
+        # The template's own text of the conversation up to the turn; before the one trained
+        # span, exactly the prompt the model gets for that turn at inference.
+        assert r.text == qwen3.apply_chat_template(THREE[:end], tokenize=False)
+        ((start, stop),) = r.spans
+        prompt = qwen3.apply_chat_template(THREE[: end - 1], tokenize=False,
+                                           add_generation_prompt=True)  # fmt: skip
+        assert r.text[:start] == prompt
+        assert r.text[start:stop] == THINK + answer + "<|im_end|>"
+    ids_masks = encode(got, qwen3)
+    # Each turn trained once, in its own example: its think block, its answer, its end.
+    trained = [qwen3.decode(ids[mask]) for ids, mask in ids_masks]
+    assert trained == [THINK + a + "<|im_end|>" for a in answers]
+    ids, mask = ids_masks[-1]
+    assert view.mark_tokens(ids, mask, qwen3) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦<think>\n\n</think>\n\n6<|im_end|>⟧\n"
+    )
+
+
+def test_qwen3_single_turn_is_one_example(qwen3):
+    enc = _encoder(qwen3)
+    (r,) = enc.render_examples(enc.messages({"messages": MULTI[:3]}))
+    assert r.text == qwen3.apply_chat_template(MULTI[:3], tokenize=False)
+    assert [r.text[s:e] for s, e in r.spans] == [THINK + "Hello!<|im_end|>"]
+
+
+def test_split_turns_options_and_row_flags(qwen3):
+    row = {"messages": THREE}
+    chunk = examples.encode_chunk([row, {"messages": MULTI[:3]}], _encoder(qwen3))
+    assert chunk.status.tolist() == [0, 0]
+    assert chunk.examples_per_row.tolist() == [3, 1]
+    assert chunk.example_rows().tolist() == [0, 0, 0, 1]
+    assert chunk.flags.tolist() == [examples.SPLIT_TURNS, 0]
+    # never: today's error, naming the option; last: only the last turn's example.
+    never = examples.encode_chunk([row], _encoder(qwen3, split_turns="never"))
+    assert never.status.tolist() == [CODES["template_error"]]
+    assert "data.split_turns" in never.problems[0]
+    (last,) = _encoder(qwen3, assistant_turns="last").render_examples(_encoder(qwen3).messages(row))
+    assert last.text == qwen3.apply_chat_template(THREE, tokenize=False)
+    assert [last.text[s:e] for s, e in last.spans] == [THINK + "6<|im_end|>"]
+
+
+def test_split_turns_always_on_a_builtin_template(tok):
+    spec = DataSpec(train="x", template="chatml", format="messages", cache=False,
+                    split_turns="always")  # fmt: skip
+    enc = examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
+    msgs = enc.messages({"messages": MULTI})
+    whole = enc.render(msgs)
+    got = enc.render_examples(msgs)
+    # Each example is a prefix of the whole conversation's text, with one turn trained:
+    # together they train what the whole conversation trains, once each.
+    assert [r.spans for r in got] == [(s,) for s in whole.spans]
+    assert all(whole.text.startswith(r.text) for r in got)
+
+
+def test_qwen3_generation_prompt_is_the_templates(qwen3):
+    spec = DataSpec(train="x", template="tokenizer", format="messages", cache=False)
+    ids = examples.prompt_ids({"messages": THREE[:-1]}, spec, qwen3)
+    want = qwen3.apply_chat_template(THREE[:-1], add_generation_prompt=True, return_dict=False)
+    assert ids == want
+
+
+def test_build_counts_split_rows(qwen3, tmp_path):
+    long = [
+        *MULTI,
+        {"role": "user", "content": "word " * 40},
+        {"role": "assistant", "content": "ok"},
+    ]
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": THREE}, {"messages": MULTI[:3]}, {"messages": long}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    # The third row's last prompt alone is over max_seq_len: that turn is dropped, its
+    # first two stay (the third row is kept, counted as missing turns).
+    spec = DataSpec(train=str(path), validation="", template="tokenizer", format="messages",
+                    cache=False, max_seq_len=80)  # fmt: skip
+    stats = build_splits(spec, qwen3).stats["train"]
+    assert stats["rows_read"] == 3 and stats["dropped"] == {}
+    assert stats["examples"] == 3 + 1 + 2
+    assert (stats["split_rows"], stats["split_examples"]) == (2, 5)
+    assert stats["split_rows_missing_turns"] == 1
+
+
+def test_gemma_system_turn(gemma):
+    # Gemma 2's template refuses a system message; its text goes into the first user turn as
+    # Gemma 3's template puts it there itself: the same text and masks from both.
+    enc = _encoder(gemma)
+    assert enc.template.folds_system == ("System role not supported" in gemma.chat_template)
+    if enc.template.folds_system:
+        with pytest.raises(Exception, match="System role not supported"):
+            gemma.apply_chat_template(MULTI, tokenize=False)
+    else:
+        assert enc.render(enc.messages({"messages": MULTI})).text == (
+            gemma.apply_chat_template(MULTI, tokenize=False)
+        )
+    r, ids, mask = _masked(gemma, MULTI)
+    golden = (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+        "⟦Hello!<end_of_turn>⟧\n<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"
+        "⟦4<end_of_turn>⟧\n"
+    )
+    assert view.mark_text(r.text, r.spans) == golden
+    assert view.mark_tokens(ids, mask, gemma) == golden
+    # Without a system turn, the template's own text.
+    r, _, _ = _masked(gemma, MULTI[1:])
+    assert r.text == gemma.apply_chat_template(MULTI[1:], tokenize=False)

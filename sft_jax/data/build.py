@@ -251,7 +251,7 @@ def _pack_split(
 ) -> tuple[PackedRows, dict]:
     """Packs the examples of the selected `rows` (a bool mask over the source's rows)."""
     status, flags = source.status[rows], source.flags[rows]
-    kept_rows = np.flatnonzero(source.status == 0)  # The source row of each example.
+    kept_rows = source.example_rows()  # The source row of each example.
     n_read = int(rows.sum())
     counts = np.bincount(status, minlength=len(CODES) + 1)
     dropped = {NAMES[c]: int(counts[c]) for c in np.flatnonzero(counts) if c}
@@ -296,6 +296,7 @@ def _pack_split(
         "responses_without_end_token": int(
             ((flags & examples.NO_END_TOKEN != 0) & (status == 0)).sum()
         ),
+        **_split_stats(flags, status, source.examples_per_row[rows]),
         "rows": len(packed),
         "tokens": int(packed.row_lengths.sum()),
         "loss_tokens": int(loss.sum()),
@@ -319,6 +320,18 @@ def _pack_split(
             name, stats["responses_without_end_token"], spec.template,
         )  # fmt: skip
     return packed, stats
+
+
+def _split_stats(flags: np.ndarray, status: np.ndarray, per_row: np.ndarray) -> dict:
+    """What data.split_turns did to a split's rows: the kept rows split into one example per
+    assistant turn, the examples they gave, and those of them that lost some turns to
+    data.max_seq_len."""
+    split = (flags & examples.SPLIT_TURNS != 0) & (status == 0)
+    return {
+        "split_rows": int(split.sum()),
+        "split_examples": int(per_row[split].sum()),
+        "split_rows_missing_turns": int((flags[split] & examples.TURNS_DROPPED != 0).sum()),
+    }
 
 
 # ---------------------------------------------------------------- the entry point

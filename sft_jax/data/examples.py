@@ -23,6 +23,10 @@ Length policy, per example of n + 1 ids (n positions) against limit = max_seq_le
   written by a chat template, stays) to leave room for up to half the row of response.
 - no trainable target left: dropped as `no_loss_tokens`. Never a silently empty mask.
 
+A conversation split per assistant turn (`data.split_turns`, templates.py) gives several
+examples from one row; each is fitted alone. The row is kept if any of them is (flagged
+`TURNS_DROPPED` if not all), else dropped with the first one's reason.
+
 `prompt_ids(row, spec, tokenizer)` renders a row with a placeholder response and returns
 the ids before the first trained token: exactly what the model saw before each response
 in training, including where a template's trailing space went into the response's first
@@ -44,7 +48,9 @@ from sft_jax.data.packing import Examples, offsets
 from sft_jax.data.spec import CODES, BadRow, DataSpec, Fields, FormatTemplate, RowError
 from sft_jax.data.templates import Rendered
 
-RESPONSE_CUT, PROMPT_CUT, NO_END_TOKEN = 1, 2, 4  # Bits of a row's flags.
+# Bits of a row's flags. SPLIT_TURNS: its conversation became one example per assistant
+# turn; TURNS_DROPPED: some (not all) of those were dropped for length.
+RESPONSE_CUT, PROMPT_CUT, NO_END_TOKEN, SPLIT_TURNS, TURNS_DROPPED = 1, 2, 4, 8, 16
 _KEEP_PROBLEMS = 3  # Messages kept per reason per chunk (the first one is what errors show).
 _PLACEHOLDER = "x"  # A letter: no template joins it to what comes before.
 
@@ -125,6 +131,7 @@ class Encoder:
     tokenizer: transformers.PreTrainedTokenizerBase
     train_on: str = "response"
     assistant_turns: str = "all"
+    split_turns: str = "auto"
     max_seq_len: int = 512
     too_long: str = "truncate"
     long_prompt: str = "drop"
@@ -132,11 +139,27 @@ class Encoder:
     bos: int | None = None  # Prepended to format-template examples (tokenizer's own habit).
 
     def render(self, messages: list[formats.Message]) -> Rendered:
+        """The whole conversation as one example (never split)."""
         if isinstance(self.template, templates.JinjaTemplate):
             return self.template.render(messages, self.assistant_turns)
+        return self._format(messages, self.assistant_turns)
+
+    def render_examples(self, messages: list[formats.Message]) -> list[Rendered]:
+        """The examples of a conversation: one, or one per assistant turn where it is split
+        (`split_turns`; format templates are prefix-stable, so only "always" splits them)."""
+        if isinstance(self.template, templates.JinjaTemplate):
+            return self.template.render_examples(messages, self.assistant_turns, self.split_turns)
+        if self.split_turns != "always":
+            return [self._format(messages, self.assistant_turns)]
+        ends = [k + 1 for k, m in enumerate(messages) if m.role == "assistant"]
+        if self.assistant_turns == "last":
+            ends = ends[-1:]
+        return [self._format(messages[:end], "last") for end in ends]
+
+    def _format(self, messages: list[formats.Message], assistant_turns: str) -> Rendered:
         tok = self.tokenizer
         return templates.render_format(
-            self.template, messages, tok.eos_token, tok.bos_token or "", self.assistant_turns
+            self.template, messages, tok.eos_token, tok.bos_token or "", assistant_turns
         )
 
     def ends_unmarked(self, r: Rendered) -> bool:
@@ -179,6 +202,7 @@ def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> Encoder:
         tokenizer=tokenizer,
         train_on=spec.train_on,
         assistant_turns=spec.assistant_turns,
+        split_turns=spec.split_turns,
         max_seq_len=spec.max_seq_len,
         too_long=spec.too_long,
         long_prompt=spec.long_prompt,
@@ -193,8 +217,19 @@ class Chunk(Examples):
     back to back, and every row's status. Compact arrays, cheap to send between processes."""
 
     status: np.ndarray  # [rows] int8: 0 kept, else CODES[reason]
-    flags: np.ndarray  # [rows] uint8: RESPONSE_CUT | PROMPT_CUT | NO_END_TOKEN
+    flags: np.ndarray  # [rows] uint8: RESPONSE_CUT | PROMPT_CUT | … (the bits above)
     problems: dict[int, str]  # row -> what is wrong (the first few per reason and chunk)
+    # [rows] int32: examples of each row, in row order (0 if dropped, > 1 if split per turn).
+    # None: one per kept row (what a reader that does not store it meant).
+    examples_per_row: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.examples_per_row is None:
+            object.__setattr__(self, "examples_per_row", (self.status == 0).astype(np.int32))
+
+    def example_rows(self) -> np.ndarray:
+        """[examples] int64: the row of each example."""
+        return np.repeat(np.arange(len(self.status)), self.examples_per_row)
 
     @classmethod
     def concat(cls, parts: Sequence[Chunk]) -> Chunk:
@@ -210,6 +245,7 @@ class Chunk(Examples):
                 int(row) + i: p for c, row in zip(parts, first_row, strict=False)
                 for i, p in c.problems.items()
             },
+            examples_per_row=np.concatenate([c.examples_per_row for c in parts]),
         )  # fmt: skip
 
 
@@ -246,6 +282,7 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
     n = len(rows)
     status = np.zeros(n, np.int8)
     flags = np.zeros(n, np.uint8)
+    per_row = np.zeros(n, np.int32)
     problems: dict[int, str] = {}
     seen: dict[str, int] = {}
 
@@ -255,33 +292,29 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
             problems[i] = problem
             seen[reason] = seen.get(reason, 0) + 1
 
-    rendered, where = [], []
-    for i, row in enumerate(rows):
-        if isinstance(row, BadRow):
-            drop(i, row.reason, row.problem)
-            continue
-        try:
-            r = enc.render(enc.messages(row))
-            rendered.append(r)
-            where.append(i)
-            if enc.ends_unmarked(r):
-                flags[i] |= NO_END_TOKEN
-        except RowError as e:
-            drop(i, e.reason, str(e))
+    rendered, where = _render_rows(rows, enc, drop, flags)
     kept_ids, kept_tr, lengths = [], [], []
+    length_drops: dict[int, tuple[str, str]] = {}  # row -> its first example's drop
     if rendered:
         for i, (ids, trainable) in zip(
             where, encode(rendered, enc.tokenizer, enc.train_on, enc.bos), strict=True
         ):
             out = fit(ids, trainable, enc)
             if isinstance(out, str):
-                drop(i, out, f"{len(ids)} tokens, data.max_seq_len={enc.max_seq_len}")
+                problem = f"{len(ids)} tokens, data.max_seq_len={enc.max_seq_len}"
+                length_drops.setdefault(i, (out, problem))
                 continue
             ids, trainable, fit_flags = out
             flags[i] |= fit_flags
+            per_row[i] += 1
             kept_ids.append(ids)
             kept_tr.append(trainable)
             lengths.append(len(ids))
+    for i, (reason, problem) in length_drops.items():
+        if per_row[i]:  # Some turns of a split conversation stay.
+            flags[i] |= TURNS_DROPPED
+        else:
+            drop(i, reason, problem)
     return Chunk(
         ids=np.concatenate(kept_ids) if kept_ids else np.zeros(0, np.int32),
         trainable=np.concatenate(kept_tr) if kept_tr else np.zeros(0, np.bool_),
@@ -289,7 +322,30 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
         status=status,
         flags=flags,
         problems=problems,
+        examples_per_row=per_row,
     )
+
+
+def _render_rows(rows: list, enc: Encoder, drop, flags: np.ndarray):
+    """(the rendered examples of the rows that render, the row of each); `drop(row, reason,
+    problem)` for the others, and each row's rendering flags set in `flags`."""
+    rendered, where = [], []
+    for i, row in enumerate(rows):
+        if isinstance(row, BadRow):
+            drop(i, row.reason, row.problem)
+            continue
+        try:
+            examples = enc.render_examples(enc.messages(row))
+        except RowError as e:
+            drop(i, e.reason, str(e))
+            continue
+        rendered += examples
+        where += [i] * len(examples)
+        if len(examples) > 1:
+            flags[i] |= SPLIT_TURNS
+        if any(enc.ends_unmarked(r) for r in examples):
+            flags[i] |= NO_END_TOKEN
+    return rendered, where
 
 
 # ---------------------------------------------------------------- generation prompts
@@ -324,7 +380,8 @@ def prompt_ids(
         row = {**row, fields.col(key): turns}
     template = templates.resolve_template(spec, tokenizer)
     enc = make_encoder(spec, tokenizer, template, fmt)
-    rendered = enc.render(enc.messages(row))
+    # The last example: the whole conversation, or (split per turn) the placeholder's turn.
+    rendered = enc.render_examples(enc.messages(row))[-1]
     if not rendered.spans:
         raise ValueError(f"data.template={spec.template!r} marks no response in {row!r}")
     # Only the placeholder's span: earlier assistant turns are history here.

@@ -20,6 +20,7 @@ import string
 FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "sharegpt")
 TRAIN_ON = ("response", "all")
 ASSISTANT_TURNS = ("all", "last")
+SPLIT_TURNS = ("auto", "always", "never")
 TOO_LONG = ("truncate", "drop", "error")
 LONG_PROMPT = ("drop", "truncate_left")
 ON_BAD_ROW = ("error", "skip")
@@ -120,6 +121,9 @@ class DataSpec:
     template_format: FormatTemplate = FormatTemplate()  # template=format
     train_on: str = "response"  # Or "all".
     assistant_turns: str = "all"  # Or "last": only the last assistant turn carries loss.
+    # One example per assistant turn: "auto" (where the chat template rewrites earlier turns),
+    # "always", or "never" (such a conversation is then a template_error).
+    split_turns: str = "auto"
     max_seq_len: int = 512
     too_long: str = "truncate"  # Responses over max_seq_len: truncate | drop | error.
     long_prompt: str = "drop"  # A prompt that fills max_seq_len alone: drop | truncate_left.
@@ -139,6 +143,7 @@ _CHOICES = {
     "format": FORMATS,
     "train_on": TRAIN_ON,
     "assistant_turns": ASSISTANT_TURNS,
+    "split_turns": SPLIT_TURNS,
     "too_long": TOO_LONG,
     "long_prompt": LONG_PROMPT,
     "on_bad_row": ON_BAD_ROW,

@@ -17,17 +17,30 @@ templates (Llama 3, Qwen 2.5, SmolLM2's ChatML) have no generation markers, so
 them. We find each assistant turn by rendering the conversation up to the turn with the
 generation prompt, and up to and including the turn: the turn is the difference. The
 rendered prefixes must be prefixes of the full text (true for every template that
-renders history as it is); a template that rewrites earlier turns (e.g. drops their
-reasoning) fails with a message. Templates *with* `{% generation %}` markers use them.
+renders history as it is). Templates *with* `{% generation %}` markers use them.
 Rendering uses the same sandboxed Jinja environment as `apply_chat_template`, with the
 tokenizer's special tokens as variables, and a fixed date for templates that print
 today's (so the data stays a pure function of the config).
+
+Templates that rewrite history (Qwen3 renders the last assistant turn with an empty
+`<think>\n\n</think>\n\n` block and earlier ones without; reasoning templates drop
+earlier turns' thoughts) are not prefix-stable. Such a conversation is split
+(`data.split_turns`, default auto): one example per assistant turn, rendered as the model
+sees it at inference — the prompt as `add_generation_prompt=True` renders the turns before
+it, then that turn as the template renders it last — with only that turn trained.
+Whatever the template writes in the turn after the generation prompt trains, Qwen3's
+empty think block included: at inference the model writes it itself.
+
+Templates that refuse a system message (Gemma 2: `raise_exception('System role not
+supported')`) get its text folded into the first user turn, "system\n\nuser", exactly as
+Gemma 3's template does by itself; the probe that finds them runs once per template.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -38,6 +51,8 @@ from transformers.utils import chat_template_utils
 
 from sft_jax.data.formats import Message
 from sft_jax.data.spec import DataSpec, FormatTemplate, RowError
+
+log = logging.getLogger(__name__)
 
 # The Stanford Alpaca prompts, byte for byte (github.com/tatsu-lab/stanford_alpaca).
 ALPACA_PREAMBLE_INPUT = (
@@ -143,6 +158,13 @@ def _fixed_strftime(fmt: str) -> str:
     return FIXED_DATE.strftime(fmt)
 
 
+class NotPrefixStable(RowError):
+    """The template renders a conversation's earlier turns differently once later ones follow."""
+
+    def __init__(self, problem: str):
+        super().__init__("template_error", problem)
+
+
 class JinjaTemplate:
     """A chat template; `name` says where it came from, for messages."""
 
@@ -161,6 +183,13 @@ class JinjaTemplate:
             self._compiled = chat_template_utils._compile_jinja_template(source)
         except jinja2.TemplateError as e:
             raise ValueError(f"{name} is not a valid Jinja template: {e}") from None
+        self.folds_system = self._refuses_system()
+        if self.folds_system:
+            log.info(
+                "%s refuses a system message: its text goes into the first user turn, "
+                "'system\\n\\nuser', as Gemma 3's template does",
+                name,
+            )
 
     def __getstate__(self):  # Compiled templates do not pickle; worker processes recompile.
         return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
@@ -168,6 +197,21 @@ class JinjaTemplate:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._compiled = chat_template_utils._compile_jinja_template(self.source)
+
+    def _refuses_system(self) -> bool:
+        """Whether the template raises on a leading system message but renders the same
+        conversation without it (Gemma 2). Probed once, on a three-message conversation."""
+        chat = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        try:
+            self.render_text([{"role": "system", "content": "s"}, *chat], False)
+            return False
+        except Exception:  # noqa: BLE001 - any failure: see if the system message causes it
+            pass
+        try:
+            self.render_text(chat, False)
+        except Exception:  # noqa: BLE001 - fails for another reason: rows will say which
+            return False
+        return True
 
     def render_text(self, msgs: list[dict], add_generation_prompt: bool) -> str:
         return self._compiled.render(
@@ -191,49 +235,109 @@ class JinjaTemplate:
         text = "".join(blocks)
         return text, [(s, s + len(text[s:e].rstrip())) for s, e in spans]
 
+    def _turn(self, msgs: list[dict], k: int, full: str | None = None) -> tuple[str, tuple]:
+        """(the text of msgs[: k + 1], the span of assistant turn k in it): the turn is what
+        that text adds to the first k messages rendered with the generation prompt."""
+        prompt = self.render_text(msgs[:k], True)
+        upto = full if full is not None else self.render_text(msgs[: k + 1], False)
+        _check_prefix(prompt, upto, self.name, f"the first {k} messages with the generation prompt")
+        turn = upto[len(prompt) :]
+        return upto, (len(prompt), len(prompt) + len(turn.rstrip()))
+
     def _by_diff(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         full = self.render_text(msgs, False)
         spans = []
         for k, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = self.render_text(msgs[:k], True)
-            upto = full if k == len(msgs) - 1 else self.render_text(msgs[: k + 1], False)
-            for shorter, longer, what in (
-                (prompt, upto, f"the first {k} messages with the generation prompt"),
-                (upto, full, f"the first {k + 1} messages"),
-            ):
-                if not longer.startswith(shorter):
-                    at = next(
-                        (
-                            i
-                            for i, (a, b) in enumerate(zip(shorter, longer, strict=False))
-                            if a != b
-                        ),
-                        min(len(shorter), len(longer)),
-                    )
-                    raise RowError(
-                        "template_error",
-                        f"{self.name} is not prefix-stable: rendering {what} gives "
-                        f"{shorter[at : at + 30]!r} at character {at} where the longer "
-                        f"conversation has {longer[at : at + 30]!r}. Add {{% generation %}} "
-                        "markers to a copy of the template (data.template=path/to/file.jinja) "
-                        "or use a built-in data.template",
-                    )
-            turn = upto[len(prompt) :]
-            spans.append((len(prompt), len(prompt) + len(turn.rstrip())))
+            upto, span = self._turn(msgs, k, full if k == len(msgs) - 1 else None)
+            _check_prefix(upto, full, self.name, f"the first {k + 1} messages")
+            spans.append(span)
         return full, spans
 
-    def render(self, messages: Sequence[Message], assistant_turns: str = "all") -> Rendered:
+    def _split(self, msgs: list[dict]) -> list[Rendered]:
+        """One example per assistant turn: the conversation up to that turn, rendered as the
+        template renders a last turn, with only that turn trained."""
+        out = []
+        for k, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            if self.markers:
+                text, spans = self._with_markers(msgs[: k + 1])
+                out.append(Rendered(text, tuple(spans[-1:])))
+            else:
+                text, span = self._turn(msgs, k)
+                out.append(Rendered(text, (span,)))
+        return out
+
+    def _dicts(self, messages: Sequence[Message]) -> list[dict]:
         msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        return _system_folded(msgs) if self.folds_system else msgs
+
+    def render_examples(
+        self, messages: Sequence[Message], assistant_turns: str = "all", split_turns: str = "auto"
+    ) -> list[Rendered]:
+        """The examples of one conversation: the whole of it, or (`split_turns` "always", or
+        "auto" where the template is not prefix-stable for it) one per assistant turn.
+        Raises RowError (reason template_error) where the template refuses it."""
+        msgs = self._dicts(messages)
         try:
-            text, spans = (self._with_markers if self.markers else self._by_diff)(msgs)
+            if split_turns == "always":
+                out = self._split(msgs)
+            else:
+                try:
+                    out = [self._whole(msgs)]
+                except NotPrefixStable:
+                    if split_turns == "never":
+                        raise
+                    out = self._split(msgs)
         except jinja2.TemplateError as e:  # raise_exception(...) in the template, etc.
             raise RowError("template_error", f"{self.name}: {e}") from None
-        spans = [s for s in spans if s[1] > s[0]]
+        out = [Rendered(r.text, tuple(s for s in r.spans if s[1] > s[0])) for r in out]
         if assistant_turns == "last":
-            spans = spans[-1:]
+            return [Rendered(r.text, r.spans[-1:]) for r in out[-1:]]
+        return out
+
+    def _whole(self, msgs: list[dict]) -> Rendered:
+        text, spans = (self._with_markers if self.markers else self._by_diff)(msgs)
         return Rendered(text, tuple(spans))
+
+    def render(self, messages: Sequence[Message], assistant_turns: str = "all") -> Rendered:
+        """The whole conversation as one example (never split)."""
+        (r,) = self.render_examples(messages, assistant_turns, split_turns="never")
+        return r
+
+
+def _check_prefix(shorter: str, longer: str, name: str, what: str) -> None:
+    """Raises NotPrefixStable if `shorter` (`what`, rendered) does not begin `longer`."""
+    if longer.startswith(shorter):
+        return
+    at = next(
+        (i for i, (a, b) in enumerate(zip(shorter, longer, strict=False)) if a != b),
+        min(len(shorter), len(longer)),
+    )
+    raise NotPrefixStable(
+        f"{name} is not prefix-stable: rendering {what} gives {shorter[at : at + 30]!r} at "
+        f"character {at} where the longer conversation has {longer[at : at + 30]!r}. Set "
+        "data.split_turns=auto (one example per assistant turn), add {% generation %} "
+        "markers to a copy of the template (data.template=path/to/file.jinja) or use a "
+        "built-in data.template"
+    )
+
+
+def _system_folded(msgs: list[dict]) -> list[dict]:
+    """A leading system message's text put before the first user turn's, "system\\n\\nuser"
+    (as Gemma 3's template does), for templates that refuse a system role. Without a user
+    turn to take it, the messages stay as they are (and the template's own error says why)."""
+    if not msgs or msgs[0]["role"] != "system":
+        return msgs
+    rest = list(msgs[1:])
+    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if first_user is None:
+        return msgs
+    user = rest[first_user]
+    rest[first_user] = {**user, "content": f"{msgs[0]['content']}\n\n{user['content']}"}
+    return rest
 
 
 # ---------------------------------------------------------------- data.template
