@@ -253,10 +253,13 @@ def adapter_axes(cfg: GPTConfig, spec: LoraSpec) -> dict:
     return tree
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def init_adapters(cfg: GPTConfig, spec: LoraSpec, key: Array) -> dict:
     """Fresh float32 adapters as PEFT makes them: A Kaiming-uniform (torch's
     `kaiming_uniform_(a=√5)`: U(±1/√fan_in), fan_in = the layer's input size), or normal
-    with std 1/r ("gaussian"); B zero, so the adapted model starts as the base model."""
+    with std 1/r ("gaussian"); B zero, so the adapted model starts as the base model.
+    One compiled function; under a caller's jit with `out_shardings`, each device makes
+    only its own shards."""
     if not spec.enabled:
         raise ValueError("lora.rank: 0 (LoRA off) has no adapters to initialise")
     tree: dict = {}

@@ -119,10 +119,13 @@ def test_init_is_peft_kaiming_uniform_with_zero_b():
 
 
 def test_step_zero_merge_is_the_base_model_bitwise():
-    params = GPT(TINY_LLAMA).init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = nn.meta.unbox(params)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    shapes = nn.meta.unbox(jax.eval_shape(GPT(TINY_LLAMA).init, jax.random.key(1), tokens))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes["params"])
     spec = lora.LoraSpec(rank=4)
-    merged = lora.merge(params, lora.init_adapters(TINY_LLAMA, spec, jax.random.key(2)), spec)
+    adapters = lora.init_adapters(TINY_LLAMA, spec, jax.random.key(2))
+    merged = jax.jit(lora.merge, static_argnums=2)(params, adapters, spec)
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(merged), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -130,15 +133,18 @@ def test_step_zero_merge_is_the_base_model_bitwise():
 @pytest.mark.parametrize("in_dims", [1, 2])
 def test_lora_output_is_the_merged_layer(in_dims):
     """x·W + scale·(x·A)·B (the forward the integration runs) = x·(W + scale·A·B)."""
-    k = iter(jax.random.split(jax.random.key(3), 4))
+    rng = np.random.default_rng(3)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)
     in_shape, out_shape = ((64,), (4, 16)) if in_dims == 1 else ((4, 16), (64,))
-    x = jax.random.normal(next(k), (2, 5, *in_shape))
-    w = jax.random.normal(next(k), (*in_shape, *out_shape)) * 0.1
-    a = jax.random.normal(next(k), (*in_shape, 3)) * 0.1
-    b = jax.random.normal(next(k), (3, *out_shape)) * 0.1
-    adapted = dense_matmul(x, w, in_dims) + lora.lora_output(x, a, b, 2.5, in_dims)
-    merged = dense_matmul(x, lora.merged_kernel(w, a, b, 2.5), in_dims)
-    np.testing.assert_allclose(adapted, merged, atol=1e-5)
+    x = normal(2, 5, *in_shape)
+    w, a, b = normal(*in_shape, *out_shape) / 10, normal(*in_shape, 3) / 10, normal(3, *out_shape)
+
+    @jax.jit
+    def both(x, w, a, b):
+        adapted = dense_matmul(x, w, in_dims) + lora.lora_output(x, a, b, 2.5, in_dims)
+        return adapted, dense_matmul(x, lora.merged_kernel(w, a, b, 2.5), in_dims)
+
+    np.testing.assert_allclose(*both(x, w, a, b), atol=1e-5)
     stacked = lora.merged_kernel(jnp.stack([w, w]), jnp.stack([a, -a]), jnp.stack([b, b]), 2.5)
     np.testing.assert_allclose(stacked[1], lora.merged_kernel(w, -a, b, 2.5), atol=1e-6)
 
