@@ -38,9 +38,15 @@ def plain_attention(q, k, v, mask, scale=None, softcap=0.0):
 
 
 def _value_and_grads(f, q, k, v, w):
-    out = f(q, k, v)
-    grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w), (0, 1, 2))
-    return out, grads(q, k, v)
+    """f(q, k, v) and the gradient of Σ f·w, compiled as one function (op by op, the
+    blocked attention takes ~5 times longer on a CPU)."""
+
+    @jax.jit
+    def run(q, k, v):
+        grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w), (0, 1, 2))
+        return f(q, k, v), grads(q, k, v)
+
+    return run(q, k, v)
 
 
 def test_equals_autodiff_of_plain_attention_with_padding_and_gqa():
@@ -129,14 +135,14 @@ def window_mask(seg, window, key_seg=None, query_offset=0):
 
 @pytest.mark.parametrize(
     "window, softcap, scale",
-    [(100, 0.0, None), (0, 2.0, 0.3), (37, 1.5, None), (128, 0.0, 0.2)],
+    [(100, 0.0, None), (0, 2.0, 0.3), (37, 1.5, 0.2)],
 )
 def test_window_softcap_and_scale_equal_autodiff_of_plain_attention(window, softcap, scale):
-    # 300 queries in blocks of 128: windows that end inside a block and on a block edge,
-    # soft caps small enough that tanh bends the scores (whose spread is ~4 here). Padding
-    # queries see no key and average whatever keys their block scores, which a window
+    # 300 queries in blocks of 128: windows shorter than a block and reaching into the
+    # block before, soft caps small enough that tanh bends the scores (whose spread is ~4
+    # here). Padding queries see no key and average whatever keys their block scores, which a window
     # narrows: their outputs are unused and left out (no cotangent either).
-    q, k, v, seg, w = _inputs(seed=4)
+    q, k, v, seg, w = _inputs(h=2, kv=1, d=8, seed=4)
     real = (seg != 0)[:, :, None, None]
     w = w * real
     mask = window_mask(seg, window)
@@ -180,15 +186,19 @@ def test_a_window_skips_the_key_blocks_outside_it():
 
 
 def test_decoding_past_the_window_equals_attention_without_a_cache():
-    # A left-padded row decoded one query at a time against a 48-slot cache, window 8:
-    # every step's output equals the uncached forward pass at that position, far past the
-    # window (what the generator relies on).
+    # A left-padded row decoded one query at a time against a 48-slot cache, window 8, the
+    # slot traced as in the generator's step: every step's output equals the uncached
+    # forward pass at that position, far past the window.
     q, k, v, _, _ = _inputs(b=2, t=48, h=4, kv=2, d=16, seed=5)
     seg = jnp.zeros((2, 48), jnp.int32).at[0, 6:].set(1).at[1, :].set(1)  # row 0: 6 pads
     kw = dict(window=8, softcap=3.0)
     want = attention.dot_product_attention(q, k, v, seg, **kw)
+
+    @jax.jit
+    def step(slot):
+        q_slot = jax.lax.dynamic_slice_in_dim(q, slot, 1, axis=1)
+        decoding = jnp.ones((2, 1), jnp.int32)  # the segment id the generator gives a step
+        return attention.dot_product_attention(q_slot, k, v, decoding, seg, slot, **kw)[:, 0]
+
     for slot in (10, 20, 47):
-        got = attention.dot_product_attention(
-            q[:, slot : slot + 1], k, v, seg[:, slot : slot + 1], seg, slot, **kw
-        )
-        np.testing.assert_allclose(got[:, 0], want[:, slot], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(step(slot), want[:, slot], atol=1e-5, rtol=1e-5)
