@@ -14,7 +14,9 @@ codes [layers, d_model, heads, 1, 32] and scales [layers, d_model, heads, 1].
 Double quantization (the QLoRA paper's, simplified): the float32 scales minus their mean
 are stored as int8 in groups of 256, each group with one float32 scale; 4.127 bits per
 weight instead of 4.5. (bitsandbytes uses its 8-bit dynamic code book for these; a linear
-int8 code costs the same bits.)
+int8 code costs the same bits.) The scales' first axis is kept, so a stacked kernel's
+leaves all lead with the layers axis and `nn.scan` slices them like float params; the
+rest of the scales is grouped, so it is not sharded with the codes (1/32 of their size).
 """
 
 from __future__ import annotations
@@ -53,36 +55,44 @@ def _pytree(data: tuple[str, ...], meta: tuple[str, ...]):
     return register
 
 
-@_pytree(data=("codes", "group_scale", "offset"), meta=("shape",))
+@_pytree(data=("codes", "group_scale", "offset"), meta=("row_shape",))
 @dataclasses.dataclass(frozen=True)
 class QuantizedScales:
-    """NF4 block scales, double-quantized: (scales - offset) as int8 in groups of 256."""
+    """NF4 block scales, double-quantized: (scales - offset) as int8 in groups of 256. The
+    scales' first axis (a stacked kernel's layers) is kept whole, so a scan over layers
+    slices these as it slices the codes."""
 
-    codes: Array  # int8 [groups, 256]
-    group_scale: Array  # float32 [groups]: each group's absmax / 127
-    offset: Array  # float32 []: the mean of the scales
-    shape: tuple[int, ...]  # of the scales
+    codes: Array  # int8 [*first, groups, 256]
+    group_scale: Array  # float32 [*first, groups]: each group's absmax / 127
+    offset: Array  # float32 [*first]: the mean of the scales (of each row)
+    row_shape: tuple[int, ...]  # the scales' shape after the first axis (or all of it)
 
     def dequantize(self) -> Array:
-        values = self.codes.astype(jnp.float32) * self.group_scale[:, None]
-        count = math.prod(self.shape)
-        return (values.reshape(-1)[:count] + self.offset).reshape(self.shape)
+        first = self.codes.shape[:-2]
+        values = self.codes.astype(jnp.float32) * self.group_scale[..., None]
+        values = values.reshape(*first, -1)[..., : math.prod(self.row_shape)]
+        return (values + self.offset[..., None]).reshape(*first, *self.row_shape)
 
     @property
     def bits(self) -> int:
-        return self.codes.size * 8 + (self.group_scale.size + 1) * 32
+        return (self.codes.size * 8) + (self.group_scale.size + self.offset.size) * 32
 
 
-@_pytree(data=("codes", "scales"), meta=("shape", "dtype"))
+@_pytree(data=("codes", "scales"), meta=("block_shape", "dtype"))
 @dataclasses.dataclass(frozen=True)
 class NF4Tensor:
     """A tensor in NF4: code indices packed two per byte (the first in the high nibble) and
-    each block's absmax."""
+    each block's absmax. Only the trailing dims the blocks span are static (`block_shape`),
+    so slicing the leading dims (a scan over layers) leaves a valid NF4Tensor."""
 
     codes: Array  # uint8 [*lead, blocks, block // 2]
     scales: Array | QuantizedScales  # float32 [*lead, blocks], or double-quantized
-    shape: tuple[int, ...]
+    block_shape: tuple[int, ...]  # the trailing dims the blocks run along
     dtype: str  # what dequantize returns
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.codes.shape[:-2], *self.block_shape)
 
     def dequantize(self) -> Array:
         high, low = self.codes >> 4, self.codes & 0xF
@@ -161,17 +171,22 @@ def quantize_nf4(x: Array, block: int = NF4_BLOCK, double_quant: bool = False) -
     index = _nearest_code(blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None])
     codes = (index[..., 0::2] << 4) | index[..., 1::2]  # [*lead, blocks, block // 2]
     scales = _double_quantize(absmax) if double_quant else absmax
-    return NF4Tensor(codes, scales, tuple(x.shape), jnp.dtype(x.dtype).name)
+    return NF4Tensor(codes, scales, tuple(x.shape[len(lead) :]), jnp.dtype(x.dtype).name)
 
 
 def _double_quantize(scales: Array) -> QuantizedScales:
-    offset = jnp.mean(scales)
-    flat = (scales - offset).reshape(-1)
-    groups = -(-flat.size // SCALE_GROUP)
-    flat = jnp.pad(flat, (0, groups * SCALE_GROUP - flat.size)).reshape(groups, SCALE_GROUP)
-    group_scale = jnp.max(jnp.abs(flat), axis=-1) / 127
-    codes = jnp.round(flat / jnp.where(group_scale > 0, group_scale, 1.0)[:, None])
-    return QuantizedScales(codes.astype(jnp.int8), group_scale, offset, tuple(scales.shape))
+    """Each row of the scales (the first axis kept) less its mean, in int8 groups of 256."""
+    first = scales.shape[:1] if scales.ndim > 1 else ()
+    rows = scales.reshape(*first, -1)
+    offset = jnp.mean(rows, axis=-1)
+    count = rows.shape[-1]
+    groups = -(-count // SCALE_GROUP)
+    pad = [(0, 0)] * len(first) + [(0, groups * SCALE_GROUP - count)]
+    rows = jnp.pad(rows - offset[..., None], pad).reshape(*first, groups, SCALE_GROUP)
+    group_scale = jnp.max(jnp.abs(rows), axis=-1) / 127
+    codes = jnp.round(rows / jnp.where(group_scale > 0, group_scale, 1.0)[..., None])
+    row_shape = tuple(scales.shape[len(first) :])
+    return QuantizedScales(codes.astype(jnp.int8), group_scale, offset, row_shape)
 
 
 # --------------------------------------------------------------------------- int8
