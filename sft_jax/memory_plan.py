@@ -73,7 +73,7 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     d, heads = cfg.d_model, cfg.n_heads
     q = heads * cfg.dim_per_head
     kv = cfg.n_kv_heads * cfg.dim_per_head
-    mlp_in = (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff  # gate and up, or c_fc's output
+    mlp_in = (1 if cfg.mlp == "gelu" else 2) * cfg.d_ff  # c_fc's output, or gate and up
     # What the backward pass keeps of one layer, per token (the scan stacks it over
     # layers): eight d_model-wide tensors (the block input, both norms' inputs and outputs,
     # both branches' outputs, the MLP's output), q twice (as projected, and heads first
@@ -81,6 +81,9 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     # pre-activations (its activation is recomputed: model.with_recomputed_activation),
     # and two float32 softmax statistics per head: no [queries, keys] scores are kept.
     layer = b * (8 * d + (3 * q + 2 * kv + mlp_in) / t) + 2 * 4 * heads / t
+    # Gemma's sandwich norms (inputs and outputs of two more norms) and q/k norms (q and k
+    # before them): counted like the others, not yet read off a compiled step.
+    layer += b * ((4 * d if cfg.sandwich_norms else 0) + ((q + kv) / t if cfg.qk_norm else 0))
     if cfg.remat == "full":
         # Only each block's input; the block being differentiated is recomputed into the
         # buffers its backward pass uses anyway (the working set below).

@@ -364,7 +364,6 @@ PRESETS: dict[str, GPTConfig] = {
         n_heads=32,
         n_kv_heads=8,
         d_ff=12288,
-        head_dim=128,
         qk_norm=True,
         norm_eps=1e-6,
         rope_theta=1e6,

@@ -7,7 +7,6 @@ One module-scoped fixture per family builds the transformers model and saves it 
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,15 +83,17 @@ def _torch_logits(model, tokens, mask):
     return out.logits.float().numpy()
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, segment_ids, positions):
+    # Jitted once per config and shape: the tests of a family share one compile.
+    return GPT(cfg).apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
+
+
 def _our_logits(cfg, params, tokens, segment_ids, positions=None):
-    return np.asarray(
-        GPT(cfg).apply(
-            {"params": params},
-            jnp.asarray(tokens),
-            segment_ids=jnp.asarray(segment_ids),
-            positions=None if positions is None else jnp.asarray(positions),
-        )  # fmt: skip
-    )
+    if positions is None:
+        positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    args = (tokens, segment_ids, positions)
+    return np.asarray(_forward(cfg, params, *(jnp.asarray(a, jnp.int32) for a in args)))
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -220,10 +221,33 @@ def test_greedy_generation_equals_transformers_past_the_window(family):
     assert ours == theirs
 
 
-def test_eval_shape_of_the_families_presets_counts_their_params():
-    from sft_jax.model import PRESETS
-
-    for name in ("qwen3-0.6b", "gemma2-2b", "gemma3-1b"):
-        cfg = PRESETS[name]
-        boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-        assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(boxed))) == cfg.num_params()
+def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
+    """A `gemma3` (image and text) checkpoint: its language model imports, gives
+    transformers' text-only logits, and exports as a Gemma3ForCausalLM with them."""
+    torch.manual_seed(0)
+    text = transformers.Gemma3TextConfig(
+        **COMMON, num_hidden_layers=2, sliding_window=4, sliding_window_pattern=2
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=28, patch_size=14,
+    )  # fmt: skip
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4,
+        boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1,
+    )  # fmt: skip
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "src"))
+    tokens, mask = _batch()
+    ref = _torch_logits(model, tokens, mask)
+    cfg, params = hf.load_hf(str(tmp_path / "src"))
+    assert cfg.family == "gemma3" and cfg.local_layers == (True, False)
+    real = mask.astype(bool)
+    assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
+    hf.save_hf(cfg, params, str(tmp_path / "out"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(reloaded) is transformers.Gemma3ForCausalLM
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)

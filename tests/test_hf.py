@@ -291,6 +291,114 @@ def test_config_round_trip():
         hf.config_to_hf(GPTConfig.preset("tiny-llama", qkv_bias=True))
 
 
+# The published config.json of each family (as on the hub; unused keys left out): the
+# presets are these models' shapes.
+PUBLISHED = {
+    "qwen3-0.6b": {  # Qwen/Qwen3-0.6B
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": None, "use_sliding_window": False, "max_window_layers": 28,
+        "tie_word_embeddings": True, "attention_bias": False, "hidden_act": "silu",
+    },
+    "mistral-7b": {  # mistralai/Mistral-7B-v0.3
+        "model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "hidden_act": "silu",
+    },
+    "gemma2-2b": {  # google/gemma-2-2b
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
+        "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+        "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+        "cache_implementation": "hybrid",
+    },
+    "gemma3-1b": {  # google/gemma-3-1b-it
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
+        "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None,
+        "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+        "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
+        "final_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh",
+    },
+    "gemma3-4b": {  # google/gemma-3-4b-it: a multimodal config, its text part sparse
+        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {
+            "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_published_configs_give_the_presets(preset):
+    assert hf.config_from_hf(PUBLISHED[preset]) == GPTConfig.preset(preset)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GPTConfig.preset("qwen3-8b"),
+        GPTConfig.preset("mistral-7b", sliding_window=4096),  # v0.1's window
+        GPTConfig.preset("llama3.1-8b"),
+        GPTConfig.preset("gemma2-2b"),
+        GPTConfig.preset("gemma3-1b"),
+        GPTConfig.preset("gemma3-4b"),
+    ],
+    ids=lambda cfg: f"{cfg.family}-{cfg.d_model}",
+)
+def test_family_configs_round_trip_through_transformers_config_classes(cfg):
+    """config_to_hf is what transformers' own config class reads, and reads back equal."""
+    exported = hf.config_to_hf(cfg)
+    assert hf.config_from_hf(exported) == cfg
+    theirs = transformers.AutoConfig.for_model(**exported).to_dict()
+    assert hf.config_from_hf(theirs) == cfg
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"layer_types": ["sliding_attention", "full_attention", "full_attention"] * 2},
+         "layer_types="),
+        ({"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0},
+                              "sliding_attention": {"rope_type": "default"}}},
+         "rope type 'yarn'"),
+    ],
+)  # fmt: skip
+def test_unsupported_gemma_options_are_named(change, named):
+    config = dict(PUBLISHED["gemma3-1b"], num_hidden_layers=6) | change
+    with pytest.raises(ValueError, match=named):
+        hf.config_from_hf(config)
+
+
+def test_export_lists_every_end_token_in_its_generation_config(tmp_path):
+    """A served export stops at the chat template's end-of-turn token as well as at EOS."""
+    from sft_jax.data import load_tokenizer
+
+    _tiny_hf("llama", str(tmp_path / "src"))
+    cfg, params = hf.load_hf(str(tmp_path / "src"))
+    tokenizer = load_tokenizer("gpt2")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    hf.save_hf(cfg, params, str(tmp_path / "out"), tokenizer=tokenizer)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.eos_token_id, end_of_turn]
+    loaded = transformers.GenerationConfig.from_pretrained(str(tmp_path / "out"))
+    assert loaded.eos_token_id == [tokenizer.eos_token_id, end_of_turn]
+
+
 def _tiny_gpt2_with_real_vocab(folder):
     """A random GPT-2 with the real 50257-token vocabulary, so the GPT-2 tokenizer fits."""
     torch.manual_seed(1)

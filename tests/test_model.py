@@ -161,6 +161,17 @@ def test_every_parameter_has_logical_axes():
         ("gpt2-large", 774.0),
         ("gpt2-xl", 1557.6),
         ("smollm2-135m", 134.5),
+        # The model cards' counts: Qwen3 0.6B (0.44B without embeddings) and 8.2B; Mistral
+        # 7B v0.3 7,248,023,552; Llama 3.1 8,030,261,248 and 70,553,706,496; Gemma 2 2B
+        # 2,614,341,888; Gemma 3 1B 999,885,952; Gemma 3 4B 4.3B with its 0.42B vision tower.
+        ("qwen3-0.6b", 596.0),
+        ("qwen3-8b", 8190.7),
+        ("mistral-7b", 7248.0),
+        ("llama3.1-8b", 8030.3),
+        ("llama3.1-70b", 70553.7),
+        ("gemma2-2b", 2614.3),
+        ("gemma3-1b", 999.9),
+        ("gemma3-4b", 3880.3),
     ],
 )
 def test_real_size_presets_have_the_published_parameter_counts(name, expected_millions):
