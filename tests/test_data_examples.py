@@ -161,6 +161,34 @@ def test_responses_without_an_end_token_are_flagged(tok):
     assert not chunk.flags[0] & examples.NO_END_TOKEN
 
 
+def test_split_rows_examples_through_concat(tok):
+    # split_turns=always on a built-in template: one example per assistant turn, fitted
+    # alone: the second turn's prompt fills max_seq_len, so only the first stays (the row
+    # kept, flagged). Chunks joined keep each row's examples with it, in order.
+    spec = DataSpec(train="x", cache=False, template="human_assistant", split_turns="always",
+                    max_seq_len=32)  # fmt: skip
+    enc = examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
+    chat = lambda *turns: {"messages": [
+        {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 2, turns, strict=False)
+    ]}  # fmt: skip
+    rows = [chat("Hi", "Hello!", "2+2?", "4"), chat("Hi", "Yo"), chat("Hi", "A", "word " * 60, "B")]
+    a, b = examples.encode_chunk(rows[:2], enc), examples.encode_chunk(rows[2:], enc)
+    joined = examples.Chunk.concat([a, b])
+    assert joined.status.tolist() == [0, 0, 0]
+    assert joined.examples_per_row.tolist() == [2, 1, 1]
+    assert joined.example_rows().tolist() == [0, 0, 1, 2]
+    split, dropped = examples.SPLIT_TURNS, examples.TURNS_DROPPED
+    assert joined.flags.tolist() == [split, 0, split | dropped]
+    # (" x" is one GPT-2 token: the space of "Assistant: x" trains with x, as unsplit.)
+    trained = [tok.decode(joined.ids[s:e][joined.trainable[s:e]])
+               for s, e in zip(joined.starts[:-1], joined.starts[1:], strict=True)]  # fmt: skip
+    assert trained == [f" {t}<|endoftext|>" for t in ("Hello!", "4", "Yo", "A")]
+    # A chunk read back without its counts (an older part file): one example per kept row.
+    old = examples.Chunk(ids=b.ids, trainable=b.trainable, starts=b.starts, status=b.status,
+                         flags=b.flags, problems={})  # fmt: skip
+    assert old.examples_per_row.tolist() == [1]
+
+
 # ---------------------------------------------------------------- generation prompts
 
 

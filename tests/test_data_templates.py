@@ -400,7 +400,7 @@ def test_generation_markers_are_used_when_present(smol):
     assert [r.text[s:e] for s, e in r.spans] == ["Hello!<|im_end|>", "4<|im_end|>"]
 
 
-def test_template_that_rewrites_history_is_refused(smol):
+def test_template_that_rewrites_history_is_split_or_refused(smol):
     # Like reasoning templates that drop earlier turns' thoughts: not prefix-stable.
     unstable = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
@@ -410,10 +410,23 @@ def test_template_that_rewrites_history_is_refused(smol):
     )
     t = JinjaTemplate(unstable, "the unstable template", {})
     msgs = _encoder(smol).messages({"messages": MULTI})
-    with pytest.raises(RowError, match="not prefix-stable.*generation") as e:
-        t.render(msgs)
+    with pytest.raises(RowError, match="not prefix-stable.*split_turns=auto.*generation") as e:
+        t.render(msgs)  # As one example (data.split_turns=never).
     assert e.value.reason == "template_error"
     t.render(msgs[:3])  # A single turn is fine.
+    first, second = t.render_examples(msgs)  # Split, each turn as the template renders a last one.
+    assert view.mark_text(first.text, first.spans).endswith("assistant\n⟦Hello!<|im_end|>⟧\n")
+    assert view.mark_text(second.text, second.spans) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n(earlier)<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦4<|im_end|>⟧\n"
+    )
+    # A template whose generation prompt is not how it renders the turn: split cannot help.
+    mismatched = unstable.replace(
+        "'<|im_start|>assistant\n' }}{% endif %}", "'<|im_start|>model\n' }}{% endif %}"
+    )
+    with pytest.raises(RowError, match="split_turns cannot help"):
+        JinjaTemplate(mismatched, "t", {}).render_examples(msgs)
 
 
 def test_template_without_generation_prompt_is_refused():
@@ -554,6 +567,12 @@ def test_split_turns_options_and_row_flags(qwen3):
     (last,) = _encoder(qwen3, assistant_turns="last").render_examples(_encoder(qwen3).messages(row))
     assert last.text == qwen3.apply_chat_template(THREE, tokenize=False)
     assert [last.text[s:e] for s, e in last.spans] == [THINK + "6<|im_end|>"]
+    # train_on=all: the template's text of the whole conversation, once, every token trained
+    # (split, the earlier turns would train again in each later example).
+    every = examples.encode_chunk([row], _encoder(qwen3, train_on="all"))
+    assert every.examples_per_row.tolist() == [1] and every.trainable.all()
+    want = qwen3.apply_chat_template(THREE, return_dict=False)
+    assert every.ids.tolist() == want
 
 
 def test_split_turns_always_on_a_builtin_template(tok):

@@ -144,6 +144,14 @@ class Encoder:
             return self.template.render(messages, self.assistant_turns)
         return self._format(messages, self.assistant_turns)
 
+    def training_examples(self, messages: list[formats.Message]) -> list[Rendered]:
+        """What trains on a conversation: `render_examples`, or with train_on="all" the whole
+        text as the template writes it, once (no spans needed, so never split: a split
+        would train the earlier turns again in every later example)."""
+        if self.train_on == "all" and isinstance(self.template, templates.JinjaTemplate):
+            return [self.template.render_text_only(messages)]
+        return self.render_examples(messages)
+
     def render_examples(self, messages: list[formats.Message]) -> list[Rendered]:
         """The examples of a conversation: one, or one per assistant turn where it is split
         (`split_turns`; format templates are prefix-stable, so only "always" splits them)."""
@@ -335,7 +343,7 @@ def _render_rows(rows: list, enc: Encoder, drop, flags: np.ndarray):
             drop(i, row.reason, row.problem)
             continue
         try:
-            examples = enc.render_examples(enc.messages(row))
+            examples = enc.training_examples(enc.messages(row))
         except RowError as e:
             drop(i, e.reason, str(e))
             continue

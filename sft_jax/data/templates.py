@@ -235,12 +235,13 @@ class JinjaTemplate:
         text = "".join(blocks)
         return text, [(s, s + len(text[s:e].rstrip())) for s, e in spans]
 
-    def _turn(self, msgs: list[dict], k: int, full: str | None = None) -> tuple[str, tuple]:
+    def _turn(self, msgs: list[dict], k: int, full: str | None = None, fix: str = "") -> tuple:
         """(the text of msgs[: k + 1], the span of assistant turn k in it): the turn is what
         that text adds to the first k messages rendered with the generation prompt."""
         prompt = self.render_text(msgs[:k], True)
         upto = full if full is not None else self.render_text(msgs[: k + 1], False)
-        _check_prefix(prompt, upto, self.name, f"the first {k} messages with the generation prompt")
+        what = f"the first {k} messages with the generation prompt"
+        _check_prefix(prompt, upto, self.name, what, fix or _FIX_SPLIT)
         turn = upto[len(prompt) :]
         return upto, (len(prompt), len(prompt) + len(turn.rstrip()))
 
@@ -251,7 +252,7 @@ class JinjaTemplate:
             if m["role"] != "assistant":
                 continue
             upto, span = self._turn(msgs, k, full if k == len(msgs) - 1 else None)
-            _check_prefix(upto, full, self.name, f"the first {k + 1} messages")
+            _check_prefix(upto, full, self.name, f"the first {k + 1} messages", _FIX_SPLIT)
             spans.append(span)
         return full, spans
 
@@ -266,7 +267,7 @@ class JinjaTemplate:
                 text, spans = self._with_markers(msgs[: k + 1])
                 out.append(Rendered(text, tuple(spans[-1:])))
             else:
-                text, span = self._turn(msgs, k)
+                text, span = self._turn(msgs, k, fix=_FIX_UNSPLITTABLE)
                 out.append(Rendered(text, (span,)))
         return out
 
@@ -302,14 +303,33 @@ class JinjaTemplate:
         text, spans = (self._with_markers if self.markers else self._by_diff)(msgs)
         return Rendered(text, tuple(spans))
 
+    def render_text_only(self, messages: Sequence[Message]) -> Rendered:
+        """The whole conversation's text, without spans (for train_on=all)."""
+        try:
+            return Rendered(self.render_text(self._dicts(messages), False), ())
+        except jinja2.TemplateError as e:
+            raise RowError("template_error", f"{self.name}: {e}") from None
+
     def render(self, messages: Sequence[Message], assistant_turns: str = "all") -> Rendered:
         """The whole conversation as one example (never split)."""
         (r,) = self.render_examples(messages, assistant_turns, split_turns="never")
         return r
 
 
-def _check_prefix(shorter: str, longer: str, name: str, what: str) -> None:
-    """Raises NotPrefixStable if `shorter` (`what`, rendered) does not begin `longer`."""
+_MARKERS_FIX = (
+    "add {% generation %} markers to a copy of the template (data.template=path/to/file.jinja) "
+    "or use a built-in data.template"
+)
+_FIX_SPLIT = "Set data.split_turns=auto (one example per assistant turn), " + _MARKERS_FIX
+_FIX_UNSPLITTABLE = (
+    "Its generation prompt does not begin its own rendering of the next assistant turn, so "
+    "data.split_turns cannot help: " + _MARKERS_FIX
+)
+
+
+def _check_prefix(shorter: str, longer: str, name: str, what: str, fix: str) -> None:
+    """Raises NotPrefixStable, saying `fix`, if `shorter` (`what`, rendered) does not begin
+    `longer`."""
     if longer.startswith(shorter):
         return
     at = next(
@@ -318,10 +338,7 @@ def _check_prefix(shorter: str, longer: str, name: str, what: str) -> None:
     )
     raise NotPrefixStable(
         f"{name} is not prefix-stable: rendering {what} gives {shorter[at : at + 30]!r} at "
-        f"character {at} where the longer conversation has {longer[at : at + 30]!r}. Set "
-        "data.split_turns=auto (one example per assistant turn), add {% generation %} "
-        "markers to a copy of the template (data.template=path/to/file.jinja) or use a "
-        "built-in data.template"
+        f"character {at} where the longer conversation has {longer[at : at + 30]!r}. {fix}"
     )
 
 
