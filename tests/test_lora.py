@@ -149,6 +149,81 @@ def test_lora_output_is_the_merged_layer(in_dims):
     np.testing.assert_allclose(stacked[1], lora.merged_kernel(w, -a, b, 2.5), atol=1e-6)
 
 
+def _adapted_logits(cfg: GPTConfig, params, adapters, spec, tokens):
+    """The model with `lora_output` added to each adapted Dense's output, without merging:
+    the forward the integration will run inside Dense, here by intercepting Dense calls
+    (one module per layer: `scan_layers=False`). The adapters' paths are the modules'."""
+    from sft_jax.model import Dense
+
+    def add_adapter(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        module = context.module
+        if not isinstance(module, Dense) or context.method_name != "__call__":
+            return y
+        node = adapters
+        for key in module.path:
+            node = node.get(key, {})
+        if "lora_a" not in node:
+            return y
+        x = args[0].astype(module.dtype)
+        return y + lora.lora_output(x, node["lora_a"], node["lora_b"], spec.scale, module.in_dims)
+
+    with nn.intercept_methods(add_adapter):
+        return GPT(cfg).apply({"params": params}, tokens)
+
+
+def test_adapted_forward_and_gradients_match_the_merged_model():
+    """Base + scale·(x·A)·B in every targeted layer gives the merged model's logits, and the
+    adapters' gradients are autodiff's of the merged formulation."""
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=256, max_seq_len=64, scan_layers=False)
+    spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "o_proj", "down_proj"))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)))
+    shapes = nn.meta.unbox(jax.eval_shape(GPT(cfg).init, jax.random.key(0), tokens))["params"]
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) / 8, shapes)
+    adapters = jax.tree.map(
+        lambda x: rng.standard_normal(x.shape, np.float32) / 8,
+        lora.init_adapters(cfg, spec, jax.random.key(0)),
+    )  # B random too: the adapters do something
+
+    def losses(adapters):
+        adapted = _adapted_logits(cfg, params, adapters, spec, tokens)
+        merged = GPT(cfg).apply({"params": lora.merge(params, adapters, spec)}, tokens)
+        return jnp.mean(adapted**2), jnp.mean(merged**2), adapted - merged
+
+    @jax.jit  # one compile: both losses and both gradients
+    def check(adapters):
+        grads = [jax.grad(lambda a, i=i: losses(a)[i])(adapters) for i in (0, 1)]
+        return losses(adapters), grads
+
+    (adapted, merged, diff), (grad_adapted, grad_merged) = check(adapters)
+    assert abs(float(adapted - merged)) < 1e-5 and float(jnp.abs(diff).max()) < 1e-4
+    for x, y in zip(jax.tree.leaves(grad_adapted), jax.tree.leaves(grad_merged), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(grad_adapted["layers_1"]["mlp"]["down_proj"]["lora_b"]).max()) > 0
+
+
+def test_adapter_axes_shard_on_a_mesh():
+    """With `lora_rank` replicated, B of q_proj splits over heads like the kernel, A's input
+    over fsdp like the kernel's."""
+    from sft_jax import sharding
+
+    spec = lora.LoraSpec(rank=4, targets=("q_proj",))
+    axes = lora.adapter_axes(TINY_LLAMA, spec)
+    shapes = jax.eval_shape(lambda: lora.init_adapters(TINY_LLAMA, spec, jax.random.key(0)))
+    boxed = jax.tree.map(
+        lambda names, x: nn.LogicallyPartitioned(x, names),
+        axes,
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    rules = (*sharding.LOGICAL_RULES, (lora.RANK_AXIS, None))
+    shardings = sharding.tree_shardings(boxed, mesh, rules)["layers"]["self_attn"]["q_proj"]
+    assert tuple(shardings["lora_a"].spec) == (None, "fsdp", None)
+    assert tuple(shardings["lora_b"].spec) == (None, None, "tensor", None)
+
+
 # --------------------------------------------------------------------------- PEFT folders
 
 
