@@ -1,15 +1,24 @@
-"""A GPT in Flax linen: the GPT-2 and Llama families behind one code path.
+"""A GPT in Flax linen: GPT-2, Llama, Qwen2/3, Mistral and Gemma 2/3 behind one code path.
 
 A config names its `family`, which decides the parameter names (`FAMILIES`: one row per
 family, read here and by `hf.py`); the architecture is config fields, not subclasses:
 
-| field           | GPT-2                    | Llama (SmolLM2, TinyLlama), Qwen2               |
-|-----------------|--------------------------|-------------------------------------------------|
-| `positions`     | "learned" (wpe table)    | "rope"                                          |
-| `norm`          | "layernorm" (with bias)  | "rmsnorm"                                       |
-| `mlp`           | "gelu" (tanh approx.)    | "swiglu"                                        |
-| `n_kv_heads`    | = n_heads                | ≤ n_heads (grouped-query attention)             |
-| `bias`          | True everywhere          | False (`qkv_bias` True for Qwen2)               |
+| field            | GPT-2                   | Llama, Qwen2/3, Mistral    | Gemma 2 / 3            |
+|------------------|-------------------------|----------------------------|------------------------|
+| `positions`      | "learned" (wpe table)   | "rope"                     | "rope"                 |
+| `norm`           | "layernorm" (with bias) | "rmsnorm"                  | "rmsnorm", × (1 + w)   |
+| `mlp`            | "gelu" (tanh approx.)   | "swiglu"                   | "geglu"                |
+| `n_kv_heads`     | = n_heads               | ≤ n_heads (grouped-query)  | ≤ n_heads              |
+| `bias`           | True everywhere         | False (`qkv_bias`: Qwen2)  | False                  |
+| `qk_norm`        | False                   | True for Qwen3             | True for Gemma 3       |
+| `sliding_window` | 0                       | every layer (Mistral v0.1) | local layers; every    |
+|                  |                         |                            | `global_every`-th not  |
+
+Gemma also norms the attention and MLP outputs (`sandwich_norms`), scales the embeddings
+by sqrt(d_model), scores by `query_pre_attn_scalar`^-1/2, and soft-caps the attention
+scores (Gemma 2) and the logits (`final_softcap`; the loss caps its chunks the same way).
+Local and global layers differ only in their window and RoPE base: with `scan_layers` a
+scanned per-layer flag picks them (one compiled block, the params one stack).
 
 Parameter names mirror the Hugging Face checkpoints of each family (`wte`, `h`, `attn/c_attn`
 … for GPT-2; `embed_tokens`, `layers`, `self_attn/q_proj` … for Llama), so weight conversion

@@ -3,7 +3,8 @@ from each family's transformers config class, with odd sizes (head_dim ≠ d_mod
 grouped-query attention, tied and untied heads) and, where the family has them, sliding
 windows shorter than the sequences, local and global layers, and soft caps.
 
-One module-scoped fixture per family builds the transformers model and saves it once."""
+One module-scoped fixture per family builds the transformers model and saves it once.
+Greedy generation with the KV cache against transformers' is tests/test_family_generate.py."""
 
 import functools
 
@@ -16,7 +17,6 @@ import torch
 import transformers
 
 from sft_jax import hf, steps
-from sft_jax.generate import Generator, Sampling
 from sft_jax.model import GPT
 
 VOCAB = 160
@@ -205,20 +205,6 @@ def test_fine_tuned_export_gives_the_runs_logits(family, tmp_path):
     ours = _our_logits(cfg, tuned, tokens, mask)
     assert np.abs(ours[real] - ref[real]).max() > 1e-2  # the run changed the model
     np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ours[real], atol=1e-4)
-
-
-def test_greedy_generation_equals_transformers_past_the_window(family):
-    _, model, folder, _ = family
-    cfg, params = hf.load_hf(folder)
-    prompt = [int(t) for t in _batch()[0][0, :5]]
-    new = 10  # 15 tokens in all: past every window above
-    ours = Generator(cfg, params).generate([prompt], Sampling(max_new_tokens=new))[0]
-    with torch.no_grad():
-        theirs = model.generate(
-            torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-            pad_token_id=0,
-        )[0, len(prompt) :].tolist()  # fmt: skip
-    assert ours == theirs
 
 
 def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
