@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from sft_jax import hf, hf_files, hf_sharded
+from sft_jax import hf, hf_files, hf_sharded, quant
 from sft_jax.matmul import dense_matmul
 from sft_jax.model import GPTConfig
 from sft_jax.sharding import get_path
@@ -262,15 +262,22 @@ def init_adapters(cfg: GPTConfig, spec: LoraSpec, key: Array) -> dict:
     only its own shards."""
     if not spec.enabled:
         raise ValueError("lora.rank: 0 (LoRA off) has no adapters to initialise")
+    layouts = [
+        (site, *_adapter_layout(cfg, site, spec.rank))
+        for site in _sites(cfg, resolve_targets(cfg, spec))
+    ]
+    # One draw for every A, then split: one random-bits kernel to compile, not one per shape.
+    sizes = [math.prod(a_shape) for _, (a_shape, _), _ in layouts]
+    if spec.init == "kaiming":
+        draws = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    else:
+        draws = jax.random.normal(key, (sum(sizes),), jnp.float32)
     tree: dict = {}
-    for i, site in enumerate(_sites(cfg, resolve_targets(cfg, spec))):
-        (a_shape, _), (b_shape, _) = _adapter_layout(cfg, site, spec.rank)
-        k = jax.random.fold_in(key, i)
-        if spec.init == "kaiming":
-            bound = 1.0 / math.sqrt(math.prod(a_shape[-1 - site.module.in_dims : -1]))
-            a = jax.random.uniform(k, a_shape, jnp.float32, -bound, bound)
-        else:
-            a = jax.random.normal(k, a_shape, jnp.float32) / spec.rank
+    offsets = np.cumsum([0, *sizes])
+    for (site, (a_shape, _), (b_shape, _)), start in zip(layouts, offsets, strict=False):
+        a = draws[start : start + math.prod(a_shape)].reshape(a_shape)
+        fan_in = math.prod(a_shape[-1 - site.module.in_dims : -1])
+        a = a / math.sqrt(fan_in) if spec.init == "kaiming" else a / spec.rank
         _set(tree, (*site.path, "lora_a"), a)
         _set(tree, (*site.path, "lora_b"), jnp.zeros(b_shape, jnp.float32))
     return tree
@@ -297,11 +304,13 @@ def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, scale: float) -> 
 
 def merge(params: dict, adapters: dict, spec: LoraSpec) -> dict:
     """The params with every adapted kernel replaced by W + scale·A·B: a plain model that
-    computes what the base with adapters computes. `params` is not changed."""
+    computes what the base with adapters computes. `params` is not changed; a quantized
+    kernel (QLoRA's base, `sft_jax.quant`) is dequantized first."""
 
     def walk(p, a):
         if "lora_a" in a:
-            kernel = merged_kernel(p["kernel"], a["lora_a"], a["lora_b"], spec.scale)
+            base = quant.dequantize(p["kernel"])
+            kernel = merged_kernel(base, a["lora_a"], a["lora_b"], spec.scale)
             return {**p, "kernel": kernel}
         return {**p, **{k: walk(p[k], v) for k, v in a.items()}}
 

@@ -224,6 +224,19 @@ def test_adapter_axes_shard_on_a_mesh():
     assert tuple(shardings["lora_b"].spec) == (None, None, "tensor", None)
 
 
+def test_merge_over_a_quantized_base():
+    """QLoRA's merged export: an NF4 kernel is dequantized, then W + scale·A·B."""
+    from sft_jax import quant
+
+    rng = np.random.default_rng(5)
+    w, a, b = (rng.standard_normal(s, np.float32) for s in ((64, 128), (64, 4), (4, 128)))
+    q = quant.quantize_nf4(w, double_quant=True)
+    spec = lora.LoraSpec(rank=4, alpha=8)
+    merged = lora.merge({"l": {"kernel": q}}, {"l": {"lora_a": a, "lora_b": b}}, spec)
+    want = lora.merged_kernel(q.dequantize(), a, b, 2.0)
+    np.testing.assert_array_equal(merged["l"]["kernel"], want)
+
+
 # --------------------------------------------------------------------------- PEFT folders
 
 
@@ -277,8 +290,8 @@ def test_peft_adapter_round_trip(family, tmp_path):
     spec, adapters, _ = lora.read_peft_adapter(str(tmp_path / "peft"), cfg)
     assert (spec.rank, spec.alpha, spec.dropout, spec.use_rslora) == (4, 8.0, 0.1, rslora)
     assert list(spec.targets) == targets
-    merged = lora.merge(params, adapters, spec)
-    ours = GPT(cfg).apply({"params": merged}, jnp.asarray(tokens))
+    merged_logits = lambda p, a: GPT(cfg).apply({"params": lora.merge(p, a, spec)}, tokens)
+    ours = jax.jit(merged_logits)(params, adapters)  # one compile, not one per op
     np.testing.assert_allclose(ours, want, atol=1e-4)
 
     lora.write_peft_adapter(cfg, spec, adapters, str(tmp_path / "ours"), "some/base")
