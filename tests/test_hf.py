@@ -289,6 +289,8 @@ def test_config_round_trip():
     assert hf.config_to_hf(qwen2)["architectures"] == ["Qwen2ForCausalLM"]
     with pytest.raises(ValueError, match="set family='qwen2'"):
         hf.config_to_hf(GPTConfig.preset("tiny-llama", qkv_bias=True))
+    with pytest.raises(ValueError, match="attn_softcap=5.0 has no Hugging Face equivalent"):
+        hf.config_to_hf(GPTConfig.preset("tiny-llama", attn_softcap=5.0))
 
 
 # The published config.json of each family (as on the hub; unused keys left out): the
