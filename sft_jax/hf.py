@@ -215,8 +215,7 @@ def _gemma_config(hf: dict, unsupported: Callable[[str], ValueError]) -> GPTConf
     """Gemma 2 and Gemma 3 (text): (1 + w) norms, four per block, GeGLU, scaled
     embeddings, soft caps, local (sliding-window) and global layers."""
     model_type = hf["model_type"]
-    hf = _GEMMA_DEFAULTS[model_type] | {k: v for k, v in hf.items() if v is not None or k in (
-        "final_logit_softcapping", "attn_logit_softcapping", "sliding_window")}  # fmt: skip
+    hf = _GEMMA_DEFAULTS[model_type] | hf  # a null soft cap or window stays null: none
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act != "gelu_pytorch_tanh":
         raise unsupported(f"hidden_activation={act!r}")
