@@ -3,6 +3,7 @@ TPU splash kernel in Pallas interpret mode, jax.nn.dot_product_attention (cuDNN 
 its XLA form. Packed rows with several examples, padding, and GQA. Run with
 JAX_PLATFORMS=cuda on an NVIDIA GPU, the cudnn tests check cuDNN's kernel itself (bf16)."""
 
+import dataclasses
 import functools
 import math
 
@@ -130,16 +131,35 @@ def test_kernel_equals_xla_path_with_gradients(kernel, options):
         theirs = lambda q, k, v: kernels.splash_attention(q, k, v, seg, interpret=True, **options)
     else:
         theirs = lambda q, k, v: kernels.cudnn_attention(q, k, v, mask, **options)
+    # Compiled as one function each (interpret mode op by op is several times slower).
+    value_and_grads = lambda f: jax.jit(lambda *x: (f(*x), jax.grad(run(f), (0, 1, 2))(*x)))
+    got, got_grads = value_and_grads(theirs)(q, k, v)
+    want, want_grads = value_and_grads(ours)(*f32(q, k, v))
     tol = dict(atol=3e-2, rtol=3e-2) if gpu_cudnn else dict(atol=2e-5)
-    got = jnp.asarray(theirs(q, k, v), jnp.float32)
-    np.testing.assert_allclose(got * real, ours(q, k, v) * real, **tol)
+    np.testing.assert_allclose(jnp.asarray(got, jnp.float32) * real, want * real, **tol)
     tol = dict(atol=5e-2, rtol=5e-2) if gpu_cudnn else dict(atol=2e-4, rtol=2e-4)
-    for g, e in zip(
-        jax.grad(run(theirs), argnums=(0, 1, 2))(q, k, v),
-        jax.grad(run(ours), argnums=(0, 1, 2))(*f32(q, k, v)),
-        strict=True,
-    ):
+    for g, e in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(jnp.asarray(g, jnp.float32), e, **tol)
+
+
+def test_splash_window_skips_blocks_and_lowers_for_tpu():
+    # At 1024 tokens in 128-blocks a 256-key window leaves splash 21 query/key blocks to
+    # visit (the diagonal and two below it), against 36 under the causal mask alone.
+    def blocks(window):
+        info = kernels._splash_kernel(1024, 2, True, window).fwd_mask_info
+        return int((np.asarray(info.block_mask) > 0).sum())
+
+    assert (blocks(0), blocks(256)) == (36, 21)
+    # The Mosaic kernels (forward, dq, dkv) with the window and the soft cap lower for TPU.
+    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+    opts = dict(window=256, softcap=50.0, scale=0.0625, implementation="splash")
+    loss = lambda q, k, v, s: jnp.sum(kernels.attention(q, k, v, segment_ids=s, **opts))
+    with kernels.target_platform("tpu"):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg)
+        text = grad.lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 3
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN runs on NVIDIA GPUs only")
@@ -173,18 +193,27 @@ def test_splash_needs_whole_blocks():
         kernels.splash_attention(q, k, v, seg[:, :192], interpret=True)
 
 
+# Gemma 2's attention on tiny-llama: layer 0 local (window 32), layer 1 global, scanned as
+# one block with a per-layer flag; soft-capped scores at a scale of its own.
+GEMMA_ATTENTION = dict(sliding_window=32, global_every=2, attn_softcap=5.0, query_pre_attn_scalar=8)
+
+
 @pytest.mark.skipif(ON_GPU, reason="interpret mode is checked on CPU; GPU float32 dots differ")
 def test_model_with_splash_equals_xla():
-    cfg = GPTConfig.preset("tiny-llama", vocab_size=97, attention="xla")
+    model_with_splash_equals_xla(**GEMMA_ATTENTION)
+
+
+def model_with_splash_equals_xla(**attention):
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=97, attention="xla", **attention)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 97, (2, 128)), jnp.int32)
     _, _, _, seg = _packed()
     positions = jnp.asarray(np.concatenate([np.arange(50), np.arange(78)])[None].repeat(2, 0))
     model = GPT(cfg)
-    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), tokens[:1, :8])["params"]
     kw = dict(positions=positions, segment_ids=seg)
-    want = model.apply({"params": params}, tokens, **kw)
-    splash_model = GPT(GPTConfig.preset("tiny-llama", vocab_size=97, attention="splash"))
-    got = splash_model.apply({"params": params}, tokens, **kw)
+    apply = lambda model: jax.jit(lambda p: model.apply({"params": p}, tokens, **kw))
+    want = apply(model)(params)
+    got = apply(GPT(dataclasses.replace(cfg, attention="splash")))(params)
     real = (seg != 0)[..., None]
     np.testing.assert_allclose(got * real, want * real, atol=1e-4)
 
@@ -193,7 +222,7 @@ def test_model_with_splash_equals_xla():
 def test_splash_after_a_scanned_model_trace():
     # The model's layer scan traces the kernel; a later use under grad must not see state
     # from that trace (a kernel cached across traces leaked its tracers here).
-    test_model_with_splash_equals_xla()
+    model_with_splash_equals_xla()
     q, k, v, seg = _packed()
     grads = jax.grad(lambda q: jnp.sum(kernels.splash_attention(q, k, v, seg, interpret=True)))(q)
     assert np.isfinite(np.asarray(grads)).all()
