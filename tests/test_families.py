@@ -133,24 +133,24 @@ def test_imported_logits_equal_transformers(family, scan_layers):
     assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
 
 
-def test_packed_row_equals_each_example_alone(family):
-    """Two examples in one row (positions restart, segment ids differ), each longer than the
-    window, give each example's own logits (computed in the same call, in rows padded with
-    segment 0)."""
-    _, _, folder, _ = family
+def test_packed_rows_equal_each_example_alone(family):
+    """Rows of two examples each (positions restart, segment ids differ), both longer than
+    the window, give each example's own logits: those transformers gives the example's
+    row alone (a causal model's logits of a prefix are the prefix's). Same shape as the
+    batch above: the same compiled forward."""
+    _, _, folder, ref = family
     cfg, params = hf.load_hf(folder)
     tokens, _ = _batch()
-    n = 7  # the first example's length; the second's is SEQ - n
-    rows = np.zeros((3, SEQ), np.int64)
-    rows[0], rows[1, :n], rows[2, : SEQ - n] = tokens[0], tokens[0, :n], tokens[0, n:]
-    segments = np.zeros((3, SEQ), np.int64)
-    segments[0], segments[1, :n], segments[2, : SEQ - n] = [1] * n + [2] * (SEQ - n), 1, 1
-    positions = np.zeros((3, SEQ), np.int64)
-    positions[0] = np.concatenate([np.arange(n), np.arange(SEQ - n)])
-    positions[1:] = np.arange(SEQ)
+    n0, n1 = 7, 9  # the first example's length in each row; the second fills the row
+    rows = np.stack([np.r_[tokens[0, :n0], tokens[1, : SEQ - n0]],
+                     np.r_[tokens[1, :n1], tokens[0, : SEQ - n1]]])  # fmt: skip
+    segments = np.stack([np.r_[[1] * n0, [2] * (SEQ - n0)], np.r_[[1] * n1, [2] * (SEQ - n1)]])
+    positions = np.stack([np.r_[np.arange(n0), np.arange(SEQ - n0)],
+                          np.r_[np.arange(n1), np.arange(SEQ - n1)]])  # fmt: skip
     out = _our_logits(cfg, params, rows, segments, positions)
-    np.testing.assert_allclose(out[0, :n], out[1, :n], atol=1e-5)
-    np.testing.assert_allclose(out[0, n:], out[2, : SEQ - n], atol=1e-5)
+    for got, want in [(out[0, :n0], ref[0, :n0]), (out[0, n0:], ref[1, : SEQ - n0]),
+                      (out[1, :n1], ref[1, :n1]), (out[1, n1:], ref[0, : SEQ - n1])]:  # fmt: skip
+        assert np.abs(got - want).max() <= 1e-4
 
 
 def test_export_is_bitwise_and_reloads_in_transformers(family, tmp_path):
