@@ -4,7 +4,8 @@ grouped-query attention, tied and untied heads) and, where the family has them, 
 windows shorter than the sequences, local and global layers, and soft caps.
 
 One module-scoped fixture per family builds the transformers model and saves it once.
-Greedy generation with the KV cache against transformers' is tests/test_family_generate.py."""
+Greedy generation with the KV cache against transformers' is tests/test_family_generate.py,
+a Gemma-shaped model on 8 faked devices against one tests/test_family_mesh.py."""
 
 import functools
 
@@ -17,7 +18,7 @@ import torch
 import transformers
 
 from sft_jax import hf, steps
-from sft_jax.model import GPT, GPTConfig
+from sft_jax.model import GPT
 
 VOCAB = 160
 SEQ = 12  # longer than every window below
@@ -237,37 +238,3 @@ def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     assert type(reloaded) is transformers.Gemma3ForCausalLM
     np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)
-
-
-def _train_losses(cfg, mesh, n_steps=3):
-    from sft_jax import train
-    from sft_jax.optim import OptimConfig, make_optimizer
-    from tests.test_steps import make_batch
-
-    tx, schedule = make_optimizer(OptimConfig(learning_rate=3e-3, warmup_steps=1), n_steps)
-    fns = train.build_steps(GPT(cfg), tx, schedule, mesh)
-    losses = []
-    with fns.context():
-        state = fns.init(jax.random.key(0))
-        for i in range(n_steps):
-            batch = jax.device_put(make_batch(rows=8, seq=32, seed=i), fns.batch_sharding)
-            state, metrics = fns.train_step(state, batch)
-            losses.append(float(metrics["loss"]))
-    return losses
-
-
-def test_gemma_shaped_training_on_8_devices_matches_one_device():
-    """A Gemma 2-shaped model (a local and a global layer, window 6 inside 32-token rows of
-    two examples, soft caps that bend the scores and logits) trains to the same losses on a
-    data × fsdp × tensor = 2 × 2 × 2 mesh as on one device."""
-    from sft_jax import sharding
-    from tests.test_steps import VOCAB as BATCH_VOCAB
-
-    cfg = GPTConfig.preset(
-        "gemma2-2b", vocab_size=BATCH_VOCAB, max_seq_len=64, d_model=64, n_layers=2, n_heads=4,
-        n_kv_heads=2, head_dim=16, d_ff=96, sliding_window=6, attn_softcap=1.0,
-        final_softcap=2.0,
-    )  # fmt: skip
-    one = _train_losses(cfg, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-    eight = _train_losses(cfg, sharding.make_mesh(2, 2, 2))
-    np.testing.assert_allclose(eight, one, rtol=1e-5)
