@@ -6,8 +6,6 @@ processes do not share stops both with a clear message."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 
 from sft_jax.data import DataSpec, build, build_splits, hosts, load_tokenizer, sources, templates
 from sft_jax.data.build import CHUNK_ROWS
-from tests.test_train import ROOT
+from tests.processes import ROOT, cpu_env, run_processes
 
 ROWS = 2 * CHUNK_ROWS + 452  # Three chunks: 0 and 2 are process 0's, 1 is process 1's.
 BAD = CHUNK_ROWS + 476  # A row of chunk 1.
@@ -31,36 +29,13 @@ def _write_rows(path, bad_rows, n=ROWS):
 
 
 def _launch(tmp_path, rows, bad):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     worker = os.path.join(ROOT, "tests", "data_multihost_worker.py")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device each.
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                worker,
-                str(port),
-                str(i),
-                "2",
-                str(tmp_path / "shared"),
-                str(tmp_path / f"own{i}"),
-                str(rows),
-                str(bad),
-                str(tmp_path / f"out{i}.json"),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**env, "JAX_PLATFORMS": "cpu"},
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    for p, err in zip(procs, errs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    run_processes(
+        lambda i, port: [sys.executable, worker, str(port), str(i), "2", str(tmp_path / "shared"),
+                         str(tmp_path / f"own{i}"), str(rows), str(bad),
+                         str(tmp_path / f"out{i}.json")],
+        env=cpu_env(devices=None), timeout=300,  # one device each
+    )  # fmt: skip
     return [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
 
 

@@ -6,13 +6,12 @@ over them (fsdp) with tensor inside each. The processes build the data together
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.test_train import ROOT
+from tests.processes import ROOT, cpu_env, run_processes
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +21,6 @@ ARGS = [
     "--config.data.train=synthetic:mix:400", "--config.data.validation=0.1",
     "--config.optim.warmup_steps=1", "--config.train.progress_bar=False",
 ]  # fmt: skip
-
-
-def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 def _losses(workdir):
@@ -43,7 +35,7 @@ def single_device_run(tmp_path_factory):
     single = tmp_path_factory.mktemp("single")
     out = subprocess.run(
         [sys.executable, "-m", "sft_jax.main", f"--workdir={single}", *ARGS],
-        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=cpu_env(devices=1), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return single
@@ -53,34 +45,13 @@ def single_device_run(tmp_path_factory):
                                   ["--config.mesh.fsdp=2", "--config.mesh.tensor=2"]],
                          ids=["tensor4-across-processes", "fsdp2-tensor2"])  # fmt: skip
 def test_two_processes_train_like_one_device(tmp_path, single_device_run, mesh):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     multi = tmp_path / "multi"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sft_jax.main",
-                f"--workdir={multi}",
-                *ARGS,
-                *mesh,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    for p, err in zip(procs, errs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    errs = run_processes(
+        lambda i, port: [sys.executable, "-m", "sft_jax.main", f"--workdir={multi}", *ARGS,
+                         *mesh, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}"],
+        env=cpu_env(devices=2),
+    )  # fmt: skip
     assert "process 1 of 2, 2 local devices" in errs[1]
 
     ref, got = _losses(single_device_run), _losses(multi)

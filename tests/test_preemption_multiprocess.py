@@ -14,16 +14,12 @@ processes write their shards to one place and read each other's back.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 
+from tests.processes import ROOT, cpu_env, run_processes
 from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (pytest fixtures)
-
-# Not imported from tests.test_train: this module also runs as each process's main.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.slow
 
@@ -106,34 +102,12 @@ def worker(process_id: int, port: int, workdir: str, out: str) -> None:
 
 
 def test_hosts_agree_on_when_to_save_and_which_checkpoint_to_restore(tmp_path, gcs_bucket):  # noqa: F811
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
     outs = [tmp_path / f"process{i}.json" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.test_preemption_multiprocess",
-                str(i),
-                str(port),
-                f"{gcs_bucket}/run",
-                str(outs[i]),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    for p, err in zip(procs, errs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    errs = run_processes(
+        lambda i, port: [sys.executable, "-m", "tests.test_preemption_multiprocess", str(i),
+                         str(port), f"{gcs_bucket}/run", str(outs[i])],
+        env=cpu_env(devices=2), timeout=300,
+    )  # fmt: skip
     first, second = (json.loads(out.read_text()) for out in outs)
 
     # Process 0's clock decides (every 10 steps, when 5 of its seconds have passed).

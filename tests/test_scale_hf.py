@@ -14,8 +14,6 @@ at 101-107 MiB on import, 166 MiB (process 0) and 66-71 MiB (others) on export."
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -24,7 +22,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from tests.test_train import ROOT
+from tests.processes import ROOT, cpu_env, run_processes
 
 pytestmark = pytest.mark.slow
 
@@ -63,26 +61,14 @@ def _tensors(folder):
 
 
 def _launch(src, out, tmp_path, nproc, devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     worker = os.path.join(ROOT, "tests", "scale_hf_worker.py")
-    results = [str(tmp_path / f"result{i}.json") for i in range(nproc)]
-    procs = [
-        subprocess.Popen([sys.executable, worker, src, out, results[i], str(i), str(nproc),
-                          str(port)], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        for i in range(nproc)
-    ]  # fmt: skip
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    for p, err in zip(procs, errs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    reports = []
-    for r in results:
-        with open(r) as f:
-            reports.append(json.load(f))
-    return reports
+    results = [tmp_path / f"result{i}.json" for i in range(nproc)]
+    run_processes(
+        lambda i, port: [sys.executable, worker, src, out, str(results[i]), str(i), str(nproc),
+                         str(port)],
+        count=nproc, env=cpu_env(devices),
+    )  # fmt: skip
+    return [json.loads(r.read_text()) for r in results]
 
 
 def test_two_processes_import_and_export_their_share(tmp_path):
