@@ -121,9 +121,23 @@ def dot_product_attention(
     # Causal query blocks need queries and keys at the same positions; otherwise (prefill
     # against a cache) one block sees every key.
     block = max(BLOCK, -(-t // MAX_BLOCKS)) if t == s else t
+    if window and t != s and t + window - 1 < s:  # a few queries against a long cache
+        k, v, key_segment_ids, q_slots = _window_of_cache(k, v, key_segment_ids, q_slots, window)
     mask = Masking(block, int(window), float(softcap))
     out = attend(q, k, v, segment_ids, key_segment_ids, q_slots, mask)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _window_of_cache(k: Array, v: Array, k_seg: Array, q_slots: Array, window: int):
+    """The cache slots a window lets consecutive queries see (decoding: one query): the
+    `queries + window - 1` slots up to the last query's, k and v [batch, kv_heads, slots,
+    head_dim] and k_seg [batch, slots] cut to them, and the query slots counted from the
+    cut's start. A decode step then costs `window` keys, not the whole cache."""
+    size = q_slots.shape[0] + window - 1
+    start = jnp.clip(q_slots[0] - window + 1, 0, k.shape[2] - size)
+    k, v = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=2) for x in (k, v))
+    k_seg = jax.lax.dynamic_slice_in_dim(k_seg, start, size, axis=1)
+    return k, v, k_seg, q_slots - start
 
 
 class Masking(NamedTuple):

@@ -201,17 +201,22 @@ def test_a_window_skips_the_key_blocks_outside_it():
 def test_decoding_past_the_window_equals_attention_without_a_cache():
     # A left-padded row decoded one query at a time against a 48-slot cache, window 8, the
     # slot traced as in the generator's step: every step's output equals the uncached
-    # forward pass at that position, far past the window.
+    # forward pass at that position, before and far past the window, and a step scores
+    # only the window's slots.
     q, k, v, _, _ = _inputs(b=2, t=48, h=4, kv=2, d=16, seed=5)
     seg = jnp.zeros((2, 48), jnp.int32).at[0, 6:].set(1).at[1, :].set(1)  # row 0: 6 pads
-    kw = dict(window=8, softcap=3.0)
-    want = attention.dot_product_attention(q, k, v, seg, **kw)
+    kw = dict(softcap=3.0)
+    want = attention.dot_product_attention(q, k, v, seg, window=8, **kw)
 
-    @jax.jit
-    def step(slot):
+    def step(slot, window=8):
         q_slot = jax.lax.dynamic_slice_in_dim(q, slot, 1, axis=1)
         decoding = jnp.ones((2, 1), jnp.int32)  # the segment id the generator gives a step
-        return attention.dot_product_attention(q_slot, k, v, decoding, seg, slot, **kw)[:, 0]
+        out = attention.dot_product_attention(
+            q_slot, k, v, decoding, seg, slot, window=window, **kw
+        )
+        return out[:, 0]
 
-    for slot in (10, 20, 47):
-        np.testing.assert_allclose(step(slot), want[:, slot], atol=1e-5, rtol=1e-5)
+    for slot in (7, 20, 47):  # slot 7: the cut starts at the cache's first slot
+        np.testing.assert_allclose(jax.jit(step)(slot), want[:, slot], atol=1e-5, rtol=1e-5)
+    flops = lambda window: jax.jit(step, static_argnums=1).lower(0, window).cost_analysis()["flops"]
+    assert flops(8) < 0.3 * flops(0)
