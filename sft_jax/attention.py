@@ -7,7 +7,11 @@ Three things keep it fast and small on a CPU:
 - Query blocks: when queries and keys are the same positions, the queries go in blocks
   and each block scores only the keys up to its own end (the causal mask hides the rest).
   That skips about half of the scores and softmax, and keeps each block's [block, keys]
-  scores small enough for the caches.
+  scores small enough for the caches. With a sliding window each block also starts at
+  the first key its first query sees, so a window's cost grows with seq · window (at
+  2048 tokens a 256-key window compiles to 33% of the causal FLOPs, forward and
+  backward); against a KV cache the keys are cut to the window's slots
+  (`_window_of_cache`), so a decode step costs the window, not the cache.
 - A hand-written backward pass (`attend`, flash-attention style): the forward keeps,
   besides q, k, v and the output, only each query's softmax maximum and 1 / Σ exp — not
   the [seq, keys] probabilities, which autodiff would store for every layer. The backward
@@ -20,6 +24,10 @@ Three things keep it fast and small on a CPU:
   [queries, keys] layout would be copied to its transpose for each of them, twice per
   block); dQ comes out as [head_dim, queries] from kᵀ, a [keys, head_dim]-sized copy.
   dK and dV add up per block in place.
+
+Gemma 2's soft cap (scaled scores s → cap·tanh(s / cap), before masking) is applied in the
+forward pass and recomputed in the backward one, whose score gradient takes its
+derivative 1 − tanh².
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ before masking, Gemma 2) in each path: xla skips the key blocks wholly outside t
 backward passes; splash takes its LocalMask (whose empty blocks it skips) and its
 `attn_logits_soft_cap`; cudnn takes jax.nn's `local_window_size`, which cuDNN runs as its
 own sliding window, but jax.nn has no soft cap: "auto" takes xla on a GPU for a soft-capped
-model and "cudnn" is refused for one (`resolve`). The KV-cache path masks the window by
-cache slots (the generator left-pads, so slot distance is position distance in a row).
+model and "cudnn" is refused for one (`resolve`). The KV-cache path counts the window in
+cache slots (the generator left-pads, so slot distance is position distance in a row) and
+scores only the window's slots.
 
 `attention(q, k, v, segment_ids=…, implementation=…)` is the one entry point: it builds
 whatever mask its implementation takes from the segment ids (none for splash, each query
