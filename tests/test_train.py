@@ -75,8 +75,11 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path):
     assert os.listdir(tmp_path / "tensorboard")[0].startswith("events.out.tfevents")
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
 
-    # A second run on the same workdir resumes at the saved step and continues.
-    second = _main(tmp_path, "--config.train.steps=8", *common)
+    # A second run on the same workdir resumes at the saved step and continues (loading
+    # the first run's compiled step from the cache: the same programs).
+    second = _main(
+        tmp_path, "--config.train.steps=8", *common, f"--config.train.compilation_cache_dir={cache}"
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 6" in second.stderr
     assert [r["step"] for r in _records(tmp_path)][5:] == [8]
