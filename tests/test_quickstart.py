@@ -1,27 +1,31 @@
 """The README's main command, shortened: SmolLM2 from its packaged GGUF, a few steps,
-and every artefact the quickstart promises."""
+and every artefact the quickstart promises. Run as the README runs it, in a process of its
+own on one CPU device (in the test process, with 8 faked devices, the compiles of the
+fsdp=8 programs took four times as long)."""
 
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
-from configs import quickstart
-from sft_jax import train
 from tests.test_train import ROOT
 
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_config_end_to_end(tmp_path, console_script):
-    c = quickstart.get_config()
-    c.train.steps, c.train.log_every, c.train.eval_every = 2, 1, 2
-    c.optim.warmup_steps = 1
-    c.data.train = "synthetic:mix:200"
-    c.eval.generations, c.eval.max_new_tokens = 4, 4
-    c.train.progress_bar = False
-    train.train_and_evaluate(c, str(tmp_path))
+def test_quickstart_config_end_to_end(tmp_path, console_script, one_device_env):
+    run = subprocess.run(
+        [sys.executable, "-m", "sft_jax.main", "--config", "configs/quickstart.py",
+         f"--workdir={tmp_path}", "--config.train.steps=2", "--config.train.log_every=1",
+         "--config.train.eval_every=2", "--config.optim.warmup_steps=1",
+         "--config.data.train=synthetic:mix:200", "--config.eval.generations=4",
+         "--config.eval.max_new_tokens=4", "--config.train.progress_bar=False"],
+        cwd=ROOT, env=one_device_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "over 1 devices" in run.stderr  # as on a user's CPU
     files = set(os.listdir(tmp_path))
     assert {"report.md", "loss_curve.png", "generations_before.jsonl", "generations_after.jsonl",
             "metrics.jsonl", "checkpoints", "hf", "tokenizer"} <= files  # fmt: skip
@@ -33,7 +37,7 @@ def test_quickstart_config_end_to_end(tmp_path, console_script):
     out = subprocess.run(
         [console_script("sft-jax-generate"), "--hf", str(tmp_path / "hf"),
          "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=one_device_env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip()
