@@ -33,7 +33,8 @@ def _records(workdir):
 
 
 @pytest.mark.slow
-def test_main_trains_writes_outputs_and_resumes(tmp_path):
+def test_main_trains_writes_outputs_and_resumes(tmp_path, one_device_env):
+    # On one device, as on a user's CPU (test_resume runs main over 8 faked devices).
     common = [
         "--config.train.log_every=2",
         "--config.train.eval_every=3",
@@ -48,6 +49,7 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path):
         "--config.train.profile_start=2",
         "--config.train.profile_steps=2",
         f"--config.train.compilation_cache_dir={cache}",
+        env=one_device_env,
     )
     assert first.returncode == 0, first.stderr[-3000:]
     # The trace of steps 2 and 3, and the compiled step kept for the next run.
@@ -78,8 +80,9 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path):
     # A second run on the same workdir resumes at the saved step and continues (loading
     # the first run's compiled step from the cache: the same programs).
     second = _main(
-        tmp_path, "--config.train.steps=8", *common, f"--config.train.compilation_cache_dir={cache}"
-    )
+        tmp_path, "--config.train.steps=8", *common,
+        f"--config.train.compilation_cache_dir={cache}", env=one_device_env,
+    )  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 6" in second.stderr
     assert [r["step"] for r in _records(tmp_path)][5:] == [8]
