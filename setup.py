@@ -56,6 +56,7 @@ setup(
             "hypothesis>=6",  # property tests of packing
             "torch==2.13.0",
             "accelerate>=1.0",
+            "peft>=0.21",  # the LoRA reference: adapters PEFT writes and loads (tests/test_lora.py)
             "ruff>=0.6",
             # A real GCS server on loopback for the gs:// tests (tests/storage_emulator.py).
             "gcp-storage-emulator>=2026.7",

@@ -10,6 +10,7 @@ checkpoint written on one mesh loads onto another.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from absl import logging
 from etils import epath
 
 from sft_jax import paths
+from sft_jax.model import GPTConfig
 
 
 def check_workdir(workdir: str) -> None:
@@ -216,6 +218,9 @@ def saved_model_fields(saved_model: dict) -> dict:
     before `GPTConfig` had a `family` field recorded none: their family followed from the
     architecture (learned positions were GPT-2, q/k/v biases Qwen2, anything else Llama),
     inferred here, once, so that old workdirs still resume and export."""
+    # Fields added to GPTConfig later (Gemma's soft caps …) were at their defaults then.
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name != "family"}
+    saved_model = defaults | saved_model
     if "family" in saved_model:
         return saved_model
     if saved_model.get("positions", "learned") == "learned":

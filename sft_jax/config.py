@@ -193,7 +193,8 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
         raise ValueError("config: set train.steps > 0 or train.epochs > 0")
     _check_batch_sizes(t, mesh_shape["data"] * mesh_shape["fsdp"])
     judge.from_config(eval_config(c), {})  # its keys, before any data or weights load
-    kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype)  # e.g. cuDNN needs bf16
+    # e.g. cuDNN needs bf16 and has no soft cap
+    kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap)
     from sft_jax import hf  # a bad export.dtype fails now, not after training
 
     hf.export_dtype(model_cfg, export_config(c).dtype)

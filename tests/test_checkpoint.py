@@ -82,6 +82,27 @@ def test_runs_from_before_the_family_field_still_open_and_resume():
         )
 
 
+def test_runs_from_before_the_gemma_fields_still_resume():
+    # Meta written before qk_norm, soft caps, windows … existed: they were at their defaults.
+    cfg = GPTConfig.preset("tiny-llama")
+    new_fields = (
+        "qk_norm",
+        "norm_plus_one",
+        "sandwich_norms",
+        "embed_scale",
+        "attn_softcap",
+        "final_softcap",
+        "sliding_window",
+        "global_every",
+        "rope_linear_factor",
+    )
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in new_fields}
+    checkpoint.check_compatible(old, dataclasses.asdict(cfg), "dir")  # no error
+    windowed = dataclasses.replace(cfg, sliding_window=8)
+    with pytest.raises(ValueError, match="sliding_window: checkpoint 0 vs config 8"):
+        checkpoint.check_compatible(old, dataclasses.asdict(windowed), "dir")
+
+
 def test_a_workdir_orbax_cannot_write_arrays_to_is_refused_by_name():
     with pytest.raises(ValueError, match=r"workdir s3://b/run: Orbax .* gs://"):
         checkpoint.Checkpointer("s3://b/run")

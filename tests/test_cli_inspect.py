@@ -52,7 +52,7 @@ def test_counts_and_last_line_json(run):
     assert 0 < train["loss_tokens"] < train["tokens"]
     assert 0 <= train["padding_share"] < 1 and train["segments_per_row"]["max"] >= 2
     assert stats["cache"]["path"] and not stats["cache"]["hit"]
-    assert "rows read 36, kept 36, dropped 0" in out.stdout
+    assert "rows read 36, examples 36, dropped 0" in out.stdout
     # The marked view: trained text in brackets, after its prompt.
     assert "### Response:\n⟦Echo " in out.stdout and "!<|endoftext|>⟧" in out.stdout
 

@@ -70,8 +70,12 @@ def _print_summary(stats: dict) -> None:
             print(f"cache: {s['path'] or 'off'}{' (hit)' if s['hit'] else ''}")
             continue
         print(f"== {name} ({s['format']})")
-        print(f"  rows read {s['rows_read']}, kept {s['examples']}, dropped "
+        print(f"  rows read {s['rows_read']}, examples {s['examples']}, dropped "
               f"{sum(s['dropped'].values())} {s['dropped'] or ''}")  # fmt: skip
+        if s.get("split_rows"):  # older cache entries lack these keys
+            print(f"  conversations split per assistant turn {s['split_rows']} → "
+                  f"{s['split_examples']} examples ({s.get('split_rows_missing_turns', 0)} "
+                  "lost turns to max_seq_len)")  # fmt: skip
         print(f"  responses cut at max_seq_len (lost EOS) {s['responses_truncated']}, "
               f"prompts cut from the left {s['prompts_truncated']}")  # fmt: skip
         print(f"  tokens {s['tokens']}, loss tokens {s['loss_tokens']} ({s['loss_share']:.1%})")

@@ -102,7 +102,9 @@ def _lower(c, p, target: str) -> int:
 
     model_cfg = p["model"]
     with kernels.target_platform(target):
-        kernel = kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype)
+        kernel = kernels.resolve(
+            model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap
+        )
     try:
         lowered = lower_train_step(c, p, target)
     except Exception as e:  # any lowering or partitioning failure is the answer here

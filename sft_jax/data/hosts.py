@@ -24,7 +24,7 @@ from etils import epath
 
 from sft_jax.data import cache, examples
 
-_ARRAYS = ("ids", "trainable", "starts", "status", "flags")
+_ARRAYS = ("ids", "trainable", "starts", "status", "flags", "examples_per_row")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +86,15 @@ def join(parts: list[dict], name: str) -> tuple[examples.Chunk, str]:
     order = np.argsort(rows, kind="stable")
     if not np.array_equal(rows[order], np.arange(len(rows))):
         raise RuntimeError(f"data: the parts of {name} do not hold every row once")
-    kept = joined.status == 0  # each kept row has one example, in joined order
-    laid = joined.take(np.argsort(rows[kept], kind="stable"))
+    # Examples in source-row order (a row split per assistant turn holds several).
+    laid = joined.take(np.argsort(rows[joined.example_rows()], kind="stable"))
     chunk = examples.Chunk(
         ids=laid.ids,
         trainable=laid.trainable,
         starts=laid.starts,
         status=joined.status[order],
         flags=joined.flags[order],
+        examples_per_row=joined.examples_per_row[order],
         problems={int(rows[i]): p for i, p in joined.problems.items()},
     )
     return chunk, parts[0][name][1]
