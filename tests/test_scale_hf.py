@@ -66,7 +66,9 @@ def _launch(src, out, tmp_path, nproc, devices):
     run_processes(
         lambda i, port: [sys.executable, worker, src, out, str(results[i]), str(i), str(nproc),
                          str(port)],
-        count=nproc, env=cpu_env(devices),
+        # Few malloc arenas: XLA's many threads each grow their own otherwise, which moved
+        # a non-zero process's export peak by ±20 MiB from run to run under load.
+        count=nproc, env=cpu_env(devices) | {"MALLOC_ARENA_MAX": "2"},
     )  # fmt: skip
     return [json.loads(r.read_text()) for r in results]
 
