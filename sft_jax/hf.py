@@ -315,6 +315,20 @@ def _rope_scaling(rope: dict, unsupported: Callable[[str], ValueError]) -> tuple
     )
 
 
+def _shape_keys(cfg: GPTConfig) -> dict:
+    """The config.json keys of a rotary model's shapes, the same in every such family."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.dim_per_head,
+    }
+
+
 def config_to_hf(cfg: GPTConfig) -> dict:
     """The config.json of the equivalent transformers model."""
     if cfg.family == "gpt2":
@@ -353,14 +367,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
     return extra | {
         "model_type": cfg.family,
         "architectures": [cfg.names.hf_architecture],
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.dim_per_head,
+        **_shape_keys(cfg),
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
@@ -422,14 +429,7 @@ def _gemma_config_to_hf(cfg: GPTConfig) -> dict:
     return {
         "model_type": "gemma2" if gemma2 else "gemma3_text",
         "architectures": [cfg.names.hf_architecture],
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.dim_per_head,
+        **_shape_keys(cfg),
         "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": rope,
