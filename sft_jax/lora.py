@@ -30,20 +30,22 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from sft_jax import hf, hf_files, hf_sharded, quant
-from sft_jax.matmul import dense_matmul
-from sft_jax.model import GPTConfig
+from sft_jax.matmul import lora_output  # noqa: F401  (re-exported: the adapter's output)
+from sft_jax.model import GPT, LORA_RANK_AXIS, GPTConfig, LoraLayers, unstack_layers
 from sft_jax.sharding import get_path
 
 Array = jax.Array
 
 ALL_LINEAR = "all-linear"
-RANK_AXIS = "lora_rank"  # the logical name of the rank axis: replicated on every mesh
+RANK_AXIS = LORA_RANK_AXIS  # the logical name of the rank axis: replicated on every mesh
+ADAPTER_LEAVES = ("lora_a", "lora_b")  # the adapters' names beside each adapted kernel
 INITS = ("kaiming", "gaussian")  # PEFT's init_lora_weights=True and ="gaussian"
 _DEFAULT_ALPHA = 16.0
 
@@ -84,6 +86,13 @@ class LoraSpec:
     def scale(self) -> float:
         """The factor on the adapter's output: alpha / r, or alpha / √r with rsLoRA."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def layers(self, cfg: GPTConfig) -> LoraLayers | None:
+        """What the model `cfg` needs to carry these adapters (None when LoRA is off)."""
+        if not self.enabled:
+            return None
+        paths = frozenset(m.path for m in resolve_targets(cfg, self))
+        return LoraLayers(self.rank, self.scale, self.dropout, self.init == "gaussian", paths)
 
     @classmethod
     def from_config(cls, c: Any) -> LoraSpec:
@@ -201,93 +210,92 @@ def _sites(cfg: GPTConfig, modules: Sequence[Module]) -> Iterator[_Site]:
                 yield _Site(m, (f"{layers}_{i}", *m.path), i)
 
 
-@functools.lru_cache(maxsize=16)
-def _abstract_params(cfg: GPTConfig) -> dict:
-    """The model's params as shapes with logical axis names (boxed), from `eval_shape`."""
-    from sft_jax.model import GPT
-
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(GPT(cfg).init, jax.random.key(0), tokens)["params"]
-
-
-def _kernel(cfg: GPTConfig, site: _Site) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
-    """(shape, logical axis names) of the kernel at `site`."""
-    boxed = get_path(_abstract_params(cfg), (*site.path, "kernel"))
-    return tuple(boxed.value.shape), tuple(boxed.names)
-
-
-def _adapter_layout(cfg: GPTConfig, site: _Site, rank: int):
-    """((shape, axes) of A, (shape, axes) of B) at `site`: A [*lead, *in, r],
-    B [*lead, r, *out], with lead the layers axis of a stacked kernel."""
-    shape, axes = _kernel(cfg, site)
-    lead = 1 if site.layer is None else 0
-    split = lead + site.module.in_dims
-    a = ((*shape[:split], rank), (*axes[:split], RANK_AXIS))
-    b = ((*shape[:lead], rank, *shape[split:]), (*axes[:lead], RANK_AXIS, *axes[split:]))
-    return a, b
-
-
-def _layer_shapes(cfg: GPTConfig, module: Module, rank: int):
-    """(A's shape, B's shape) of one layer's adapters on `module`."""
-    site = next(_sites(cfg, [module]))
-    (a_shape, _), (b_shape, _) = _adapter_layout(cfg, site, rank)
-    lead = 1 if site.layer is None else 0
-    return a_shape[lead:], b_shape[lead:]
-
-
 def _set(tree: dict, path: Sequence[str], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
 
 
+def _is_adapter(path) -> bool:
+    return getattr(path[-1], "key", path[-1]) in ADAPTER_LEAVES
+
+
+def split(params: dict) -> tuple[dict, dict]:
+    """(base, adapters): the params without the adapters, and the adapters alone (the tree
+    down to each adapted layer's `lora_a` and `lora_b`). Boxed leaves stay boxed."""
+    base: dict = {}
+    adapters: dict = {}
+
+    def leaf(path, x):
+        keys = tuple(getattr(k, "key", k) for k in path)
+        _set(adapters if _is_adapter(keys) else base, keys, x)
+
+    jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_leaf)
+    return base, adapters
+
+
+def combine(base: dict, adapters: dict) -> dict:
+    """The params of the adapted model: `base` with each layer's adapters beside its kernel
+    (the inverse of `split`)."""
+    out = dict(base)
+    for key, value in adapters.items():
+        out[key] = combine(base[key], value) if key in base else value
+    return out
+
+
+def _is_leaf(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata) or quant.is_quantized(x)
+
+
+def _init_model(cfg: GPTConfig, spec: LoraSpec):
+    """The scanned model with `spec`'s adapters: one layer's initialisers to compile."""
+    return GPT(dataclasses.replace(cfg, scan_layers=True, attention="xla"), spec.layers(cfg))
+
+
+def _boxed_adapters(cfg: GPTConfig, spec: LoraSpec, key: Array) -> dict:
+    """Fresh adapters as the model initialises them, boxed with their logical axis names,
+    per `cfg.scan_layers`. Only the adapters' initialisers survive compilation: XLA drops
+    the base's, whose values are not returned."""
+    if not spec.enabled:
+        raise ValueError("lora.rank: 0 (LoRA off) has no adapters to initialise")
+    model = _init_model(cfg, spec)
+    params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+    if not cfg.scan_layers:
+        params = unstack_layers(model.cfg, params)[1]
+    return split(params)[1]
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_adapters(cfg: GPTConfig, spec: LoraSpec) -> dict:
+    """The adapters' shapes, boxed with their logical axis names (from `eval_shape`)."""
+    return jax.eval_shape(functools.partial(_boxed_adapters, cfg, spec), jax.random.key(0))
+
+
 def adapter_axes(cfg: GPTConfig, spec: LoraSpec) -> dict:
     """The adapters' tree with each leaf the tuple of its logical axis names: the kernel's,
     with `lora_rank` (replicated) for the rank: A ("layers", "embed", "lora_rank"),
     B ("layers", "lora_rank", "heads", "head_dim") for q_proj."""
-    tree: dict = {}
-    for site in _sites(cfg, resolve_targets(cfg, spec)):
-        (_, a_axes), (_, b_axes) = _adapter_layout(cfg, site, spec.rank)
-        _set(tree, (*site.path, "lora_a"), a_axes)
-        _set(tree, (*site.path, "lora_b"), b_axes)
-    return tree
+    return jax.tree.map(lambda box: tuple(box.names), abstract_adapters(cfg, spec),
+                        is_leaf=_is_leaf)  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def init_adapters(cfg: GPTConfig, spec: LoraSpec, key: Array) -> dict:
-    """Fresh float32 adapters as PEFT makes them: A Kaiming-uniform (torch's
-    `kaiming_uniform_(a=√5)`: U(±1/√fan_in), fan_in = the layer's input size), or normal
-    with std 1/r ("gaussian"); B zero, so the adapted model starts as the base model.
-    One compiled function; under a caller's jit with `out_shardings`, each device makes
-    only its own shards."""
-    if not spec.enabled:
-        raise ValueError("lora.rank: 0 (LoRA off) has no adapters to initialise")
-    layouts = [
-        (site, *_adapter_layout(cfg, site, spec.rank))
-        for site in _sites(cfg, resolve_targets(cfg, spec))
-    ]
-    # One draw for every A, then split: one random-bits kernel to compile, not one per shape.
-    sizes = [math.prod(a_shape) for _, (a_shape, _), _ in layouts]
-    if spec.init == "kaiming":
-        draws = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
-    else:
-        draws = jax.random.normal(key, (sum(sizes),), jnp.float32)
-    tree: dict = {}
-    offsets = np.cumsum([0, *sizes])
-    for (site, (a_shape, _), (b_shape, _)), start in zip(layouts, offsets, strict=False):
-        a = draws[start : start + math.prod(a_shape)].reshape(a_shape)
-        fan_in = math.prod(a_shape[-1 - site.module.in_dims : -1])
-        a = a / math.sqrt(fan_in) if spec.init == "kaiming" else a / spec.rank
-        _set(tree, (*site.path, "lora_a"), a)
-        _set(tree, (*site.path, "lora_b"), jnp.zeros(b_shape, jnp.float32))
-    return tree
+    """Fresh float32 adapters as PEFT makes them (the model's own initialisers,
+    `model.Dense`): A Kaiming-uniform (torch's `kaiming_uniform_(a=√5)`: U(±1/√fan_in),
+    fan_in = the layer's input size), or normal with std 1/r ("gaussian"); B zero, so the
+    adapted model starts as the base model. Under a caller's jit with `out_shardings`, each
+    device makes only its own shards."""
+    return nn.meta.unbox(_boxed_adapters(cfg, spec, key))
 
 
-def lora_output(x: Array, lora_a: Array, lora_b: Array, scale: float, in_dims: int = 1) -> Array:
-    """scale·(x·A)·B, the adapter's part of a dense layer's output: x [..., *in] →
-    [..., *out], in x's dtype. (PEFT applies dropout to x first, in training.)"""
-    h = dense_matmul(x, lora_a.astype(x.dtype), in_dims)  # [..., r]
-    return scale * dense_matmul(h, lora_b.astype(x.dtype), 1)
+def _layer_shapes(cfg: GPTConfig, module: Module, rank: int):
+    """(A's shape, B's shape) of one layer's adapters on `module`."""
+    spec = LoraSpec(rank=rank, targets=(module.name,))
+    site = next(_sites(cfg, [module]))
+    lead = 1 if site.layer is None else 0
+    node = get_path(abstract_adapters(cfg, spec), site.path)
+    return tuple(tuple(node[f"lora_{w}"].value.shape[lead:]) for w in "ab")
 
 
 def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:

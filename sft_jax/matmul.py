@@ -65,3 +65,11 @@ def _bwd(in_dims, res, g):
 
 
 _cpu_dense_matmul.defvjp(_fwd, _bwd)
+
+
+def lora_output(x: Array, lora_a: Array, lora_b: Array, scale: float, in_dims: int = 1) -> Array:
+    """scale·(x·A)·B, a LoRA adapter's part of a dense layer's output (`sft_jax.lora`):
+    x [..., *in], A [*in, r], B [r, *out] → [..., *out], in x's dtype. Two thin matmuls
+    through the rank, never the [*in, *out] product A·B."""
+    h = dense_matmul(x, lora_a.astype(x.dtype), in_dims)  # [..., r]
+    return scale * dense_matmul(h, lora_b.astype(x.dtype), 1)

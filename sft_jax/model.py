@@ -42,13 +42,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax import kernels
-from sft_jax.matmul import dense_matmul
+from sft_jax import kernels, quant
+from sft_jax.matmul import dense_matmul, lora_output
 
 Array = jax.Array
 
 # Layers are stacked along this leading axis when `scan_layers` is on.
 LAYERS_AXIS = "layers"
+LORA_RANK_AXIS = "lora_rank"  # a LoRA adapter's rank: replicated on every mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,9 +546,31 @@ def with_recomputed_activation(dense: nn.Module, activation: Callable) -> Callab
     return lambda *h: recompute_input(lambda dense, *h: dense(activation(*h)))(dense, *h)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraLayers:
+    """Which dense layers of a block carry LoRA adapters, and their rank and scale: what
+    the model needs of a `lora.LoraSpec` (`LoraSpec.layers(cfg)` builds it). Frozen: the
+    model is a static jit argument."""
+
+    rank: int
+    scale: float  # alpha / rank (alpha / √rank with rsLoRA)
+    dropout: float  # on the adapter's input, in training
+    gaussian: bool  # A drawn N(0, 1/rank²) (PEFT's "gaussian"), else Kaiming-uniform
+    paths: frozenset[tuple[str, ...]]  # within a block: ("self_attn", "q_proj"), ("mlp", "c_fc")
+
+    def on(self, *path: str) -> LoraLayers | None:
+        """Itself if the layer at `path` (within a block) is adapted, else None."""
+        return self if path in self.paths else None
+
+
 class Dense(nn.Module):
     """x @ kernel (+ bias). `kernel_axes` names each kernel dimension; `features` may be a
-    tuple so a kernel keeps head structure ([d_model, heads, head_dim]) for tensor parallelism."""
+    tuple so a kernel keeps head structure ([d_model, heads, head_dim]) for tensor parallelism.
+
+    With `lora`, the layer adds a LoRA adapter's scale·(x·A)·B (A `lora_a` [*in, r],
+    B `lora_b` [r, *out], float32, beside the kernel), the kernel left as it is, so the
+    base can be frozen and even stored quantized (a `quant` tensor where the kernel is,
+    dequantized here, inside the matmul that uses it)."""
 
     features: tuple[int, ...]
     kernel_axes: tuple[str | None, ...]
@@ -556,16 +579,15 @@ class Dense(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Any = None
+    lora: LoraLayers | None = None
+    deterministic: bool = True  # no adapter dropout (evaluation, generation)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param(
-            "kernel",
-            _param(self.kernel_init or _dense_init(), *self.kernel_axes),
-            (*x.shape[-self.in_dims :], *self.features),
-            self.param_dtype,
-        )
+        kernel = self._kernel(x)
         y = dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
+        if self.lora is not None:
+            y = y + self._adapter(x.astype(self.dtype))
         if self.use_bias:
             bias_axes = self.kernel_axes[self.in_dims :]
             bias = self.param(
@@ -573,6 +595,33 @@ class Dense(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+    def _kernel(self, x: Array) -> Array:
+        if self.has_variable("params", "kernel"):
+            stored = self.get_variable("params", "kernel")
+            if quant.is_quantized(stored):
+                return quant.dequantize(stored)  # `param` would check its shape, not the codes'
+        return self.param(
+            "kernel",
+            _param(self.kernel_init or _dense_init(), *self.kernel_axes),
+            (*x.shape[-self.in_dims :], *self.features),
+            self.param_dtype,
+        )
+
+    def _adapter(self, x: Array) -> Array:
+        lora, in_shape = self.lora, x.shape[-self.in_dims :]
+        in_axes, out_axes = self.kernel_axes[: self.in_dims], self.kernel_axes[self.in_dims :]
+        if lora.gaussian:
+            a_init = nn.initializers.normal(stddev=1.0 / lora.rank)
+        else:  # torch's kaiming_uniform_(a=√5), PEFT's default: U(±1/√fan_in)
+            in_axis = tuple(range(self.in_dims))
+            a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis, -1)
+        a = self.param("lora_a", _param(a_init, *in_axes, LORA_RANK_AXIS),
+                       (*in_shape, lora.rank), jnp.float32)  # fmt: skip
+        b = self.param("lora_b", _param(nn.initializers.zeros, LORA_RANK_AXIS, *out_axes),
+                       (lora.rank, *self.features), jnp.float32)  # fmt: skip
+        x = nn.Dropout(lora.dropout, deterministic=self.deterministic)(x)
+        return lora_output(x, a, b, lora.scale, self.in_dims)
 
 
 class Norm(nn.Module):
@@ -607,9 +656,25 @@ def _norm(cfg: GPTConfig, name: str) -> Norm:
     return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dt, pdt, cfg.norm_plus_one, name=name)
 
 
-def _dense(cfg: GPTConfig, features, kernel_axes, use_bias, name: str, in_dims: int = 1):
+def _dense(cfg: GPTConfig, features, kernel_axes, use_bias, name: str, in_dims: int = 1,
+           lora: LoraLayers | None = None, deterministic: bool = True):  # fmt: skip
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    return Dense(features, kernel_axes, use_bias, in_dims, dt, pdt, name=name)
+    return Dense(features, kernel_axes, use_bias, in_dims, dt, pdt, lora=lora,
+                 deterministic=deterministic, name=name)  # fmt: skip
+
+
+class _Sublayer(nn.Module):
+    """Attention or MLP: a part of a block whose dense layers may carry LoRA adapters."""
+
+    cfg: GPTConfig
+    lora: LoraLayers | None = None
+    deterministic: bool = True
+
+    def dense(self, features, kernel_axes, use_bias, name: str, in_dims: int = 1) -> Dense:
+        """The dense layer `name` of this part, adapted if `lora` names it."""
+        lora = self.lora and self.lora.on(self.name, name)
+        return _dense(self.cfg, features, kernel_axes, use_bias, name, in_dims, lora,
+                      self.deterministic)  # fmt: skip
 
 
 def rope_frequencies(cfg: GPTConfig, local: bool = False) -> Array:
@@ -708,9 +773,7 @@ def _attend(cfg: GPTConfig, local: bool | Array, q, k, v, **kwargs) -> Array:
     return _select(local, call(cfg.sliding_window), call(0), q, k, v)
 
 
-class Attention(nn.Module):
-    cfg: GPTConfig
-
+class Attention(_Sublayer):
     @nn.compact
     def __call__(self, x: Array, positions: Array, segment_ids: Array, cache=None, local=False):
         """cache: None (training) or (k, v, key_segment_ids, slot) of this layer; then
@@ -721,15 +784,15 @@ class Attention(nn.Module):
         if len(names.qkv) == 1:
             # Fused q|k|v as in GPT-2's c_attn, kept as [d_model, 3, heads, head_dim].
             axes = ("embed", "qkv", "heads", "head_dim")
-            qkv = _dense(cfg, (3, cfg.n_heads, hd), axes, cfg.bias, names.qkv[0])(x)
+            qkv = self.dense((3, cfg.n_heads, hd), axes, cfg.bias, names.qkv[0])(x)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
             qkv_bias = cfg.bias or cfg.qkv_bias
             q_name, k_name, v_name = names.qkv
             q_axes, kv_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
-            q = _dense(cfg, (cfg.n_heads, hd), q_axes, qkv_bias, q_name)(x)
-            k = _dense(cfg, (cfg.n_kv_heads, hd), kv_axes, qkv_bias, k_name)(x)
-            v = _dense(cfg, (cfg.n_kv_heads, hd), kv_axes, qkv_bias, v_name)(x)
+            q = self.dense((cfg.n_heads, hd), q_axes, qkv_bias, q_name)(x)
+            k = self.dense((cfg.n_kv_heads, hd), kv_axes, qkv_bias, k_name)(x)
+            v = self.dense((cfg.n_kv_heads, hd), kv_axes, qkv_bias, v_name)(x)
         if cfg.qk_norm:  # over head_dim, per head, before RoPE
             q, k = _norm(cfg, names.q_norm)(q), _norm(cfg, names.k_norm)(k)
         if cfg.positions == "rope":
@@ -751,26 +814,24 @@ class Attention(nn.Module):
             )  # fmt: skip
         # [batch, seq, heads, head_dim] → [batch, seq, d_model]
         axes = ("heads", "head_dim", "embed")
-        out = _dense(cfg, (cfg.d_model,), axes, cfg.bias, names.attn_out, in_dims=2)(out)
+        out = self.dense((cfg.d_model,), axes, cfg.bias, names.attn_out, in_dims=2)(out)
         return out if cache is None else (out, new_cache)
 
 
-class MLP(nn.Module):
+class MLP(_Sublayer):
     """c_proj(gelu(c_fc(x))) (GPT-2), or down_proj(swiglu(gate_proj(x), up_proj(x))) (Llama;
     geglu for Gemma), with the activation recomputed in the backward pass
     (`with_recomputed_activation`)."""
-
-    cfg: GPTConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg, names = self.cfg, self.cfg.names
 
         def into(name: str) -> Array:  # [batch, seq, d_model] → [batch, seq, d_ff]
-            h = _dense(cfg, (cfg.d_ff,), ("embed", "mlp"), cfg.bias, name)(x)
+            h = self.dense((cfg.d_ff,), ("embed", "mlp"), cfg.bias, name)(x)
             return nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
 
-        down = _dense(cfg, (cfg.d_model,), ("mlp", "embed"), cfg.bias, names.mlp_out)
+        down = self.dense((cfg.d_model,), ("mlp", "embed"), cfg.bias, names.mlp_out)
         if cfg.mlp == "gelu":
             (fc,) = names.mlp_in
             return with_recomputed_activation(down, gelu)(into(fc))
@@ -791,6 +852,7 @@ class Block(nn.Module):
     cfg: GPTConfig
     deterministic: bool = True
     local: bool | None = False
+    lora: LoraLayers | None = None
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, decode=None, layer_cache=None, local_flag=None):
@@ -798,7 +860,7 @@ class Block(nn.Module):
         local = self.local if self.local is not None else local_flag
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h = _norm(cfg, names.norm_1)(x)
-        attention = Attention(cfg, name=names.attn)
+        attention = Attention(cfg, self.lora, self.deterministic, name=names.attn)
         new_cache = None
         if layer_cache is None:
             h = attention(h, positions, segment_ids, local=local)
@@ -807,7 +869,7 @@ class Block(nn.Module):
         if cfg.sandwich_norms:
             h = _norm(cfg, names.attn_out_norm)(h)
         x = x + drop(h)
-        h = MLP(cfg, name="mlp")(_norm(cfg, names.norm_2)(x))
+        h = MLP(cfg, self.lora, self.deterministic, name="mlp")(_norm(cfg, names.norm_2)(x))
         if cfg.sandwich_norms:
             h = _norm(cfg, names.mlp_out_norm)(h)
         x = x + drop(h)
@@ -825,9 +887,11 @@ def _block_class(cfg: GPTConfig):
 
 class GPT(nn.Module):
     """`GPT(cfg).apply({"params": p}, tokens, positions=…, segment_ids=…)` → float32 logits;
-    `method="hidden_states"` → the final norm's output instead."""
+    `method="hidden_states"` → the final norm's output instead. With `lora`, the blocks'
+    dense layers it names carry LoRA adapters (`lora_a`, `lora_b` beside their kernels)."""
 
     cfg: GPTConfig
+    lora: LoraLayers | None = None
 
     def __call__(
         self,
@@ -911,7 +975,7 @@ class GPT(nn.Module):
             )
             alike = len(set(local)) == 1
             flags = None if alike else jnp.asarray(local)  # [layers] bool, scanned
-            x, new_caches = stack(cfg, deterministic, local[0] if alike else None,
+            x, new_caches = stack(cfg, deterministic, local[0] if alike else None, self.lora,
                                   name=names.layers)(
                 x, positions, segment_ids, decode, layer_caches, flags
             )  # fmt: skip
@@ -919,7 +983,7 @@ class GPT(nn.Module):
             outs = []
             for i in range(cfg.n_layers):
                 layer = None if cache is None else tuple(c[i] for c in layer_caches)
-                x, out = block(cfg, deterministic, local[i], name=f"{names.layers}_{i}")(
+                x, out = block(cfg, deterministic, local[i], self.lora, name=f"{names.layers}_{i}")(
                     x, positions, segment_ids, decode, layer
                 )
                 outs.append(out)

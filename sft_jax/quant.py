@@ -205,7 +205,7 @@ def quantize_int8(x: Array, in_axes: tuple[int, ...] = (0,)) -> Int8Tensor:
 # --------------------------------------------------------------------------- trees
 
 
-def _is_quantized(x) -> bool:
+def is_quantized(x) -> bool:
     return isinstance(x, NF4Tensor | Int8Tensor)
 
 
@@ -216,19 +216,19 @@ def quantize_tree(params, quantize: Callable[[Array], Quantized], where: Callabl
 
     def leaf(path, x):
         keys = tuple(getattr(k, "key", k) for k in path)
-        return quantize(x) if where(keys) and not _is_quantized(x) else x
+        return quantize(x) if where(keys) and not is_quantized(x) else x
 
-    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_quantized)
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=is_quantized)
 
 
 def dequantize_tree(tree) -> dict:
     """Every quantized leaf as floats (jittable)."""
-    return jax.tree.map(dequantize, tree, is_leaf=_is_quantized)
+    return jax.tree.map(dequantize, tree, is_leaf=is_quantized)
 
 
 def bits_per_param(tree) -> float:
     """Stored bits per value over the quantized leaves of `tree`."""
-    leaves = [x for x in jax.tree.leaves(tree, is_leaf=_is_quantized) if _is_quantized(x)]
+    leaves = [x for x in jax.tree.leaves(tree, is_leaf=is_quantized) if is_quantized(x)]
     sizes = [math.prod(x.shape if isinstance(x, NF4Tensor) else x.values.shape) for x in leaves]
     bits = sum(x.bits_per_param * n for x, n in zip(leaves, sizes, strict=True))
     return bits / sum(sizes)

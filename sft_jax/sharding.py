@@ -37,6 +37,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # a LoRA adapter's rank: small, replicated
     # activations
     ("batch", BATCH_AXES),
     ("length", None),

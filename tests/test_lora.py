@@ -149,33 +149,12 @@ def test_lora_output_is_the_merged_layer(in_dims):
     np.testing.assert_allclose(stacked[1], lora.merged_kernel(w, -a, b, 2.5), atol=1e-6)
 
 
-def _adapted_logits(cfg: GPTConfig, params, adapters, spec, tokens):
-    """The model with `lora_output` added to each adapted Dense's output, without merging:
-    the forward the integration will run inside Dense, here by intercepting Dense calls
-    (one module per layer: `scan_layers=False`). The adapters' paths are the modules'."""
-    from sft_jax.model import Dense
-
-    def add_adapter(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
-        module = context.module
-        if not isinstance(module, Dense) or context.method_name != "__call__":
-            return y
-        node = adapters
-        for key in module.path:
-            node = node.get(key, {})
-        if "lora_a" not in node:
-            return y
-        x = args[0].astype(module.dtype)
-        return y + lora.lora_output(x, node["lora_a"], node["lora_b"], spec.scale, module.in_dims)
-
-    with nn.intercept_methods(add_adapter):
-        return GPT(cfg).apply({"params": params}, tokens)
-
-
-def test_adapted_forward_and_gradients_match_the_merged_model():
-    """Base + scale·(x·A)·B in every targeted layer gives the merged model's logits, and the
-    adapters' gradients are autodiff's of the merged formulation."""
-    cfg = GPTConfig.preset("tiny-llama", vocab_size=256, max_seq_len=64, scan_layers=False)
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_adapted_forward_and_gradients_match_the_merged_model(scan_layers):
+    """The adapted model (base + scale·(x·A)·B inside each targeted Dense, never merged)
+    gives the merged model's logits, and the adapters' gradients are autodiff's of the
+    merged formulation."""
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=256, max_seq_len=64, scan_layers=scan_layers)
     spec = lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "o_proj", "down_proj"))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)))
     shapes = nn.meta.unbox(jax.eval_shape(GPT(cfg).init, jax.random.key(0), tokens))["params"]
@@ -185,9 +164,10 @@ def test_adapted_forward_and_gradients_match_the_merged_model():
         lambda x: rng.standard_normal(x.shape, np.float32) / 8,
         lora.init_adapters(cfg, spec, jax.random.key(0)),
     )  # B random too: the adapters do something
+    adapted_model = GPT(cfg, spec.layers(cfg))
 
     def losses(adapters):
-        adapted = _adapted_logits(cfg, params, adapters, spec, tokens)
+        adapted = adapted_model.apply({"params": lora.combine(params, adapters)}, tokens)
         merged = GPT(cfg).apply({"params": lora.merge(params, adapters, spec)}, tokens)
         return jnp.mean(adapted**2), jnp.mean(merged**2), adapted - merged
 
@@ -200,7 +180,8 @@ def test_adapted_forward_and_gradients_match_the_merged_model():
     assert abs(float(adapted - merged)) < 1e-5 and float(jnp.abs(diff).max()) < 1e-4
     for x, y in zip(jax.tree.leaves(grad_adapted), jax.tree.leaves(grad_merged), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-    assert float(jnp.abs(grad_adapted["layers_1"]["mlp"]["down_proj"]["lora_b"]).max()) > 0
+    down_b = grad_adapted["layers" if scan_layers else "layers_1"]["mlp"]["down_proj"]["lora_b"]
+    assert float(jnp.abs(down_b).max()) > 0
 
 
 def test_adapter_axes_shard_on_a_mesh():
@@ -218,8 +199,7 @@ def test_adapter_axes_shard_on_a_mesh():
         is_leaf=lambda x: isinstance(x, tuple),
     )
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
-    rules = (*sharding.LOGICAL_RULES, (lora.RANK_AXIS, None))
-    shardings = sharding.tree_shardings(boxed, mesh, rules)["layers"]["self_attn"]["q_proj"]
+    shardings = sharding.tree_shardings(boxed, mesh)["layers"]["self_attn"]["q_proj"]
     assert tuple(shardings["lora_a"].spec) == (None, "fsdp", None)
     assert tuple(shardings["lora_b"].spec) == (None, None, "tensor", None)
 
