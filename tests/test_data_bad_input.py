@@ -3,6 +3,7 @@ line and field and saying what to do, or with data.on_bad_row=skip is counted by
 Never a bare traceback from inside a library, never a silently empty mask."""
 
 import json
+import re
 
 import pytest
 
@@ -45,6 +46,11 @@ CASES = [
     (b'["instruction", "output"]', "not_an_object", ["is a list, not an object"]),
     (b'{"instruction": "x <|endoftext|>", "output": "y"}', "special_token_text",
      ["field 'instruction' holds the special token text '<|endoftext|>'"]),
+    # Half an emoji's UTF-16 pair: Python reads it, no tokenizer takes it.
+    (b'{"instruction": "cut \\ud83d", "output": "y"}', "lone_surrogate",
+     ["field 'instruction' holds a lone surrogate escape '\\ud83d'", "fix the escape"]),
+    (b'{"instruction": ' + b"[" * 5000 + b"]" * 5000 + b', "output": "y"}', "malformed_json",
+     ["nests arrays or objects deeper than Python's JSON reader allows"]),
 ]  # fmt: skip
 
 
@@ -72,7 +78,7 @@ def test_bad_row_skipped_and_counted(tmp_path, line, reason, fragments):
 
 CHAT_CASES = [
     ({"messages": [{"role": "human", "content": "a"}, {"role": "assistant", "content": "b"}]},
-     "unknown_role", "field 'messages[0].role' is 'human'; known: assistant, system, user"),
+     "unknown_role", "field 'messages[0].role' is 'human'; known: assistant, system, "),
     ({"messages": [{"role": "user", "content": "a"}]}, "no_assistant_turn",
      "field 'messages' has no assistant turn"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]},
@@ -131,20 +137,23 @@ def test_empty_file(tmp_path):
 def test_every_row_dropped(tmp_path):
     path = tmp_path / "all_bad.jsonl"
     path.write_text("\n".join(json.dumps({"instruction": "x", "output": ""}) for _ in range(5)))
-    with pytest.raises(ValueError, match=r"no train examples left of 5 rows.*empty_field.*give "
-                       r"the field some text"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"all 5 rows of data.train=.* were dropped: empty_field\. "
+                       r"First: .*all_bad\.jsonl, line 1: field 'output' is empty\. .*give the "
+                       r"field some text"):  # fmt: skip
         _build(str(path), on_bad_row="skip", max_drop_fraction=1.0)
 
 
 def test_dropped_share_above_the_limit(tmp_path):
-    bad = [b'{"instruction": "x"}'] * 3  # 3 of 23 rows = 13% > 10%.
+    # 4 of 24 rows = 16.7% > 10%; the example shown is of the most common reason, not line 3's.
+    bad = [b"{"] + [b'{"instruction": "x"}'] * 3
     path = _file(tmp_path, "rows.jsonl", bad)
     with pytest.raises(ValueError) as e:
         _build(path, on_bad_row="skip")
     msg = str(e.value)
     for fragment in [
-        "3 of 23 train rows were dropped (13.0%", "data.max_drop_fraction=0.1",
-        "{'missing_field': 3}", f"First: {path}, line 3", "Raise data.max_drop_fraction",
+        "4 of 24 train rows were dropped (16.7%", "data.max_drop_fraction=0.1",
+        "'missing_field': 3", f"Most are missing_field, e.g. {path}, line 4: field 'output'",
+        "Raise data.max_drop_fraction",
     ]:  # fmt: skip
         assert fragment in msg, (fragment, msg)
     assert _build(path, on_bad_row="skip", max_drop_fraction=0.2).stats["train"]["examples"] == 20
@@ -158,3 +167,71 @@ def test_no_silently_empty_mask(tmp_path):
     stats = _build(str(path)).stats["train"]
     assert stats["dropped"] == {"prompt_too_long": 1}
     assert all(s > 0 for s in [stats["loss_tokens"], stats["examples"]])
+
+
+# ---------------------------------------------------------------- files as people save them
+
+BOM = b"\xef\xbb\xbf"  # What spreadsheet programs and Windows editors write first.
+
+
+@pytest.mark.parametrize(
+    "name,body",
+    [
+        ("rows.csv", b"instruction,input,output\n" + b"Say hi.,,Hi.\n" * 20),
+        ("rows.jsonl", b"\n".join([json.dumps(GOOD).encode()] * 20)),
+        ("rows.json", json.dumps([GOOD] * 20, indent=1).encode()),  # A list, not JSON Lines.
+    ],
+)
+def test_utf8_bom_is_read(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(BOM + body)
+    stats = _build(str(path), format="alpaca").stats["train"]
+    assert stats["rows_read"] == 20 and stats["examples"] == 20 and stats["dropped"] == {}
+
+
+def test_lone_surrogate_in_a_json_list_names_the_item(tmp_path):
+    path = tmp_path / "rows.json"
+    items = [json.dumps(GOOD)] * 20 + ['{"instruction": "x", "output": "\\udc00 y"}']
+    path.write_text("[" + ",\n".join(items) + "]")
+    expected = "rows.json, item 21: field 'output' holds a lone surrogate escape '\\udc00'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        _build(str(path))
+    assert _build(str(path), on_bad_row="skip").stats["train"]["dropped"] == {"lone_surrogate": 1}
+    # A whole pair is an emoji: read as one.
+    path.write_text(json.dumps([GOOD] * 20 + [{"instruction": "\U0001f600", "output": "y"}]))
+    assert _build(str(path)).stats["train"]["examples"] == 21
+
+
+def test_deeply_nested_json_list_names_the_line(tmp_path):
+    path = tmp_path / "deep.json"
+    deep = '{"instruction": ' + "[" * 5000 + "]" * 5000 + ', "output": "y"}'
+    path.write_text("[\n" + json.dumps(GOOD) + ",\n" + deep + "\n]")
+    with pytest.raises(ValueError, match=r"deep\.json, line 3: nests arrays or objects deeper"):
+        _build(str(path))
+
+
+def test_pretty_printed_object_says_which_key_holds_the_rows(tmp_path):
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({"version": 2, "examples": [GOOD] * 20}, indent=2))
+    with pytest.raises(ValueError) as e:
+        _build(str(path))
+    msg = str(e.value)
+    for fragment in [
+        f"{path}, line 1: the file holds one JSON object (keys 'version', 'examples'), not a "
+        "list of rows", "its key 'examples' holds a list of 20 objects",
+        f"jq -c '.examples[]' {path} > rows.jsonl",
+    ]:  # fmt: skip
+        assert fragment in msg, (fragment, msg)
+
+
+def test_every_row_too_long_names_the_file_not_the_held_out_split(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join([json.dumps({"instruction": "x " * 80, "output": "y"})] * 5))
+    with pytest.raises(ValueError) as e:
+        _build(str(path), validation="0.05")  # The default: 0 of 5 rows would be held out.
+    msg = str(e.value)
+    for fragment in [
+        f"all 5 rows of data.train='{path}' were dropped: prompt_too_long.",
+        f"First: {path}, line 1: 113 tokens", "data.long_prompt=truncate_left",
+    ]:  # fmt: skip
+        assert fragment in msg, (fragment, msg)

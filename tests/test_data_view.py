@@ -36,3 +36,20 @@ def test_runs_terminal_and_html():
     page = view.html_page("t<1>", {"train": {"rows": 3, "note": "<x>"}}, [("ex 1", runs)])
     assert '<span class="tr"> yes&lt;|endoftext|&gt;</span>' in page
     assert "<title>t&lt;1&gt;</title>" in page and "<td>&lt;x&gt;</td>" in page
+
+
+def test_cut_responses_marked_and_shares_as_percentages():
+    tok = load_tokenizer("gpt2")
+    ids = np.array(tok.encode("Q: hi\nA: yes yes"), np.int32)  # 8 ids: a row of 7 positions.
+    trained = np.zeros(len(ids), bool)
+    trained[-3:] = True
+    assert view.response_cut(ids, trained, tok, seq_len=len(ids) - 1)  # Fills the row, no EOS.
+    assert not view.response_cut(ids, trained, tok, seq_len=len(ids))  # Ended before the limit.
+    with_eos = np.append(ids[1:], tok.eos_token_id)
+    assert not view.response_cut(with_eos, trained, tok, seq_len=len(ids) - 1)  # Its EOS kept.
+    stats = {"train": {"packing_efficiency": 0.87654, "padding_share": 0.5, "rows": 3}}
+    runs = view.runs(ids, trained, tok)
+    page = view.html_page("t", stats, [("ex 1", runs), ("ex 2", runs)], cut=[True, False])
+    assert "<td>87.7%</td>" in page and "<td>50.0%</td>" in page and "<td>3</td>" in page
+    assert page.count(view.CUT_LABEL) == 1
+    assert page.index(view.CUT_LABEL) < page.index("ex 2")

@@ -88,15 +88,17 @@ def _print_summary(stats: dict) -> None:
             print(f"  problem: {p}")
 
 
-def _print_rows(first: dict, rows: int, tokenizer, color: bool) -> None:
+def _print_rows(first: dict, rows: int, tokenizer, color: bool, seq_len: int) -> None:
     """The first `rows` rows of batch 0, one example at a time, trained tokens marked."""
     from sft_jax.data import view
 
     for r in range(rows):
         row = {k: v[r] for k, v in first.items()}
         for j, (ids, trained) in enumerate(view.segments(row), start=1):
+            cut = view.response_cut(ids, trained, tokenizer, seq_len)
+            note = f"; {view.CUT_LABEL}" if cut else ""
             print(f"\n-- batch 0, row {r}, example {j} ({len(ids)} tokens, "
-                  f"{int(trained.sum())} trained)")  # fmt: skip
+                  f"{int(trained.sum())} trained{note})")  # fmt: skip
             print(view.terminal(view.runs(ids, trained, tokenizer), color=color))
 
 
@@ -117,7 +119,7 @@ def _write_html(splits, stats, tokenizer, c, n_rows: int, path: str) -> None:
     from sft_jax.data import view
 
     batch_size, seed = c.train.batch_size, c.seed
-    sections = []
+    sections, cut = [], []
     for n in range(n_rows):
         step, r = divmod(n, batch_size)
         if r == 0:
@@ -127,7 +129,8 @@ def _write_html(splits, stats, tokenizer, c, n_rows: int, path: str) -> None:
             label = (f"step {step}, row {r}, example {j}: {len(ids)} tokens, "
                      f"{int(trained.sum())} trained")  # fmt: skip
             sections.append((label, view.runs(ids, trained, tokenizer)))
-    page = view.html_page(f"sft_jax data: {c.data.train}", stats, sections)
+            cut.append(view.response_cut(ids, trained, tokenizer, splits.train.seq_len))
+    page = view.html_page(f"sft_jax data: {c.data.train}", stats, sections, cut)
     epath.Path(path).write_text(page, encoding="utf-8")
     print(f"\nwrote {path}")
 
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
     stats = summary(splits, batch_size, seed)
     _print_summary(stats)
     first = data_lib.batch_at(splits.train, 0, batch_size, seed)
-    _print_rows(first, min(args.show, batch_size), tokenizer, args.color)
+    _print_rows(first, min(args.show, batch_size), tokenizer, args.color, splits.train.seq_len)
     if args.dump_batches:
         _dump_batches(splits.train, args.dump_batches, batch_size, seed, args.out)
     if args.html:

@@ -227,17 +227,38 @@ def _no_rows() -> examples.Chunk:
 # ---------------------------------------------------------------- examples -> packed split
 
 
-def held_out_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+def held_out_mask(
+    n: int, fraction: float, seed: int, src: sources.Source | None = None
+) -> np.ndarray:
     """A boolean mask of the held-out rows: an exact, seeded `fraction` of all `n` rows."""
     n_val = round(n * fraction)
     if not 1 <= n_val < n:
+        of = f" ({src.key}={src.text!r})" if src is not None else ""
+        split = "validation" if n_val < 1 else "train"
         raise ValueError(
-            f"data.validation={fraction} of {n} rows leaves an empty split; change the "
-            "fraction or give a validation source"
+            f"data.validation={fraction} of {n} rows{of} leaves an empty {split} split; change "
+            "the fraction or give a validation source"
         )
     held_out = np.zeros(n, np.bool_)
     held_out[np.random.default_rng([seed, _SPLIT]).permutation(n)[:n_val]] = True
     return held_out
+
+
+def _refuse_all_dropped(chunk: examples.Chunk, src: sources.Source) -> None:
+    """Raises, naming the source and the real cause, if no row of it gave an example (before
+    any held-out split, whose emptiness would be the wrong thing to report)."""
+    if len(chunk.status) == 0 or (chunk.status == 0).any():
+        return
+    counts = collections.Counter(NAMES[int(c)] for c in chunk.status)
+    causes = ", ".join(f"{r} ({k})" if len(counts) > 1 else r for r, k in counts.most_common())
+    first = min(chunk.problems, default=None)
+    example = f" First: {src.where(first)}: {chunk.problems[first]}." if first is not None else ""
+    raise ValueError(
+        f"all {len(chunk.status)} rows of {src.key}={src.text!r} were dropped: {causes}."
+        + example
+        + " "
+        + " ".join(f"{r}: {hint(r)}." for r in counts)
+    )
 
 
 def _pack_split(
@@ -258,6 +279,12 @@ def _pack_split(
     n_dropped = sum(dropped.values())
     selected = np.flatnonzero(rows[kept_rows])  # Examples of this split.
     problems = [f"{src.where(r)}: {p}" for r, p in sorted(source.problems.items()) if rows[r]][:10]
+    common = max(dropped, key=dropped.get) if dropped else ""
+    example = next(
+        (f"{src.where(r)}: {p}" for r, p in sorted(source.problems.items())
+         if rows[r] and NAMES.get(int(source.status[r])) == common),
+        problems[0] if problems else "",
+    )  # fmt: skip
     if not len(selected):
         raise ValueError(
             f"no {name} examples left of {n_read} rows ({src.key}={src.text!r}); dropped: "
@@ -268,7 +295,7 @@ def _pack_split(
             f"{n_dropped} of {n_read} {name} rows were dropped ({n_dropped / n_read:.1%}, more "
             f"than data.max_drop_fraction={spec.max_drop_fraction}): {dropped}. "
             + " ".join(f"{r}: {hint(r)}." for r in dropped)
-            + (f" First: {problems[0]}." if problems else "")
+            + (f" Most are {common}, e.g. {example}." if example else "")
             + " Raise data.max_drop_fraction to accept this."
         )
     # Shuffle so rows mix sources and lengths tie-break by chance, not by file order.
@@ -363,8 +390,9 @@ def _pack_all(
     train = np.ones(len(train_rows.status), np.bool_)
     stats: dict = {}
     splits: dict[str, PackedRows] = {}
+    _refuse_all_dropped(train_rows, train_src)
     if fraction:  # 0 means none, like "" (a numeric config override may give 0).
-        held_out = held_out_mask(len(train), fraction, spec.seed)
+        held_out = held_out_mask(len(train), fraction, spec.seed, train_src)
         train = ~held_out
         splits["validation"], stats["validation"] = _pack_split(
             train_rows, fmt, held_out, spec, train_src, "validation", _SHUFFLE_VAL
@@ -377,6 +405,7 @@ def _pack_all(
         stats["train"]["empty_files"] = train_src.empty_files
     if "validation" in encoded:
         val_rows, val_fmt = encoded["validation"]
+        _refuse_all_dropped(val_rows, srcs["validation"])
         splits["validation"], stats["validation"] = _pack_split(
             val_rows, val_fmt, np.ones(len(val_rows.status), np.bool_), spec,
             srcs["validation"], "validation", _SHUFFLE_VAL,

@@ -102,12 +102,114 @@ def _line_of(data: bytes, offset: int) -> tuple[int, int]:
     return data.count(b"\n", 0, offset) + 1, offset - line_start + 1
 
 
+_BOM = b"\xef\xbb\xbf"  # What spreadsheet programs and Windows editors put first.
+# A JSON escape of half a UTF-16 surrogate pair: the only way a lone surrogate gets into a row.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_TOO_DEEP = (
+    "nests arrays or objects deeper than Python's JSON reader allows (about 1000 levels); "
+    "flatten the data"
+)
+
+
+def lone_surrogate(value, path: str = "") -> str:
+    """Where in a parsed JSON value a lone surrogate sits (`field 'a[2].b' holds …`), or "".
+
+    JSON can escape half of a UTF-16 pair (an emoji cut in two: "\\ud83d"); Python reads
+    it as a string that is not text and no tokenizer takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = f"field {path!r} " if path else ""
+            escape = value[e.start].encode("unicode_escape").decode()
+            return (
+                f"{where}holds a lone surrogate escape '{escape}' (half of a UTF-16 pair, e.g. "
+                "an emoji cut in two), which is not text"
+            )
+        return ""
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return ""
+    return next((p for k, v in items if (p := lone_surrogate(v, k))), "")
+
+
+def _parsed_row(raw: bytes, value) -> object:
+    """A parsed JSON row, or a BadRow if it holds a lone surrogate (checked only when the
+    raw text escapes one: cheap for the rows that do not)."""
+    if _SURROGATE_ESCAPE.search(raw) and (problem := lone_surrogate(value)):
+        return BadRow("lone_surrogate", problem)
+    return value
+
+
+def _deep_line(data: bytes, limit: int = 900) -> int:
+    """The line where JSON brackets (outside strings) first nest `limit` deep; 0 if never."""
+    depth, in_string, escaped, line = 0, False, False, 1
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # "
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            if depth >= limit:
+                return line
+        elif byte in b"]}":
+            depth -= 1
+        if byte == 0x0A:
+            line += 1
+    return 0
+
+
+def _one_object_problem(data: bytes, path: str) -> str:
+    """What to say when a .json/.jsonl file is one (pretty-printed) JSON object; "" if it
+    is not one."""
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return ""
+    if not isinstance(value, dict):
+        return ""
+    lists = [k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    shown = ", ".join(repr(k) for k in list(value)[:8]) + (", …" if len(value) > 8 else "")
+    fix = "give a JSON list of row objects, or JSON Lines (one object per line)"
+    if lists:
+        k = lists[0]
+        select = f".{k}" if k.isidentifier() else f'.["{k}"]'
+        fix = (
+            f"its key {k!r} holds a list of {len(value[k])} objects, which may be the rows: "
+            f"write them out as JSON Lines, e.g. jq -c '{select}[]' {path} > rows.jsonl"
+        )
+    return f"line 1: the file holds one JSON object (keys {shown}), not a list of rows; {fix}"
+
+
 def _utf8_problem(data: bytes, e: UnicodeDecodeError, base_line: int = 0) -> str:
     line, col = _line_of(data, e.start)
     return (
         f"byte 0x{data[e.start]:02x} at line {line + base_line}, column {col} is not UTF-8; "
         "re-encode the file as UTF-8"
     )
+
+
+def _json_line(raw: bytes, lineno: int):
+    """One line of JSON Lines -> its value, or a BadRow saying what is wrong with it."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRow("not_utf8", _utf8_problem(raw, e, lineno - 1))
+    try:
+        return _parsed_row(raw, json.loads(line))
+    except json.JSONDecodeError as e:
+        return BadRow("malformed_json", f"is not valid JSON: {e.msg} at column {e.colno}")
+    except RecursionError:
+        return BadRow("malformed_json", _TOO_DEEP)
 
 
 class Source:
@@ -209,34 +311,43 @@ class Source:
 
     def _json_rows(self, path: str, file_index: int) -> Iterator:
         with _open(path) as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(_BOM).lstrip()
         if head.startswith(b"["):
             self._units.append("item")
             yield from self._json_list(path, file_index)
             return
+        if head.startswith(b"{"):
+            self._refuse_one_object(path, head)
         self._units.append("line")
         with _open(path) as f:
             for lineno, raw in enumerate(f, start=1):
+                if lineno == 1:
+                    raw = raw.removeprefix(_BOM)
                 if not raw.strip():
                     continue
                 self._note(file_index, lineno)
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield BadRow("not_utf8", _utf8_problem(raw, e, lineno - 1))
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield BadRow(
-                        "malformed_json", f"is not valid JSON: {e.msg} at column {e.colno}"
-                    )
+                yield _json_line(raw, lineno)
+
+    def _refuse_one_object(self, path: str, head: bytes) -> None:
+        """Raises if the file is one pretty-printed JSON object (a first line that breaks
+        off mid-object: `{`), not JSON Lines."""
+        first = head.split(b"\n", 1)[0].strip()
+        try:
+            json.loads(first)
+            return  # A whole object on line 1: JSON Lines.
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            if isinstance(e, json.JSONDecodeError) and e.pos < len(first):
+                return  # Broken inside the line: a bad line of JSON Lines, reported as such.
+        with _open(path) as f:
+            problem = _one_object_problem(f.read(), path)
+        if problem:
+            raise ValueError(f"{self.key}={self.text!r}: {path}, {problem}")
 
     def _json_list(self, path: str, file_index: int) -> Iterator:
         with _open(path) as f:
             data = f.read()
         try:
-            items = json.loads(data.decode("utf-8"))
+            items = json.loads(data.decode("utf-8-sig"))
         except UnicodeDecodeError as e:
             raise ValueError(
                 f"{self.key}={self.text!r}: {path}: {_utf8_problem(data, e)}"
@@ -246,24 +357,34 @@ class Source:
                 f"{self.key}={self.text!r}: could not read JSON: {path}, line {e.lineno}, "
                 f"column {e.colno}: {e.msg}"
             ) from None
+        except RecursionError:
+            raise ValueError(
+                f"{self.key}={self.text!r}: could not read JSON: {path}, line "
+                f"{_deep_line(data)}: {_TOO_DEEP}"
+            ) from None
         if not isinstance(items, list):
             kind = type(items).__name__
             raise ValueError(f"{self.key}={self.text!r}: {path} holds a JSON {kind}, not a list")
+        surrogates = bool(_SURROGATE_ESCAPE.search(data))
+        del data
         for i, item in enumerate(items, start=1):
             self._note(file_index, i)
-            yield item
+            problem = lone_surrogate(item) if surrogates else ""
+            yield BadRow("lone_surrogate", problem) if problem else item
 
     def _open_table(self, path: str):
         # Streaming: rows come from the file in batches, never as one Arrow copy.
         try:
             if path.endswith(".csv"):
-                with io.TextIOWrapper(_open(path), encoding="utf-8", newline="") as f:
+                # utf-8-sig: a leading BOM (spreadsheet programs write one) is not part of
+                # the first column's name.
+                with io.TextIOWrapper(_open(path), encoding="utf-8-sig", newline="") as f:
                     header = next(csv.reader(f), [])
                 # Every column as text: "007" stays "007", empty cells stay "".
                 features = datasets.Features({c: datasets.Value("string") for c in header})
                 return datasets.load_dataset(
                     "csv", data_files=[path], split="train", streaming=True,
-                    features=features, keep_default_na=False,
+                    features=features, keep_default_na=False, encoding="utf-8-sig",
                 )  # fmt: skip
             return datasets.load_dataset(
                 "parquet", data_files=[path], split="train", streaming=True

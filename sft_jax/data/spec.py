@@ -24,11 +24,12 @@ SPLIT_TURNS = ("auto", "always", "never")
 TOO_LONG = ("truncate", "drop", "error")
 LONG_PROMPT = ("drop", "truncate_left")
 ON_BAD_ROW = ("error", "skip")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Our field names; data.fields maps any of them to the user's.
 FIELD_NAMES = (
     "instruction", "input", "output", "system", "prompt", "completion",
     "messages", "role", "content", "conversations", "from", "value",
+    "tools", "tool_calls", "reasoning_content", "history",
 )  # fmt: skip
 
 
@@ -53,7 +54,7 @@ class Fields:
                 if ours[5:] not in ROLES:
                     raise ValueError(
                         f"data.fields={text!r}: {ours!r} is not one of role.system, "
-                        "role.user, role.assistant"
+                        "role.user, role.assistant, role.tool"
                     )
                 for alias in theirs.split("|"):
                     roles[alias] = ours[5:]
@@ -62,7 +63,7 @@ class Fields:
             else:
                 raise ValueError(
                     f"data.fields={text!r}: unknown field {ours!r}; valid: "
-                    f"{', '.join(FIELD_NAMES)}, role.<system|user|assistant>"
+                    f"{', '.join(FIELD_NAMES)}, role.<system|user|assistant|tool>"
                 )
         return cls(tuple(sorted(names.items())), tuple(sorted(roles.items())))
 
@@ -124,6 +125,11 @@ class DataSpec:
     # One example per assistant turn: "auto" (where the chat template rewrites earlier turns),
     # "always", or "never" (such a conversation is then a template_error).
     split_turns: str = "auto"
+    # Train the <think> blocks of assistant turns (reasoning_content, or written in content).
+    train_reasoning: bool = True
+    # Tools for rows without a `tools` field: a JSON list of function definitions, or a
+    # .json file holding one ("" = none).
+    tools: str = ""
     max_seq_len: int = 512
     too_long: str = "truncate"  # Responses over max_seq_len: truncate | drop | error.
     long_prompt: str = "drop"  # A prompt that fills max_seq_len alone: drop | truncate_left.
@@ -190,6 +196,10 @@ def validation_fraction(validation: str) -> float | None:
 BAD_ROW_REASONS = {
     "malformed_json": "fix the JSON on that line",
     "not_utf8": "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+    "lone_surrogate": (
+        "a JSON \\uXXXX escape of half a UTF-16 pair (\\ud800-\\udfff) without its other half; "
+        "fix the escape (or the program that cut the text) or remove the row"
+    ),
     "not_an_object": "each row must be a JSON object with named fields",
     "missing_field": "add the field, or map your column name with data.fields=<ours>=<yours>",
     "not_a_string": "the field must be a string (a list of messages for messages/sharegpt)",
@@ -200,11 +210,23 @@ BAD_ROW_REASONS = {
         "others with data.fields=role.assistant=<yours>"
     ),
     "no_assistant_turn": "a conversation needs at least one assistant turn to learn from",
+    "non_text_content": (
+        "a content part is not text (image, audio); sft_jax trains text-only models: remove "
+        "such parts, or skip these rows with data.on_bad_row=skip"
+    ),
+    "bad_tools": (
+        "tools are a list of function definitions {name, description, parameters} (or its "
+        "JSON string); a tool call is {name, arguments} or OpenAI's {type: function, "
+        "function: {name, arguments}}, arguments an object or its JSON string"
+    ),
     "special_token_text": (
         "the text holds a special token of the tokenizer, which it would read as a control "
         "token; remove it from the data"
     ),
-    "template_error": "the chat template rejected this conversation",
+    "template_error": (
+        "the chat template rejected this conversation (or cannot express it: tool calls "
+        "need data.template=chatml or a chat template with tools)"
+    ),
 }
 LENGTH_REASONS = {
     "prompt_too_long": (

@@ -53,6 +53,15 @@ def mark_tokens(ids: np.ndarray, trained: np.ndarray, tokenizer) -> str:
     return "".join(f"{OPEN}{t}{CLOSE}" if tr else t for t, tr in runs(ids, trained, tokenizer))
 
 
+def response_cut(ids: np.ndarray, trained: np.ndarray, tokenizer, seq_len: int) -> bool:
+    """Whether an example (from `segments`) is a response cut at max_seq_len: it fills the
+    row (seq_len + 1 ids) and ends in a trained token that is no special token (EOS, end of
+    turn), so the model never sees where that response ends."""
+    if len(ids) != seq_len + 1 or not len(trained) or not trained[-1]:
+        return False
+    return int(ids[-1]) not in set(tokenizer.all_special_ids)
+
+
 def terminal(example_runs: Sequence[Run], color: bool = True) -> str:
     """Trained text in bold green (newlines shown as ↵), context dimmed; or ⟦brackets⟧."""
     if not color:
@@ -76,25 +85,39 @@ pre { white-space: pre-wrap; word-break: break-word; background: #fafafa; paddin
 .tr { background: #c8f7c5; color: #000; }
 .seg { font-size: 0.85em; color: #555; margin-top: 0.8em; }
 .legend span { padding: 0 6px; }
+.cut { color: #b00; font-weight: bold; }
 """
+CUT_LABEL = "response cut at max_seq_len: lost its end token"
+# Stats that are shares of a whole: shown as percentages.
+_SHARES = ("packing_efficiency", "loss_share", "padding_share")
 
 
-def html_page(title: str, stats: dict, sections: Sequence[tuple[str, list[Run]]]) -> str:
-    """A page: the stats as tables, then each labelled example with trained text highlighted."""
+def _cell(key: str, value) -> str:
+    if key in _SHARES and isinstance(value, float):
+        return f"{value:.1%}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def html_page(
+    title: str, stats: dict, sections: Sequence[tuple[str, list[Run]]], cut: Sequence[bool] = ()
+) -> str:
+    """A page: the stats as tables (shares as percentages), then each labelled example with
+    trained text highlighted; `cut[i]` marks the i-th example as a response cut at
+    max_seq_len."""
     rows = []
     for split, s in stats.items():
         rows.append(f"<h2>{html.escape(split)}</h2><table>")
         for k, v in s.items():
-            value = v if isinstance(v, str) else json.dumps(v)
-            rows.append(f"<tr><th>{html.escape(k)}</th><td>{html.escape(value)}</td></tr>")
+            rows.append(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_cell(k, v))}</td></tr>")
         rows.append("</table>")
     body = []
-    for label, example_runs in sections:
+    for i, (label, example_runs) in enumerate(sections):
         spans = "".join(
             f'<span class="{"tr" if tr else "ctx"}">{html.escape(t)}</span>'
             for t, tr in example_runs
         )
-        body.append(f'<div class="seg">{html.escape(label)}</div><pre>{spans}</pre>')
+        mark = f' <span class="cut">✂ {CUT_LABEL}</span>' if i < len(cut) and cut[i] else ""
+        body.append(f'<div class="seg">{html.escape(label)}{mark}</div><pre>{spans}</pre>')
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
