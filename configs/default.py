@@ -61,6 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
     # "auto" where the chat template renders earlier turns differently once more follow (Qwen3),
     # "always", or "never" (such a conversation is then an error, or skipped with on_bad_row).
     c.data.split_turns = "auto"
+    # Train the <think> blocks of assistant turns (reasoning_content, or <think> in the content);
+    # False masks them (the answer and end token still train). Counted as reasoning_tokens.
+    c.data.train_reasoning = True
+    # Tools (function definitions) for rows without a `tools` field: a JSON list, or a .json
+    # file holding one; passed to the chat template's tools= (chatml: Hermes/Qwen style).
+    c.data.tools = ""
     c.data.max_seq_len = 128  # tokens per row
     # Over max_seq_len: "truncate" cuts the response (its EOS is lost, counted), "drop", "error".
     c.data.too_long = "truncate"
@@ -128,6 +134,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.judge_model = ""
     c.eval.judge_api_key_env = "OPENAI_API_KEY"  # environment variable holding the key, if any
 
+    c.lora = ml_collections.ConfigDict()
+    # LoRA (PEFT's): train rank-r adapters on a frozen base instead of every weight; 0 = off.
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+    c.lora.dropout = 0.0  # dropout on the adapters' input, in training
+    # Dense layers to adapt, PEFT's names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+    # down_proj (Llama family); c_attn,c_proj,c_fc, attn.c_proj, mlp.c_proj (GPT-2); or
+    # "all-linear" (every dense layer of every block, not the head).
+    c.lora.targets = "all-linear"
+    c.lora.use_rslora = False  # scale by alpha / sqrt(rank) (rank-stabilised LoRA)
+    c.lora.init = "kaiming"  # A: "kaiming" uniform (PEFT's default) or "gaussian"; B = 0
+    # QLoRA: store the frozen base's block kernels quantized, dequantized inside each matmul:
+    # "nf4" (4-bit NormalFloat, blocks of 64; 4.13 bits/weight with double_quant), "int8"
+    # (per output channel), or "" (the base in base_dtype).
+    c.lora.quantize = ""
+    c.lora.double_quant = True  # nf4: quantize the block scales too (QLoRA's)
+    c.lora.base_dtype = ""  # the frozen base's dtype: "" = model.param_dtype, or "bfloat16"
+
     c.export = ml_collections.ConfigDict()
     # At the end of the run, write a Hugging Face folder here ("" = no; relative = in workdir).
     # Any checkpoint can also be exported later: sft-jax-export --workdir DIR --out X
@@ -136,6 +160,10 @@ def get_config() -> ml_collections.ConfigDict:
     # model.dtype is bfloat16 (the precision the model ran at, half the bytes of float32
     # master weights), else model.param_dtype (a float32 run exports bit-exact weights).
     c.export.dtype = ""
+    # LoRA runs: also write the adapters as a PEFT folder here (adapter_config.json +
+    # adapter_model.safetensors, for peft.PeftModel.from_pretrained and vLLM --lora-modules).
+    # export.hf_dir then gets the merged model (W + scale·B·A). Later: sft-jax-export --adapter
+    c.export.adapter_dir = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # replicated data parallelism

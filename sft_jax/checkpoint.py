@@ -213,6 +213,43 @@ def check_compatible(saved_model: dict, current_model: dict, directory: str) -> 
         )
 
 
+def check_resumable(saved_meta: dict, meta: dict, directory: str) -> None:
+    """Fail, naming the config key, when this run cannot continue the checkpoint whose meta
+    is `saved_meta`: another architecture (`check_compatible`), LoRA on a checkpoint
+    trained without it or the reverse, other LoRA settings, or (with LoRA, whose
+    checkpoints hold only the adapters) another base model."""
+    check_compatible(saved_meta["model"], meta["model"], directory)
+    saved, current = saved_meta.get("lora"), meta.get("lora")
+    if not saved and not current:
+        return
+    if not saved or not current:
+        rank = (current or saved)["rank"]
+        written_by = "a LoRA run" if saved else "a full fine-tuning run (no LoRA)"
+        fix = "lora.rank=0 (full fine-tuning)" if saved is None else f"lora.rank={rank}"
+        raise ValueError(
+            f"lora.rank: the checkpoints in {directory} were written by {written_by}; set "
+            f"{fix} as they were to resume them, or use a new --workdir (to train LoRA on a "
+            "fine-tuned model, export it with sft-jax-export and set model.init_from to it)"
+        )
+    # Dropout may change between runs; rank, scale, targets, init and the base may not.
+    keys = sorted((set(saved) | set(current)) - {"dropout"})
+    differ = [k for k in keys if _plain(saved.get(k)) != _plain(current.get(k))]
+    if differ:
+        detail = ", ".join(f"lora.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+                           for k in differ)  # fmt: skip
+        raise ValueError(f"the LoRA checkpoints in {directory} differ from the config ({detail}); "
+                         "use the same lora.* settings to resume, or a new --workdir")  # fmt: skip
+    saved_base, base = saved_meta.get("base", {}), meta.get("base", {})
+    key = "init_from" if saved_base.get("init_from") or base.get("init_from") else "seed"
+    if saved_base.get(key) != base.get(key):
+        name = "model.init_from" if key == "init_from" else "seed (of the random base)"
+        raise ValueError(
+            f"{name}: the LoRA checkpoints in {directory} adapt the base "
+            f"{saved_base.get(key)!r}, not {base.get(key)!r}; they hold only the adapters, "
+            "so the base must be the same to resume"
+        )
+
+
 def saved_model_fields(saved_model: dict) -> dict:
     """The model config a checkpoint's meta recorded, as `GPTConfig` fields. Runs written
     before `GPTConfig` had a `family` field recorded none: their family followed from the

@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from sft_jax import judge, kernels
+from sft_jax import judge, kernels, lora
 from sft_jax.data import DataSpec, FormatTemplate
 from sft_jax.model import GPTConfig
 from sft_jax.optim import OptimConfig
@@ -121,6 +121,7 @@ class ExportConfig:
 
     hf_dir: str = ""
     dtype: str = ""  # "" = bfloat16 for a bfloat16-computed model, else param_dtype
+    adapter_dir: str = ""  # LoRA runs: a PEFT adapter folder ("" = none)
 
 
 def _section(c: ml_collections.ConfigDict, name: str, cls: type):
@@ -151,6 +152,16 @@ def eval_config(c: ml_collections.ConfigDict) -> EvalConfig:
 
 def export_config(c: ml_collections.ConfigDict) -> ExportConfig:
     return _section(c, "export", ExportConfig)
+
+
+def lora_spec(c: ml_collections.ConfigDict) -> lora.LoraSpec:
+    """`c.lora` (absent: LoRA off); an unknown key is named with the valid ones."""
+    given = c.lora.to_dict() if "lora" in c else {}
+    fields = {f.name for f in dataclasses.fields(lora.LoraSpec)}
+    unknown = set(given) - fields
+    if unknown:
+        raise ValueError(f"config: unknown lora keys {sorted(unknown)}; valid: {sorted(fields)}")
+    return lora.LoraSpec.from_config(given)
 
 
 def data_spec(c: ml_collections.ConfigDict) -> DataSpec:
@@ -198,6 +209,13 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
     from sft_jax import hf  # a bad export.dtype fails now, not after training
 
     hf.export_dtype(model_cfg, export_config(c).dtype)
+    spec = lora_spec(c)
+    spec.layers(model_cfg)  # unknown lora.targets for this family, named with the valid ones
+    if export_config(c).adapter_dir and not spec.enabled:
+        raise ValueError(
+            "config: export.adapter_dir is set but lora.rank is 0 (no adapters to write); "
+            "set lora.rank > 0 or export.hf_dir for the full model"
+        )
     for key in ("log_every", "eval_every", "eval_steps", "profile_start", "profile_steps"):
         if getattr(t, key) < 0:
             raise ValueError(f"config: train.{key} must be >= 0")

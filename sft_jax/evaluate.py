@@ -41,11 +41,12 @@ class Evaluation:
         batch_size: int,
         max_batches: int = 0,
         process_rows=None,  # positions in each batch of this process's rows (None: all)
+        lora=None,  # the params' LoRA adapters (model.LoraLayers), if any
     ):
         self.workdir = workdir
         self.validation_rows = validation_rows
         self._cfg, self._seed = eval_cfg, seed
-        self._tokenizer, self._model_cfg = tokenizer, model_cfg
+        self._tokenizer, self._model_cfg, self._lora = tokenizer, model_cfg, lora
         self._eval_fn, self._batch_size = eval_fn, batch_size
         self._max_batches = max_batches  # 0 = every batch of the split
         self._process_rows = process_rows
@@ -103,7 +104,9 @@ class Evaluation:
             plot_loss_curve(metrics_path, paths.join(self.workdir, "loss_curve.png"))
 
     def _generate(self, params, name: str) -> list[dict]:
-        generator = Generator(self._model_cfg, params, end_token_ids(self._tokenizer))
+        generator = Generator(
+            self._model_cfg, params, end_token_ids(self._tokenizer), lora=self._lora
+        )
         sampling = Sampling(max_new_tokens=self._cfg.max_new_tokens, seed=self._seed)
         ids = [ids for ids, _, _ in self._prompts]
         responses = respond(generator, self._tokenizer, ids, sampling)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.model import GPT, GPTConfig, init_cache, unstack_layers
+from sft_jax.model import GPT, GPTConfig, LoraLayers, init_cache, unstack_layers
 
 BUCKET = 16  # prompt and cache lengths are rounded up to this: few shapes, few compiles
 
@@ -54,10 +54,10 @@ def _round_up(n: int, k: int = BUCKET) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(cfg: GPTConfig):
+def _compiled(cfg: GPTConfig, lora: LoraLayers | None = None):
     """Jitted prefill and decode step for a model config, shared by every Generator of that
     config (before/after-training generation compiles once)."""
-    model = GPT(cfg)
+    model = GPT(cfg, lora)
 
     def prefill(params, tokens, positions, segments, cache):
         logits, cache = model.apply(
@@ -83,7 +83,16 @@ def _compiled(cfg: GPTConfig):
 class Generator:
     """Decodes for one model and its params; compiled functions are cached per shape."""
 
-    def __init__(self, cfg: GPTConfig, params, end_ids: Sequence[int] = (), unroll: bool = False):
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        params,
+        end_ids: Sequence[int] = (),
+        unroll: bool = False,
+        lora: LoraLayers | None = None,
+    ):
+        """`lora`: the params carry these LoRA adapters (`sft_jax.lora`), applied beside
+        the base weights in each layer, never merged into them."""
         # Scanned layers by default: one copy of the weights and a short compile. Unrolled
         # (`unroll=True`, a per-layer copy of the weights) decodes batch 1 faster on CPU (no
         # per-layer slicing of the stacked weights) but compiles longer; at batch 8 both
@@ -93,7 +102,7 @@ class Generator:
         # be copied over on every decode step.
         self.params = jax.device_put(params)
         self.end_ids = tuple(end_ids)
-        self._prefill, self._step = _compiled(self.cfg)
+        self._prefill, self._step = _compiled(self.cfg, lora)
 
     def generate(
         self,

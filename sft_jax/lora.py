@@ -47,6 +47,7 @@ ALL_LINEAR = "all-linear"
 RANK_AXIS = LORA_RANK_AXIS  # the logical name of the rank axis: replicated on every mesh
 ADAPTER_LEAVES = ("lora_a", "lora_b")  # the adapters' names beside each adapted kernel
 INITS = ("kaiming", "gaussian")  # PEFT's init_lora_weights=True and ="gaussian"
+QUANTIZE = ("", "nf4", "int8")
 _DEFAULT_ALPHA = 16.0
 
 
@@ -60,6 +61,9 @@ class LoraSpec:
     targets: tuple[str, ...] = (ALL_LINEAR,)
     use_rslora: bool = False  # scale alpha / √rank instead of alpha / rank
     init: str = "kaiming"  # A: "kaiming" uniform (PEFT's default) or "gaussian"; B is zero
+    quantize: str = ""  # the frozen base's block kernels: "nf4", "int8" or "" (QLoRA)
+    double_quant: bool = True  # nf4: the block scales quantized too
+    base_dtype: str = ""  # the frozen base's float dtype; "" = the model's param_dtype
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 0:
@@ -77,6 +81,17 @@ class LoraSpec:
             raise ValueError(f"lora.init: {self.init!r} is not one of {', '.join(INITS)}")
         if not self.targets:
             raise ValueError(f"lora.targets: empty; name dense layers or {ALL_LINEAR!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(
+                f"lora.quantize: {self.quantize!r} is not one of {', '.join(map(repr, QUANTIZE))}"
+            )
+        if self.base_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"lora.base_dtype: {self.base_dtype!r}; use '', float32, bfloat16 or float16"
+            )
+        if not self.rank and (self.quantize or self.base_dtype):
+            key = "lora.quantize" if self.quantize else "lora.base_dtype"
+            raise ValueError(f"{key}: set, but lora.rank is 0 (no frozen base); set lora.rank")
 
     @property
     def enabled(self) -> bool:
@@ -92,7 +107,9 @@ class LoraSpec:
         if not self.enabled:
             return None
         paths = frozenset(m.path for m in resolve_targets(cfg, self))
-        return LoraLayers(self.rank, self.scale, self.dropout, self.init == "gaussian", paths)
+        gaussian = self.init == "gaussian"
+        return LoraLayers(self.rank, self.scale, self.dropout, gaussian, paths, self.quantize,
+                          self.double_quant, self.base_dtype)  # fmt: skip
 
     @classmethod
     def from_config(cls, c: Any) -> LoraSpec:
@@ -110,6 +127,9 @@ class LoraSpec:
             targets=tuple(targets),
             use_rslora=bool(get("use_rslora", defaults.use_rslora)),
             init=str(get("init", defaults.init)),
+            quantize=str(get("quantize", defaults.quantize)),
+            double_quant=bool(get("double_quant", defaults.double_quant)),
+            base_dtype=str(get("base_dtype", defaults.base_dtype)),
         )
 
 
@@ -247,22 +267,22 @@ def _is_leaf(x) -> bool:
     return isinstance(x, nn.meta.AxisMetadata) or quant.is_quantized(x)
 
 
-def _init_model(cfg: GPTConfig, spec: LoraSpec):
-    """The scanned model with `spec`'s adapters: one layer's initialisers to compile."""
-    return GPT(dataclasses.replace(cfg, scan_layers=True, attention="xla"), spec.layers(cfg))
-
-
-def _boxed_adapters(cfg: GPTConfig, spec: LoraSpec, key: Array) -> dict:
-    """Fresh adapters as the model initialises them, boxed with their logical axis names,
-    per `cfg.scan_layers`. Only the adapters' initialisers survive compilation: XLA drops
-    the base's, whose values are not returned."""
-    if not spec.enabled:
-        raise ValueError("lora.rank: 0 (LoRA off) has no adapters to initialise")
-    model = _init_model(cfg, spec)
+def fresh_adapters(cfg: GPTConfig, layers: LoraLayers, key: Array) -> dict:
+    """Fresh adapters as the model initialises them (`model.Dense`), boxed with their
+    logical axis names, per `cfg.scan_layers`. Initialised in the scanned layout (one
+    layer's initialisers to compile); only the adapters' initialisers survive compilation:
+    XLA drops the base's, whose values are not returned."""
+    model = GPT(dataclasses.replace(cfg, scan_layers=True, attention="xla"), layers)
     params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
     if not cfg.scan_layers:
         params = unstack_layers(model.cfg, params)[1]
     return split(params)[1]
+
+
+def _boxed_adapters(cfg: GPTConfig, spec: LoraSpec, key: Array) -> dict:
+    if not spec.enabled:
+        raise ValueError("lora.rank: 0 (LoRA off) has no adapters to initialise")
+    return fresh_adapters(cfg, spec.layers(cfg), key)
 
 
 @functools.lru_cache(maxsize=16)
@@ -287,6 +307,48 @@ def init_adapters(cfg: GPTConfig, spec: LoraSpec, key: Array) -> dict:
     adapted model starts as the base model. Under a caller's jit with `out_shardings`, each
     device makes only its own shards."""
     return nn.meta.unbox(_boxed_adapters(cfg, spec, key))
+
+
+def prepare_base(cfg: GPTConfig, layers: LoraLayers, base: dict) -> dict:
+    """The frozen base as LoRA stores it: every float in `base_dtype`, and with `quantize`
+    every block's dense kernels in NF4 or int8 (`sft_jax.quant`; the embeddings, norms and
+    head stay float, as in QLoRA). Logical-axis boxes (the abstract state) carry over to
+    the quantized parts: the codes and scales keep the kernel's leading axes."""
+    in_dims = {m.path: m.in_dims for m in layer_modules(cfg)}
+    stacked = int(cfg.scan_layers)
+
+    def leaf(path, x):
+        keys = tuple(getattr(k, "key", k) for k in path)
+        box = x if isinstance(x, nn.LogicallyPartitioned) else None
+        value = box.value if box is not None else x
+        if layers.base_dtype and jnp.issubdtype(value.dtype, jnp.floating):
+            value = value.astype(layers.base_dtype)
+        block_path = keys[1:-1]  # (attn, q_proj) of (layers, attn, q_proj, kernel)
+        if layers.quantize and keys[-1] == "kernel" and block_path in in_dims:
+            contracted = tuple(range(stacked, stacked + in_dims[block_path]))
+            return _quantized(layers, value, contracted, box.names if box is not None else None)
+        return box.replace(value=value) if box is not None else value
+
+    return jax.tree_util.tree_map_with_path(leaf, base, is_leaf=_is_leaf)
+
+
+def _quantized(layers: LoraLayers, kernel, contracted: tuple[int, ...], names):
+    """`kernel` quantized per `layers.quantize`; with `names` (its logical axes), each part
+    boxed with the axes it keeps (the kernel's leading ones; block and group axes None)."""
+    if layers.quantize == "int8":
+        q = quant.quantize_int8(kernel, in_axes=contracted)
+    else:
+        q = quant.quantize_nf4(kernel, double_quant=layers.double_quant)
+    if names is None:
+        return q
+
+    def box(x):  # the kernel's names over the leading dims x shares with it, then None
+        shared = 0
+        while shared < min(x.ndim, kernel.ndim) and x.shape[shared] == kernel.shape[shared]:
+            shared += 1
+        return nn.LogicallyPartitioned(x, (*names[:shared], *[None] * (x.ndim - shared)))
+
+    return jax.tree.map(box, q)
 
 
 def _layer_shapes(cfg: GPTConfig, module: Module, rank: int):

@@ -557,6 +557,10 @@ class LoraLayers:
     dropout: float  # on the adapter's input, in training
     gaussian: bool  # A drawn N(0, 1/rank²) (PEFT's "gaussian"), else Kaiming-uniform
     paths: frozenset[tuple[str, ...]]  # within a block: ("self_attn", "q_proj"), ("mlp", "c_fc")
+    # How the frozen base is stored (`lora.prepare_base`); the layers read whatever is there.
+    quantize: str = ""  # the blocks' kernels: "nf4", "int8" or "" (floats)
+    double_quant: bool = True
+    base_dtype: str = ""  # "" = param_dtype
 
     def on(self, *path: str) -> LoraLayers | None:
         """Itself if the layer at `path` (within a block) is adapted, else None."""

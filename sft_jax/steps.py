@@ -1,5 +1,10 @@
 """Pure train and eval steps, jitted once by `train.py` with shardings and donation.
 
+With LoRA (`model.lora`), the params hold a frozen base and the adapters beside its
+kernels (`sft_jax.lora`): gradients are taken with respect to the adapters alone (autodiff
+computes none for the base), the optimizer state exists for them alone, and a checkpoint
+holds them alone (`saved`), the base coming back from its source (`with_base`).
+
 Gradient accumulation splits the global batch into `micro_steps` micro-batches and sums
 gradients of the loss *sum*; the one division by the global loss-token count afterwards
 makes loss and gradient exactly those of the whole batch (docs/design.md, "The loss").
@@ -18,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from sft_jax import losses
+from sft_jax import lora, losses
 from sft_jax.model import head_weight, unstack_layers
 
 Batch = dict[str, jax.Array]
@@ -36,7 +41,7 @@ def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformatio
     """A fresh state. Under `jax.eval_shape` it gives the shapes and logical axis boxes from
     which `sharding.tree_shardings` derives every leaf's sharding."""
     init_rng, state_rng = jax.random.split(rng)
-    return state_from_params(init_params(init_rng, model), state_rng, tx)
+    return state_from_params(init_params(init_rng, model), state_rng, tx, model)
 
 
 def init_params(rng: jax.Array, model: nn.Module) -> dict:
@@ -56,11 +61,46 @@ def init_params(rng: jax.Array, model: nn.Module) -> dict:
     return unstack_layers(scanned, params)[1]
 
 
-def state_from_params(params, rng: jax.Array, tx: optax.GradientTransformation) -> TrainState:
-    """A fresh state around given (e.g. pretrained) params."""
+def state_from_params(
+    params, rng: jax.Array, tx: optax.GradientTransformation, model: nn.Module | None = None
+) -> TrainState:
+    """A fresh state around given (e.g. pretrained) params. With LoRA (`model.lora`),
+    `params` may be the base alone (fresh adapters join it), and the base is stored as
+    LoRA asks (`lora.prepare_base`: its dtype, quantized kernels)."""
+    if model is not None and model.lora is not None:
+        base, adapters = lora.split(params)
+        if not adapters:
+            rng, adapter_rng = jax.random.split(rng)
+            adapters = nn.meta.unbox(lora.fresh_adapters(model.cfg, model.lora, adapter_rng))
+        params = lora.combine(lora.prepare_base(model.cfg, model.lora, base), adapters)
+    trained, _ = partition(model, params)
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trained), rng=rng
     )
+
+
+def partition(model: nn.Module | None, params) -> tuple[Any, Any]:
+    """(trained, frozen) parts of the params: (adapters, base) with LoRA, else (params, None)."""
+    if model is None or model.lora is None:
+        return params, None
+    base, adapters = lora.split(params)
+    return adapters, base
+
+
+def join(trained, frozen):
+    """The model's params from `partition`'s parts."""
+    return trained if frozen is None else lora.combine(frozen, trained)
+
+
+def saved(state: TrainState, model: nn.Module) -> TrainState:
+    """What a checkpoint holds of `state` (a state, or its shapes or shardings): all of it,
+    or with LoRA the adapters (and their optimizer state) without the frozen base."""
+    return state.replace(params=partition(model, state.params)[0])
+
+
+def with_base(saved_state: TrainState, base) -> TrainState:
+    """A state restored from a LoRA checkpoint (`saved`) with its frozen base back."""
+    return saved_state.replace(params=lora.combine(base, saved_state.params))
 
 
 def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = None):
@@ -133,23 +173,26 @@ def train_step(
     """One optimizer step on a global batch [B, T]. A non-finite loss or gradient leaves the
     state unchanged and reports `finite=False`, so a bad state never exists to be saved."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    trained, frozen = partition(model, state.params)
+    grad_fn = jax.value_and_grad(
+        lambda trained, *args: loss_sums(join(trained, frozen), *args), has_aux=True
+    )
 
     def micro(carry, xs):
         grads_acc, loss_acc, count_acc = carry
         mb, i = xs
         (loss_sum, count), grads = grad_fn(
-            state.params, mb, model, jax.random.fold_in(rng, i) if dropout else None
+            trained, mb, model, jax.random.fold_in(rng, i) if dropout else None
         )
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
         return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
     if micro_steps == 1:  # no accumulator: a zero-filled float32 copy of the params is not free
         (loss_sum, count), grads = grad_fn(
-            state.params, batch, model, jax.random.fold_in(rng, 0) if dropout else None
+            trained, batch, model, jax.random.fold_in(rng, 0) if dropout else None
         )
     else:
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         micro_batches = _split_micro(batch, micro_steps)
         (grads, loss_sum, count), _ = jax.lax.scan(
@@ -158,13 +201,13 @@ def train_step(
 
     denom = jnp.maximum(count, 1.0)
     loss = loss_sum / denom
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trained)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(state):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trained)
+        params = join(optax.apply_updates(trained, updates), frozen)
         return state.replace(params=params, opt_state=opt_state)
 
     # A non-finite step keeps the old params and optimizer state (the step still counts).

@@ -24,7 +24,7 @@ from sft_jax import checkpoint as ckpt_lib
 from sft_jax import config as config_lib
 from sft_jax import data as data_lib
 from sft_jax import evaluate as evaluate_lib
-from sft_jax import hf, optim, paths, preemption, sharding, steps
+from sft_jax import hf, lora, optim, paths, preemption, sharding, steps
 from sft_jax import metrics as metrics_lib
 from sft_jax.data.tokenizer import save_tokenizer
 from sft_jax.model import GPT, GPTConfig
@@ -55,15 +55,29 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding, global_rows: int)
 class StepFns:
     """The state's layout on the mesh and the jitted functions that use it."""
 
+    model: GPT
     mesh: jax.sharding.Mesh
     rules: tuple  # logical axis rules for activations, active while tracing
     abstract_state: steps.TrainState  # ShapeDtypeStructs
     state_shardings: steps.TrainState  # NamedShardings, same tree
     batch_sharding: jax.sharding.NamedSharding
+    # The float params (without LoRA adapters) that pretrained weights load into: the
+    # state's params, or with LoRA its base before `lora.prepare_base` (dtype, quantization).
+    load_shapes: dict
+    load_shardings: dict
     init: Callable  # rng -> TrainState, laid out by state_shardings
-    init_from_params: Callable  # (params, rng) -> TrainState around given (pretrained) params
+    init_from_params: Callable  # (loaded params, rng) -> TrainState around them
+    prepare_base: Callable  # loaded params -> the frozen base as the state holds it (LoRA)
     train_step: Callable  # (state, batch) -> (state, metrics); state donated
     eval_step: Callable  # (params, batch) -> {loss_sum, loss_tokens}
+
+    def saved_target(self):
+        """What a checkpoint of this run holds, as restore targets (shapes with shardings):
+        the state, or with LoRA the state without its frozen base."""
+        return ckpt_lib.abstract_with_shardings(
+            steps.saved(self.abstract_state, self.model),
+            steps.saved(self.state_shardings, self.model),
+        )
 
     @contextlib.contextmanager
     def context(self):
@@ -79,6 +93,12 @@ def build_steps(model: GPT, tx, schedule, mesh, micro_steps: int = 1) -> StepFns
     init_fn = functools.partial(steps.init_state, model=model, tx=tx)
     boxed_abstract = jax.eval_shape(init_fn, jax.random.key(0))
     state_shardings = sharding.tree_shardings(boxed_abstract, mesh)
+    boxed_load = jax.eval_shape(
+        functools.partial(steps.init_params, model=model), jax.random.key(0)
+    )
+    boxed_load = lora.split(boxed_load)[0]
+    load_shardings = sharding.tree_shardings(boxed_load, mesh)
+    base_shardings = lora.split(state_shardings.params)[0]
     batch_sharding = sharding.batch_sharding(mesh)
     sizes = {"act_heads": cfg.n_heads, "act_mlp": cfg.d_ff, "act_vocab": cfg.vocab_size}
     train_step = functools.partial(
@@ -90,16 +110,25 @@ def build_steps(model: GPT, tx, schedule, mesh, micro_steps: int = 1) -> StepFns
         dropout=cfg.dropout > 0,
     )
     return StepFns(
+        model=model,
         mesh=mesh,
         rules=sharding.activation_rules(mesh, sizes),
         abstract_state=nn.meta.unbox(boxed_abstract),
         state_shardings=state_shardings,
         batch_sharding=batch_sharding,
+        load_shapes=nn.meta.unbox(boxed_load),
+        load_shardings=load_shardings,
         init=jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=state_shardings),
         init_from_params=jax.jit(
-            functools.partial(steps.state_from_params, tx=tx),
-            in_shardings=(state_shardings.params, None),
+            functools.partial(steps.state_from_params, tx=tx, model=model),
+            in_shardings=(load_shardings, None),
             out_shardings=state_shardings,
+            donate_argnums=0,
+        ),
+        prepare_base=jax.jit(
+            lambda base: lora.prepare_base(cfg, model.lora, base) if model.lora else base,
+            in_shardings=(load_shardings,),
+            out_shardings=base_shardings,
             donate_argnums=0,
         ),
         train_step=jax.jit(
@@ -164,7 +193,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
     # Model, optimizer, and the state's shapes and shardings before any array exists.
     tx, schedule = optim.make_optimizer(config_lib.optim_config(config), num_steps)
-    fns = build_steps(GPT(model_cfg), tx, schedule, mesh, train_cfg.micro_steps)
+    lora_spec = config_lib.lora_spec(config)
+    model = GPT(model_cfg, lora_spec.layers(model_cfg))
+    fns = build_steps(model, tx, schedule, mesh, train_cfg.micro_steps)
     ckpt_cfg = config_lib.checkpoint_config(config)
     checkpointer = ckpt_lib.Checkpointer(workdir, ckpt_cfg.keep, ckpt_cfg.async_save, writer=True)
     if jax.process_index() == 0:  # the tokenizer travels with the run: export and generation
@@ -174,7 +205,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         "model": dataclasses.asdict(model_cfg),
         "tokenizer": tokenizer_name,
         "template": config.data.template,
+        # What the params start from: a LoRA checkpoint holds only the adapters, and
+        # resume and export rebuild the base from here.
+        "base": {"init_from": config_lib.init_source(config), "seed": config.seed},
     }
+    if lora_spec.enabled:
+        meta["lora"] = dataclasses.asdict(lora_spec)
     with fns.context():
         state = _initial_state(config, model_cfg, fns, checkpointer, meta)
     return Setup(
@@ -188,32 +224,61 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 def _initial_state(
     config, model_cfg: GPTConfig, fns: StepFns, checkpointer, meta: dict
 ) -> steps.TrainState:
-    """The workdir's latest good checkpoint, else pretrained weights, else random init."""
-    target = ckpt_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
+    """The workdir's latest good checkpoint, else pretrained weights, else random init.
+    A LoRA checkpoint holds the adapters: the frozen base comes back from its source."""
     resumed = checkpointer.restore_latest_good(
-        target,
-        validate=lambda saved: ckpt_lib.check_compatible(
-            saved["model"], meta["model"], checkpointer.directory
-        ),
+        fns.saved_target(),
+        validate=lambda saved: ckpt_lib.check_resumable(saved, meta, checkpointer.directory),
     )
+    lora_on = fns.model.lora is not None
     if resumed is not None:
-        state, _, resumed_step = resumed
-        logging.info("resumed from %s at step %d", checkpointer.directory, resumed_step)
-        return state
+        logging.info("resumed from %s at step %d", checkpointer.directory, resumed[2])
+        if not lora_on:
+            return resumed[0]
+    rng = jax.random.key(config.seed)
     source = config_lib.init_source(config)
-    if not source:
-        return fns.init(jax.random.key(config.seed))
+    if not source and resumed is None:
+        return fns.init(rng)
+    if source:
+        params = _pretrained(source, config, model_cfg, fns)
+    else:  # a LoRA run on a random base: the base of the seed's init
+        params = lora.split(fns.init(rng).params)[0]
+    if resumed is not None:
+        return steps.with_base(resumed[0], fns.prepare_base(params) if source else params)
+    return fns.init_from_params(params, rng)
+
+
+def _pretrained(source: str, config, model_cfg: GPTConfig, fns: StepFns) -> dict:
+    """The pretrained params (without LoRA adapters), laid out for the mesh."""
     _, params = hf.load_hf(
         source,
         allow_pickle=config.model.allow_pickle,
         param_dtype=model_cfg.param_dtype,
         scan_layers=model_cfg.scan_layers,
         # Each process reads only the blocks of the params its own devices hold.
-        shardings=fns.state_shardings.params,
-        shapes=fns.abstract_state.params,
+        shardings=fns.load_shardings,
+        shapes=fns.load_shapes,
     )
     logging.info("initialised from pretrained weights %s", source)
-    return fns.init_from_params(params, jax.random.key(config.seed))
+    return params
+
+
+def _export(s: Setup, workdir: str, params) -> None:
+    """The export.* folders of the final params: the model (merged with LoRA adapters) in
+    Hugging Face format, and a LoRA run's adapters as a PEFT folder."""
+    export_cfg = config_lib.export_config(s.config)
+    spec = config_lib.lora_spec(s.config)
+    if export_cfg.hf_dir:
+        out = paths.under(workdir, export_cfg.hf_dir)
+        merged = lora.merge(*lora.split(params), spec) if spec.enabled else params
+        hf.save_hf(s.model_cfg, merged, out, tokenizer=s.tokenizer,
+                   dtype=hf.export_dtype(s.model_cfg, export_cfg.dtype))  # fmt: skip
+        logging.info("exported the final params to %s (Hugging Face format)", out)
+    if export_cfg.adapter_dir:
+        out = paths.under(workdir, export_cfg.adapter_dir)
+        lora.write_peft_adapter(s.model_cfg, spec, lora.split(params)[1], out,
+                                config_lib.init_source(s.config))  # fmt: skip
+        logging.info("exported the LoRA adapters to %s (PEFT format)", out)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -226,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluation = evaluate_lib.Evaluation(
         workdir, config_lib.eval_config(s.config), s.config.seed, s.data_spec, s.tokenizer,
         s.model_cfg, s.splits.validation, batch_size=eval_batch_size, max_batches=t.eval_steps,
-        process_rows=process_rows(fns.batch_sharding, eval_batch_size),
+        process_rows=process_rows(fns.batch_sharding, eval_batch_size), lora=fns.model.lora,
         eval_fn=lambda p, local: fns.eval_step(
             p, global_batch(local, fns.batch_sharding, eval_batch_size)),
     )  # fmt: skip
@@ -277,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         logger.write(done, record)
                         logger.progress(done, record.get("loss"), record.get("tokens_per_sec"))
                     if saving and checkpointer.latest_step() != done:
-                        checkpointer.save(done, state, s.meta)
+                        checkpointer.save(done, steps.saved(state, fns.model), s.meta)
                         policy.saved()
                 if stopping:
                     logging.warning(
@@ -287,12 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     return record
         evaluation.finish(state.params)
         checkpointer.wait()  # the export follows only a committed final checkpoint
-        export_cfg = config_lib.export_config(s.config)
-        if export_cfg.hf_dir:
-            out = paths.under(workdir, export_cfg.hf_dir)
-            hf.save_hf(s.model_cfg, state.params, out, tokenizer=s.tokenizer,
-                       dtype=hf.export_dtype(s.model_cfg, export_cfg.dtype))  # fmt: skip
-            logging.info("exported the final params to %s (Hugging Face format)", out)
+        _export(s, workdir, state.params)
         logging.info("done: step %d, checkpoints in %s", s.num_steps, checkpointer.directory)
     finally:
         profiler.close()
