@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 from collections.abc import Sequence
 
@@ -46,11 +47,15 @@ import transformers
 from sft_jax.data import formats, templates
 from sft_jax.data.packing import Examples, offsets
 from sft_jax.data.spec import CODES, BadRow, DataSpec, Fields, FormatTemplate, RowError
+from sft_jax.data.spec import hint as spec_hint
 from sft_jax.data.templates import Rendered
 
 # Bits of a row's flags. SPLIT_TURNS: its conversation became one example per assistant
-# turn; TURNS_DROPPED: some (not all) of those were dropped for length.
+# turn; TURNS_DROPPED: some (not all) of those were dropped for length. TOOLS_UNRENDERED,
+# REASONING_UNRENDERED: the row has tools (a tool definition, call or result) or reasoning
+# of a trained turn that the chat template did not write (it cannot express them).
 RESPONSE_CUT, PROMPT_CUT, NO_END_TOKEN, SPLIT_TURNS, TURNS_DROPPED = 1, 2, 4, 8, 16
+TOOLS_UNRENDERED, REASONING_UNRENDERED = 32, 64
 _KEEP_PROBLEMS = 3  # Messages kept per reason per chunk (the first one is what errors show).
 _PLACEHOLDER = "x"  # A letter: no template joins it to what comes before.
 
@@ -97,6 +102,18 @@ def encode(
     """(ids int32, trainable bool) per text, in one batched call of the fast tokenizer.
 
     `train_on="all"` trains every token but a prepended `bos`."""
+    return [
+        (ids, trainable) for ids, trainable, _ in encode_marked(rendered, tokenizer, train_on, bos)
+    ]
+
+
+def encode_marked(
+    rendered: Sequence[Rendered],
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    train_on: str = "response",
+    bos: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`encode`, and per text which tokens are reasoning (overlap `Rendered.reasoning`)."""
     backend = tokenizer.backend_tokenizer
     with _special_tokens_recognised(backend):
         encodings = backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
@@ -105,17 +122,25 @@ def encode(
     for r, enc in zip(rendered, encodings, strict=True):
         ids = np.asarray(head + enc.ids, np.int32)
         trainable = np.zeros(len(ids), np.bool_)
-        body = trainable[len(head) :]  # A view: writes land in `trainable`.
+        reasoning = np.zeros(len(ids), np.bool_)
+        off = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
         if train_on == "all":
-            body[:] = True
-        elif r.spans and len(body):
-            off = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
-            start = off[:, 0]
-            end = np.maximum(off[:, 1], start + 1)  # A zero-width token counts at its start.
-            for s, e in r.spans:
-                body |= (start < e) & (end > s)  # Any overlap with the span.
-        out.append((ids, trainable))
+            trainable[len(head) :] = True
+        else:
+            trainable[len(head) :] = _overlapping(off, r.spans)
+        reasoning[len(head) :] = _overlapping(off, r.reasoning)
+        out.append((ids, trainable, reasoning))
     return out
+
+
+def _overlapping(offsets: np.ndarray, spans) -> np.ndarray:
+    """[tokens] bool: whether each token's [start, end) character range overlaps a span."""
+    start = offsets[:, 0]
+    end = np.maximum(offsets[:, 1], start + 1)  # A zero-width token counts at its start.
+    hit = np.zeros(len(offsets), np.bool_)
+    for s, e in spans:
+        hit |= (start < e) & (end > s)  # Any overlap with the span.
+    return hit
 
 
 # ---------------------------------------------------------------- a row -> an example
@@ -137,38 +162,73 @@ class Encoder:
     long_prompt: str = "drop"
     special: re.Pattern | None = None
     bos: int | None = None  # Prepended to format-template examples (tokenizer's own habit).
+    train_reasoning: bool = True
+    tools: tuple[dict, ...] = ()  # data.tools: for rows without a tools field.
 
-    def render(self, messages: list[formats.Message]) -> Rendered:
+    def render(self, messages: list[formats.Message], tools: Sequence[dict] = ()) -> Rendered:
         """The whole conversation as one example (never split)."""
         if isinstance(self.template, templates.JinjaTemplate):
-            return self.template.render(messages, self.assistant_turns)
-        return self._format(messages, self.assistant_turns)
+            r = self.template.render(messages, self.assistant_turns, tools)
+        else:
+            r = self._format(messages, self.assistant_turns, tools)
+        return templates.with_reasoning(r, self.train_reasoning)
 
-    def training_examples(self, messages: list[formats.Message]) -> list[Rendered]:
+    def training_examples(
+        self, messages: list[formats.Message], tools: Sequence[dict] = ()
+    ) -> list[Rendered]:
         """What trains on a conversation: `render_examples`, or with train_on="all" the whole
         text as the template writes it, once (no spans needed, so never split: a split
         would train the earlier turns again in every later example)."""
         if self.train_on == "all" and isinstance(self.template, templates.JinjaTemplate):
-            return [self.template.render_text_only(messages)]
-        return self.render_examples(messages)
+            return [self.template.render_text_only(messages, tools)]
+        return self.render_examples(messages, tools)
 
-    def render_examples(self, messages: list[formats.Message]) -> list[Rendered]:
+    def render_examples(
+        self, messages: list[formats.Message], tools: Sequence[dict] = ()
+    ) -> list[Rendered]:
         """The examples of a conversation: one, or one per assistant turn where it is split
-        (`split_turns`; format templates are prefix-stable, so only "always" splits them)."""
+        (`split_turns`; format templates are prefix-stable, so only "always" splits them);
+        reasoning marked, and untrained under data.train_reasoning=False."""
         if isinstance(self.template, templates.JinjaTemplate):
-            return self.template.render_examples(messages, self.assistant_turns, self.split_turns)
-        if self.split_turns != "always":
-            return [self._format(messages, self.assistant_turns)]
-        ends = [k + 1 for k, m in enumerate(messages) if m.role == "assistant"]
-        if self.assistant_turns == "last":
-            ends = ends[-1:]
-        return [self._format(messages[:end], "last") for end in ends]
+            out = self.template.render_examples(
+                messages, self.assistant_turns, self.split_turns, tools
+            )
+        elif self.split_turns != "always":
+            out = [self._format(messages, self.assistant_turns, tools)]
+        else:
+            ends = [k + 1 for k, m in enumerate(messages) if m.role == "assistant" and m.train]
+            if self.assistant_turns == "last":
+                ends = ends[-1:]
+            out = [self._format(messages[:end], "last", tools) for end in ends]
+        return [templates.with_reasoning(r, self.train_reasoning) for r in out]
 
-    def _format(self, messages: list[formats.Message], assistant_turns: str) -> Rendered:
+    def _format(
+        self, messages: list[formats.Message], assistant_turns: str, tools: Sequence[dict] = ()
+    ) -> Rendered:
         tok = self.tokenizer
         return templates.render_format(
-            self.template, messages, tok.eos_token, tok.bos_token or "", assistant_turns
+            self.template, messages, tok.eos_token, tok.bos_token or "", assistant_turns, tools
         )
+
+    def unrendered(
+        self, messages: list[formats.Message], tools: Sequence[dict], rendered: list[Rendered]
+    ) -> int:
+        """Flags (TOOLS_UNRENDERED, REASONING_UNRENDERED) for what the row has that the
+        template left out of every example: a tool's or call's name, a tool result, the
+        reasoning of a trained turn. Format templates write all of it or refuse the row."""
+        if not isinstance(self.template, templates.JinjaTemplate) or self.train_on == "all":
+            return 0
+        text = "\0".join(r.text for r in rendered)
+        trained = [m for m in messages if m.role == "assistant" and m.train]
+        if self.assistant_turns == "last":
+            trained = trained[-1:]
+        tool_texts = [formats.tool_name(t) for t in tools]
+        for m in messages:
+            tool_texts += [formats.tool_name(c) for c in m.tool_calls]
+            tool_texts += [m.content.strip()] if m.role == "tool" and m.content.strip() else []
+        flags = TOOLS_UNRENDERED * any(t not in text for t in tool_texts)
+        thoughts = [m.reasoning.strip() for m in trained if m.reasoning.strip()]
+        return flags | REASONING_UNRENDERED * any(t not in text for t in thoughts)
 
     def ends_unmarked(self, r: Rendered) -> bool:
         """Whether a response ends without a special token (EOS, end of turn) of the
@@ -178,21 +238,31 @@ class Encoder:
         end = re.compile(f"(?:{self.special.pattern})\\Z")  # `re` caches the compiled pattern.
         return any(not end.search(r.text[max(s, e - 64) : e]) for s, e in r.spans)
 
-    def check_special(self, messages: list[formats.Message]) -> None:
+    def check_special(self, messages: list[formats.Message], tools: Sequence[dict] = ()) -> None:
         if self.special is None:
             return
+        texts = [(templates.dumps(list(tools)), self.fields.col("tools"))] if tools else []
         for m in messages:
-            for text, field in ((m.content, m.field), (m.input, self.fields.col("input"))):
-                if match := self.special.search(text):
-                    raise RowError(
-                        "special_token_text", f"holds the special token text {match[0]!r}", field
-                    )
+            calls = templates.dumps(list(m.tool_calls))
+            texts += [(m.content, m.field), (m.input, self.fields.col("input")),
+                      (m.reasoning, m.field), (calls, m.field)]  # fmt: skip
+        for text, field in texts:
+            if match := self.special.search(text):
+                raise RowError(
+                    "special_token_text", f"holds the special token text {match[0]!r}", field
+                )
 
     def messages(self, row) -> list[formats.Message]:
         """Raw row -> checked conversation; raises RowError."""
+        return self.conversation(row)[0]
+
+    def conversation(self, row) -> tuple[list[formats.Message], tuple[dict, ...]]:
+        """Raw row -> checked (conversation, tools: the row's, else data.tools); raises
+        RowError."""
         messages = formats.to_messages(row, self.format, self.fields)
-        self.check_special(messages)
-        return messages
+        tools = formats.tools(row, self.fields) or self.tools
+        self.check_special(messages, tools)
+        return messages, tools
 
 
 def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> Encoder:
@@ -204,6 +274,8 @@ def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> Encoder:
         else bos_to_prepend(tokenizer)
     )
     return Encoder(
+        train_reasoning=spec.train_reasoning,
+        tools=load_tools(spec.tools),
         format=fmt,
         fields=Fields.parse(spec.fields),
         template=template,
@@ -219,6 +291,20 @@ def make_encoder(spec: DataSpec, tokenizer, template, fmt: str) -> Encoder:
     )
 
 
+def load_tools(value: str) -> tuple[dict, ...]:
+    """`data.tools`: a JSON list of function definitions, or the path of a .json file."""
+    if value.strip().endswith(".json") and not value.lstrip().startswith(("[", "{")):
+        try:
+            with open(os.path.expanduser(value.strip()), encoding="utf-8-sig") as f:
+                value = f.read()
+        except OSError as e:
+            raise ValueError(f"data.tools={value!r}: cannot read it: {e}") from None
+    try:
+        return formats.parse_tools(value, "data.tools")
+    except RowError as e:
+        raise ValueError(f"{e}; {spec_hint('bad_tools')}") from None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Chunk(Examples):
     """The outcome of some rows (a chunk, or a whole source): the examples of the kept rows,
@@ -230,10 +316,15 @@ class Chunk(Examples):
     # [rows] int32: examples of each row, in row order (0 if dropped, > 1 if split per turn).
     # None: one per kept row (what a reader that does not store it meant).
     examples_per_row: np.ndarray | None = None
+    # [rows] int32: tokens of each row's examples in <think> blocks of assistant turns
+    # (trained unless data.train_reasoning=False). None: zeros (an older reader's chunk).
+    reasoning_tokens: np.ndarray | None = None
 
     def __post_init__(self):
         if self.examples_per_row is None:
             object.__setattr__(self, "examples_per_row", (self.status == 0).astype(np.int32))
+        if self.reasoning_tokens is None:
+            object.__setattr__(self, "reasoning_tokens", np.zeros(len(self.status), np.int32))
 
     def example_rows(self) -> np.ndarray:
         """[examples] int64: the row of each example."""
@@ -254,6 +345,7 @@ class Chunk(Examples):
                 for i, p in c.problems.items()
             },
             examples_per_row=np.concatenate([c.examples_per_row for c in parts]),
+            reasoning_tokens=np.concatenate([c.reasoning_tokens for c in parts]),
         )  # fmt: skip
 
 
@@ -261,17 +353,27 @@ def fit(
     ids: np.ndarray, trainable: np.ndarray, enc: Encoder
 ) -> tuple[np.ndarray, np.ndarray, int] | str:
     """Applies the length policy: (ids, trainable, flags), or the reason for dropping."""
+    out = fit_index(ids, trainable, enc)
+    if isinstance(out, str):
+        return out
+    keep, flags = out
+    return ids[keep], trainable[keep], flags
+
+
+def fit_index(ids: np.ndarray, trainable: np.ndarray, enc: Encoder) -> tuple | str:
+    """The length policy as (the ids kept: a slice or an index array, flags), or the reason
+    for dropping."""
     limit = enc.max_seq_len + 1  # n + 1 ids give n positions.
     if not trainable[1:].any():
         return "no_loss_tokens"
     n = len(ids)
     if n <= limit:
-        return ids, trainable, 0
+        return slice(None), 0
     if enc.too_long != "truncate":
         return "too_long"
     first = 1 + int(np.argmax(trainable[1:]))  # First trained id (a target, so index >= 1).
     if first < limit:
-        return ids[:limit], trainable[:limit], RESPONSE_CUT
+        return slice(0, limit), RESPONSE_CUT
     if enc.long_prompt == "drop":
         return "prompt_too_long"
     tok = enc.tokenizer
@@ -281,8 +383,7 @@ def fit(
     keep_resp = max(1, min(n - first, room // 2))
     keep_prompt = room - keep_resp
     cut = np.r_[0:head, first - keep_prompt : first + keep_resp]
-    flags = PROMPT_CUT | (RESPONSE_CUT if keep_resp < n - first else 0)
-    return ids[cut], trainable[cut], flags
+    return cut, PROMPT_CUT | (RESPONSE_CUT if keep_resp < n - first else 0)
 
 
 def encode_chunk(rows: list, enc: Encoder) -> Chunk:
@@ -291,6 +392,7 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
     status = np.zeros(n, np.int8)
     flags = np.zeros(n, np.uint8)
     per_row = np.zeros(n, np.int32)
+    reasoning_tokens = np.zeros(n, np.int32)
     problems: dict[int, str] = {}
     seen: dict[str, int] = {}
 
@@ -304,20 +406,21 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
     kept_ids, kept_tr, lengths = [], [], []
     length_drops: dict[int, tuple[str, str]] = {}  # row -> its first example's drop
     if rendered:
-        for i, (ids, trainable) in zip(
-            where, encode(rendered, enc.tokenizer, enc.train_on, enc.bos), strict=True
+        for i, (ids, trainable, reasoning) in zip(
+            where, encode_marked(rendered, enc.tokenizer, enc.train_on, enc.bos), strict=True
         ):
-            out = fit(ids, trainable, enc)
+            out = fit_index(ids, trainable, enc)
             if isinstance(out, str):
                 problem = f"{len(ids)} tokens, data.max_seq_len={enc.max_seq_len}"
                 length_drops.setdefault(i, (out, problem))
                 continue
-            ids, trainable, fit_flags = out
+            keep, fit_flags = out
             flags[i] |= fit_flags
             per_row[i] += 1
-            kept_ids.append(ids)
-            kept_tr.append(trainable)
-            lengths.append(len(ids))
+            reasoning_tokens[i] += int(reasoning[keep].sum())
+            kept_ids.append(ids[keep])
+            kept_tr.append(trainable[keep])
+            lengths.append(len(kept_ids[-1]))
     for i, (reason, problem) in length_drops.items():
         if per_row[i]:  # Some turns of a split conversation stay.
             flags[i] |= TURNS_DROPPED
@@ -331,6 +434,7 @@ def encode_chunk(rows: list, enc: Encoder) -> Chunk:
         flags=flags,
         problems=problems,
         examples_per_row=per_row,
+        reasoning_tokens=reasoning_tokens,
     )
 
 
@@ -343,10 +447,12 @@ def _render_rows(rows: list, enc: Encoder, drop, flags: np.ndarray):
             drop(i, row.reason, row.problem)
             continue
         try:
-            examples = enc.training_examples(enc.messages(row))
+            messages, tools = enc.conversation(row)
+            examples = enc.training_examples(messages, tools)
         except RowError as e:
             drop(i, e.reason, str(e))
             continue
+        flags[i] |= enc.unrendered(messages, tools, examples)
         rendered += examples
         where += [i] * len(examples)
         if len(examples) > 1:
@@ -387,9 +493,10 @@ def prompt_ids(
         turns.append({fields.col(role): assistant, fields.col(content): _PLACEHOLDER})
         row = {**row, fields.col(key): turns}
     template = templates.resolve_template(spec, tokenizer)
-    enc = make_encoder(spec, tokenizer, template, fmt)
+    # Reasoning trained: the prompt ends where the response (its <think> block first) begins.
+    enc = dataclasses.replace(make_encoder(spec, tokenizer, template, fmt), train_reasoning=True)
     # The last example: the whole conversation, or (split per turn) the placeholder's turn.
-    rendered = enc.render_examples(enc.messages(row))[-1]
+    rendered = enc.render_examples(*enc.conversation(row))[-1]
     if not rendered.spans:
         raise ValueError(f"data.template={spec.template!r} marks no response in {row!r}")
     # Only the placeholder's span: earlier assistant turns are history here.

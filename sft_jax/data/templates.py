@@ -31,6 +31,22 @@ it, then that turn as the template renders it last — with only that turn train
 Whatever the template writes in the turn after the generation prompt trains, Qwen3's
 empty think block included: at inference the model writes it itself.
 
+Tools, tool calls and tool results reach a Jinja template as transformers passes them
+(`tools=`, OpenAI-shaped `tool_calls` with arguments as objects, `tool` messages); an
+assistant turn's trained span covers its content, its tool calls and its end marker, as
+the template writes them, never the tool results, the user turns or the tools block. Of the
+built-in templates only `chatml` writes tools, in the Hermes style Qwen 2.5 and Qwen3 use:
+the tools in the system turn (after its text) under "# Tools" in <tools></tools>, each call
+as `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>` on its own line after the
+content, and consecutive tool results as one user turn of `<tool_response>` blocks. The
+others refuse a row with tools (template_error).
+
+Reasoning: an assistant turn's `reasoning_content` reaches a Jinja template as that key
+(Qwen3, DeepSeek-R1 and QwQ templates write it as a `<think>` block); format templates write
+it before the content as Qwen3 does, `<think>\n…\n</think>\n\n`. The `<think>…</think>`
+blocks (and the whitespace after them) inside trained turns are `Rendered.reasoning`;
+`data.train_reasoning=False` takes them out of the trained spans (`with_reasoning`).
+
 Templates that refuse a system message (Gemma 2: `raise_exception('System role not
 supported')`) get its text folded into the first user turn, "system\n\nuser", exactly as
 Gemma 3's template does by itself; the probe that finds them runs once per template.
@@ -40,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import re
@@ -71,6 +88,9 @@ class Rendered:
 
     text: str
     spans: tuple[tuple[int, int], ...]
+    # [start, end) of the <think> blocks inside assistant turns (trained or not, see
+    # with_reasoning); empty until with_reasoning fills it.
+    reasoning: tuple[tuple[int, int], ...] = ()
 
 
 ALPACA = FormatTemplate(
@@ -105,8 +125,10 @@ def render_format(
     eos: str,
     bos: str = "",
     assistant_turns: str = "all",
+    tools: Sequence[dict] = (),
 ) -> Rendered:
-    """Renders a conversation with a format template; spans cover trained assistant turns."""
+    """Renders a conversation with a format template; spans cover trained assistant turns.
+    Raises RowError (template_error) for tools where the template is not chatml."""
     special = {"eos": eos, "bos": bos}
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
@@ -117,7 +139,7 @@ def render_format(
         parts.append(text)
         pos += len(text)
 
-    msgs = list(messages)
+    msgs = _hermes(messages, tools) if t == CHATML else _no_tools(t, messages, tools)
     if msgs and msgs[0].role != "system" and t.default_system:
         first_user = next((m for m in msgs if m.role == "user"), None)
         with_input = first_user is not None and bool(first_user.input)
@@ -136,8 +158,10 @@ def render_format(
             before, after = t.assistant.format(content="\0", input="", **special).split("\0")
             add(before)
             start = pos
-            add(m.content + after)
-            spans.append((start, start + len(m.content) + len(after.rstrip())))
+            body = _think(m.reasoning) + m.content
+            add(body + after)
+            if m.train:
+                spans.append((start, start + len(body) + len(after.rstrip())))
             if i + 1 < len(msgs):
                 add(t.separator)
     text = "".join(parts)
@@ -146,6 +170,100 @@ def render_format(
     if assistant_turns == "last":
         spans = spans[-1:]
     return Rendered(text, tuple(spans))
+
+
+def _think(reasoning: str) -> str:
+    """A turn's reasoning as Qwen3's template writes it before the answer."""
+    return f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n" if reasoning else ""
+
+
+# Qwen 2.5's and Qwen3's system text for tools (their templates, verbatim), after the
+# system message's own text and a blank line.
+_TOOLS_HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou "
+    "are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and "
+    'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": '
+    '<function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+def dumps(value) -> str:
+    """JSON as chat templates' `tojson` writes it (transformers: no ASCII escapes)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _hermes(messages: Sequence[Message], tools: Sequence[dict]) -> list[Message]:
+    """The conversation with tools written into plain turns, Hermes/Qwen style: the tools
+    block in the system turn, tool calls after the assistant's content, consecutive tool
+    results as one user turn."""
+    msgs = list(messages)
+    out: list[Message] = []
+    if tools:
+        system = msgs.pop(0).content + "\n\n" if msgs and msgs[0].role == "system" else ""
+        block = "".join("\n" + dumps(tool) for tool in tools)
+        out.append(Message("system", system + _TOOLS_HEADER + block + _TOOLS_FOOTER))
+    after_tool = False
+    for m in msgs:
+        if m.role == "tool":
+            result = f"<tool_response>\n{m.content}\n</tool_response>"
+            if after_tool:
+                out[-1] = dataclasses.replace(out[-1], content=out[-1].content + "\n" + result)
+            else:
+                out.append(Message("user", result, field=m.field))
+        elif m.tool_calls:
+            calls = [
+                "<tool_call>\n" + dumps({"name": c["function"]["name"],
+                                         "arguments": c["function"]["arguments"]})
+                + "\n</tool_call>"
+                for c in m.tool_calls
+            ]  # fmt: skip
+            content = "\n".join(filter(None, [m.content, *calls]))
+            out.append(dataclasses.replace(m, content=content, tool_calls=()))
+        else:
+            out.append(m)
+        after_tool = m.role == "tool"
+    return out
+
+
+def _no_tools(t: FormatTemplate, messages: Sequence[Message], tools: Sequence[dict]):
+    """The messages, or RowError if the row has tools, which only chatml can write."""
+    used = next((m for m in messages if m.role == "tool" or m.tool_calls), None)
+    if tools or used:
+        name = next((k for k, v in BUILTIN.items() if v == t), "format")
+        what = f"a tool call or result ({used.field})" if used else "tools"
+        raise RowError(
+            "template_error",
+            f"data.template={name} cannot express {what}: use data.template=chatml (Hermes/"
+            "Qwen style <tool_call> JSON), or a chat template with tools (data.template="
+            "tokenizer or a .jinja file)",
+        )
+    return list(messages)
+
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+def with_reasoning(r: Rendered, train_reasoning: bool = True) -> Rendered:
+    """`r` with its reasoning: the <think> blocks (and the whitespace after them) inside its
+    spans; without `train_reasoning`, the spans with those blocks taken out."""
+    blocks = tuple(
+        m.span()
+        for s, e in r.spans
+        for m in _THINK_BLOCK.finditer(r.text, s, e)
+        if m.end() > m.start()
+    )
+    if train_reasoning or not blocks:
+        return Rendered(r.text, r.spans, blocks)
+    spans = []
+    for s, e in r.spans:
+        for bs, be in (b for b in blocks if s <= b[0] < e):
+            spans.append((s, bs))
+            s = be
+        spans.append((s, e))
+    return Rendered(r.text, tuple((s, e) for s, e in spans if e > s), blocks)
 
 
 # ---------------------------------------------------------------- Jinja chat templates
@@ -213,85 +331,99 @@ class JinjaTemplate:
             return False
         return True
 
-    def render_text(self, msgs: list[dict], add_generation_prompt: bool) -> str:
+    def render_text(self, msgs: list[dict], add_generation_prompt: bool, tools=()) -> str:
         return self._compiled.render(
             messages=msgs,
             add_generation_prompt=add_generation_prompt,
-            tools=None,
+            tools=list(tools) or None,
             documents=None,
             **self.kwargs,
         )
 
-    def _with_markers(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def _with_markers(self, chat: _Chat) -> tuple[str, list[tuple[int, int]]]:
+        """The text, and the spans of the trained turns' generation blocks."""
         blocks: list[str] = []
         spans: list[tuple[int, int]] = []
         # The AssistantTracker extension of transformers' environment records the spans.
         with self._compiled.environment.activate_tracker(blocks, spans):
             for block in self._compiled.generate(
-                messages=msgs, add_generation_prompt=False, tools=None, documents=None,
-                **self.kwargs,
+                messages=chat.msgs, add_generation_prompt=False, tools=list(chat.tools) or None,
+                documents=None, **self.kwargs,
             ):  # fmt: skip
                 blocks.append(block)
         text = "".join(blocks)
+        trained = [
+            t for m, t in zip(chat.msgs, chat.trained, strict=True) if m["role"] == "assistant"
+        ]
+        if len(trained) == len(spans):  # One block per assistant turn: keep the trained ones.
+            spans = [s for s, t in zip(spans, trained, strict=True) if t]
+        elif not all(trained):
+            raise RowError(
+                "template_error", f"{self.name}: its {len(spans)} generation blocks are not "
+                f"one per assistant turn ({len(trained)}), so untrained turns cannot be masked",
+            )  # fmt: skip
         return text, [(s, s + len(text[s:e].rstrip())) for s, e in spans]
 
-    def _turn(self, msgs: list[dict], k: int, full: str | None = None, fix: str = "") -> tuple:
+    def _turn(self, chat: _Chat, k: int, full: str | None = None, fix: str = "") -> tuple:
         """(the text of msgs[: k + 1], the span of assistant turn k in it): the turn is what
         that text adds to the first k messages rendered with the generation prompt."""
-        prompt = self.render_text(msgs[:k], True)
-        upto = full if full is not None else self.render_text(msgs[: k + 1], False)
+        prompt = self.render_text(chat.msgs[:k], True, chat.tools)
+        upto = full if full is not None else self.render_text(chat.msgs[: k + 1], False, chat.tools)
         what = f"the first {k} messages with the generation prompt"
         _check_prefix(prompt, upto, self.name, what, fix or _FIX_SPLIT)
         turn = upto[len(prompt) :]
         return upto, (len(prompt), len(prompt) + len(turn.rstrip()))
 
-    def _by_diff(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        full = self.render_text(msgs, False)
+    def _by_diff(self, chat: _Chat) -> tuple[str, list[tuple[int, int]]]:
+        full = self.render_text(chat.msgs, False, chat.tools)
         spans = []
-        for k, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            upto, span = self._turn(msgs, k, full if k == len(msgs) - 1 else None)
+        for k in chat.trained_turns():
+            upto, span = self._turn(chat, k, full if k == len(chat.msgs) - 1 else None)
             _check_prefix(upto, full, self.name, f"the first {k + 1} messages", _FIX_SPLIT)
             spans.append(span)
         return full, spans
 
-    def _split(self, msgs: list[dict]) -> list[Rendered]:
-        """One example per assistant turn: the conversation up to that turn, rendered as the
-        template renders a last turn, with only that turn trained."""
+    def _split(self, chat: _Chat) -> list[Rendered]:
+        """One example per trained assistant turn: the conversation up to that turn, rendered
+        as the template renders a last turn, with only that turn trained."""
         out = []
-        for k, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
+        for k in chat.trained_turns():
             if self.markers:
-                text, spans = self._with_markers(msgs[: k + 1])
+                text, spans = self._with_markers(chat.upto(k + 1))
                 out.append(Rendered(text, tuple(spans[-1:])))
             else:
-                text, span = self._turn(msgs, k, fix=_FIX_UNSPLITTABLE)
+                text, span = self._turn(chat, k, fix=_FIX_UNSPLITTABLE)
                 out.append(Rendered(text, (span,)))
         return out
 
-    def _dicts(self, messages: Sequence[Message]) -> list[dict]:
-        msgs = [{"role": m.role, "content": m.text()} for m in messages]
-        return _system_folded(msgs) if self.folds_system else msgs
+    def _chat(self, messages: Sequence[Message], tools: Sequence[dict]) -> _Chat:
+        msgs = [m.as_dict() for m in messages]
+        trained = [m.train for m in messages]
+        if self.folds_system and _system_folded(msgs) is not msgs:
+            msgs, trained = _system_folded(msgs), trained[1:]
+        return _Chat(msgs, trained, tuple(tools))
 
     def render_examples(
-        self, messages: Sequence[Message], assistant_turns: str = "all", split_turns: str = "auto"
+        self,
+        messages: Sequence[Message],
+        assistant_turns: str = "all",
+        split_turns: str = "auto",
+        tools: Sequence[dict] = (),
     ) -> list[Rendered]:
         """The examples of one conversation: the whole of it, or (`split_turns` "always", or
         "auto" where the template is not prefix-stable for it) one per assistant turn.
         Raises RowError (reason template_error) where the template refuses it."""
-        msgs = self._dicts(messages)
+        chat = self._chat(messages, tools)
         try:
             if split_turns == "always":
-                out = self._split(msgs)
+                out = self._split(chat)
             else:
                 try:
-                    out = [self._whole(msgs)]
+                    out = [self._whole(chat)]
                 except NotPrefixStable:
                     if split_turns == "never":
                         raise
-                    out = self._split(msgs)
+                    out = self._split(chat)
         except jinja2.TemplateError as e:  # raise_exception(...) in the template, etc.
             raise RowError("template_error", f"{self.name}: {e}") from None
         out = [Rendered(r.text, tuple(s for s in r.spans if s[1] > s[0])) for r in out]
@@ -299,21 +431,40 @@ class JinjaTemplate:
             return [Rendered(r.text, r.spans[-1:]) for r in out[-1:]]
         return out
 
-    def _whole(self, msgs: list[dict]) -> Rendered:
-        text, spans = (self._with_markers if self.markers else self._by_diff)(msgs)
+    def _whole(self, chat: _Chat) -> Rendered:
+        text, spans = (self._with_markers if self.markers else self._by_diff)(chat)
         return Rendered(text, tuple(spans))
 
-    def render_text_only(self, messages: Sequence[Message]) -> Rendered:
+    def render_text_only(self, messages: Sequence[Message], tools: Sequence[dict] = ()) -> Rendered:
         """The whole conversation's text, without spans (for train_on=all)."""
+        chat = self._chat(messages, tools)
         try:
-            return Rendered(self.render_text(self._dicts(messages), False), ())
+            return Rendered(self.render_text(chat.msgs, False, chat.tools), ())
         except jinja2.TemplateError as e:
             raise RowError("template_error", f"{self.name}: {e}") from None
 
-    def render(self, messages: Sequence[Message], assistant_turns: str = "all") -> Rendered:
+    def render(
+        self, messages: Sequence[Message], assistant_turns: str = "all", tools: Sequence[dict] = ()
+    ) -> Rendered:
         """The whole conversation as one example (never split)."""
-        (r,) = self.render_examples(messages, assistant_turns, split_turns="never")
+        (r,) = self.render_examples(messages, assistant_turns, "never", tools)
         return r
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chat:
+    """A conversation as a chat template reads it: the message dicts, whether each is
+    trained, and the tools."""
+
+    msgs: list[dict]
+    trained: list[bool]
+    tools: tuple[dict, ...] = ()
+
+    def trained_turns(self) -> list[int]:
+        return [k for k, m in enumerate(self.msgs) if m["role"] == "assistant" and self.trained[k]]
+
+    def upto(self, end: int) -> _Chat:
+        return _Chat(self.msgs[:end], self.trained[:end], self.tools)
 
 
 _MARKERS_FIX = (
