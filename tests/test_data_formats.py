@@ -1,8 +1,12 @@
-"""Row shapes -> conversations: each format, field renames, detection, and the row errors."""
+"""Row shapes -> conversations: each format, field renames, detection, and the row errors;
+tool calls (OpenAI and LLaMA-Factory shapes), reasoning, content parts, the fields files
+carry (system, tools, history, per-message train flags) and their errors."""
+
+import json
 
 import pytest
 
-from sft_jax.data.formats import Message, detect, to_messages
+from sft_jax.data.formats import Message, detect, to_messages, tools
 from sft_jax.data.spec import Fields, RowError
 
 
@@ -142,3 +146,115 @@ def test_row_errors_name_reason_and_field(row, fmt, reason, field, fragment):
     assert e.value.reason == reason
     assert e.value.field == field
     assert fragment in str(e.value)
+
+
+# ---------------------------------------------------------------- tools, reasoning, parts, fields
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+CALL = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+
+
+def test_openai_tool_calls_and_tool_results():
+    row = {
+        "tools": json.dumps([WEATHER]),  # A JSON string, as many files hold it.
+        "messages": [
+            {"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+            ]},
+            {"role": "tool", "name": "weather", "tool_call_id": "c1", "content": {"temp": 18}},
+            {"role": "assistant", "content": "18 C."},
+        ],
+    }  # fmt: skip
+    msgs = to_messages(row, "messages")
+    assert tools(row) == (WEATHER,)
+    assert msgs[1] == Message("assistant", "", field="messages[1].content",
+                              tool_calls=({"id": "c1", **CALL},))  # fmt: skip
+    assert msgs[2].as_dict() == {"role": "tool", "content": '{"temp": 18}', "name": "weather",
+                                 "tool_call_id": "c1"}  # fmt: skip
+    assert to_messages(row, "messages")[3].as_dict() == {"role": "assistant", "content": "18 C."}
+
+
+def test_sharegpt_function_call_observation_system_and_tools():
+    """LLaMA-Factory's ShareGPT tool shape: the call as a JSON string, the result as an
+    observation, a system and a tools field beside the conversation."""
+    row = {
+        "system": "Be brief.",
+        "tools": json.dumps([WEATHER["function"]]),  # Bare {name, parameters}: as given.
+        "conversations": [
+            {"from": "human", "value": "Paris?"},
+            {"from": "function_call",
+             "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": "18 C"},
+            {"from": "gpt", "value": "18 C."},
+        ],
+    }  # fmt: skip
+    msgs = to_messages(row, "sharegpt")
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "tool", "assistant"]
+    assert msgs[0].content == "Be brief." and msgs[2].tool_calls == (CALL,)
+    assert tools(row) == (WEATHER["function"],)
+    # Observations as user turns instead: a role alias.
+    fields = Fields.parse("role.user=observation")
+    assert to_messages(row, "sharegpt", fields)[3].role == "user"
+
+
+def test_content_parts_reasoning_and_train_flags():
+    row = {"messages": [
+        {"role": "user",
+         "content": [{"type": "text", "text": "Add "}, {"type": "text", "value": "2+2"}]},
+        {"role": "assistant", "content": "4", "reasoning_content": "2+2=4", "train": False},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6", "weight": 1},
+        {"role": "user", "content": "And 4+4?"},
+        {"role": "assistant", "content": "8", "loss_weight": 0.0},
+    ]}  # fmt: skip
+    msgs = to_messages(row, "messages")
+    assert msgs[0].content == "Add 2+2"
+    assert msgs[1].reasoning == "2+2=4" and msgs[1].as_dict()["reasoning_content"] == "2+2=4"
+    assert [m.train for m in msgs[1::2]] == [False, True, False]
+
+
+def test_alpaca_history_is_untrained_context():
+    row = {"instruction": "And 3+3?", "output": "6", "history": [["2+2?", "4"], ["1+1?", "2"]]}
+    msgs = to_messages(row, "alpaca")
+    assert _roles(msgs) == [("user", "2+2?"), ("assistant", "4"), ("user", "1+1?"),
+                            ("assistant", "2"), ("user", "And 3+3?"),
+                            ("assistant", "6")]  # fmt: skip
+    assert [m.train for m in msgs] == [False] * 4 + [True, True]
+    assert msgs[1].field == "history[0][1]"
+
+
+# (row, format, reason, field named, fragment of the problem)
+BAD_NEW = [
+    ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}]},
+     "messages", "non_text_content", "messages[0].content[0]", "is a 'image' part"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{bad"}}]}]},
+     "messages", "bad_tools", "messages[1].tool_calls[0].arguments", "not valid JSON"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"function": {"arguments": "{}"}}]}]},
+     "messages", "bad_tools", "messages[1].tool_calls[0]", "not a tool call"),
+    ({"conversations": [{"from": "human", "value": "a"},
+                        {"from": "function_call", "value": "[1, 2]"}]},
+     "sharegpt", "bad_tools", "conversations[1].value[0]", "not a tool call"),
+    ({"messages": [{"role": "user", "content": "a"},
+                   {"role": "assistant", "content": "b", "train": 0.5}]},
+     "messages", "bad_messages", "messages[1].train", "trained (1, true) or not (0, false)"),
+    ({"system": "s", "conversations": [{"from": "system", "value": "t"},
+                                       {"from": "gpt", "value": "b"}]},
+     "sharegpt", "bad_messages", "system", "has a system message too"),
+    ({"instruction": "a", "output": "b", "history": [["q"]]}, "alpaca", "bad_messages",
+     "history[0]", "pair of strings"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row,fmt,reason,field,fragment", BAD_NEW)
+def test_new_field_errors_name_reason_and_field(row, fmt, reason, field, fragment):
+    test_row_errors_name_reason_and_field(row, fmt, reason, field, fragment)
+
+
+def test_bad_tools_field():
+    with pytest.raises(RowError, match="not a list of function definitions") as e:
+        tools({"tools": '{"description": "no name"}'})
+    assert (e.value.reason, e.value.field) == ("bad_tools", "tools")

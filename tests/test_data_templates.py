@@ -586,3 +586,188 @@ def test_gemma_system_turn(gemma):
     # Without a system turn, the template's own text.
     r, _, _ = _masked(gemma, MULTI[1:])
     assert r.text == gemma.apply_chat_template(MULTI[1:], tokenize=False)
+
+
+# ---------------------------------------------------------------- tools and reasoning
+
+ADD = {"type": "function", "function": {"name": "add", "parameters": {}}}
+TOOL_ROW = {
+    "tools": [ADD],
+    "messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+        {"role": "tool", "name": "add", "content": "4"},
+        {"role": "assistant", "content": "It is 4."},
+    ],
+}  # fmt: skip
+# The tools block of Qwen3's system turn (Qwen 2.5's doubles the braces of its example).
+TOOLS_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are "
+    "provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "add", "parameters": {}}}\n</tools>\n\nFor each '
+    "function call, return a json object with function name and arguments within <tool_call>"
+    "</tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+)
+QWEN_SYSTEM = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+)
+TOOL_TURNS = (
+    "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    '⟦<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>⟧\n'
+    "<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    "⟦It is 4.<|im_end|>⟧"
+)
+# (template, examples: the text with trained characters in ⟦⟧). Qwen3 rewrites the call turn
+# once a later turn follows (no think block), so its conversation is split per turn.
+TOOL_GOLDEN = [
+    ("qwen2.5", [
+        QWEN_SYSTEM + "\n\n" + TOOLS_SYSTEM.replace('{"name": <', '{{"name": <').replace(
+            '-object>}', '-object>}}') + TOOL_TURNS + "\n"]),
+    ("qwen3", [
+        "<|im_start|>system\n" + TOOLS_SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦<think>\n\n</think>\n\n<tool_call>\n"
+        '{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>⟧\n',
+        "<|im_start|>system\n" + TOOLS_SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n'
+        "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n4\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n⟦<think>\n\n</think>\n\nIt is 4.<|im_end|>⟧\n"]),
+    ("chatml", ["<|im_start|>system\n" + TOOLS_SYSTEM + TOOL_TURNS]),
+]  # fmt: skip
+
+
+def _tok_for(name, smol):
+    if name == "chatml":
+        return smol, "chatml"
+    tok = copy.deepcopy(smol)
+    tok.chat_template = (STOCK / f"{name}.jinja").read_text(encoding="utf-8")
+    return tok, "tokenizer"
+
+
+def _examples(tok, template, row, **kw):
+    spec = DataSpec(train="x", template=template, format="messages", cache=False, **kw)
+    enc = examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
+    msgs, tools = enc.conversation(row)
+    return enc, msgs, tools, enc.render_examples(msgs, tools)
+
+
+@pytest.mark.parametrize("name,golden", TOOL_GOLDEN)
+def test_tool_calling_golden(smol, name, golden):
+    tok, template = _tok_for(name, smol)
+    enc, msgs, tools, got = _examples(tok, template, TOOL_ROW)
+    assert [view.mark_text(r.text, r.spans) for r in got] == golden
+    # Tokens: exactly the marked characters train (<|im_end|> is one token), and no tool
+    # result, user turn or tools block.
+    for r, (ids, mask) in zip(got, encode(got, tok), strict=True):
+        assert tok.decode(ids[mask]) == "".join(r.text[s:e] for s, e in r.spans)
+    assert enc.unrendered(msgs, tools, got) == 0
+    if template == "tokenizer":  # The stock template's own text, tools= included.
+        dicts = [m.as_dict() for m in msgs]
+        for r, end in zip(got, [4] if len(got) == 1 else [2, 4], strict=True):
+            assert r.text == tok.apply_chat_template(dicts[:end], tools=[ADD], tokenize=False)
+
+
+def test_chatml_tool_calls_with_system_content_and_two_results(smol):
+    """The Hermes/Qwen details: the system text before the tools block, a call after the
+    content on its own line, two results in one user turn."""
+    row = {"tools": [ADD], "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sums?"},
+        {"role": "assistant", "content": "Calling.", "tool_calls": [
+            {"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}]},
+        {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"},
+        {"role": "assistant", "content": "1 and 2."},
+    ]}  # fmt: skip
+    _, _, _, (r,) = _examples(smol, "chatml", row)
+    assert view.mark_text(r.text, r.spans) == (
+        "<|im_start|>system\nBe brief.\n\n" + TOOLS_SYSTEM + "<|im_start|>user\nSums?<|im_end|>\n"
+        '<|im_start|>assistant\n⟦Calling.\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>'
+        "<|im_end|>⟧\n<|im_start|>user\n<tool_response>\n1\n</tool_response>\n<tool_response>\n2"
+        "\n</tool_response><|im_end|>\n<|im_start|>assistant\n⟦1 and 2.<|im_end|>⟧"
+    )
+    # Qwen 2.5's stock template writes the same, but for the braces of its example.
+    qwen25, _ = _tok_for("qwen2.5", smol)
+    dicts = [m.as_dict() for m in formats.to_messages(row, "messages")]
+    stock = qwen25.apply_chat_template(dicts, tools=[ADD], tokenize=False)
+    example = '{"name": <function-name>, "arguments": <args-json-object>}'
+    assert stock.replace("{" + example + "}", example) == r.text + "\n"
+
+
+@pytest.mark.parametrize("template", ["alpaca", "human_assistant"])
+def test_templates_without_tools_refuse_tool_rows(tok, template):
+    spec = DataSpec(train="x", template=template, format="messages", cache=False)
+    enc = examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
+    tools_only = {"tools": [ADD], "messages": MULTI}
+    chunk = examples.encode_chunk([tools_only, {**TOOL_ROW, "tools": None}], enc)
+    assert chunk.status.tolist() == [CODES["template_error"]] * 2
+    assert (
+        f"data.template={template} cannot express tools: use data.template=chatml"
+        in (chunk.problems[0])
+    )
+    assert "a tool call or result (messages[1].content)" in chunk.problems[1]
+
+
+REASONING = {"messages": [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "reasoning_content": "Two and two.", "content": "4"},
+]}  # fmt: skip
+THOUGHT = "<think>\nTwo and two.\n</think>\n\n"
+# (template, train_reasoning, the text with trained characters in ⟦⟧)
+REASONING_GOLDEN = [
+    ("qwen3", True, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦" + THOUGHT
+     + "4<|im_end|>⟧\n"),
+    ("qwen3", False, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" + THOUGHT
+     + "⟦4<|im_end|>⟧\n"),
+    ("chatml", True, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦" + THOUGHT
+     + "4<|im_end|>⟧"),
+    ("chatml", False, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" + THOUGHT
+     + "⟦4<|im_end|>⟧"),
+    # Qwen 2.5 has no place for reasoning: left out, and flagged (a counted warning).
+    ("qwen2.5", True, QWEN_SYSTEM + "<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+     "<|im_start|>assistant\n⟦4<|im_end|>⟧\n"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,train_reasoning,golden", REASONING_GOLDEN)
+def test_reasoning_golden(smol, name, train_reasoning, golden):
+    tok, template = _tok_for(name, smol)
+    enc, msgs, tools, (r,) = _examples(tok, template, REASONING, train_reasoning=train_reasoning)
+    assert view.mark_text(r.text, r.spans) == golden
+    ((ids, mask, reasoning),) = examples.encode_marked([r], tok)
+    assert tok.decode(ids[mask]) == "".join(r.text[s:e] for s, e in r.spans)
+    dropped = name == "qwen2.5"
+    assert enc.unrendered(msgs, tools, [r]) == examples.REASONING_UNRENDERED * dropped
+    assert tok.decode(ids[reasoning]) == ("" if dropped else THOUGHT)
+    if template == "tokenizer":
+        assert r.text == tok.apply_chat_template([m.as_dict() for m in msgs], tokenize=False)
+
+
+def test_think_in_content_and_multi_turn_reasoning_split_under_qwen3(qwen3):
+    """<think> written in the content reaches Qwen3's template as reasoning; earlier turns'
+    reasoning is dropped by the template, so the conversation splits, each example the
+    inference prompt of its turn then that turn, its thoughts in it."""
+    row = {"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "reasoning_content": "Three and three.", "content": "6"},
+    ]}  # fmt: skip
+    enc, msgs, _, got = _examples(qwen3, "tokenizer", row, train_reasoning=False)
+    dicts = [m.as_dict() for m in msgs]
+    assert len(got) == 2
+    for r, end, thought, answer in zip(got, (2, 4), ("Two and two.", "Three and three."),
+                                       ("4", "6"), strict=True):  # fmt: skip
+        prompt = qwen3.apply_chat_template(dicts[: end - 1], add_generation_prompt=True,
+                                           tokenize=False)  # fmt: skip
+        assert r.text == qwen3.apply_chat_template(dicts[:end], tokenize=False)
+        assert r.text.startswith(prompt + f"<think>\n{thought}\n</think>\n\n")
+        assert [r.text[s:e] for s, e in r.spans] == [answer + "<|im_end|>"]  # thoughts masked
+    chunk = examples.encode_chunk([row], enc)
+    assert qwen3.decode(chunk.ids[chunk.trainable]) == "4<|im_end|>6<|im_end|>"
+    marked = examples.encode_marked(got, qwen3)
+    assert [qwen3.decode(ids[r]) for ids, _, r in marked] == [
+        "<think>\nTwo and two.\n</think>\n\n",
+        "<think>\nThree and three.\n</think>\n\n",
+    ]
+    assert chunk.reasoning_tokens.tolist() == [sum(int(r.sum()) for _, _, r in marked)]
