@@ -2,7 +2,8 @@
 whose ids are the tokenizer's own, special tokens read as at inference, masks from
 character offsets, straddling tokens train); one row end to end (encode_chunk) and the
 length policy (fit); generation prompts are the exact tokens training put before each
-response."""
+response; the fields files carry (per-turn train flags, Alpaca history, data.tools, non-text
+parts) and the flags for what a chat template leaves out."""
 
 import json
 
@@ -223,3 +224,93 @@ def test_conversations_and_strings(tok):
     assert tok.decode(prompt_ids("c", spec, tok)) == (
         "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+# ---------------------------------------------------------------- the fields files carry
+
+
+def _chat_encoder(tok, template="chatml", fmt="messages", **kw):
+    spec = DataSpec(train="x", cache=False, template=template, format=fmt, **kw)
+    return examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), fmt)
+
+
+def _trained(chunk, tok) -> list[str]:
+    return [tok.decode(chunk.ids[s:e][chunk.trainable[s:e]])
+            for s, e in zip(chunk.starts[:-1], chunk.starts[1:], strict=True)]  # fmt: skip
+
+
+def test_turns_the_row_says_not_to_train_are_context(tok):
+    turns = [("user", "Hi", None), ("assistant", "Hello!", 0), ("user", "2+2?", None),
+             ("assistant", "4", 1)]  # fmt: skip
+    row = {"messages": [{"role": r, "content": c, "train": t} for r, c, t in turns]}
+    for split in ("auto", "always"):
+        chunk = examples.encode_chunk([row], _chat_encoder(tok, split_turns=split))
+        assert chunk.status.tolist() == [0] and chunk.examples_per_row.tolist() == [1]
+        assert _trained(chunk, tok) == ["4<|im_end|>"]
+    # Alpaca's history: earlier turns rendered with the alpaca template, not trained.
+    row = {"instruction": "2+2?", "output": "4", "history": [["Hi", "Hello!"]]}
+    enc = _chat_encoder(tok, template="alpaca", fmt="alpaca")
+    r = enc.render(enc.messages(row))
+    assert view.mark_text(r.text, r.spans).endswith(
+        "### Instruction:\nHi\n\n### Response:\nHello!<|endoftext|>\n\n"
+        "### Instruction:\n2+2?\n\n### Response:\n⟦4<|endoftext|>⟧"
+    )
+
+
+def test_non_text_parts_and_bad_tools_are_bad_rows(tok):
+    image = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                     {"type": "image_url", "image_url": {"url": "x.png"}}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+    ]}  # fmt: skip
+    bad_tools = {"tools": "[{", "messages": image["messages"][1:]}
+    chunk = examples.encode_chunk([image, bad_tools], _chat_encoder(tok))
+    assert [NAMES[int(s)] for s in chunk.status] == ["non_text_content", "bad_tools"]
+    assert "messages[0].content[1]' is a 'image_url' part" in chunk.problems[0]
+
+
+def test_data_tools_for_rows_without_their_own(tok, tmp_path):
+    add = {"name": "add", "parameters": {}}
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([add]), encoding="utf-8")
+    plain = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    }
+    for value in (str(path), json.dumps([add])):
+        enc = _chat_encoder(tok, tools=value)
+        assert enc.tools == (add,)
+        assert '<tools>\n{"name": "add", "parameters": {}}\n</tools>' in enc.render(
+            *enc.conversation(plain)).text  # fmt: skip
+        own = {**plain, "tools": [{"name": "mul"}]}  # A row's own tools win.
+        assert enc.conversation(own)[1] == ({"name": "mul"},)
+    with pytest.raises(ValueError, match=r"data\.tools.*not a list of function definitions"):
+        _chat_encoder(tok, tools='{"description": "no name"}')
+    with pytest.raises(ValueError, match=r"data\.tools='missing\.json': cannot read it"):
+        _chat_encoder(tok, tools="missing.json")
+
+
+def test_fields_a_chat_template_leaves_out_are_flagged(tok):
+    """A template without tools or reasoning (here: one that writes role and content only)
+    drops them; the row is kept and flagged, so the build can count and warn."""
+    bare = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    t = templates.JinjaTemplate(bare, "bare", {})
+    spec = DataSpec(train="x", cache=False, format="messages")
+    enc = examples.make_encoder(spec, tok, t, "messages")
+    call = {"name": "add", "arguments": {}}
+    rows = [
+        {"tools": [{"name": "add"}], "messages": [{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Yo"}]},
+        {"messages": [{"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Yo", "tool_calls": [call]}]},
+        {"messages": [{"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Yo", "reasoning_content": "Hmm."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+    ]  # fmt: skip
+    chunk = examples.encode_chunk(rows, enc)
+    assert chunk.status.tolist() == [0] * 4
+    tools_, reasoning = examples.TOOLS_UNRENDERED, examples.REASONING_UNRENDERED
+    no_end = examples.NO_END_TOKEN  # The bare template writes no end token either.
+    assert chunk.flags.tolist() == [f | no_end for f in (tools_, tools_, reasoning, 0)]

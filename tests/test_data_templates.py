@@ -4,7 +4,9 @@ templates; then the assistant spans of stock chat templates, found by rendering 
 diffing: SmolLM2's own ChatML template (from its GGUF file), Llama 3's and Qwen 2.5's stock
 templates; generation markers; templates that cannot work. Golden masks, token by token.
 Then the new families' published templates (tests/data/templates): Qwen3's, which rewrites
-history (conversations split per assistant turn), and Gemma 2's and 3's, with a system turn."""
+history (conversations split per assistant turn), and Gemma 2's and 3's, with a system turn.
+Then tools and reasoning: golden tables under Qwen 2.5's and Qwen3's stock templates and
+chatml, with data.train_reasoning on and off."""
 
 import copy
 import json
