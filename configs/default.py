@@ -35,7 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     # Sources: a .json/.jsonl/.csv/.parquet path, glob or folder, a save_to_disk folder
     # (path[@split]), "hf:<name>[:<config>][@<split>]", or generated tasks "synthetic:<task>:<n>".
+    # A mixture: sources with weights, "a.jsonl:0.7,hf:org/b:0.3" (each example drawn from a
+    # source by weight), or c.data.mixture below.
     c.data.train = "synthetic:mix:2000"
+    # Mixture sources with options of their own (then set data.train = ""): each a source
+    # string or dict(source=..., weight=1.0, name=..., format=..., fields=...).
+    c.data.mixture = ()
+    c.data.mixture_examples = 0  # examples per epoch of a mixture; 0 = as many as the sources hold
     c.data.validation = "0.05"  # a source like data.train, a held-out fraction of its rows, or ""
     # Row shape: alpaca (instruction, input, output), prompt_completion, messages (role/content,
     # multi-turn), sharegpt (conversations: from/value), or auto (from the first row's fields).

@@ -42,9 +42,11 @@ class Evaluation:
         max_batches: int = 0,
         process_rows=None,  # positions in each batch of this process's rows (None: all)
         lora=None,  # the params' LoRA adapters (model.LoraLayers), if any
+        validation_sources=None,  # a mixture's validation rows by source: eval_loss/<name>
     ):
         self.workdir = workdir
         self.validation_rows = validation_rows
+        self.validation_sources = validation_sources or {}
         self._cfg, self._seed = eval_cfg, seed
         self._tokenizer, self._model_cfg, self._lora = tokenizer, model_cfg, lora
         self._eval_fn, self._batch_size = eval_fn, batch_size
@@ -60,30 +62,46 @@ class Evaluation:
                 "--workdir %s", eval_cfg.generations, workdir,
             )  # fmt: skip
         elif eval_cfg.generations > 0:
+            spec = first_source_spec(spec)  # A mixture's prompts: its first source's.
             rows = held_out_rows(spec, eval_cfg.generations)
             self._prompts = prompts_and_references(rows, spec, tokenizer)
         self._before: list[dict] | None = None
 
     def validation_loss(self, params) -> dict[str, float]:
         """Token-weighted validation loss over every held-out row once, or over the first
-        `max_batches` batches ({} without held-out rows)."""
+        `max_batches` batches ({} without held-out rows); for a mixture also each source's,
+        as eval_loss/<name> (the overall loss is then theirs together)."""
         if self.validation_rows is None:
             return {}
-        from sft_jax import data as data_lib
-
-        batches = data_lib.eval_batches(self.validation_rows, self._batch_size, self._process_rows)
-        if self._max_batches:
-            batches = itertools.islice(batches, self._max_batches)
-        # Every batch is dispatched before the host waits once for all the sums.
-        sums = jax.device_get([self._eval_fn(params, local) for local in batches])
-        loss_sum = sum(float(out["loss_sum"]) for out in sums)
-        count = sum(float(out["loss_tokens"]) for out in sums)
+        parts = self.validation_sources or {"": self.validation_rows}
+        # Every batch of every source is dispatched before the host waits once for the sums.
+        outs = jax.device_get({name: self._dispatch(params, rows) for name, rows in parts.items()})
+        sums = {
+            name: (
+                sum(float(o["loss_sum"]) for o in out),
+                sum(float(o["loss_tokens"]) for o in out),
+            )
+            for name, out in outs.items()
+        }
+        loss_sum = sum(s for s, _ in sums.values())
+        count = sum(c for _, c in sums.values())
         loss = loss_sum / max(count, 1.0)
+        per_source = {f"eval_loss/{n}": s / max(c, 1.0) for n, (s, c) in sums.items() if n}
         return {
             "eval_loss": loss,
             "eval_perplexity": float(np.exp(min(loss, 50.0))),
             "eval_loss_tokens": count,
+            **per_source,
         }
+
+    def _dispatch(self, params, rows) -> list:
+        """The eval step's sums for each batch of `rows` (or its first `max_batches`)."""
+        from sft_jax import data as data_lib
+
+        batches = data_lib.eval_batches(rows, self._batch_size, self._process_rows)
+        if self._max_batches:
+            batches = itertools.islice(batches, self._max_batches)
+        return [self._eval_fn(params, local) for local in batches]
 
     def generations_before(self, params) -> None:
         """Answer the held-out prompts with the starting weights (kept for the report)."""
@@ -298,6 +316,29 @@ def prompts_and_references(
         request = next((m.text() for m in reversed(messages[:-1]) if m.role == "user"), "")
         out.append((prompt_ids(row, spec, tokenizer), request, messages[-1].content))
     return out
+
+
+def first_source_spec(spec):
+    """`spec` reading only the first source of a mixture (data.train or data.mixture, and
+    data.validation), with that source's format and fields: where generation prompts come
+    from. A spec of one source comes back as it is."""
+    import dataclasses
+
+    from sft_jax.data import sources
+    from sft_jax.data.spec import validation_fraction
+
+    first = sources.mixture(spec)[0]
+    validation = spec.validation
+    if validation and validation_fraction(validation) is None:
+        validation = sources.parse_mixture(validation, "data.validation")[0].text
+    return dataclasses.replace(
+        spec,
+        train=first.text,
+        mixture=(),
+        validation=validation,
+        format=first.format or spec.format,
+        fields=spec.fields if first.fields is None else first.fields,
+    )
 
 
 def held_out_rows(spec, limit: int) -> list[dict]:

@@ -151,7 +151,7 @@ def test_dropped_share_above_the_limit(tmp_path):
         _build(path, on_bad_row="skip")
     msg = str(e.value)
     for fragment in [
-        "4 of 24 train rows were dropped (16.7%", "data.max_drop_fraction=0.1",
+        "4 of 24 train rows of data.train=", "were dropped (16.7%", "data.max_drop_fraction=0.1",
         "'missing_field': 3", f"Most are missing_field, e.g. {path}, line 4: field 'output'",
         "Raise data.max_drop_fraction",
     ]:  # fmt: skip

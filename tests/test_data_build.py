@@ -26,6 +26,7 @@ from sft_jax.data import (
     load_tokenizer,
     num_batches_per_epoch,
     packing,
+    pipeline,
     templates,
     view,
 )
@@ -418,3 +419,124 @@ def test_cache_in_a_bucket(tok, tmp_path, monkeypatch, gcs_bucket):  # noqa: F81
     for a, b in ((first.train, second.train), (first.validation, second.validation)):
         for k, v in _arrays(a).items():
             assert v.tobytes() == _arrays(b)[k].tobytes(), k
+
+
+# ---------------------------------------------------------------- weighted mixtures
+
+QA = [{"question": f"What is {i} + {i}?", "answer": f"It is {2 * i}."} for i in range(120)]
+CHAT = [
+    {"messages": [{"role": "user", "content": f"Hi, I am {i}."},
+                  {"role": "assistant", "content": f"Hello {i}!"}]}
+    for i in range(60)
+]  # fmt: skip
+MIX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory, tok):
+    """A 3:1 mixture of 120 Alpaca-shaped rows with their own field names and 60 chat rows,
+    10% of each held out; built once into a cache, then loaded from it (a resumed run)."""
+    tmp = tmp_path_factory.mktemp("mixture")
+    for name, rows in (("qa.jsonl", QA), ("chat.jsonl", CHAT)):
+        (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    spec = DataSpec(
+        train="",
+        mixture=(
+            {"source": str(tmp / "qa.jsonl"), "weight": 3, "format": "alpaca",
+             "fields": "instruction=question,output=answer"},
+            {"source": str(tmp / "chat.jsonl"), "weight": 1},
+        ),
+        validation="0.1", max_seq_len=64, cache_dir=str(tmp / "cache"), num_workers=0,
+    )  # fmt: skip
+    return spec, build_splits(spec, tok), build_splits(spec, tok)
+
+
+def test_mixture_epoch_holds_the_weighted_shares(mixture):
+    spec, splits, _ = mixture
+    stats = splits.stats["train"]
+    qa, chat = stats["sources"]["qa"], stats["sources"]["chat"]
+    assert stats["format"] == "qa: alpaca, chat: messages"
+    # 108 + 54 train examples; 3:1 of 162 -> 121.5 : 40.5, rounded to sum to 162.
+    assert (qa["examples"], chat["examples"]) == (108, 54)
+    assert (qa["examples_in_epoch"], chat["examples_in_epoch"]) == (122, 40)
+    assert stats["examples"] == 162 and (qa["weight"], chat["weight"]) == (0.75, 0.25)
+    assert qa["times_each"] == 122 / 108 and chat["share"] == 40 / 162
+    # The packed rows hold exactly those examples, each from its own source.
+    train = splits.train
+    from_chat = train.source_rows >= chat["first_row"]
+    assert (int((~from_chat).sum()), int(from_chat.sum())) == (122, 40)
+    assert len(set(train.source_rows[from_chat].tolist())) == 40  # A subset, each once.
+    assert np.bincount(np.bincount(train.source_rows[~from_chat])[:120])[1:].tolist() == [94, 14]
+
+
+def test_mixture_shares_over_steps_within_tolerance(mixture):
+    spec, splits, _ = mixture
+    firsts = [s["first_row"] for s in splits.stats["train"]["sources"].values()]
+    n = num_batches_per_epoch(splits.train, MIX_BATCH)
+    # Over 3 epochs (40 batches each; the rows left out of each epoch's batches differ), the
+    # examples' shares are the weights within 0.01; over the first 10 steps (~40 examples,
+    # binomial sd ~0.07 for 0.25) within 0.15.
+    assert n == 40
+    shares = pipeline.source_shares(splits.train, firsts, range(3 * n), MIX_BATCH, spec.seed)
+    assert np.allclose(shares, [0.75, 0.25], atol=0.01), shares
+    shares = pipeline.source_shares(splits.train, firsts, range(10), MIX_BATCH, spec.seed)
+    assert np.allclose(shares, [0.75, 0.25], atol=0.15), shares
+
+
+def test_mixture_batches_replay_from_a_resume(mixture):
+    spec, built, loaded = mixture
+    assert not built.cache_hit and loaded.cache_hit
+    uninterrupted = [batch_at(built.train, s, MIX_BATCH, spec.seed) for s in range(25)]
+    for s in range(12, 25):  # A run resumed at step 12 reads the cache entry.
+        resumed = batch_at(loaded.train, s, MIX_BATCH, spec.seed)
+        assert all(np.array_equal(resumed[k], uninterrupted[s][k]) for k in resumed)
+    assert loaded.stats == json.loads(json.dumps(built.stats))
+
+
+def test_mixture_validation_per_source_and_eval_loss(mixture):
+    from configs import default
+    from sft_jax import evaluate
+
+    spec, built, loaded = mixture
+    for splits in (built, loaded):
+        by_source = splits.validation_sources
+        assert list(by_source) == ["qa", "chat"]
+        assert [len(r.starts) - 1 for r in by_source.values()] == [12, 6]
+        assert len(splits.validation.starts) - 1 == 18
+    c = default.get_config()
+    c.eval.generations = 0
+
+    def eval_fn(params, batch):  # A stand-in loss: the target id mod 7 on trained tokens.
+        mask = batch["loss_mask"]
+        return {"loss_sum": float((mask * (batch["targets"] % 7)).sum()),
+                "loss_tokens": float(mask.sum())}  # fmt: skip
+
+    ev = evaluate.Evaluation(
+        "/tmp", config_lib.eval_config(c), 0, spec, None, None, built.validation, eval_fn, 4,
+        validation_sources=built.validation_sources,
+    )  # fmt: skip
+    got = ev.validation_loss(None)
+    want = {
+        n: [eval_fn(None, b) for b in pipeline.eval_batches(r, 4)]
+        for n, r in built.validation_sources.items()
+    }
+    sums = {n: [sum(o[k] for o in out) for k in ("loss_sum", "loss_tokens")]
+            for n, out in want.items()}  # fmt: skip
+    assert got["eval_loss/qa"] == sums["qa"][0] / sums["qa"][1]
+    assert got["eval_loss/chat"] == sums["chat"][0] / sums["chat"][1]
+    total = [a + b for a, b in zip(sums["qa"], sums["chat"], strict=True)]
+    assert (
+        got["eval_loss"] == pytest.approx(total[0] / total[1])
+        and got["eval_loss_tokens"] == total[1]
+    )
+
+
+def test_mixture_string_of_synthetic_sources(tok):
+    spec = DataSpec(
+        train="synthetic:mix:60:1,synthetic:mix:60:seed=1:2", validation="", cache=False,
+        max_seq_len=64, num_workers=0, mixture_examples=90,
+    )  # fmt: skip
+    stats = build_splits(spec, tok).stats["train"]
+    assert {n: s["examples_in_epoch"] for n, s in stats["sources"].items()} == {
+        "mix": 30, "mix_2": 60,
+    }  # fmt: skip

@@ -194,3 +194,52 @@ def test_files_globs_and_folders_in_a_bucket(gcs_bucket, tmp_path):  # noqa: F81
     assert _read(f"{gcs_bucket}/data/p-2.jsonl")[1] == ROWS[2:]
     with pytest.raises(ValueError, match=r"data\.train='gs://.*/data/q-\*': no such file"):
         _read(f"{gcs_bucket}/data/q-*")
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def test_mixture_string_names_weights_and_synthetic_counts():
+    got = sources.parse_mixture("a.jsonl:0.7,hf:org/b:0.3")
+    assert [(m.name, m.text, m.weight) for m in got] == [
+        ("a", "a.jsonl", 0.7), ("b", "hf:org/b", 0.3),
+    ]  # fmt: skip
+    # A synthetic source's third part is its row count: a weight is a fourth; none is 1.
+    got = sources.parse_mixture("synthetic:mix:200,synthetic:mix:100:seed=2:3,d/x.json:.5")
+    assert [(m.name, m.text, m.weight) for m in got] == [
+        ("mix", "synthetic:mix:200", 1.0), ("mix_2", "synthetic:mix:100:seed=2", 3.0),
+        ("x", "d/x.json", 0.5),
+    ]  # fmt: skip
+    # One source: the string as it is (a hub config or a count is no weight).
+    assert sources.parse_mixture("hf:org/b:main")[0].text == "hf:org/b:main"
+    with pytest.raises(ValueError, match=r"data.train='a.jsonl:0,b.jsonl': the weight of "):
+        sources.parse_mixture("a.jsonl:0,b.jsonl")
+    with pytest.raises(ValueError, match="an empty source between commas"):
+        sources.parse_mixture("a.jsonl,")
+
+
+def test_mixture_list_in_the_config():
+    from sft_jax.data import DataSpec
+
+    items = (
+        {"source": "q.jsonl", "weight": 3, "format": "alpaca", "fields": "instruction=q"},
+        "hf:org/chat@train:1",
+    )
+    got = sources.mixture(DataSpec(train="", mixture=items))
+    assert [(m.name, m.text, m.weight, m.format, m.fields, m.key) for m in got] == [
+        ("q", "q.jsonl", 3.0, "alpaca", "instruction=q", "data.mixture[0]"),
+        ("chat", "hf:org/chat@train", 1.0, "", None, "data.mixture[1]"),
+    ]
+    for train, mixture, message in [
+        ("a.jsonl", items, r"data.train='a.jsonl' and data.mixture both .* set data.train=''"),
+        (
+            "",
+            ({"source": "a.jsonl", "wieght": 2},),
+            r"data.mixture\[0\]: unknown keys \['wieght'\]",
+        ),
+        ("", ({"source": "a.jsonl", "weight": -1},), r"data.mixture\[0\]: weight -1.0 must be > 0"),
+        ("", ("x/a.jsonl", "y/a.jsonl"), r"the name\(s\) \['a'\] appear twice; give each a 'name'"),
+        ("", ({"weight": 1},), r"data.mixture\[0\]=.*give a source string, or a dict"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sources.mixture(DataSpec(train=train, mixture=mixture))

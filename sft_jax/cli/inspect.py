@@ -84,8 +84,19 @@ def _print_summary(stats: dict) -> None:
         print(f"  rows {s['rows']}, packing efficiency {s['packing_efficiency']:.2%}, padding "
               f"share {'n/a' if pad is None else f'{pad:.2%}'}, segments per row "
               f"{seg['mean']:.2f} (max {seg['max']})")  # fmt: skip
+        _print_sources(s.get("sources", {}))
         for p in s.get("problems", [])[:5]:
             print(f"  problem: {p}")
+
+
+def _print_sources(per_source: dict) -> None:
+    """A mixture's sources: weight, examples in the epoch, their share, repeats."""
+    for name, m in per_source.items():
+        weight = f"weight {m['weight']:.1%}, " if "weight" in m else ""
+        n = m.get("examples_in_epoch", m["examples"])
+        loss = m["loss_token_share"]
+        print(f"  source {name} ({m['format']}): {weight}{n} examples ({m['share']:.1%}, "
+              f"each {m['times_each']:.2f}x; {loss:.1%} of loss tokens)")  # fmt: skip
 
 
 def _print_rows(first: dict, rows: int, tokenizer, color: bool, seq_len: int) -> None:

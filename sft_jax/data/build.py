@@ -30,7 +30,7 @@ import numpy as np
 import transformers
 
 from sft_jax.data import cache, examples, formats, hosts, sources, templates
-from sft_jax.data.packing import PackedRows
+from sft_jax.data.packing import PackedRows, offsets
 from sft_jax.data.spec import (
     BAD_ROW_REASONS,
     CODES,
@@ -60,6 +60,8 @@ class DataSplits:
     stats: dict  # {"train": {...}, "validation": {...}}: counts, drops by reason, efficiency.
     cache_path: str = ""  # The cache entry these came from or went to ("" = no cache).
     cache_hit: bool = False
+    # A mixture's validation rows source by source (for eval_loss/<name>); None: one source.
+    validation_sources: dict[str, PackedRows] | None = None
 
 
 # ---------------------------------------------------------------- worker processes
@@ -261,61 +263,63 @@ def _refuse_all_dropped(chunk: examples.Chunk, src: sources.Source) -> None:
     )
 
 
-def _pack_split(
-    source: examples.Chunk,
-    fmt: str,
-    rows: np.ndarray,
-    spec: DataSpec,
-    src: sources.Source,
-    name: str,
-    stream: int,
-) -> tuple[PackedRows, dict]:
-    """Packs the examples of the selected `rows` (a bool mask over the source's rows)."""
-    status, flags = source.status[rows], source.flags[rows]
-    kept_rows = source.example_rows()  # The source row of each example.
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    """A source to read: its Source, its place in the mixture, and the spec it is read with
+    (the mixture's format and fields for it)."""
+
+    src: sources.Source
+    mix: sources.MixSource
+    spec: DataSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One source's rows (`rows`: a bool mask) that go into a split."""
+
+    name: str
+    chunk: examples.Chunk
+    fmt: str
+    rows: np.ndarray
+    src: sources.Source
+    weight: float = 1.0
+
+
+def _select(part: _Part, spec: DataSpec, split: str) -> tuple[np.ndarray, dict]:
+    """The examples (indices into part.chunk) of the part's rows and the rows' counts; raises
+    if none is left or more than data.max_drop_fraction of them were dropped."""
+    chunk, rows, src = part.chunk, part.rows, part.src
+    status, flags = chunk.status[rows], chunk.flags[rows]
     n_read = int(rows.sum())
     counts = np.bincount(status, minlength=len(CODES) + 1)
     dropped = {NAMES[c]: int(counts[c]) for c in np.flatnonzero(counts) if c}
     n_dropped = sum(dropped.values())
-    selected = np.flatnonzero(rows[kept_rows])  # Examples of this split.
-    problems = [f"{src.where(r)}: {p}" for r, p in sorted(source.problems.items()) if rows[r]][:10]
-    common = max(dropped, key=dropped.get) if dropped else ""
-    example = next(
-        (f"{src.where(r)}: {p}" for r, p in sorted(source.problems.items())
-         if rows[r] and NAMES.get(int(source.status[r])) == common),
-        problems[0] if problems else "",
-    )  # fmt: skip
+    selected = np.flatnonzero(rows[chunk.example_rows()])  # Examples of this split.
+    problems = [f"{src.where(r)}: {p}" for r, p in sorted(chunk.problems.items()) if rows[r]][:10]
     if not len(selected):
         raise ValueError(
-            f"no {name} examples left of {n_read} rows ({src.key}={src.text!r}); dropped: "
+            f"no {split} examples left of {n_read} rows ({src.key}={src.text!r}); dropped: "
             f"{dropped}. " + " ".join(f"{r}: {hint(r)}." for r in dropped)
         )
     if n_dropped > spec.max_drop_fraction * n_read:
+        common = max(dropped, key=dropped.get)
+        example = next(
+            (f"{src.where(r)}: {p}" for r, p in sorted(chunk.problems.items())
+             if rows[r] and NAMES.get(int(chunk.status[r])) == common),
+            problems[0] if problems else "",
+        )  # fmt: skip
         raise ValueError(
-            f"{n_dropped} of {n_read} {name} rows were dropped ({n_dropped / n_read:.1%}, more "
-            f"than data.max_drop_fraction={spec.max_drop_fraction}): {dropped}. "
+            f"{n_dropped} of {n_read} {split} rows of {src.key}={src.text!r} were dropped "
+            f"({n_dropped / n_read:.1%}, more than data.max_drop_fraction="
+            f"{spec.max_drop_fraction}): {dropped}. "
             + " ".join(f"{r}: {hint(r)}." for r in dropped)
             + (f" Most are {common}, e.g. {example}." if example else "")
             + " Raise data.max_drop_fraction to accept this."
         )
-    # Shuffle so rows mix sources and lengths tie-break by chance, not by file order.
-    order = selected[np.random.default_rng([spec.seed, stream]).permutation(len(selected))]
-    packed = PackedRows.pack(
-        source,
-        spec.max_seq_len,
-        packed=spec.packing,
-        max_segments=spec.max_segments,
-        pad_multiple=spec.pad_multiple,
-        source_rows=kept_rows,
-        order=order,
-    )
-    segments = np.diff(packed.row_starts)
-    trainable = packed.trainable.astype(np.int64)
-    loss = np.add.reduceat(trainable, packed.starts[:-1]) - trainable[packed.starts[:-1]]
     stats = {
-        "format": fmt,
+        "format": part.fmt,
         "rows_read": n_read,
-        "examples": len(order),
+        "examples": len(selected),
         "dropped": dropped,
         "responses_truncated": int((flags & examples.RESPONSE_CUT != 0).sum()),
         "prompts_truncated": int((flags & examples.PROMPT_CUT != 0).sum()),
@@ -323,30 +327,152 @@ def _pack_split(
         "responses_without_end_token": int(
             ((flags & examples.NO_END_TOKEN != 0) & (status == 0)).sum()
         ),
-        **_split_stats(flags, status, source.examples_per_row[rows]),
+        **_split_stats(flags, status, chunk.examples_per_row[rows]),
+        "problems": problems,
+    }
+    if src.empty_files:
+        stats["empty_files"] = src.empty_files
+    return selected, stats
+
+
+def mixture_counts(available: list[int], weights: list[float], total: int = 0) -> list[int]:
+    """Examples per source in a mixture's epoch: `total` (0: all the sources hold) shared in
+    proportion to `weights`, rounded by largest remainder so they sum to it, each >= 1."""
+    total = total or sum(available)
+    exact = np.asarray(weights, np.float64) / sum(weights) * total
+    counts = np.maximum(np.floor(exact).astype(np.int64), 1)
+    for k in np.argsort(-(exact - np.floor(exact)), kind="stable")[: total - counts.sum()]:
+        counts[k] += 1
+    return counts.tolist()
+
+
+def _resample(selected: np.ndarray, count: int, seed: int, stream: int, k: int) -> np.ndarray:
+    """`count` of the `selected` examples: each whole times over, then a seeded subset."""
+    whole, rest = divmod(count, len(selected))
+    subset = np.random.default_rng([seed, stream, 1000 + k]).permutation(len(selected))[:rest]
+    return np.concatenate([np.tile(selected, whole), selected[np.sort(subset)]])
+
+
+def _mix(
+    parts: list[_Part], chosen: list[tuple[np.ndarray, dict]], spec: DataSpec, split: str,
+    stream: int,
+) -> tuple[examples.Chunk, list[np.ndarray], dict]:  # fmt: skip
+    """(the parts' examples as one Chunk, the examples of the split's epoch: resampled to the
+    weights for train, each once for validation; the row offset of each part, its stats)."""
+    chunk = examples.Chunk.concat([p.chunk for p in parts])
+    first_example = offsets([len(p.chunk.starts) - 1 for p in parts])
+    first_row = offsets([len(p.chunk.status) for p in parts])
+    available = [len(sel) for sel, _ in chosen]
+    counts = (
+        mixture_counts(available, [p.weight for p in parts], spec.mixture_examples)
+        if split == "train"
+        else available
+    )
+    picks = [
+        first_example[k] + _resample(sel, m, spec.seed, stream, k)
+        for k, ((sel, _), m) in enumerate(zip(chosen, counts, strict=True))
+    ]
+    weight = sum(p.weight for p in parts)
+    per_source = {}
+    for k, (p, (_, s), m) in enumerate(zip(parts, chosen, counts, strict=True)):
+        per_source[p.name] = {
+            "source": p.src.text,
+            **({"weight": p.weight / weight, "examples_in_epoch": m} if split == "train" else {}),
+            "share": m / sum(counts),
+            "times_each": m / available[k],
+            "first_row": int(first_row[k]),  # Its rows in source_rows: from here to the next.
+            **s,
+        }
+    return chunk, picks, per_source
+
+
+_SUMMED = (
+    "rows_read", "responses_truncated", "prompts_truncated", "responses_without_end_token",
+    "split_rows", "split_examples", "split_rows_missing_turns",
+)  # fmt: skip
+
+
+def _mixture_stats(per_source: dict, picks: list[np.ndarray], chunk: examples.Chunk) -> dict:
+    """A mixture split's counts: summed over its sources, each source's beside them (with
+    its realized share of the epoch's examples and loss tokens)."""
+    trainable = chunk.trainable.astype(np.int64)
+    loss = np.add.reduceat(trainable, chunk.starts[:-1]) - trainable[chunk.starts[:-1]]
+    loss_per_source = [int(loss[p].sum()) for p in picks]
+    for s, n in zip(per_source.values(), loss_per_source, strict=True):
+        s["loss_token_share"] = n / max(sum(loss_per_source), 1)
+    dropped: collections.Counter = collections.Counter()
+    for s in per_source.values():
+        dropped.update(s["dropped"])
+    return {
+        "format": ", ".join(f"{n}: {s['format']}" for n, s in per_source.items()),
+        **{k: sum(s[k] for s in per_source.values()) for k in _SUMMED},
+        "examples": sum(len(p) for p in picks),
+        "dropped": dict(dropped),
+        "problems": [p for s in per_source.values() for p in s["problems"]][:10],
+        "sources": {
+            n: {k: v for k, v in s.items() if k != "problems"} for n, s in per_source.items()
+        },
+    }
+
+
+def _pack_split(
+    parts: list[_Part], spec: DataSpec, split: str, stream: int
+) -> tuple[PackedRows, dict]:
+    """Packs the selected rows of `parts` (one source, or a mixture's) into one split."""
+    chosen = [_select(p, spec, split) for p in parts]
+    rng = np.random.default_rng([spec.seed, stream])
+    if len(parts) == 1:
+        chunk, ((selected, stats),) = parts[0].chunk, chosen
+        picks = [selected]
+    else:
+        chunk, picks, per_source = _mix(parts, chosen, spec, split, stream)
+        stats = _mixture_stats(per_source, picks, chunk)
+    # Shuffle so rows mix sources and lengths tie-break by chance, not by file order.
+    order = np.concatenate(picks)
+    order = order[rng.permutation(len(order))]
+    packed = PackedRows.pack(
+        chunk,
+        spec.max_seq_len,
+        packed=spec.packing,
+        max_segments=spec.max_segments,
+        pad_multiple=spec.pad_multiple,
+        source_rows=chunk.example_rows(),
+        order=order,
+    )
+    segments = np.diff(packed.row_starts)
+    trainable = packed.trainable.astype(np.int64)
+    loss = np.add.reduceat(trainable, packed.starts[:-1]) - trainable[packed.starts[:-1]]
+    problems = stats.pop("problems")
+    stats.update({
         "rows": len(packed),
         "tokens": int(packed.row_lengths.sum()),
         "loss_tokens": int(loss.sum()),
         "packing_efficiency": packed.efficiency(),
         "segments_per_row": {"mean": float(segments.mean()), "max": int(segments.max())},
         "problems": problems,
-    }
+    })  # fmt: skip
+    _warn(split, stats, spec)
+    return packed, stats
+
+
+def _warn(split: str, stats: dict, spec: DataSpec) -> None:
+    n_dropped, problems = sum(stats["dropped"].values()), stats["problems"]
     if n_dropped or stats["responses_truncated"] or stats["prompts_truncated"]:
         log.warning(
             "data %s: %d of %d rows dropped %s; %d responses cut at data.max_seq_len=%d "
             "(each lost its EOS: the model sees them but not where they end); %d prompts cut "
             "from the left%s",
-            name, n_dropped, n_read, dropped, stats["responses_truncated"], spec.max_seq_len,
-            stats["prompts_truncated"], f". First problems: {problems[:3]}" if problems else "",
+            split, n_dropped, stats["rows_read"], stats["dropped"], stats["responses_truncated"],
+            spec.max_seq_len, stats["prompts_truncated"],
+            f". First problems: {problems[:3]}" if problems else "",
         )  # fmt: skip
     if stats["responses_without_end_token"]:
         log.warning(
             "data %s: %d responses end in no special token of the tokenizer (EOS or end of "
             "turn), so the model learns to stop only on text; data.template=%s does not write "
             "one the tokenizer knows",
-            name, stats["responses_without_end_token"], spec.template,
+            split, stats["responses_without_end_token"], spec.template,
         )  # fmt: skip
-    return packed, stats
 
 
 def _split_stats(flags: np.ndarray, status: np.ndarray, per_row: np.ndarray) -> dict:
@@ -364,69 +490,91 @@ def _split_stats(flags: np.ndarray, status: np.ndarray, per_row: np.ndarray) -> 
 # ---------------------------------------------------------------- the entry point
 
 
-def _sources(spec: DataSpec) -> tuple[sources.Source, sources.Source | None, float | None]:
-    """The train source, a separate validation source (or None) and the held-out fraction."""
+def _inputs(spec: DataSpec) -> tuple[dict[str, _Input], float | None]:
+    """The sources to read, by key ("train", or "train_<k>" for each source of a mixture;
+    the same for "validation"), and the fraction of the train rows held out (or None)."""
     skip = spec.on_bad_row == "skip"
-    train_src = sources.Source(spec.train, "data.train", spec.streaming, skip)
     fraction = validation_fraction(spec.validation) if spec.validation else None
-    val_src = None
+    groups = [("train", sources.mixture(spec))]
     if spec.validation and fraction is None:
-        val_src = sources.Source(spec.validation, "data.validation", spec.streaming, skip)
-    return train_src, val_src, fraction
+        groups.append(("validation", sources.parse_mixture(spec.validation, "data.validation")))
+    inputs = {}
+    for split, mixes in groups:
+        for k, m in enumerate(mixes):
+            src = sources.Source(m.text, m.key, spec.streaming, skip)
+            own = dataclasses.replace(
+                spec,
+                format=m.format or spec.format,
+                fields=spec.fields if m.fields is None else m.fields,
+            )
+            inputs[split if len(mixes) == 1 else f"{split}_{k}"] = _Input(src, m, own)
+    return inputs, fraction
 
 
-def _encode(spec, tokenizer, template, srcs: dict, share=(0, 1)) -> dict:
-    """{source name: (Chunk, format, source rows)} of this process's share of each source."""
-    return {name: encode_source(s, spec, tokenizer, template, share) for name, s in srcs.items()}
+def _encode(tokenizer, template, inputs: dict[str, _Input], share=(0, 1)) -> dict:
+    """{source key: (Chunk, format, source rows)} of this process's share of each source."""
+    return {
+        key: encode_source(i.src, i.spec, tokenizer, template, share) for key, i in inputs.items()
+    }
+
+
+def _parts(
+    spec: DataSpec, encoded: dict, inputs: dict[str, _Input], fraction: float | None
+) -> tuple[list[_Part], list[_Part]]:
+    """Each source's rows for the train split and the validation split."""
+    train, validation = [], []
+    for key, inp in inputs.items():
+        chunk, fmt = encoded[key]
+        _refuse_all_dropped(chunk, inp.src)
+        part = _Part(inp.mix.name, chunk, fmt, np.ones(len(chunk.status), np.bool_), inp.src,
+                     inp.mix.weight)  # fmt: skip
+        if key.startswith("validation"):
+            validation.append(part)
+            continue
+        if fraction:  # 0 means none, like "" (a numeric config override may give 0).
+            held_out = held_out_mask(len(part.rows), fraction, spec.seed, inp.src)
+            validation.append(dataclasses.replace(part, rows=held_out))
+            part = dataclasses.replace(part, rows=~held_out)
+        train.append(part)
+    return train, validation
 
 
 def _pack_all(
-    spec: DataSpec, encoded: dict, srcs: dict, fraction: float | None, tokenized: dict
-) -> tuple[dict[str, PackedRows], dict]:
-    """The packed splits and their stats from every source's examples (`encoded`: {name:
-    (Chunk, format)}; `tokenized`: {name: rows each process tokenized}."""
-    train_rows, fmt = encoded["train"]
-    train_src = srcs["train"]
-    train = np.ones(len(train_rows.status), np.bool_)
-    stats: dict = {}
-    splits: dict[str, PackedRows] = {}
-    _refuse_all_dropped(train_rows, train_src)
-    if fraction:  # 0 means none, like "" (a numeric config override may give 0).
-        held_out = held_out_mask(len(train), fraction, spec.seed, train_src)
-        train = ~held_out
+    spec: DataSpec, encoded: dict, inputs: dict[str, _Input], fraction: float | None,
+    tokenized: dict,
+) -> tuple[dict[str, PackedRows], dict]:  # fmt: skip
+    """The packed splits and their stats from every source's examples (`encoded`: {key:
+    (Chunk, format)}; `tokenized`: {key: rows each process tokenized}). A mixture's
+    validation sources are packed one by one as well ("validation_<k>") for eval_loss/<name>."""
+    train, validation = _parts(spec, encoded, inputs, fraction)
+    splits, stats = {}, {}
+    splits["train"], stats["train"] = _pack_split(train, spec, "train", _SHUFFLE_TRAIN)
+    if validation:
         splits["validation"], stats["validation"] = _pack_split(
-            train_rows, fmt, held_out, spec, train_src, "validation", _SHUFFLE_VAL
+            validation, spec, "validation", _SHUFFLE_VAL
         )
-    splits["train"], train_stats = _pack_split(
-        train_rows, fmt, train, spec, train_src, "train", _SHUFFLE_TRAIN
-    )
-    stats = {"train": train_stats, **stats}
-    if train_src.empty_files:
-        stats["train"]["empty_files"] = train_src.empty_files
-    if "validation" in encoded:
-        val_rows, val_fmt = encoded["validation"]
-        _refuse_all_dropped(val_rows, srcs["validation"])
-        splits["validation"], stats["validation"] = _pack_split(
-            val_rows, val_fmt, np.ones(len(val_rows.status), np.bool_), spec,
-            srcs["validation"], "validation", _SHUFFLE_VAL,
-        )  # fmt: skip
-    for name, counts in tokenized.items():  # Per source: the validation split may be held out.
-        stats[name]["rows_tokenized_by_process"] = counts
+    if len(validation) > 1:
+        for k, part in enumerate(validation):
+            splits[f"validation_{k}"], _ = _pack_split([part], spec, "validation", _SHUFFLE_VAL)
+    for key, counts in tokenized.items():  # Per source: the validation split may be held out.
+        split, _, k = key.partition("_")
+        where = stats[split] if not k else stats[split]["sources"][inputs[key].mix.name]
+        where["rows_tokenized_by_process"] = counts
     for name, s in stats.items():
         log.info("data %s: %s", name, {k: v for k, v in s.items() if k != "problems"})
     return splits, stats
 
 
-def _build_here(spec, tokenizer, template, srcs, fraction) -> tuple[dict, dict]:
+def _build_here(spec, tokenizer, template, reads, fraction) -> tuple[dict, dict]:
     """Every row tokenized and packed in this process."""
-    encoded = _encode(spec, tokenizer, template, srcs)
-    tokenized = {name: [len(rows)] for name, (_, _, rows) in encoded.items()}
-    encoded = {name: (chunk, fmt) for name, (chunk, fmt, _) in encoded.items()}
-    return _pack_all(spec, encoded, srcs, fraction, tokenized)
+    encoded = _encode(tokenizer, template, reads)
+    tokenized = {key: [len(rows)] for key, (_, _, rows) in encoded.items()}
+    encoded = {key: (chunk, fmt) for key, (chunk, fmt, _) in encoded.items()}
+    return _pack_all(spec, encoded, reads, fraction, tokenized)
 
 
 def _build_together(
-    spec, tokenizer, template, srcs, fraction, processes: hosts.Processes, cache_key, inputs
+    spec, tokenizer, template, reads, fraction, processes: hosts.Processes, cache_key, inputs
 ) -> None:
     """Each process tokenizes its share into the cache directory; process 0 joins, packs and
     writes the entry (see `hosts`). Returns once the entry is written."""
@@ -436,21 +584,29 @@ def _build_together(
     def tokenize() -> None:
         scratch.mkdir(parents=True, exist_ok=True)
         hosts.part_path(scratch, processes).unlink(missing_ok=True)  # A stale one.
-        hosts.write_part(scratch, processes, _encode(spec, tokenizer, template, srcs, share))
+        hosts.write_part(scratch, processes, _encode(tokenizer, template, reads, share))
 
     hosts.together(scratch, processes, "tokenize", tokenize)
     hosts.check_parts(scratch, processes, cache_key)
 
     def pack_and_save() -> None:
         parts = hosts.read_parts(scratch, processes)
-        encoded = {name: hosts.join(parts, name) for name in srcs}
-        tokenized = {name: [len(p[name][2]) for p in parts] for name in srcs}
-        splits, stats = _pack_all(spec, encoded, srcs, fraction, tokenized)
+        encoded = {key: hosts.join(parts, key) for key in reads}
+        tokenized = {key: [len(p[key][2]) for p in parts] for key in reads}
+        splits, stats = _pack_all(spec, encoded, reads, fraction, tokenized)
         cache.save(spec, cache_key, inputs, splits, stats)
 
     hosts.together(scratch, processes, "pack", pack_and_save if processes.index == 0 else None)
     if processes.index == 0:  # Every process has seen every part: the parts can go.
         scratch.rmtree(missing_ok=True)
+
+
+def _data_splits(splits: dict, stats: dict, path: str = "", hit: bool = False) -> DataSplits:
+    per_source = stats.get("validation", {}).get("sources", {})
+    by_source = {name: splits[f"validation_{k}"] for k, name in enumerate(per_source)}
+    return DataSplits(
+        splits["train"], splits.get("validation"), stats, path, hit, by_source or None
+    )
 
 
 def build_splits(
@@ -468,8 +624,7 @@ def build_splits(
             "sft_jax ends every response with one"
         )
     template = templates.resolve_template(spec, tokenizer)
-    train_src, val_src, fraction = _sources(spec)
-    srcs = {"train": train_src, **({"validation": val_src} if val_src else {})}
+    reads, fraction = _inputs(spec)
     if not spec.cache:
         if processes.count > 1:
             log.warning(
@@ -477,23 +632,20 @@ def build_splits(
                 "on (data.cache_dir shared by all hosts) to tokenize each row once",
                 processes.count,
             )
-        splits, stats = _build_here(spec, tokenizer, template, srcs, fraction)
-        return DataSplits(splits["train"], splits.get("validation"), stats)
-    ids = [s.fingerprint() for s in srcs.values()]
+        return _data_splits(*_build_here(spec, tokenizer, template, reads, fraction))
+    ids = [r.src.fingerprint() for r in reads.values()]
     cache_key, inputs = cache.key(spec, tokenizer, templates.template_id(template), ids)
     path = str(cache.directory(spec) / cache_key)
     hit = cache.load(spec, cache_key)
     if processes.sync(int(hit is not None)):  # Loaded on every process: the same branch.
-        splits, stats = hit
         log.info("data: loaded from the cache %s", path)
-        return DataSplits(splits["train"], splits.get("validation"), stats, path, True)
+        return _data_splits(*hit, path, True)
     if processes.count == 1:
-        splits, stats = _build_here(spec, tokenizer, template, srcs, fraction)
+        splits, stats = _build_here(spec, tokenizer, template, reads, fraction)
         cache.save(spec, cache_key, inputs, splits, stats)
-        return DataSplits(splits["train"], splits.get("validation"), stats, path, False)
-    _build_together(spec, tokenizer, template, srcs, fraction, processes, cache_key, inputs)
+        return _data_splits(splits, stats, path, False)
+    _build_together(spec, tokenizer, template, reads, fraction, processes, cache_key, inputs)
     hit = cache.load(spec, cache_key)
     if hit is None:  # Process 0 wrote it where every part was seen: not expected.
         raise ValueError(hosts.not_shared(cache.directory(spec), processes.index, 0, cache_key))
-    splits, stats = hit
-    return DataSplits(splits["train"], splits.get("validation"), stats, path, False)
+    return _data_splits(*hit, path, False)

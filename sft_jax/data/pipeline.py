@@ -106,3 +106,20 @@ def padding_share(rows: PackedRows, batch_size: int, seed: int, epoch: int = 0) 
         real += int(rows.row_lengths[idx].sum())
         total += len(idx) * rows.width(idx)
     return 1.0 - real / max(total, 1)
+
+
+def source_shares(
+    rows: PackedRows, first_rows: list[int], steps: range, batch_size: int, seed: int
+) -> np.ndarray:
+    """A mixture's realized shares: the fraction of the examples in the batches of `steps`
+    that came from each source (`first_rows`: the first source row of each, as the build's
+    stats give them under sources.<name>.first_row)."""
+    if rows.source_rows is None:
+        raise ValueError("these rows do not record their source rows (an old cache entry?)")
+    counts = np.zeros(len(first_rows), np.int64)
+    for step in steps:
+        idx = batch_rows(rows, step, batch_size, seed)
+        ex = np.concatenate([np.arange(rows.row_starts[r], rows.row_starts[r + 1]) for r in idx])
+        source = np.searchsorted(first_rows, rows.source_rows[ex], side="right") - 1
+        counts += np.bincount(source, minlength=len(first_rows))
+    return counts / max(counts.sum(), 1)

@@ -13,6 +13,15 @@ Source strings (config keys `data.train`, `data.validation`):
     hf:<name>[:<config>][@<split>]     a hub data set, e.g. hf:tatsu-lab/alpaca@train
     <owner>/<name>                     same as hf:<owner>/<name>, when no such local path exists
 
+A mixture (`data.train` only) names several sources with weights, comma-separated:
+
+    a.jsonl:0.7,hf:org/b:0.3           70% of the training examples from a, 30% from b
+    synthetic:mix:500:1,rows.csv:2     weights need not sum to 1 (a third, two thirds)
+
+or lists them in `data.mixture`, each with its own format and fields (`MixSource`).
+`mixture(spec)` gives the sources of either form; build.py resamples their examples to
+the weights.
+
 Rows are read one at a time, never all held at once: JSON Lines line by line, CSV and
 Parquet through `datasets` streaming, hub and saved data sets from their memory-mapped
 Arrow files (or streamed, `data.streaming=True`). JSON and JSON Lines are parsed here
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import array
 import csv
+import dataclasses
 import glob
 import hashlib
 import io
@@ -44,6 +54,118 @@ from sft_jax.data.spec import BadRow
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?(@\S+)?$")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixSource:
+    """One source of a mixture: its source string, share weight and options."""
+
+    name: str  # For stats and eval_loss/<name>: letters, digits, _ and - only.
+    text: str  # A source string, as data.train takes it.
+    weight: float = 1.0
+    format: str = ""  # "" = data.format
+    fields: str | None = None  # None = data.fields
+    key: str = "data.train"  # The config key to name in messages.
+
+
+_WEIGHT = re.compile(r"^(?P<text>.+):(?P<weight>\d+(?:\.\d*)?(?:e-?\d+)?|\.\d+)$")
+_MIX_KEYS = ("source", "weight", "name", "format", "fields")
+
+
+def _split_weight(item: str) -> tuple[str, float | None]:
+    """`source:weight` -> (source, weight); (item, None) without a weight. A synthetic
+    source's third part is its row count, so its weight is a fourth (or later) part."""
+    m = _WEIGHT.match(item)
+    if not m or (item.startswith("synthetic:") and m["text"].count(":") < 2):
+        return item, None
+    return m["text"], float(m["weight"])
+
+
+def source_name(text: str) -> str:
+    """A short name for a source string: the file's or data set's name without extension."""
+    text = text.removeprefix("hf:").split("@")[0]
+    if text.startswith("synthetic:"):
+        base = text.split(":")[1]
+    else:
+        base = text.rstrip("/").split("/")[-1].split(":")[0]
+        for ext in DATA_EXTENSIONS:
+            base = base.removesuffix(ext)
+    return re.sub(r"[^\w-]+", "_", base).strip("_") or "source"
+
+
+def _unique(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        k, name = 2, n
+        while name in out:
+            name, k = f"{n}_{k}", k + 1
+        out.append(name)
+    return out
+
+
+def parse_mixture(text: str, key: str = "data.train") -> list[MixSource]:
+    """`a.jsonl:0.7,hf:org/b:0.3` -> its sources (one, weight 1, if no comma). Weights
+    left out are 1."""
+    items = [i.strip() for i in text.split(",")]
+    if len(items) == 1:
+        return [MixSource(source_name(text), text, key=key)]
+    if not all(items):
+        raise ValueError(f"{key}={text!r}: an empty source between commas")
+    parsed = [_split_weight(i) for i in items]
+    for (_, w), item in zip(parsed, items, strict=True):
+        if w is not None and w <= 0:
+            raise ValueError(f"{key}={text!r}: the weight of {item!r} must be > 0")
+    names = _unique([source_name(t) for t, _ in parsed])
+    return [
+        MixSource(n, t, 1.0 if w is None else w, key=key)
+        for n, (t, w) in zip(names, parsed, strict=True)
+    ]
+
+
+def _mixture_item(i: int, item) -> MixSource:
+    key = f"data.mixture[{i}]"
+    if hasattr(item, "to_dict"):  # An ml_collections.ConfigDict.
+        item = item.to_dict()
+    if isinstance(item, str):
+        text, weight = _split_weight(item)
+        return MixSource(source_name(text), text, 1.0 if weight is None else weight, key=key)
+    if not isinstance(item, dict) or not isinstance(item.get("source"), str):
+        raise ValueError(
+            f"{key}={item!r}: give a source string, or a dict with 'source' and optionally "
+            f"{', '.join(repr(k) for k in _MIX_KEYS[1:])}"
+        )
+    unknown = set(item) - set(_MIX_KEYS)
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {sorted(unknown)}; valid: {', '.join(_MIX_KEYS)}")
+    try:
+        weight = float(item.get("weight", 1.0))
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: weight {item['weight']!r} is not a number") from None
+    if weight <= 0:
+        raise ValueError(f"{key}: weight {weight} must be > 0")
+    name = item.get("name") or source_name(item["source"])
+    if not re.fullmatch(r"[\w-]+", name):
+        raise ValueError(f"{key}: name {name!r} may hold only letters, digits, _ and -")
+    fields = item.get("fields")
+    return MixSource(name, item["source"], weight, item.get("format", ""), fields, key)
+
+
+def mixture(spec) -> list[MixSource]:
+    """The training sources of a DataSpec: `data.mixture` if set, else `data.train` (one
+    source, or several with weights)."""
+    if not spec.mixture:
+        return parse_mixture(spec.train)
+    if spec.train:
+        raise ValueError(
+            f"data.train={spec.train!r} and data.mixture both name the training data; set "
+            "data.train='' to train on data.mixture"
+        )
+    items = [_mixture_item(i, item) for i, item in enumerate(spec.mixture)]
+    names = [m.name for m in items]
+    if len(set(names)) < len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"data.mixture: the name(s) {dup} appear twice; give each a 'name'")
+    return items
 
 
 def parse_hf(source: str) -> tuple[str, str | None, str]:

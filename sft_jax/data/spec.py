@@ -142,6 +142,11 @@ class DataSpec:
     cache: bool = True  # Keep tokenized, packed data on disk, keyed by everything it depends on.
     cache_dir: str = ""  # "" = $SFT_JAX_CACHE/data or ~/.cache/sft_jax/data.
     num_workers: int = -1  # Tokenizing processes; -1 = one per core for large data, 0 = none.
+    # Training sources with weights and options of their own (data.train must then be ""):
+    # each a source string ("a.jsonl:0.7") or a dict {source, weight, name, format, fields}.
+    mixture: tuple = ()
+    # Examples per epoch of a mixture, resampled to the weights; 0 = all the sources hold.
+    mixture_examples: int = 0
     seed: int = 0
 
 
@@ -171,7 +176,9 @@ def check(spec: DataSpec) -> None:
         raise ValueError(f"data.pad_multiple must be >= 1, got {spec.pad_multiple}")
     if not 0.0 <= spec.max_drop_fraction <= 1.0:
         raise ValueError(f"data.max_drop_fraction must be in [0, 1], got {spec.max_drop_fraction}")
-    if not spec.train:
+    if spec.mixture_examples < 0:
+        raise ValueError(f"data.mixture_examples must be >= 0, got {spec.mixture_examples}")
+    if not spec.train and not spec.mixture:
         raise ValueError("data.train is empty; give a file, glob, folder, hf:<name> or synthetic:…")
     Fields.parse(spec.fields)
     if spec.template == "format":
