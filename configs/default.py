@@ -112,16 +112,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.compilation_cache_dir = ""  # "" = off
 
     c.optim = ml_collections.ConfigDict()
+    # adamw | adafactor (transformers' fine-tuning settings: absolute lr, e.g. 1e-3) | lion
+    # (lr 3–10× lower than AdamW's, b2 0.99 in its paper) | sgd (momentum) | muon (the
+    # blocks' kernels, one matrix per layer's matmul; AdamW for embeddings, head, norms)
+    c.optim.name = "adamw"
     c.optim.learning_rate = 3e-4  # peak learning rate
     c.optim.warmup_steps = 0  # linear warmup from 0
     c.optim.decay = "cosine"  # after warmup: cosine | linear | constant
     c.optim.end_learning_rate_ratio = 0.1  # final lr as a fraction of the peak
-    c.optim.weight_decay = 0.0  # AdamW decoupled decay, on dense kernels only
+    c.optim.weight_decay = 0.0  # decoupled decay (lr·wd·p), on dense kernels and LoRA only
     c.optim.decay_embeddings = False  # also decay the embedding tables
-    c.optim.b1 = 0.9
+    c.optim.b1 = 0.9  # adamw's and lion's betas
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
+    c.optim.momentum = 0.9  # sgd's momentum (0 = none)
+    c.optim.nesterov = False  # sgd: Nesterov momentum
+    c.optim.muon_momentum = 0.95  # muon's Nesterov momentum (its AdamW part uses b1, b2)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 500  # steps between checkpoints (the last step is always saved)
