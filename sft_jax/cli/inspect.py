@@ -141,7 +141,8 @@ def _write_html(splits, stats, tokenizer, c, n_rows: int, path: str) -> None:
                      f"{int(trained.sum())} trained")  # fmt: skip
             sections.append((label, view.runs(ids, trained, tokenizer)))
             cut.append(view.response_cut(ids, trained, tokenizer, splits.train.seq_len))
-    page = view.html_page(f"sft_jax data: {c.data.train}", stats, sections, cut)
+    names = c.data.train or ", ".join(stats["train"].get("sources", {}))  # or data.mixture's
+    page = view.html_page(f"sft_jax data: {names}", stats, sections, cut)
     epath.Path(path).write_text(page, encoding="utf-8")
     print(f"\nwrote {path}")
 
