@@ -40,6 +40,7 @@ setup(
     # The user commands (sft_jax/cli/); the developer benchmarks stay in tools/.
     entry_points={
         "console_scripts": [
+            "sft-jax-eval = sft_jax.cli.eval:main",
             "sft-jax-export = sft_jax.cli.export:main",
             "sft-jax-generate = sft_jax.cli.generate:main",
             "sft-jax-inspect = sft_jax.cli.inspect:main",
@@ -57,12 +58,15 @@ setup(
             "torch==2.13.0",
             "accelerate>=1.0",
             "peft>=0.21",  # the LoRA reference: adapters PEFT writes and loads (tests/test_lora.py)
+            "lm-eval>=0.4.13",  # the harness adapter's tests (tests/test_harness.py)
             "ruff>=0.6",
             # A real GCS server on loopback for the gs:// tests (tests/storage_emulator.py).
             "gcp-storage-emulator>=2026.7",
             # moto's S3 server on loopback for the s3:// tests (tests/storage_emulator.py).
             "moto[server]>=5.0",
         ],
+        # Standard benchmarks: sft-jax-eval and eval.harness_tasks (sft_jax/harness.py).
+        "eval": ["lm-eval>=0.4.13"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],  # newer drivers; the README's H100 figures ran on CUDA 13

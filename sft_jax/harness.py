@@ -146,6 +146,15 @@ class SftJaxLM(TemplateLM):
         self._generator: Generator | None = None
         self._bos = _bos_to_prepend(tokenizer)
 
+    def get_model_info(self) -> dict:
+        """What lm-eval records of the model in the results' config."""
+        return {
+            "model_family": self.cfg.family,
+            "model_num_parameters": self.cfg.num_params(),
+            "model_dtype": self.cfg.dtype,
+            "max_length": self.max_length,
+        }
+
     # ------------------------------------------------------------------ tokens
 
     @property
@@ -379,14 +388,10 @@ def run_tasks(
     from lm_eval import simple_evaluate
 
     paths = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
-    manager = _task_manager(paths)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        where = f" (nor under include_path {include_path})" if include_path else ""
-        raise ValueError(
-            f"lm-eval knows no task {', '.join(map(repr, unknown))}{where}; name tasks of "
-            "`lm-eval ls tasks` or give the folder of a YAML task as include_path"
-        )
+    manager = _task_manager(paths, builtin=False)  # local tasks alone: no need for the index
+    if not paths or any(t not in manager.all_tasks for t in tasks):
+        manager = _task_manager(paths, builtin=True)
+    require_known(tasks, manager, paths)
     lm = SftJaxLM(cfg, params, tokenizer, spec, batch_size=batch_size, seed=seed)
     results = simple_evaluate(
         model=lm,
@@ -406,13 +411,25 @@ def run_tasks(
     return _plain(results)
 
 
+def require_known(tasks: Sequence[str], manager, include_paths: Sequence[str]) -> None:
+    """Raises ValueError naming the tasks `manager` (a TaskManager) does not know."""
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" (nor under include_path {', '.join(include_paths)})" if include_paths else ""
+        raise ValueError(
+            f"lm-eval knows no task {', '.join(map(repr, unknown))}{where}; name tasks of "
+            "`lm-eval ls tasks` or give the folder of a YAML task as include_path"
+        )
+
+
 @functools.lru_cache(maxsize=4)
-def _task_manager(include_paths: tuple[str, ...]):
-    """lm-eval's index of its ~200 task folders and ours, built once (seconds) per process:
-    a run evaluates before and after training with the same one."""
+def _task_manager(include_paths: tuple[str, ...], builtin: bool):
+    """lm-eval's index of the tasks under `include_paths` and (`builtin`) of its own ~200
+    task folders (5-10 s), built once per process: a run evaluates before and after
+    training with the same one."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include_paths) or None)
+    return TaskManager(include_path=list(include_paths) or None, include_defaults=builtin)
 
 
 def _plain(results: dict) -> dict:
@@ -441,7 +458,7 @@ def _fmt(score: tuple[float, float | None] | None) -> str:
     if score is None:
         return "–"
     value, stderr = score
-    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else "")
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
 def results_markdown(results: dict, title: str = "Benchmarks (lm-evaluation-harness)") -> str:
@@ -463,3 +480,40 @@ def before_after_markdown(
         cells = [*key, _fmt(b.get(key)), _fmt(a.get(key)), change]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- a training run
+
+
+def evaluate_run(workdir: str, name: str, cfg: GPTConfig, params, tokenizer, spec, tasks,
+                 **options) -> dict:  # fmt: skip
+    """`run_tasks` for a run before or after training (`name`): the results are saved as
+    `harness_{name}.json` in the workdir (a local path or bucket URL), where
+    `report_markdown` finds them, a resumed run's "before" included. `options`: those of
+    run_tasks (include_path, limit, num_fewshot, apply_chat_template, batch_size, …)."""
+    from etils import epath
+
+    results = run_tasks(cfg, params, tokenizer, spec, tasks, **options)
+    if jax.process_index() == 0:
+        text = json.dumps(results, indent=2)
+        epath.Path(workdir, f"harness_{name}.json").write_text(text, encoding="utf-8")
+    log.info("harness %s training:\n%s", name, results_markdown(results))
+    return results
+
+
+def report_markdown(workdir: str) -> str:
+    """The run's saved harness results as a Markdown section: before and after side by
+    side, or whichever of the two exists; "" when neither does."""
+    from etils import epath
+
+    saved = {}
+    for name in ("before", "after"):
+        path = epath.Path(workdir, f"harness_{name}.json")
+        if path.exists():
+            saved[name] = json.loads(path.read_text(encoding="utf-8"))
+    if len(saved) == 2:
+        return before_after_markdown(saved["before"], saved["after"])
+    if saved:
+        ((name, results),) = saved.items()
+        return results_markdown(results, f"Benchmarks {name} fine-tuning")
+    return ""

@@ -30,13 +30,13 @@ CFG = GPTConfig.preset("tiny", max_seq_len=64)  # the real GPT-2 vocabulary, d_m
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Random tiny params, the GPT-2 tokenizer, and the same model in transformers."""
-    boxed = GPT(CFG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    params = nn.meta.unbox(boxed)
-    # Biases start at 0 and norms at 1: perturb every tensor so each one matters.
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    # Random values straight into the params' shapes: no init to compile. Norm scales
+    # near 1, everything else (biases too) small and nonzero, so each tensor matters.
+    shapes = jax.eval_shape(GPT(CFG).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (path[-1].key == "scale") + 0.05 * rng.standard_normal(x.shape, "f4"),
+        nn.meta.unbox(shapes["params"]),
     )
     tokenizer = load_tokenizer("gpt2")
     folder = str(tmp_path_factory.mktemp("hf"))
@@ -187,10 +187,30 @@ def test_markdown_tables(evaluated):
     assert f"| tiny_mc | acc | {acc:.4f} | {acc + 0.5:.4f} | +0.5000 |" in both
 
 
-def test_unknown_tasks_are_named(tiny):
+def test_a_runs_before_and_after_scores_make_its_report_section(tiny, tmp_path):
     params, tokenizer, _ = tiny
-    with pytest.raises(ValueError, match="'no_such_task'.*include_path"):
-        harness.run_tasks(CFG, params, tokenizer, None, ["no_such_task"], include_path=TASKS)
+    workdir = str(tmp_path)
+    assert harness.report_markdown(workdir) == ""
+    options = dict(include_path=TASKS, limit=3, bootstrap_iters=0)
+    with _in(ROOT):
+        before = harness.evaluate_run(workdir, "before", CFG, params, tokenizer, None,
+                                      ["tiny_mc"], **options)  # fmt: skip
+        assert harness.report_markdown(workdir).startswith("## Benchmarks before fine-tuning")
+        harness.evaluate_run(workdir, "after", CFG, params, tokenizer, None, ["tiny_mc"],
+                             **options)  # fmt: skip
+    acc = before["results"]["tiny_mc"]["acc,none"]
+    assert before["config"]["model_num_parameters"] == CFG.num_params()
+    assert f"| tiny_mc | acc | {acc:.4f} | {acc:.4f} | +0.0000 |" in harness.report_markdown(
+        workdir
+    )
+
+
+def test_unknown_tasks_are_named():
+    # The local index only: run_tasks also looks through lm-eval's own (5-15 s to build).
+    local = harness._task_manager((TASKS,), builtin=False)
+    harness.require_known(["tiny_mc", "tiny_gen"], local, [TASKS])
+    with pytest.raises(ValueError, match=r"'no_such_task' \(nor under include_path tests"):
+        harness.require_known(["tiny_mc", "no_such_task"], local, [TASKS])
 
 
 def _workdir_of(params, tmp_path) -> str:
@@ -229,8 +249,7 @@ def test_cli_evaluates_a_runs_checkpoint_on_the_mesh(tiny, evaluated, tmp_path, 
             [r[0][0] for r in ours["resps"]], [r[0][0] for r in ref["resps"]], atol=1e-5
         )
     assert open(out[: -len(".json")] + ".md").read() in capsys.readouterr().out
-    # A missing task or workdir is one line, exit 2.
-    assert eval_cli.main(["--workdir", workdir, "--tasks", "nope", "--include_path", TASKS]) == 2
+    # A missing workdir is one line, exit 2 (an unknown task is the same ValueError path).
     assert eval_cli.main(["--workdir", str(tmp_path / "none"), "--tasks", "tiny_mc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("sft-jax-eval: ") for line in err)
+    assert len(err) == 1 and err[0].startswith("sft-jax-eval: ") and "no checkpoints" in err[0]

@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     table = harness.results_markdown(results)
     print(table)
     if args.output:
+        epath.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         epath.Path(args.output).write_text(json.dumps(results, indent=2), encoding="utf-8")
         md = epath.Path(args.output).with_suffix(".md")
         md.write_text(table, encoding="utf-8")
