@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.profile_steps = 0
     # JAX's persistent compilation cache: a second run of the same step skips XLA's compile.
     c.train.compilation_cache_dir = ""  # "" = off
+    # Label smoothing ε of the training loss (torch's CrossEntropyLoss(label_smoothing=ε)):
+    # targets (1 − ε)·onehot + ε/vocab. Evaluation losses stay the plain nll. 0 = off.
+    c.train.label_smoothing = 0.0
 
     c.optim = ml_collections.ConfigDict()
     # adamw | adafactor (transformers' fine-tuning settings: absolute lr, e.g. 1e-3) | lion

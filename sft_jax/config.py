@@ -92,6 +92,7 @@ class TrainConfig:
     profile_start: int = 3  # the first step traced when profile_steps > 0
     profile_steps: int = 0  # steps traced into WORKDIR/profile; 0 = off
     compilation_cache_dir: str = ""  # persistent XLA compilation cache; "" = off
+    label_smoothing: float = 0.0  # ε of the training loss's smoothed targets; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,14 +16,12 @@ from jax.sharding import PartitionSpec
 
 
 def masked_cross_entropy(
-    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array, label_smoothing: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
     """logits [batch, seq, vocab], targets [batch, seq] int, loss_mask [batch, seq] →
-    (Σ mask·nll, Σ mask), both float32 scalars."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, seq]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = log_z - target_logit
+    (Σ mask·nll, Σ mask), both float32 scalars. `label_smoothing` ε > 0: the nll against
+    (1 − ε)·onehot + ε/vocab, as torch's CrossEntropyLoss(label_smoothing=ε)."""
+    nll = _nll(logits.astype(jnp.float32), targets, label_smoothing)
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
@@ -36,8 +34,10 @@ def chunked_cross_entropy(
     chunk: int = 128,
     layout: PartitionSpec | None = None,
     softcap: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """The loss of `masked_cross_entropy(hidden @ head.T, …)` without its logits.
+    """The loss of `masked_cross_entropy(hidden @ head.T, …, label_smoothing)` without its
+    logits.
 
     hidden [batch, seq, d_model] (the final norm's output), head [vocab, d_model] (the tied
     embedding or the transposed lm_head kernel), targets and loss_mask [batch, seq] →
@@ -58,9 +58,17 @@ def chunked_cross_entropy(
 
     `softcap` > 0 caps the logits as Gemma 2 does (transformers' final_logit_softcapping):
     softcap·tanh(logits / softcap), in float32, before the log-softmax; the gradient goes
-    back through the cap (d logits = d capped · (1 − tanh²)). 0 leaves them as they are."""
+    back through the cap (d logits = d capped · (1 − tanh²)). 0 leaves them as they are.
+
+    `label_smoothing` ε > 0 takes the nll against (1 − ε)·onehot + ε/vocab, torch's
+    CrossEntropyLoss(label_smoothing=ε) (of the capped logits): (1 − ε)·nll + ε·(log Z −
+    mean logit), and d logits = softmax − (1 − ε)·onehot − ε/vocab."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"train.label_smoothing={label_smoothing}: use a value in [0, 1)")
     mask = loss_mask.astype(jnp.float32)
-    return _chunked_ce(hidden, head, targets, mask, chunk, layout, float(softcap))
+    return _chunked_ce(
+        hidden, head, targets, mask, chunk, layout, float(softcap), float(label_smoothing)
+    )
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -87,24 +95,30 @@ def _soft_capped(logits: jax.Array, softcap: float) -> tuple[jax.Array, jax.Arra
     return softcap * squashed, squashed
 
 
-def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+def _nll(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0, log_z=None) -> jax.Array:
+    """−log p(target) of float32 logits, against the smoothed target when `smoothing` > 0:
+    (1 − ε)·(log Z − logit[target]) + ε·(log Z − mean logit)."""
+    if log_z is None:
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+    nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    if not smoothing:
+        return nll
+    return (1.0 - smoothing) * nll + smoothing * (log_z - jnp.mean(logits, axis=-1))
 
 
-def _loss_sum(hidden, head, targets, mask, chunk, softcap):
+def _loss_sum(hidden, head, targets, mask, chunk, softcap, smoothing):
     """{"total": Σ mask·nll} of these (one device's) positions, chunk by chunk."""
 
     def body(total, xs):
         h, t, m = xs
         logits, _ = _soft_capped(_chunk_logits(h, head), softcap)
-        return total + jnp.sum(_nll(logits, t) * m), None
+        return total + jnp.sum(_nll(logits, t, smoothing) * m), None
 
     xs = tuple(_chunks(x, chunk) for x in (hidden, targets, mask))
     return {"total": jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]}
 
 
-def _loss_sum_and_grads(hidden, head, targets, mask, chunk, softcap):
+def _loss_sum_and_grads(hidden, head, targets, mask, chunk, softcap, smoothing):
     """{"total": Σ mask·nll, "d_hidden", "d_head": its gradients} of these (one device's)
     positions, chunk by chunk; the head's gradient adds up in float32 across the chunks."""
     vocab = head.shape[0]
@@ -118,9 +132,10 @@ def _loss_sum_and_grads(hidden, head, targets, mask, chunk, softcap):
         exp = jnp.exp(logits - top)
         total_exp = jnp.sum(exp, axis=-1, keepdims=True)
         log_z = (top + jnp.log(total_exp))[..., 0]
-        nll = log_z - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        onehot = jax.nn.one_hot(t, vocab, dtype=exp.dtype)
-        d_logits = exp * (m[..., None] / total_exp) - onehot * m[..., None]
+        nll = _nll(logits, t, smoothing, log_z)
+        # The (smoothed) target distribution: (1 − ε)·onehot + ε/vocab.
+        target = jax.nn.one_hot(t, vocab, dtype=exp.dtype) * (1.0 - smoothing) + smoothing / vocab
+        d_logits = exp * (m[..., None] / total_exp) - target * m[..., None]
         if squashed is not None:  # back through the cap to the raw logits
             d_logits = d_logits * (1.0 - squashed * squashed)
         d_logits = d_logits.astype(h.dtype)
@@ -137,19 +152,24 @@ def _loss_sum_and_grads(hidden, head, targets, mask, chunk, softcap):
     return {"total": total, "d_hidden": d_hidden, "d_head": d_head}
 
 
-def _sums(hidden, head, targets, mask, chunk, layout, softcap, grads) -> dict[str, jax.Array]:
+def _sums(
+    hidden, head, targets, mask, chunk, layout, softcap, smoothing, grads
+) -> dict[str, jax.Array]:
     """{"total": Σ mask·nll, "count": Σ mask} and, with `grads`, "d_hidden" and "d_head"
     (the gradients of the total), computed per `layout`."""
     head = head.astype(hidden.dtype)  # gathered (below) in the compute dtype, once
     mesh = jax.sharding.get_abstract_mesh()
     if layout is None or mesh.empty or mesh.size == 1:
-        return _device_sums(hidden, head, targets, mask, chunk, softcap, grads, (), (), ())
+        return _device_sums(
+            hidden, head, targets, mask, chunk, softcap, smoothing, grads, (), (), ()
+        )
     row_axes, seq_axes = (_names(part) for part in layout)
     # The head's gradient leaves summed and split over d_model across the row axes (a
     # reduce-scatter): no device holds a second whole float32 [vocab, d_model] copy.
     scatter = row_axes if grads and head.shape[1] % _size(row_axes) == 0 else ()
     local = functools.partial(
-        _device_sums, chunk=chunk, softcap=softcap, grads=grads, row_axes=row_axes,
+        _device_sums, chunk=chunk, softcap=softcap, smoothing=smoothing, grads=grads,
+        row_axes=row_axes,
         seq_axes=seq_axes, scatter_axes=scatter,
     )  # fmt: skip
     # The arrays go in and out as the model lays them out (rows split, the same on every
@@ -166,8 +186,9 @@ def _sums(hidden, head, targets, mask, chunk, layout, softcap, grads) -> dict[st
 
 
 def _device_sums(
-    hidden, head, targets, mask, chunk, softcap, grads, row_axes, seq_axes, scatter_axes
-):
+    hidden, head, targets, mask, chunk, softcap, smoothing, grads, row_axes, seq_axes,
+    scatter_axes,
+):  # fmt: skip
     """`_sums` on one device's rows: its own part of their positions (split over
     `seq_axes`), then the sums and the head's gradient added over all the axes, once (the
     gradient scattered over `scatter_axes` along d_model)."""
@@ -178,7 +199,8 @@ def _device_sums(
             jax.lax.dynamic_slice_in_dim(x, start, part, axis=1) for x in (hidden, targets, mask)
         )
     local_sums = _loss_sum_and_grads if grads else _loss_sum
-    sums = local_sums(hidden, head, targets, mask, min(chunk, hidden.shape[1]), softcap)
+    chunk = min(chunk, hidden.shape[1])
+    sums = local_sums(hidden, head, targets, mask, chunk, softcap, smoothing)
     sums["count"] = jnp.sum(mask)
     axes = row_axes + seq_axes
     if not axes:
@@ -205,20 +227,20 @@ def _names(part) -> tuple[str, ...]:
     return () if part is None else (part,) if isinstance(part, str) else tuple(part)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_ce(hidden, head, targets, mask, chunk, layout, softcap):
-    sums = _sums(hidden, head, targets, mask, chunk, layout, softcap, grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_ce(hidden, head, targets, mask, chunk, layout, softcap, smoothing):
+    sums = _sums(hidden, head, targets, mask, chunk, layout, softcap, smoothing, grads=False)
     return sums["total"], sums["count"]
 
 
-def _chunked_ce_fwd(hidden, head, targets, mask, chunk, layout, softcap):
-    sums = _sums(hidden, head, targets, mask, chunk, layout, softcap, grads=True)
+def _chunked_ce_fwd(hidden, head, targets, mask, chunk, layout, softcap, smoothing):
+    sums = _sums(hidden, head, targets, mask, chunk, layout, softcap, smoothing, grads=True)
     # Zero-size arrays carry the input dtypes: residuals must be arrays.
     like = (jnp.zeros((0,), hidden.dtype), jnp.zeros((0,), head.dtype))
     return (sums["total"], sums["count"]), (sums["d_hidden"], sums["d_head"], like)
 
 
-def _chunked_ce_bwd(chunk, layout, softcap, res, g):
+def _chunked_ce_bwd(chunk, layout, softcap, smoothing, res, g):
     d_hidden, d_head, (hidden_like, head_like) = res
     g_total = g[0]  # the count's cotangent does not reach the inputs
     return (

@@ -1,6 +1,6 @@
 """Masked cross-entropy against a hand computation and torch's ignore_index=-100 loss; the
 chunked loss against the whole-logits loss, on one device and split over a mesh, with and
-without Gemma 2's final logit soft-cap."""
+without Gemma 2's final logit soft-cap and label smoothing (torch's label_smoothing)."""
 
 import jax
 import jax.numpy as jnp
@@ -120,13 +120,14 @@ def test_chunked_soft_capped_equals_reference_loss_and_gradients():
 
 
 @pytest.mark.parametrize(
-    "mesh_shape, softcap", [((1, 8, 1), 0.0), ((2, 2, 2), 0.0), ((2, 2, 2), 1.5)]
+    "mesh_shape, softcap, smoothing",
+    [((1, 8, 1), 0.0, 0.0), ((2, 2, 2), 0.0, 0.0), ((2, 2, 2), 1.5, 0.1)],
 )
-def test_chunked_split_over_a_mesh_equals_torch(mesh_shape, softcap):
+def test_chunked_split_over_a_mesh_equals_torch(mesh_shape, softcap, smoothing):
     # The loss and its gradients with the rows split over (data, fsdp) and, on (2, 2, 2), the
     # 44 positions over tensor: 22 per device in chunks of 8, so each device pads its last
     # chunk. Reference: torch's summed cross-entropy and autograd on the whole logits (soft-
-    # capped as Gemma 2 caps them where `softcap` is set).
+    # capped as Gemma 2 caps them where `softcap` is set, label-smoothed by `smoothing`).
     rng = np.random.default_rng(3)
     hidden = rng.normal(size=(8, 44, 16)).astype(np.float32)
     head = (rng.normal(size=(101, 16)) * 0.3).astype(np.float32)
@@ -137,7 +138,7 @@ def test_chunked_split_over_a_mesh_equals_torch(mesh_shape, softcap):
 
     def loss(h, w):
         return chunked_cross_entropy(
-            h, w, jnp.asarray(targets), jnp.asarray(mask), 8, layout, softcap=softcap
+            h, w, jnp.asarray(targets), jnp.asarray(mask), 8, layout, softcap, smoothing
         )
 
     def loss_and_grads(h, w):
@@ -149,10 +150,52 @@ def test_chunked_split_over_a_mesh_equals_torch(mesh_shape, softcap):
     labels = torch.tensor(np.where(mask > 0, targets, -100))
     logits = capped_torch_logits(h_t, w_t, softcap)
     ref = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, 101), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+        logits.reshape(-1, 101), labels.reshape(-1), ignore_index=-100, reduction="sum",
+        label_smoothing=smoothing,
+    )  # fmt: skip
     ref.backward()
     assert float(count) == mask.sum()
     np.testing.assert_allclose(float(total), ref.item(), rtol=1e-5)
     for g, e in zip(grads, (h_t.grad, w_t.grad), strict=True):
         np.testing.assert_allclose(np.asarray(g), e.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+def test_label_smoothing_equals_torch(softcap):
+    """Both losses with label_smoothing=0.2 against torch's CrossEntropyLoss(label_smoothing=
+    0.2, ignore_index=-100) on the same (soft-capped) logits; the chunked one's gradients
+    against torch's autograd too. Logits of std ~2 (capped at 1.5 where set) and 37 positions
+    in chunks of 8: the padded last chunk must add nothing to the smoothing term either."""
+    rng = np.random.default_rng(5)
+    hidden = rng.normal(size=(3, 37, 16)).astype(np.float32)
+    head = (rng.normal(size=(101, 16)) * 0.5).astype(np.float32)
+    targets = rng.integers(0, 101, size=(3, 37))
+    mask = (rng.random((3, 37)) < 0.6).astype(np.float32)
+    h_t, w_t = (torch.tensor(x, requires_grad=True) for x in (hidden, head))
+    logits_t = capped_torch_logits(h_t, w_t, softcap)
+    ref = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="sum", label_smoothing=0.2)(
+        logits_t.reshape(-1, 101), torch.tensor(np.where(mask > 0, targets, -100)).reshape(-1)
+    )
+    ref.backward()
+    t, m = jnp.asarray(targets), jnp.asarray(mask)
+    whole = masked_cross_entropy(jnp.asarray(logits_t.detach().numpy()), t, m, 0.2)[0]
+    np.testing.assert_allclose(float(whole), ref.item(), rtol=1e-5)
+
+    def chunked(h, w):
+        return chunked_cross_entropy(h, w, t, m, chunk=8, softcap=softcap, label_smoothing=0.2)[0]
+
+    total, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, head)
+    np.testing.assert_allclose(float(total), ref.item(), rtol=1e-5)
+    for g, e in zip(grads, (h_t.grad, w_t.grad), strict=True):
+        np.testing.assert_allclose(np.asarray(g), e.numpy(), atol=1e-5, rtol=1e-5)
+    plain = chunked_cross_entropy(jnp.asarray(hidden), jnp.asarray(head), t, m, 8, None, softcap)
+    # Random targets: the smoothed loss is ~1% off the plain one, 1000× the tolerance above.
+    assert abs(float(plain[0]) - ref.item()) > 1e-3 * ref.item(), "smoothing made no difference"
+
+
+def test_label_smoothing_out_of_range_names_the_key():
+    with pytest.raises(ValueError, match="train.label_smoothing"):
+        chunked_cross_entropy(
+            jnp.zeros((1, 4, 8)), jnp.zeros((16, 8)), jnp.zeros((1, 4), jnp.int32),
+            jnp.ones((1, 4)), label_smoothing=1.0,
+        )  # fmt: skip
