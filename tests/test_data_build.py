@@ -540,3 +540,12 @@ def test_mixture_string_of_synthetic_sources(tok):
     assert {n: s["examples_in_epoch"] for n, s in stats["sources"].items()} == {
         "mix": 30, "mix_2": 60,
     }  # fmt: skip
+    # Several validation sources: each one's rows apart too (their weights play no part).
+    spec = dataclasses.replace(
+        spec, train="synthetic:mix:60", validation="synthetic:mix:20:seed=1,synthetic:mix:10:9"
+    )
+    splits = build_splits(spec, tok)
+    assert "sources" not in splits.stats["train"]
+    assert {n: len(r.starts) - 1 for n, r in splits.validation_sources.items()} == {
+        "mix": 20, "mix_2": 10,
+    }  # fmt: skip

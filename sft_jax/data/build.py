@@ -6,6 +6,13 @@ rows stop the build at the first one, naming file, line and field, unless
 `data.on_bad_row=skip`. The result is a pure function of (data, spec, tokenizer), kept
 in the on-disk cache under a key of all three.
 
+A mixture (several weighted sources, `sources.mixture`) is read source by source, each
+with its own format and fields; each source's held-out rows are its own. Its training
+examples are then resampled once, here, to the weights (`mixture_counts`: each example
+whole times over plus a seeded subset), and packed together: the epoch holds the weighted
+shares, so batches stay a pure function of (data, config, seed, step). Its validation
+rows are packed together (eval_loss) and source by source (eval_loss/<name>).
+
 Worker processes are spawned, not forked: the parent may run JAX's threads, and forking
 those can deadlock. Spawned workers re-import the main module, so a script that builds
 data with workers needs the `if __name__ == "__main__":` guard; if the workers cannot
