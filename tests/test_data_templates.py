@@ -348,6 +348,10 @@ def test_generation_markers_are_used_when_present(smol):
     assert t.markers
     r = t.render(_encoder(smol).messages({"messages": MULTI}))
     assert [r.text[s:e] for s, e in r.spans] == ["Hello!<|im_end|>", "4<|im_end|>"]
+    # A turn the row says not to train: its generation block is left out.
+    untrained = [*MULTI[:2], {**MULTI[2], "train": 0}, *MULTI[3:]]
+    r = t.render(_encoder(smol).messages({"messages": untrained}))
+    assert [r.text[s:e] for s, e in r.spans] == ["4<|im_end|>"]
 
 
 def test_template_that_rewrites_history_is_split_or_refused(smol):

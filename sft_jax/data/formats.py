@@ -183,18 +183,14 @@ def _message(
         raise RowError("missing_field", "is missing", field)
     if ours == "tool" and isinstance(raw, Mapping | int | float | bool):
         raw = json.dumps(raw, ensure_ascii=False)  # A result given as a JSON value.
-    return Message(
-        ours,
-        content(raw, field) if raw is not None else "",
-        field=field,
-        tool_calls=calls,
-        reasoning=_optional_string(m, fields.col("reasoning_content"), where)
-        if ours == "assistant"
-        else "",
-        name=_optional_string(m, "name", where) if ours == "tool" else "",
-        tool_call_id=_optional_string(m, "tool_call_id", where) if ours == "tool" else "",
-        train=train,
-    )
+    if ours == "assistant":
+        extra = {"reasoning": _optional_string(m, fields.col("reasoning_content"), where)}
+    elif ours == "tool":
+        extra = {key: _optional_string(m, key, where) for key in ("name", "tool_call_id")}
+    else:
+        extra = {}
+    text = content(raw, field) if raw is not None else ""
+    return Message(ours, text, field=field, tool_calls=calls, train=train, **extra)
 
 
 def content(value, field: str) -> str:

@@ -250,19 +250,17 @@ def with_reasoning(r: Rendered, train_reasoning: bool = True) -> Rendered:
     """`r` with its reasoning: the <think> blocks (and the whitespace after them) inside its
     spans; without `train_reasoning`, the spans with those blocks taken out."""
     blocks = tuple(
-        m.span()
-        for s, e in r.spans
-        for m in _THINK_BLOCK.finditer(r.text, s, e)
-        if m.end() > m.start()
-    )
+        m.span() for s, e in r.spans for m in _THINK_BLOCK.finditer(r.text, s, e)
+    )  # fmt: skip
     if train_reasoning or not blocks:
         return Rendered(r.text, r.spans, blocks)
     spans = []
     for s, e in r.spans:
-        for bs, be in (b for b in blocks if s <= b[0] < e):
-            spans.append((s, bs))
-            s = be
-        spans.append((s, e))
+        pos = s
+        for start, end in (b for b in blocks if s <= b[0] < e):
+            spans.append((pos, start))
+            pos = end
+        spans.append((pos, e))
     return Rendered(r.text, tuple((s, e) for s, e in spans if e > s), blocks)
 
 
