@@ -37,7 +37,7 @@ except ImportError as e:  # the optional extra
 
 from sft_jax import sharding
 from sft_jax.generate import BUCKET, Generator, Sampling, end_token_ids
-from sft_jax.model import GPT, GPTConfig
+from sft_jax.model import GPT, GPTConfig, LoraLayers
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ def _round_up(n: int, k: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _scorer(cfg: GPTConfig):
+def _scorer(cfg: GPTConfig, lora: LoraLayers | None):
     """Jitted (params, tokens, positions, segments, targets) → (log p(target) [rows, width]
     float32, target is the argmax [rows, width] bool); only these leave the device."""
-    model = GPT(cfg)
+    model = GPT(cfg, lora)
 
     def score(params, tokens, positions, segments, targets):
         logits = model.apply({"params": params}, tokens, positions=positions, segment_ids=segments)
@@ -122,7 +122,8 @@ class SftJaxLM(TemplateLM):
     `spec`: the run's DataSpec, whose template `apply_chat_template` renders with (None:
     the tokenizer's chat template if it has one, else alpaca). `batch_size`: rows per forward
     (packed, `max_length` tokens at most each) and prompts per generation batch; rounded up
-    to a multiple of the mesh's batch axes when the params are sharded.
+    to a multiple of the mesh's batch axes when the params are sharded. `lora`: the LoRA
+    adapters the params carry (`Run.lora_layers`), applied beside their kernels.
     """
 
     def __init__(
@@ -135,9 +136,10 @@ class SftJaxLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         seed: int = 0,
+        lora: LoraLayers | None = None,
     ):
         super().__init__()
-        self.cfg, self.tokenizer, self._spec = cfg, tokenizer, spec
+        self.cfg, self.tokenizer, self._spec, self._lora = cfg, tokenizer, spec, lora
         self.params = jax.device_put(params)  # on the device once, as Generator does
         self._placement, multiple = _batch_placement(self.params)
         self.batch_size = _round_up(max(batch_size, 1), multiple)
@@ -229,7 +231,7 @@ class SftJaxLM(TemplateLM):
         longest = max(len(ids) - 1 for ids, _ in sequences)
         width = min(_round_up(longest, BUCKET), max(self.max_length, longest))
         packed = _lay_out(sequences, width, self.batch_size)
-        fn = _scorer(self.cfg)
+        fn = _scorer(self.cfg, self._lora)
         outs = []
         for start in range(0, packed.tokens.shape[0], self.batch_size):
             part = slice(start, start + self.batch_size)
@@ -266,9 +268,11 @@ class SftJaxLM(TemplateLM):
     def _generate(self, contexts: Sequence[str], gen_kwargs: dict) -> list[str]:
         sampling, until = self._sampling(gen_kwargs)
         keep = max(self.max_length - sampling.max_new_tokens, 1)
-        prompts = [self.tok_encode(c)[-keep:] for c in contexts]
+        # An empty context (no BOS to prepend) is the prefix token, as in loglikelihood.
+        prompts = [self.tok_encode(c)[-keep:] or [self.prefix_token_id] for c in contexts]
         if self._generator is None:
-            self._generator = Generator(self.cfg, self.params, end_token_ids(self.tokenizer))
+            ends = end_token_ids(self.tokenizer)
+            self._generator = Generator(self.cfg, self.params, ends, lora=self._lora)
         width = max(len(p) for p in prompts)  # one padded width: one compile for the group
         texts = []
         for start in range(0, len(prompts), self.batch_size):
@@ -380,6 +384,7 @@ def run_tasks(
     log_samples: bool = False,
     bootstrap_iters: int = 1000,
     seed: int = 0,
+    lora: LoraLayers | None = None,
 ) -> dict:
     """lm-eval's `simple_evaluate` of `tasks` (names, or local YAML tasks found under
     `include_path`) on the model; its results dict, made JSON-serializable. `limit`: at
@@ -392,7 +397,7 @@ def run_tasks(
     if not paths or any(t not in manager.all_tasks for t in tasks):
         manager = _task_manager(paths, builtin=True)
     require_known(tasks, manager, paths)
-    lm = SftJaxLM(cfg, params, tokenizer, spec, batch_size=batch_size, seed=seed)
+    lm = SftJaxLM(cfg, params, tokenizer, spec, batch_size=batch_size, seed=seed, lora=lora)
     results = simple_evaluate(
         model=lm,
         tasks=list(tasks),
@@ -490,7 +495,7 @@ def evaluate_run(workdir: str, name: str, cfg: GPTConfig, params, tokenizer, spe
     """`run_tasks` for a run before or after training (`name`): the results are saved as
     `harness_{name}.json` in the workdir (a local path or bucket URL), where
     `report_markdown` finds them, a resumed run's "before" included. `options`: those of
-    run_tasks (include_path, limit, num_fewshot, apply_chat_template, batch_size, …)."""
+    run_tasks (include_path, limit, num_fewshot, apply_chat_template, batch_size, lora …)."""
     from etils import epath
 
     results = run_tasks(cfg, params, tokenizer, spec, tasks, **options)

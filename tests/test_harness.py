@@ -139,6 +139,26 @@ def test_rolling_loglikelihood_equals_transformers_over_windows(tiny, evaluated)
     assert len(ids) > 30 and abs(lm.loglikelihood_rolling([request])[0] - expected) <= 1e-4
 
 
+def test_lora_adapters_score_as_their_merged_kernels(tiny):
+    from sft_jax import lora
+
+    params, tokenizer, _ = tiny
+    spec = lora.LoraSpec(rank=4)
+    rng = np.random.default_rng(1)  # B nonzero, so the adapters change the model
+    adapters = jax.tree.map(
+        lambda x: 0.2 * rng.standard_normal(x.shape, "f4"),
+        nn.meta.unbox(lora.abstract_adapters(CFG, spec)),
+    )
+    ids = [tokenizer.encode(t) for t in ("Question: What is 2 plus 3?", "Paris is in France")]
+    sequences = [(x, len(x) - 1) for x in ids]
+    adapted = harness.SftJaxLM(CFG, lora.combine(params, adapters), tokenizer,
+                               lora=spec.layers(CFG)).score(sequences)  # fmt: skip
+    merged = harness.SftJaxLM(CFG, lora.merge(params, adapters, spec), tokenizer).score(sequences)
+    base = harness.SftJaxLM(CFG, params, tokenizer).score(sequences)
+    for (a, _), (m, _), (b, _) in zip(adapted, merged, base, strict=True):
+        assert abs(a - m) <= 1e-4 and abs(a - b) > 1e-2
+
+
 def test_packing_fills_rows_without_overflowing_them():
     lengths = [9, 3, 7, 1, 16, 5, 2, 8]
     rows = harness.pack(lengths, 16)

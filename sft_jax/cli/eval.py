@@ -49,14 +49,14 @@ def main(argv=None) -> int:
         from sft_jax import harness
         from sft_jax.cli.generate import _load
 
-        cfg, params, tokenizer, spec = _load(args)
+        cfg, params, tokenizer, spec, lora = _load(args)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         results = harness.run_tasks(
             cfg, params, tokenizer, spec, tasks,
             include_path=args.include_path, limit=_limit(args.limit),
             num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template,
             fewshot_as_multiturn=args.fewshot_as_multiturn, batch_size=args.batch_size,
-            log_samples=args.log_samples, seed=args.seed,
+            log_samples=args.log_samples, seed=args.seed, lora=lora,
         )  # fmt: skip
     except (ValueError, OSError, ImportError) as e:
         print(f"sft-jax-eval: {e}", file=sys.stderr)
