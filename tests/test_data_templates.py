@@ -777,3 +777,32 @@ def test_think_in_content_and_multi_turn_reasoning_split_under_qwen3(qwen3):
         "<think>\nThree and three.\n</think>\n\n",
     ]
     assert chunk.reasoning_tokens.tolist() == [sum(int(r.sum()) for _, _, r in marked)]
+
+
+def test_llama_factory_tool_file_trains_the_calls_and_answers_under_qwen3(qwen3, tmp_path):
+    """End to end, from a file in LLaMA-Factory's ShareGPT tool shape to the batch: what
+    trains is each assistant turn (its call or its answer, with Qwen3's think block and
+    <|im_end|>), never the system, tools block, user turn or tool result."""
+    row = {
+        "system": "Be brief.",
+        "tools": json.dumps([ADD["function"]]),
+        "conversations": [
+            {"from": "human", "value": "2+2?"},
+            {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 2, "b": 2}}'},
+            {"from": "observation", "value": "4"},
+            {"from": "gpt", "value": "It is 4."},
+        ],
+    }
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    spec = DataSpec(train=str(path), validation="", template="tokenizer", cache=False)
+    splits = build_splits(spec, qwen3)
+    dense = splits.train.dense()
+    rows = [{k: v[i] for k, v in dense.items()} for i in range(len(dense["tokens"]))]
+    trained = sorted(qwen3.decode(ids[mask]) for r in rows for ids, mask in view.segments(r))
+    assert trained == [
+        '<think>\n\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n'
+        "</tool_call><|im_end|>",
+        "<think>\n\n</think>\n\nIt is 4.<|im_end|>",
+    ]
+    assert splits.stats["train"]["split_rows"] == 1
