@@ -59,6 +59,9 @@ setup(
             "accelerate>=1.0",
             "peft>=0.21",  # the LoRA reference: adapters PEFT writes and loads (tests/test_lora.py)
             "lm-eval>=0.4.13",  # the harness adapter's tests (tests/test_harness.py)
+            # The trackers' tests (tests/test_trackers.py), offline: ~140 MB, ~20 s to install.
+            "wandb>=0.19",
+            "mlflow-skinny>=2.10",
             "ruff>=0.6",
             # A real GCS server on loopback for the gs:// tests (tests/storage_emulator.py).
             "gcp-storage-emulator>=2026.7",
@@ -67,6 +70,10 @@ setup(
         ],
         # Standard benchmarks: sft-jax-eval and eval.harness_tasks (sft_jax/harness.py).
         "eval": ["lm-eval>=0.4.13"],
+        # Experiment trackers beside TensorBoard (train.trackers). mlflow-skinny: the client
+        # (a tracking server, or a local file store); the full `mlflow` adds the server and UI.
+        "wandb": ["wandb>=0.19"],
+        "mlflow": ["mlflow-skinny>=2.10"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],  # newer drivers; the README's H100 figures ran on CUDA 13

@@ -113,6 +113,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Label smoothing ε of the training loss (torch's CrossEntropyLoss(label_smoothing=ε)):
     # targets (1 − ε)·onehot + ε/vocab. Evaluation losses stay the plain nll. 0 = off.
     c.train.label_smoothing = 0.0
+    # Where the metrics go beside metrics.jsonl: any of "tensorboard", "wandb", "mlflow" (a
+    # tuple, or "tensorboard,wandb" on the command line). Each gets the same scalars, the
+    # config as run parameters and, at the end, report.md and loss_curve.png. wandb and
+    # mlflow are extras: pip install 'sft_jax[wandb]' / 'sft_jax[mlflow]'. W&B reads its
+    # usual variables (WANDB_MODE=offline, WANDB_ENTITY, …); a resumed run goes on in the
+    # same tracker run (ids in WORKDIR/trackers.json).
+    c.train.trackers = ("tensorboard",)
+    c.train.tracker_project = "sft_jax"  # the W&B project and the MLflow experiment
+    c.train.mlflow_tracking_uri = ""  # "" = $MLFLOW_TRACKING_URI, else a file store WORKDIR/mlruns
 
     c.optim = ml_collections.ConfigDict()
     # adamw | adafactor (transformers' fine-tuning settings: absolute lr, e.g. 1e-3) | lion

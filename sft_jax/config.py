@@ -93,6 +93,9 @@ class TrainConfig:
     profile_steps: int = 0  # steps traced into WORKDIR/profile; 0 = off
     compilation_cache_dir: str = ""  # persistent XLA compilation cache; "" = off
     label_smoothing: float = 0.0  # ε of the training loss's smoothed targets; 0 = off
+    trackers: tuple[str, ...] = ("tensorboard",)  # of metrics.TRACKERS
+    tracker_project: str = "sft_jax"  # the W&B project / MLflow experiment
+    mlflow_tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else WORKDIR/mlruns
 
 
 @dataclasses.dataclass(frozen=True)
