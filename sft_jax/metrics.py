@@ -547,6 +547,64 @@ class MetricsLogger:
         self._trackers = []
 
 
+def data_table(stats: dict[str, Any]) -> str:
+    """The data a run trains on (`DataSplits.stats`) as a table a person reads: a column per
+    split; rows read, examples kept, dropped (each reason on a line of its own), responses
+    and prompts cut at data.max_seq_len, tokens, trained (loss) tokens, packed rows and
+    packing efficiency, and a mixture's sources with their share of the examples."""
+    splits = {k: v for k, v in stats.items() if isinstance(v, dict) and "rows_read" in v}
+    reasons = sorted({reason for s in splits.values() for reason in s["dropped"]})
+    sources = list(dict.fromkeys(n for s in splits.values() for n in s.get("sources", {})))
+    lines: list[tuple[str, Callable[[dict], str]]] = [
+        ("rows read", lambda s: f"{s['rows_read']:,}"),
+        ("examples kept", lambda s: f"{s['examples']:,}"),
+        ("dropped", lambda s: f"{sum(s['dropped'].values()):,}"),
+        *((f"  {r}", lambda s, r=r: f"{s['dropped'].get(r, 0):,}") for r in reasons),
+    ]
+    if any(s.get("split_rows") for s in splits.values()):
+        lines.append(("conversations split", _split_conversations))
+    lines += [
+        ("responses cut", lambda s: f"{s['responses_truncated']:,}"),
+        ("prompts cut", lambda s: f"{s['prompts_truncated']:,}"),
+        ("tokens", lambda s: f"{s['tokens']:,}"),
+        ("trained tokens", _trained_tokens),
+        ("packed rows", lambda s: f"{s['rows']:,}"),
+        ("packing efficiency", lambda s: f"{s['packing_efficiency']:.1%}"),
+        *((f"  from {n}", lambda s, n=n: _source_share(s, n)) for n in sources),
+    ]
+    header = ["data", *splits]
+    return _aligned([header] + [[label, *map(cell, splits.values())] for label, cell in lines])
+
+
+def _aligned(table: list[list[str]]) -> str:
+    """Rows of cells as text: the first column to the left, the others to the right."""
+    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                  enumerate(zip(row, widths, strict=True)))
+        for row in table
+    )  # fmt: skip
+
+
+def _trained_tokens(split: dict) -> str:
+    """Loss tokens and their share of the tokens."""
+    share = f"{split['loss_tokens'] / split['tokens']:.1%}" if split["tokens"] else "n/a"
+    return f"{split['loss_tokens']:,} ({share})"
+
+
+def _split_conversations(split: dict) -> str:
+    """Conversations split per assistant turn: rows → examples."""
+    return f"{split.get('split_rows', 0):,} → {split.get('split_examples', 0):,}"
+
+
+def _source_share(split: dict, name: str) -> str:
+    """One mixture source's examples in the split's epoch and their share."""
+    source = split.get("sources", {}).get(name)
+    if source is None:
+        return "-"
+    return f"{source.get('examples_in_epoch', source['examples']):,} ({source['share']:.0%})"
+
+
 def _plain(v: Any) -> Any:
     v = np.asarray(v) if not isinstance(v, (int, float, str, bool)) else v
     if isinstance(v, np.ndarray):

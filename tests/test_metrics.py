@@ -124,3 +124,67 @@ def test_logger_in_a_bucket_appends_across_runs(gcs_bucket):  # noqa: F811
     ]  # fmt: skip
     events = list(epath.Path(workdir, "tensorboard").iterdir())
     assert events and all(e.stat().length > 0 for e in events)
+
+
+MIXTURE_STATS = {
+    "train": {
+        "format": "a: alpaca, b: messages", "rows_read": 1200, "examples": 1500,
+        "dropped": {"too_long": 7, "no_loss_tokens": 2}, "responses_truncated": 3,
+        "prompts_truncated": 0, "split_rows": 100, "split_examples": 250, "rows": 400,
+        "tokens": 190000, "loss_tokens": 57000, "packing_efficiency": 0.9276,
+        "sources": {
+            "a": {"examples": 900, "examples_in_epoch": 1125, "share": 0.75},
+            "b": {"examples": 291, "examples_in_epoch": 375, "share": 0.25},
+        },
+    },
+    "validation": {
+        "format": "a: alpaca, b: messages", "rows_read": 60, "examples": 60, "dropped": {},
+        "responses_truncated": 0, "prompts_truncated": 1, "split_rows": 0,
+        "split_examples": 0, "rows": 20, "tokens": 9000, "loss_tokens": 0,
+        "packing_efficiency": 0.8789, "sources": {"a": {"examples": 60, "share": 1.0}},
+    },
+    "cache": {"path": "", "hit": False},
+}  # fmt: skip
+
+
+def test_data_table_reads_as_a_table():
+    assert metrics.data_table(MIXTURE_STATS).splitlines() == [
+        "data                          train  validation",
+        "rows read                     1,200          60",
+        "examples kept                 1,500          60",
+        "dropped                           9           0",
+        "  no_loss_tokens                  2           0",
+        "  too_long                        7           0",
+        "conversations split       100 → 250       0 → 0",
+        "responses cut                     3           0",
+        "prompts cut                       0           1",
+        "tokens                      190,000       9,000",
+        "trained tokens       57,000 (30.0%)    0 (0.0%)",
+        "packed rows                     400          20",
+        "packing efficiency            92.8%       87.9%",
+        "  from a                1,125 (75%)   60 (100%)",
+        "  from b                  375 (25%)           -",
+    ]
+
+
+def test_data_table_of_a_real_build(tmp_path):
+    """The table of build_splits' own stats: its keys, one dropped reason, two splits."""
+    from sft_jax.data import DataSpec, build_splits, load_tokenizer
+
+    rows = [{"instruction": f"Echo {i}.", "input": "", "output": f"{i}."} for i in range(40)]
+    for i in range(0, 40, 10):
+        rows[i]["output"] = " ".join(["word"] * 100)  # over max_seq_len: dropped
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    spec = DataSpec(train=str(path), validation="0.25", max_seq_len=64, too_long="drop",
+                    max_drop_fraction=0.5,
+                    cache=False, num_workers=0)  # fmt: skip
+    stats = build_splits(spec, load_tokenizer("gpt2")).stats
+    lines = metrics.data_table(stats).splitlines()
+    table = {" ".join(line.split()[:-2]): line.split()[-2:] for line in lines}  # one-word cells
+    train, validation = stats["train"], stats["validation"]
+    assert table["data"] == ["train", "validation"]
+    assert table["rows read"] == [str(train["rows_read"]), str(validation["rows_read"])]
+    dropped = [str(s["dropped"].get("too_long", 0)) for s in (train, validation)]
+    assert table["too_long"] == dropped and sum(map(int, dropped)) == 4
+    assert table["tokens"] == [f"{train['tokens']:,}", f"{validation['tokens']:,}"]
