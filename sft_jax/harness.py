@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 from collections.abc import Sequence
 
 import jax
@@ -35,7 +36,7 @@ except ImportError as e:  # the optional extra
         "lm-eval)"
     ) from e
 
-from sft_jax import sharding
+from sft_jax import kernels, sharding
 from sft_jax.generate import BUCKET, Generator, Sampling, end_token_ids
 from sft_jax.model import GPT, GPTConfig, LoraLayers
 
@@ -229,7 +230,8 @@ class SftJaxLM(TemplateLM):
         if not sequences:
             return []
         longest = max(len(ids) - 1 for ids, _ in sequences)
-        width = min(_round_up(longest, BUCKET), max(self.max_length, longest))
+        multiple = _width_multiple(self.cfg)
+        width = _round_up(min(longest, self.max_length), multiple)
         packed = _lay_out(sequences, width, self.batch_size)
         fn = _scorer(self.cfg, self._lora)
         outs = []
@@ -305,21 +307,23 @@ class SftJaxLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt=True) -> str:
         """The conversation as the run's template renders it before a response: up to the
         assistant turn's first character (`add_generation_prompt`), or, continuing the
-        last (assistant) message, up to its end."""
+        last (assistant) message, up to its end. Empty turns (a perplexity task's empty
+        question) are left out: the data checks refuse them, as training did."""
         from sft_jax.data.examples import make_encoder
 
-        if add_generation_prompt:
-            chat_history = [*chat_history, {"role": "assistant", "content": _PLACEHOLDER}]
-        elif not chat_history or chat_history[-1]["role"] != "assistant":
+        if not add_generation_prompt and (
+            not chat_history or chat_history[-1]["role"] != "assistant"
+        ):
             raise ValueError("apply_chat_template: nothing to continue; the last turn must be "
                              "the assistant's")  # fmt: skip
+        earlier = chat_history if add_generation_prompt else chat_history[:-1]
+        started = "" if add_generation_prompt else chat_history[-1]["content"]
+        turns = [m for m in earlier if m["content"]]
+        turns.append({"role": "assistant", "content": started or _PLACEHOLDER})
         spec = dataclasses.replace(self.spec, format="messages", fields="")
         enc = make_encoder(spec, self.tokenizer, self._template(), "messages")
-        rendered = enc.render_examples(enc.messages({"messages": chat_history}))[-1]
-        start = rendered.spans[-1][0]
-        if add_generation_prompt:
-            return rendered.text[:start]
-        return rendered.text[: start + len(chat_history[-1]["content"])]
+        rendered = enc.render_examples(enc.messages({"messages": turns}))[-1]
+        return rendered.text[: rendered.spans[-1][0] + len(started)]
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         """The template's identity (recorded in the results when a chat template is used)."""
@@ -354,6 +358,13 @@ def _bos_to_prepend(tokenizer) -> int | None:
     return bos_to_prepend(tokenizer)
 
 
+def _width_multiple(cfg: GPTConfig) -> int:
+    """Rows are a multiple of this wide: whole blocks for TPU splash attention (the kernel
+    takes no other), else the generator's bucket (few shapes, few compiles)."""
+    kernel = kernels.resolve(cfg.attention, dtype=cfg.dtype, softcap=cfg.attn_softcap)
+    return kernels.SPLASH_BLOCK if kernel == "splash" else BUCKET
+
+
 def _batch_placement(params):
     """(sharding for batch rows, the row multiple it needs) on the mesh the params are
     sharded over; (None, 1) for params on one device."""
@@ -379,7 +390,7 @@ def run_tasks(
     limit: float | None = None,
     num_fewshot: int | None = None,
     apply_chat_template: bool = False,
-    fewshot_as_multiturn: bool = False,
+    fewshot_as_multiturn: bool = True,
     batch_size: int = 8,
     log_samples: bool = False,
     bootstrap_iters: int = 1000,
@@ -392,11 +403,7 @@ def run_tasks(
     unknown tasks."""
     from lm_eval import simple_evaluate
 
-    paths = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
-    manager = _task_manager(paths, builtin=False)  # local tasks alone: no need for the index
-    if not paths or any(t not in manager.all_tasks for t in tasks):
-        manager = _task_manager(paths, builtin=True)
-    require_known(tasks, manager, paths)
+    manager = check_tasks(tasks, include_path)
     lm = SftJaxLM(cfg, params, tokenizer, spec, batch_size=batch_size, seed=seed, lora=lora)
     results = simple_evaluate(
         model=lm,
@@ -414,6 +421,22 @@ def run_tasks(
         fewshot_random_seed=seed,
     )
     return _plain(results)
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | Sequence[str] | None = None):
+    """lm-eval's TaskManager that knows every one of `tasks`; a ValueError naming the
+    unknown ones otherwise. Cheap where the tasks are all local (under `include_path`):
+    lm-eval's own index (5-15 s) is built only when needed. Call it before a training run,
+    so that a misspelt task stops the run before it trains."""
+    paths = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ValueError(f"harness include_path {path!r} is not a folder of YAML tasks")
+    manager = _task_manager(paths, builtin=False)  # local tasks alone: no need for the index
+    if not paths or any(t not in manager.all_tasks for t in tasks):
+        manager = _task_manager(paths, builtin=True)
+    require_known(tasks, manager, paths)
+    return manager
 
 
 def require_known(tasks: Sequence[str], manager, include_paths: Sequence[str]) -> None:

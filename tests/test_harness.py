@@ -167,6 +167,9 @@ def test_packing_fills_rows_without_overflowing_them():
     assert len(rows) == 4  # 51 tokens in 4 rows of 16
     with pytest.raises(ValueError, match="exceeds rows of 16"):
         harness.pack([17], 16)
+    # Rows of whole 128-token blocks for TPU splash attention, which takes no other width.
+    assert harness._width_multiple(dataclasses.replace(CFG, attention="splash")) == 128
+    assert harness._width_multiple(CFG) == 16  # CPU: the generator's bucket
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chatml"])
@@ -181,6 +184,8 @@ def test_chat_template_renders_the_runs_prompt(tiny, template):
     # Continuing a started answer: the prompt, then the answer so far.
     started = lm.apply_chat_template([*history, {"role": "assistant", "content": "The"}], False)
     assert started == text + "The"
+    # An empty turn (a perplexity task's empty question) is left out, not refused.
+    assert lm.apply_chat_template([*history, {"role": "user", "content": ""}]) == text
 
 
 def test_tasks_run_with_the_chat_template(tiny):
@@ -228,9 +233,11 @@ def test_a_runs_before_and_after_scores_make_its_report_section(tiny, tmp_path):
 def test_unknown_tasks_are_named():
     # The local index only: run_tasks also looks through lm-eval's own (5-15 s to build).
     local = harness._task_manager((TASKS,), builtin=False)
-    harness.require_known(["tiny_mc", "tiny_gen"], local, [TASKS])
+    harness.require_known(["tiny_mc", "tiny_gen", "tiny_ppl", "synthetic_qa"], local, [TASKS])
     with pytest.raises(ValueError, match=r"'no_such_task' \(nor under include_path tests"):
         harness.require_known(["tiny_mc", "no_such_task"], local, [TASKS])
+    with pytest.raises(ValueError, match="'no/such/folder' is not a folder of YAML tasks"):
+        harness.check_tasks(["tiny_mc"], "no/such/folder")
 
 
 def _workdir_of(params, tmp_path) -> str:

@@ -32,7 +32,9 @@ def _args(argv):
     p.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None)
     p.add_argument("--apply_chat_template", "--apply-chat-template", action="store_true",
                    help="render prompts with the run's template (data.template)")  # fmt: skip
-    p.add_argument("--fewshot_as_multiturn", "--fewshot-as-multiturn", action="store_true")
+    p.add_argument("--fewshot_as_multiturn", "--fewshot-as-multiturn", default=True,
+                   action=argparse.BooleanOptionalAction,
+                   help="with the chat template: few-shot examples as earlier turns")  # fmt: skip
     p.add_argument("--template", default=None, help="override the template")
     p.add_argument("--batch_size", "--batch-size", type=int, default=8,
                    help="packed rows per forward and prompts per generation batch")  # fmt: skip
