@@ -35,6 +35,7 @@ def _build(path, **kw):
 CASES = [
     (b'{"instruction": "x", "output": ', "malformed_json", ["not valid JSON", "fix the JSON"]),
     (b'{"instruction": "x"}', "missing_field", ["field 'output' is missing"]),
+    (b'{"instruction": null, "output": "y"}', "missing_field", ["field 'instruction' is null"]),
     (b'{"instrucion": "x", "output": "y"}', "missing_field",
      ["field 'instruction' is missing", "data.fields=instruction=instrucion"]),
     (b'{"instruction": "x", "output": 42}', "not_a_string",

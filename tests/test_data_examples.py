@@ -314,3 +314,15 @@ def test_fields_a_chat_template_leaves_out_are_flagged(tok):
     tools_, reasoning = examples.TOOLS_UNRENDERED, examples.REASONING_UNRENDERED
     no_end = examples.NO_END_TOKEN  # The bare template writes no end token either.
     assert chunk.flags.tolist() == [f | no_end for f in (tools_, tools_, reasoning, 0)]
+
+
+def test_a_cut_inside_a_user_turn_is_not_a_cut_response(tok):
+    """Truncation flags RESPONSE_CUT only when the cut falls inside a trained run: a
+    multi-turn row cut in its second user turn kept every response it holds whole."""
+    enc = _encoder(tok, max_seq_len=7)
+    trainable = np.array([0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1], bool)  # answer, user turn, answer
+    ids = np.arange(len(trainable))
+    keep, flags = examples.fit_index(ids, trainable, enc)
+    assert ids[keep].tolist() == list(range(8)) and flags == 0
+    trainable[6:9] = True  # now the cut falls inside a response
+    assert examples.fit_index(ids, trainable, enc)[1] == examples.RESPONSE_CUT

@@ -335,6 +335,16 @@ def _select(part: _Part, spec: DataSpec, split: str) -> tuple[np.ndarray, dict]:
             ((flags & examples.NO_END_TOKEN != 0) & (status == 0)).sum()
         ),
         **_split_stats(flags, status, chunk.examples_per_row[rows]),
+        # Tokens in <think> blocks of trained turns (trained unless data.train_reasoning=False).
+        "reasoning_tokens": int(chunk.reasoning_tokens[rows].sum()),
+        # Kept rows with tools (definitions, calls, results) or reasoning the chat template
+        # did not write: it cannot express them.
+        "rows_tools_not_rendered": int(
+            ((flags & examples.TOOLS_UNRENDERED != 0) & (status == 0)).sum()
+        ),
+        "rows_reasoning_not_rendered": int(
+            ((flags & examples.REASONING_UNRENDERED != 0) & (status == 0)).sum()
+        ),
         "problems": problems,
     }
     if src.empty_files:
@@ -395,7 +405,8 @@ def _mix(
 
 _SUMMED = (
     "rows_read", "responses_truncated", "prompts_truncated", "responses_without_end_token",
-    "split_rows", "split_examples", "split_rows_missing_turns",
+    "split_rows", "split_examples", "split_rows_missing_turns", "reasoning_tokens",
+    "rows_tools_not_rendered", "rows_reasoning_not_rendered",
 )  # fmt: skip
 
 
@@ -480,6 +491,15 @@ def _warn(split: str, stats: dict, spec: DataSpec) -> None:
             "one the tokenizer knows",
             split, stats["responses_without_end_token"], spec.template,
         )  # fmt: skip
+    for what, key in (("tools", "rows_tools_not_rendered"),
+                      ("reasoning", "rows_reasoning_not_rendered")):  # fmt: skip
+        if stats[key]:
+            log.warning(
+                "data %s: %d rows have %s that data.template=%s does not write (it cannot "
+                "express them), so the model never sees them; use a template that does "
+                "(chatml writes tools and <think> blocks)",
+                split, stats[key], what, spec.template,
+            )  # fmt: skip
 
 
 def _split_stats(flags: np.ndarray, status: np.ndarray, per_row: np.ndarray) -> dict:
@@ -641,7 +661,9 @@ def build_splits(
             )
         return _data_splits(*_build_here(spec, tokenizer, template, reads, fraction))
     ids = [r.src.fingerprint() for r in reads.values()]
-    cache_key, inputs = cache.key(spec, tokenizer, templates.template_id(template), ids)
+    # data.tools may name a file: its tools, not its path, go into the key.
+    tools = templates.dumps(list(examples.load_tools(spec.tools)))
+    cache_key, inputs = cache.key(spec, tokenizer, templates.template_id(template), [*ids, tools])
     path = str(cache.directory(spec) / cache_key)
     hit = cache.load(spec, cache_key)
     if processes.sync(int(hit is not None)):  # Loaded on every process: the same branch.

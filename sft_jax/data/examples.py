@@ -372,8 +372,8 @@ def fit_index(ids: np.ndarray, trainable: np.ndarray, enc: Encoder) -> tuple | s
     if enc.too_long != "truncate":
         return "too_long"
     first = 1 + int(np.argmax(trainable[1:]))  # First trained id (a target, so index >= 1).
-    if first < limit:
-        return slice(0, limit), RESPONSE_CUT
+    if first < limit:  # a response lost its end only if the cut falls inside a trained run
+        return slice(0, limit), RESPONSE_CUT if trainable[limit - 1] and trainable[limit] else 0
     if enc.long_prompt == "drop":
         return "prompt_too_long"
     tok = enc.tokenizer

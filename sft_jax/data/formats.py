@@ -99,6 +99,8 @@ def detect(row: Mapping, fields: Fields) -> str:
 
 
 def _missing(row: Mapping, col: str, ours: str, where: str = "") -> RowError:
+    if col in row:  # there, but null
+        return RowError("missing_field", "is null; give it a value or remove the row", where + col)
     close = difflib.get_close_matches(col, [str(k) for k in row], n=1, cutoff=0.6)
     if close:
         extra = f" (the row has {close[0]!r}; if that is it, set data.fields={ours}={close[0]})"

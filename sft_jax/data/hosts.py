@@ -24,7 +24,7 @@ from etils import epath
 
 from sft_jax.data import cache, examples
 
-_ARRAYS = ("ids", "trainable", "starts", "status", "flags", "examples_per_row")
+_ARRAYS = ("ids", "trainable", "starts", "status", "flags", "examples_per_row", "reasoning_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
