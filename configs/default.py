@@ -176,6 +176,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.quantize = ""
     c.lora.double_quant = True  # nf4: quantize the block scales too (QLoRA's)
     c.lora.base_dtype = ""  # the frozen base's dtype: "" = model.param_dtype, or "bfloat16"
+    # Start from a PEFT adapter folder's adapters (continue training it) on model.init_from,
+    # its base; lora.rank, alpha, targets and use_rslora must be the folder's.
+    c.lora.init_from = ""
 
     c.export = ml_collections.ConfigDict()
     # At the end of the run, write a Hugging Face folder here ("" = no; relative = in workdir).

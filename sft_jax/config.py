@@ -161,11 +161,22 @@ def export_config(c: ml_collections.ConfigDict) -> ExportConfig:
 def lora_spec(c: ml_collections.ConfigDict) -> lora.LoraSpec:
     """`c.lora` (absent: LoRA off); an unknown key is named with the valid ones."""
     given = c.lora.to_dict() if "lora" in c else {}
-    fields = {f.name for f in dataclasses.fields(lora.LoraSpec)}
+    fields = {f.name for f in dataclasses.fields(lora.LoraSpec)} | {"init_from"}
     unknown = set(given) - fields
     if unknown:
         raise ValueError(f"config: unknown lora keys {sorted(unknown)}; valid: {sorted(fields)}")
-    return lora.LoraSpec.from_config(given)
+    spec = lora.LoraSpec.from_config(given)
+    if given.get("init_from") and not spec.enabled:
+        raise ValueError(
+            f"lora.init_from: {given['init_from']!r} is set but lora.rank is 0; set lora.rank "
+            "(and alpha, targets) to the adapter's"
+        )
+    return spec
+
+
+def lora_init_from(c: ml_collections.ConfigDict) -> str:
+    """A PEFT adapter folder whose adapters a LoRA run starts from ("" = fresh ones)."""
+    return c.lora.get("init_from", "") if "lora" in c else ""
 
 
 def data_spec(c: ml_collections.ConfigDict) -> DataSpec:

@@ -542,6 +542,23 @@ def _to_ours(tensors: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(tensors[name], np.float32).T.reshape(shape)
 
 
+def check_same_adapter(cfg: GPTConfig, found: LoraSpec, spec: LoraSpec, folder: str) -> None:
+    """Fail, naming the `lora.*` key, where the adapter folder `folder` (read as `found`)
+    is not what `spec` describes: its rank, scale and adapted layers."""
+    for key in ("rank", "alpha", "use_rslora"):
+        if getattr(spec, key) != getattr(found, key):
+            raise ValueError(
+                f"lora.{key}: {getattr(spec, key)!r} in the config, but the adapter folder "
+                f"{folder} has {getattr(found, key)!r}; set lora.{key}={getattr(found, key)}"
+            )
+    if resolve_targets(cfg, spec) != resolve_targets(cfg, found):
+        names = ",".join(found.targets)
+        raise ValueError(
+            f"lora.targets: {','.join(spec.targets)!r} in the config, but the adapter folder "
+            f"{folder} adapts {names!r}; set lora.targets={names}"
+        )
+
+
 def read_peft_adapter(folder: str, cfg: GPTConfig) -> PeftAdapter:
     """A PEFT LoRA adapter folder for the model `cfg` (its base) as our spec and adapters
     (stacked per `cfg.scan_layers`). Settings this code cannot reproduce (DoRA, biases,

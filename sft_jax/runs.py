@@ -1,5 +1,9 @@
 """Open a training run from its workdir: model config, tokenizer and params of a checkpoint,
-without the optimizer state. Used by export and generation tools."""
+without the optimizer state. Used by export and generation tools.
+
+A LoRA run's checkpoints hold only the adapters: its frozen base is rebuilt from the
+source its meta records (the pretrained weights, or the random init of its seed) and the
+params carry both, the adapters beside their kernels (`Run.lora` says how to apply them)."""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ import jax.numpy as jnp
 from etils import epath
 
 from sft_jax import checkpoint as ckpt_lib
-from sft_jax import sharding
+from sft_jax import hf, lora, sharding, steps
 from sft_jax.data import load_tokenizer
-from sft_jax.model import GPT, GPTConfig
+from sft_jax.model import GPT, GPTConfig, LoraLayers
 
 
 @dataclasses.dataclass
@@ -23,6 +27,23 @@ class Run:
     tokenizer: object
     meta: dict  # what the run saved next to the state: config, model, tokenizer, template
     step: int
+    lora: lora.LoraSpec | None = None  # the adapters in `params`, if a LoRA run
+
+    @property
+    def lora_layers(self) -> LoraLayers | None:
+        """What `GPT(model_cfg, lora=…)` and `Generator(…, lora=…)` take."""
+        return self.lora.layers(self.model_cfg) if self.lora else None
+
+    def merged_params(self) -> dict:
+        """The params with any LoRA adapters merged into the kernels: a plain model."""
+        return lora.merge(*lora.split(self.params), self.lora) if self.lora else self.params
+
+
+def lora_spec_from_meta(meta: dict) -> lora.LoraSpec | None:
+    saved = meta.get("lora")
+    if not saved:
+        return None
+    return lora.LoraSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
 def model_config_from_meta(meta: dict) -> GPTConfig:
@@ -45,13 +66,33 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         raise ValueError(f"{workdir}: no checkpoint at step {step}; there are {steps}")
     meta = ckpt.restore_meta(step)
     cfg = model_config_from_meta(meta)
+    spec = lora_spec_from_meta(meta)
+    mesh = sharding.make_mesh(fsdp=-1)
     boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    shardings = sharding.tree_shardings(boxed["params"], sharding.make_mesh(fsdp=-1))
+    if spec:
+        boxed = {"params": lora.abstract_adapters(cfg, spec)}
+    shardings = sharding.tree_shardings(boxed["params"], mesh)
     target = ckpt_lib.abstract_with_shardings(nn.meta.unbox(boxed)["params"], shardings)
     params = ckpt.restore_params(step, target)
     ckpt.close()
+    if spec:
+        params = lora.combine(_lora_base(meta, cfg, spec, mesh), params)
     saved_tokenizer = epath.Path(workdir) / "tokenizer"
     tokenizer = load_tokenizer(
         str(saved_tokenizer) if saved_tokenizer.is_dir() else meta["tokenizer"]
     )
     return Run(model_cfg=cfg, params=params, tokenizer=tokenizer, meta=meta, step=step)
+
+
+def _lora_base(meta: dict, cfg: GPTConfig, spec: lora.LoraSpec, mesh) -> dict:
+    """The frozen base a LoRA run trained on, as it stored it (dtype, quantization)."""
+    model = GPT(cfg, spec.layers(cfg))
+    base = meta.get("base", {})
+    if not base.get("init_from"):  # the run's random init: the same function, the same key
+        return jax.jit(steps.random_base, static_argnums=1)(jax.random.key(base["seed"]), model)
+    boxed = lora.split(jax.eval_shape(lambda: steps.init_params(jax.random.key(0), model)))[0]
+    _, params = hf.load_hf(
+        base["init_from"], param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
+        shardings=sharding.tree_shardings(boxed, mesh), shapes=nn.meta.unbox(boxed),
+    )  # fmt: skip
+    return jax.jit(lora.prepare_base, static_argnums=(0, 1))(cfg, model.lora, params)

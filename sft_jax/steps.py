@@ -61,6 +61,14 @@ def init_params(rng: jax.Array, model: nn.Module) -> dict:
     return unstack_layers(scanned, params)[1]
 
 
+def random_base(rng: jax.Array, model: nn.Module) -> dict:
+    """The frozen base that `init_state(rng, model, …)` gives a LoRA model (unboxed):
+    a LoRA run on a random base rebuilds it from its seed."""
+    init_rng, _ = jax.random.split(rng)
+    base = lora.split(nn.meta.unbox(init_params(init_rng, model)))[0]
+    return lora.prepare_base(model.cfg, model.lora, base)
+
+
 def state_from_params(
     params, rng: jax.Array, tx: optax.GradientTransformation, model: nn.Module | None = None
 ) -> TrainState:

@@ -242,10 +242,28 @@ def _initial_state(
     if source:
         params = _pretrained(source, config, model_cfg, fns)
     else:  # a LoRA run on a random base: the base of the seed's init
-        params = lora.split(fns.init(rng).params)[0]
+        base_shardings = lora.split(fns.state_shardings.params)[0]
+        random_base = jax.jit(steps.random_base, static_argnums=1, out_shardings=base_shardings)
+        params = random_base(rng, fns.model)
     if resumed is not None:
         return steps.with_base(resumed[0], fns.prepare_base(params) if source else params)
-    return fns.init_from_params(params, rng)
+    state = fns.init_from_params(params, rng)
+    adapter_dir = config_lib.lora_init_from(config)
+    return _with_peft_adapters(state, adapter_dir, fns, config) if adapter_dir else state
+
+
+def _with_peft_adapters(state: steps.TrainState, folder: str, fns: StepFns, config):
+    """`state` with the adapters of the PEFT folder `folder` (`lora.init_from`), which
+    must be what the `lora.*` settings describe."""
+    cfg, spec = fns.model.cfg, config_lib.lora_spec(config)
+    adapter = lora.read_peft_adapter(folder, cfg)
+    lora.check_same_adapter(cfg, adapter.spec, spec, folder)
+    base, fresh = lora.split(state.params)
+    shardings = lora.split(fns.state_shardings.params)[1]
+    adapters = jax.tree.map(lambda x, s, f: jax.device_put(x.astype(f.dtype), s),
+                            adapter.adapters, shardings, fresh)  # fmt: skip
+    logging.info("LoRA adapters from %s (PEFT, base %r)", folder, adapter.base_model_name_or_path)
+    return state.replace(params=lora.combine(base, adapters))
 
 
 def _pretrained(source: str, config, model_cfg: GPTConfig, fns: StepFns) -> dict:
@@ -292,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir, config_lib.eval_config(s.config), s.config.seed, s.data_spec, s.tokenizer,
         s.model_cfg, s.splits.validation, batch_size=eval_batch_size, max_batches=t.eval_steps,
         process_rows=process_rows(fns.batch_sharding, eval_batch_size), lora=fns.model.lora,
+        validation_sources=s.splits.validation_sources,
         eval_fn=lambda p, local: fns.eval_step(
             p, global_batch(local, fns.batch_sharding, eval_batch_size)),
     )  # fmt: skip

@@ -1,6 +1,11 @@
 """Export a training checkpoint to a Hugging Face folder.
 
     sft-jax-export --workdir DIR [--step N] --out HF_DIR [--dtype bfloat16]
+    sft-jax-export --workdir DIR [--step N] --out ADAPTER_DIR --adapter
+
+A LoRA run's checkpoint exports merged (W + scale·B·A: a plain model), or with --adapter
+as a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) for
+`peft.PeftModel.from_pretrained(base, ADAPTER_DIR)` and vLLM's --lora-modules.
 
 DIR and HF_DIR may be local paths or gs:// / s3:// URLs. The params are restored sharded
 over the devices and written one tensor at a time. The folder holds config.json,
@@ -21,18 +26,30 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: "
                         "bfloat16 for a bfloat16-computed run, else its param dtype)")  # fmt: skip
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+    parser.add_argument(
+        "--adapter", action="store_true", help="a LoRA run's adapters as a PEFT folder"
+    )
     args = parser.parse_args(argv)
-    from sft_jax import hf, runs
+    from sft_jax import hf, lora, runs
 
     try:
         run = runs.load_run(args.workdir, args.step)
         dtype = hf.export_dtype(run.model_cfg, args.dtype, key="--dtype")
+        if args.adapter and run.lora is None:
+            raise ValueError(f"--adapter: {args.workdir} is a full fine-tuning run (no LoRA "
+                             "adapters); export the model without --adapter")  # fmt: skip
     except ValueError as e:
         print(f"sft-jax-export: {e}", file=sys.stderr)
         return 2
-    hf.save_hf(run.model_cfg, run.params, args.out, tokenizer=run.tokenizer, dtype=dtype,
-               max_shard_bytes=int(args.max_shard_gb * 1024**3))  # fmt: skip
-    print(f"exported step {run.step} of {args.workdir} to {args.out}")
+    if args.adapter:
+        base = run.meta.get("base", {}).get("init_from", "")
+        lora.write_peft_adapter(run.model_cfg, run.lora, lora.split(run.params)[1], args.out, base)
+        print(f"exported the LoRA adapters of step {run.step} of {args.workdir} to {args.out}")
+        return 0
+    hf.save_hf(run.model_cfg, run.merged_params(), args.out, tokenizer=run.tokenizer,
+               dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))  # fmt: skip
+    merged = " (LoRA adapters merged)" if run.lora else ""
+    print(f"exported step {run.step} of {args.workdir} to {args.out}{merged}")
     return 0
 
 

@@ -41,7 +41,7 @@ def _args(argv):
 
 
 def _load(args):
-    """(model config, params, tokenizer, DataSpec of the run's template)."""
+    """(model config, params, tokenizer, DataSpec of the run's template, LoRA layers)."""
     import ml_collections
 
     from sft_jax import config as config_lib
@@ -51,9 +51,10 @@ def _load(args):
     if args.workdir:
         run = runs.load_run(args.workdir, args.step)
         spec = config_lib.data_spec(ml_collections.ConfigDict(run.meta["config"]))
-        cfg, params, tokenizer = run.model_cfg, run.params, run.tokenizer
+        cfg, params, tokenizer, lora = run.model_cfg, run.params, run.tokenizer, run.lora_layers
     else:
         cfg, params = hf.load_hf(args.hf)
+        lora = None
         tokenizer = load_tokenizer(args.hf)
         template = "tokenizer" if tokenizer.chat_template else "alpaca"
         spec = DataSpec(train="-", format="auto", template=template)
@@ -61,7 +62,7 @@ def _load(args):
         import dataclasses
 
         spec = dataclasses.replace(spec, template=args.template)
-    return cfg, params, tokenizer, spec
+    return cfg, params, tokenizer, spec, lora
 
 
 def _row(text: str, spec) -> dict:
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     from sft_jax.generate import Generator, Sampling, end_token_ids
 
     try:
-        cfg, params, tokenizer, spec = _load(args)
+        cfg, params, tokenizer, spec, lora = _load(args)
         if args.prompt is not None:
             rows = [_row(args.prompt, spec)]
         else:
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         print(f"sft-jax-generate: {e}", file=sys.stderr)
         return 2
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    generator = Generator(cfg, params, end_token_ids(tokenizer))
+    generator = Generator(cfg, params, end_token_ids(tokenizer), lora=lora)
     responses = evaluate.respond(
         generator, tokenizer, ids, sampling, stop=args.stop, batch_size=args.batch_size
     )
