@@ -289,13 +289,16 @@ class GPTConfig:
             total += self.vocab_size * d  # the untied head is a matmul like any other
         return total
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, frozen_layers: bool = False) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention
         scores and values over the keys each query sees (2·2·keys·q_dim per layer, ×3):
-        the causal half of the row, or a local layer's window."""
-        matmul = 6 * (self.num_params(include_embeddings=False) + self.vocab_size * self.d_model)
+        the causal half of the row, or a local layer's window. `frozen_layers` (LoRA's
+        frozen base): the blocks' weights take no gradient, 4 per weight (the adapters'
+        own FLOPs, 6·r·(in + out) per layer, are left out: under 1% at r = 16)."""
+        weights = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
         if not self.tie_embeddings:
-            matmul -= 6 * self.vocab_size * self.d_model  # already counted as a weight
+            weights -= self.vocab_size * self.d_model  # already counted as a weight
+        matmul = (4 if frozen_layers else 6) * weights
         # Keys per query, on average: half the row under the causal mask, or within the
         # window (all of the first `window` queries' keys, then `window` each).
         w, t = self.sliding_window, seq_len

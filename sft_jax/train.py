@@ -331,8 +331,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             policy = preemption.SavePolicy(
                 ckpt_cfg.save_every, ckpt_cfg.save_every_seconds, s.num_steps, stop
             )
+            lora_on = fns.model.lora is not None  # a frozen base: no weight gradients
             window = metrics_lib.MetricsWindow(
-                lambda width: s.model_cfg.flops_per_token(width) * width,
+                lambda width: s.model_cfg.flops_per_token(width, lora_on) * width,
                 t.batch_size, peak * fns.mesh.size,
             )  # fmt: skip
             mine = process_rows(fns.batch_sharding, t.batch_size)

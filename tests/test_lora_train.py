@@ -244,3 +244,13 @@ def test_resume_refuses_lora_changes_naming_the_key():
     other_base = {**with_lora, "base": {"init_from": "hf:b", "seed": 0}}
     with pytest.raises(ValueError, match="model.init_from: .*'hf:a', not 'hf:b'"):
         checkpoint.check_resumable(with_lora, other_base, "d")
+
+
+def test_a_frozen_base_counts_no_weight_gradient_flops():
+    """MFU of a LoRA run counts 4 FLOPs per frozen weight (forward, input gradient), not 6."""
+    cfg = GPTConfig.preset("smollm2-135m")
+    attention = cfg.flops_per_token(512) - 6 * (
+        cfg.num_params(False) + cfg.vocab_size * cfg.d_model
+    )
+    frozen = cfg.flops_per_token(512, frozen_layers=True)
+    assert frozen == attention + 4 * (cfg.num_params(False) + cfg.vocab_size * cfg.d_model)
