@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from sft_jax import judge, kernels, lora
+from sft_jax import judge, kernels, lora, metrics, optim
 from sft_jax.data import DataSpec, FormatTemplate
 from sft_jax.model import GPTConfig
 from sft_jax.optim import OptimConfig
@@ -236,6 +236,10 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
             raise ValueError(f"config: train.{key} must be >= 0")
     if t.log_every == 0:
         raise ValueError("config: train.log_every must be >= 1")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ValueError(f"config: train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    optim.check(optim_config(c))
+    metrics.check_trackers(t.trackers)  # an unknown name, or its package not installed
 
 
 def _check_batch_sizes(t: TrainConfig, batch_shards: int) -> None:

@@ -294,6 +294,16 @@ def tracker_names(trackers: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def check_trackers(trackers: str | Sequence[str]) -> tuple[str, ...]:
+    """`tracker_names(trackers)`, each one's package imported: a bad name or a missing
+    package fails here (config.check), before the run builds its data."""
+    names = tracker_names(trackers)
+    for name in names:
+        if name != "tensorboard":
+            _import_tracker(name)
+    return names
+
+
 def _import_tracker(name: str):
     """The tracker's package, or an error saying how to install it."""
     try:

@@ -207,12 +207,17 @@ def _optimizer(cfg: OptimConfig, schedule) -> optax.GradientTransformation:
     return _muon(cfg, schedule, mask)
 
 
+def check(cfg: OptimConfig) -> None:
+    """Fail on an unknown optim.name (config.check: before the run builds its data)."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; use one of {OPTIMIZERS}")
+
+
 def make_optimizer(
     cfg: OptimConfig, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(the optimizer `cfg.name` after global-norm clipping, its learning-rate schedule)."""
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; use one of {OPTIMIZERS}")
+    check(cfg)
     schedule = make_schedule(cfg, total_steps)
     parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
     parts.append(_optimizer(cfg, schedule))

@@ -137,3 +137,22 @@ def test_mlflow_file_store_gets_the_scalars_params_and_artifacts(tmp_path, monke
     report = client.download_artifacts(run.info.run_id, "report.md", str(tmp_path / "back"))
     assert open(report).read() == "# report after step 3\n"  # the resumed run's, replaced
     assert not (tmp_path / "tensorboard").exists()  # only the trackers asked for
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.trackers", ("tensorboard", "neptune"), r"train.trackers.*'neptune'"),
+        ("train.label_smoothing", 1.0, r"train.label_smoothing=1.0 must be in \[0, 1\)"),
+        ("optim.name", "adamax", r"optim.name.*'adamax'.*muon"),
+    ],
+)
+def test_config_check_refuses_bad_keys_before_the_data(key, value, message):
+    from configs import default
+    from sft_jax import config as config_lib
+
+    c = default.get_config()
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        config_lib.check(c, config_lib.model_config(c), {"data": 1, "fsdp": 1, "tensor": 1})
