@@ -1,5 +1,6 @@
 """What the benchmark tools share: the offline tokenizer choice, peak RSS, the torch side
-(check, random model, AdamW) and the command-line ending (one JSON line, errors in one line)."""
+(check, random model, PEFT's LoRA of it, AdamW) and the command-line ending (one JSON line,
+errors in one line)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def tokenizer_for(c):
     return name
 
 
-def torch_available() -> str:
-    """'' if torch and transformers import, else why not."""
-    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+def torch_available(with_peft: bool = False) -> str:
+    """'' if torch and transformers (and `with_peft`, peft) import, else why not."""
+    needed = ("torch", "transformers", "peft") if with_peft else ("torch", "transformers")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return (
             f"{' and '.join(missing)} not installed: torch is a test-only dependency of sft_jax "
@@ -61,6 +63,18 @@ def torch_random_model(hf_config: dict):
         **{k: v for k, v in hf_config.items() if k != "architectures"}
     )
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def torch_peft_model(model, settings: dict):
+    """PEFT's LoRA over `model` (`peft.get_peft_model`, its default init: Kaiming-uniform A,
+    zero B), the base first cast to `settings["base_dtype"]` (the adapters stay float32,
+    PEFT's `autocast_adapter_dtype`); the other settings are `peft.LoraConfig`'s."""
+    import peft
+    import torch
+
+    settings = dict(settings)
+    model = model.to(getattr(torch, settings.pop("base_dtype", "float32")))
+    return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **settings))
 
 
 def torch_adamw(params, **kwargs):

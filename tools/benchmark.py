@@ -39,6 +39,21 @@ tokens/s) are added. torch runs where JAX runs: on the GPU (`cuda`, bf16 autocas
 `model.dtype` is bfloat16) when JAX's backend is a GPU, else on the CPU. torch is a
 test-only dependency: without it the tool says so.
 
+LoRA (`--config.lora.rank=16`, and any other `lora.*` key: `lora.quantize=nf4` for QLoRA,
+`lora.targets`, `lora.base_dtype`): the timed step trains the adapters alone over the frozen
+base, as a training run does; `mfu` counts 4 FLOPs per frozen weight (no weight gradients,
+`flops_per_token(frozen_layers=True)`). Full fine-tuning of the same model on the same
+batches is timed too, in a child process (`full_*` figures, `lora_speedup` = its step time
+over LoRA's; `--nocompare-full` leaves it out). `--compare-torch` then runs PEFT
+(`peft.get_peft_model` with the settings `sft-jax-export --adapter` writes: rank, alpha,
+dropout, the same `target_modules`, rsLoRA; PEFT's default init) on the transformers model,
+AdamW over its adapters alone; `rss_ratio` is sft_jax's peak RSS over torch's. PEFT on CPU
+has no quantized base (bitsandbytes' kernels are CUDA's): with `lora.quantize` the torch
+side keeps a float base of `lora.base_dtype` (else `model.param_dtype`).
+
+    python tools/benchmark.py --config configs/bench.py --steps 3 --compare-torch \
+        --config.model.preset=smollm2-135m --config.lora.rank=16
+
 `--compare-padding` trains the same data unpacked, each batch padded to its longest example
 (the classic collate), and reports its useful tokens/s next to packing's. Every batch width
 is compiled before the timing (`padded_compile_s`), which favours the padded baseline.
@@ -67,6 +82,7 @@ from tools.bench_common import (  # noqa: E402
     tokenizer_for,
     torch_adamw,
     torch_available,
+    torch_peft_model,
     torch_random_model,
 )
 
@@ -77,9 +93,12 @@ flags.DEFINE_integer("warmup", 1, "Untimed steps after the first (compiling) one
 flags.DEFINE_enum("batches", "data", ["data", "random"], "Real packed rows or random tokens.")
 flags.DEFINE_bool("compare-torch", False, "Also time transformers/PyTorch on the same batches.")
 flags.DEFINE_bool("compare-padding", False, "Also time unpacked rows padded per batch.")
+flags.DEFINE_bool("compare-full", True, "With lora.rank > 0: also time full fine-tuning.")
 flags.mark_flags_as_required(["config"])
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+# adapter_config.json keys that are peft.LoraConfig arguments the torch side takes as they are.
+PEFT_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "fan_in_fan_out")
 
 
 def peak_flops(configured: float) -> tuple[float, str]:
@@ -210,7 +229,9 @@ def peak_device_mb() -> float | None:
 
 
 def build(c):
-    """(model config, jitted steps, fresh state) for config `c` on a mesh of every device."""
+    """(model config, jitted steps, fresh state, schedule) for config `c` on a mesh of every
+    device; with `lora.rank` > 0 the model carries the adapters over a frozen base stored as
+    `lora.*` asks (its dtype, NF4/int8), as a training run's does."""
     import jax
 
     from sft_jax import config as config_lib
@@ -221,7 +242,8 @@ def build(c):
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     config_lib.check(c, model_cfg, dict(mesh.shape))
     tx, schedule = optim.make_optimizer(config_lib.optim_config(c), max(c.train.steps, 1))
-    fns = train.build_steps(GPT(model_cfg), tx, schedule, mesh, c.train.micro_steps)
+    model = GPT(model_cfg, config_lib.lora_spec(c).layers(model_cfg))
+    fns = train.build_steps(model, tx, schedule, mesh, c.train.micro_steps)
     with fns.context():
         state = fns.init(jax.random.key(c.seed))
     return model_cfg, fns, state, schedule
@@ -242,10 +264,17 @@ def torch_attention_mask(segment_ids):
 
 
 def run_torch(
-    hf_config: dict, opt: dict, batches: list[dict], lrs: list[float], warmup: int, device: str
+    hf_config: dict,
+    opt: dict,
+    batches: list[dict],
+    lrs: list[float],
+    warmup: int,
+    device: str,
+    peft_settings: dict | None = None,
 ):
     """Times transformers' model of `hf_config` on `batches`, as `time_sft_jax` times ours,
-    on `device` ("cpu" or "cuda"). Runs in a child process: its peak RSS is its own."""
+    on `device` ("cpu" or "cuda"); with `peft_settings` (`peft_lora`) PEFT's LoRA of it,
+    only the adapters trained. Runs in a child process: its peak RSS is its own."""
     import torch
     import transformers
 
@@ -255,10 +284,14 @@ def run_torch(
             "no fair comparison; install a CUDA build of torch or leave out --compare-torch"
         )
     torch.manual_seed(0)
-    model = torch_random_model(hf_config).to(device)
+    model = torch_random_model(hf_config)
+    if peft_settings:
+        model = torch_peft_model(model, peft_settings)
+    model = model.to(device)
     model.train()
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for name, p in trained:
         is_embedding = "wte" in name or "wpe" in name or "embed_tokens" in name
         kernel = p.ndim >= 2 and not is_embedding
         (decay if kernel or (is_embedding and opt["decay_embeddings"]) else no_decay).append(p)
@@ -268,7 +301,7 @@ def run_torch(
     ]
     optimizer = torch_adamw(groups, lr=lrs[0], betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
     autocast = opt["dtype"] == "bfloat16"
-    params = [p for p in model.parameters()]
+    params = [p for _, p in trained]
 
     def step(batch, lr):
         put = lambda name: torch.from_numpy(batch[name]).to(device)
@@ -307,10 +340,38 @@ def run_torch(
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
-        "model_class": type(model).__name__,
+        "model_class": type(model).__name__
+        + (f"({type(model.get_base_model()).__name__})" if peft_settings else ""),
         "attention": model.config._attn_implementation,
+        "trainable_params": sum(p.numel() for p in params),
         "optimizer": "AdamW(fused)" if optimizer.defaults.get("fused") else "AdamW",
     }
+
+
+def peft_lora(c, model_cfg) -> dict | None:
+    """PEFT's LoraConfig settings for the config's `lora.*` (None when LoRA is off): those
+    `sft-jax-export --adapter` writes to adapter_config.json (rank, alpha, dropout, the
+    same layers as `target_modules`, rsLoRA, GPT-2's fan_in_fan_out), init PEFT's default
+    (Kaiming-uniform A, zero B, as ours), and the base's float dtype (`lora.base_dtype`)."""
+    from sft_jax import config as config_lib
+    from sft_jax import lora
+
+    spec = config_lib.lora_spec(c)
+    if not spec.enabled:
+        return None
+    written = lora.peft_config(model_cfg, spec)
+    settings = {k: written[k] for k in PEFT_KEYS}
+    # PEFT on CPU has no 4-bit or 8-bit base (bitsandbytes' kernels are CUDA's): a QLoRA
+    # run is compared with PEFT over a float base.
+    settings["base_dtype"] = spec.base_dtype or model_cfg.param_dtype
+    return settings
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh (spawned) process, so its memory and threads are its own."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def compare_torch(c, model_cfg, schedule, batches, warmup):
@@ -323,19 +384,62 @@ def compare_torch(c, model_cfg, schedule, batches, warmup):
     lrs = [float(schedule(i)) for i in range(len(batches))]
     # torch on the hardware JAX used: a GPU run is compared with torch on the GPU.
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        job = pool.submit(run_torch, hf.config_to_hf(model_cfg), opt, batches, lrs, warmup, device)
-        return job.result()
+    hf_config = hf.config_to_hf(model_cfg)
+    return in_child(
+        run_torch, hf_config, opt, batches, lrs, warmup, device, peft_lora(c, model_cfg)
+    )
+
+
+# --------------------------------------------------------------------------- full fine-tuning
+
+
+def full_config(c):
+    """`c` with LoRA off: full fine-tuning of the same model, optimizer and batches."""
+    from sft_jax import lora
+
+    full = c.copy_and_resolve_references()
+    full.lora.rank, full.lora.alpha = 0, lora.LoraSpec().alpha
+    full.lora.quantize = full.lora.base_dtype = full.lora.init_from = ""
+    return full
+
+
+def run_full(c, batches: list[dict], warmup: int) -> dict:
+    """Times full fine-tuning (`full_config`) on `batches` as `time_sft_jax` times the LoRA
+    run. Runs in a child process: its peak RSS is its own."""
+    _, fns, state, _ = build(full_config(c))
+    with fns.context():
+        _, figures = time_sft_jax(fns, state, batches, warmup)
+    return {**figures, "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb()}
+
+
+def trainable_params(fns) -> int:
+    """How many parameters the optimizer trains: the adapters with LoRA, else all."""
+    import math
+
+    import jax
+
+    from sft_jax import steps
+
+    trained, _ = steps.partition(fns.model, fns.abstract_state.params)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(trained))
 
 
 # --------------------------------------------------------------------------- main
 
 
-def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_padding: bool):
+def run(
+    c,
+    steps: int,
+    warmup: int,
+    batches_kind: str,
+    with_torch: bool,
+    with_padding: bool,
+    with_full: bool = True,
+):
     """Everything the command line does; returns the result dict (also the JSON line)."""
     import jax
 
+    from sft_jax import config as config_lib
     from sft_jax import metrics
 
     if steps < 1 or warmup < 0:
@@ -350,7 +454,8 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
         batches, data_stats = data_batches(c, n, packing=c.data.packing)
         source = f"{c.data.train} ({'packed' if c.data.packing else 'padded per batch'})"
     peak, peak_source = peak_flops(c.train.peak_flops)
-    fpt = model_cfg.flops_per_token(seq)
+    spec = config_lib.lora_spec(c)
+    fpt = model_cfg.flops_per_token(seq, frozen_layers=spec.enabled)
     print(
         f"devices: {jax.device_count()} × {jax.devices()[0].device_kind} ({jax.default_backend()})"
     )
@@ -360,6 +465,12 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
         f", scan_layers={model_cfg.scan_layers}, remat={model_cfg.remat}); "
         f"{fpt / 1e6:.1f} MFLOP per token at seq {seq}"
     )
+    if spec.enabled:
+        print(
+            f"LoRA: rank {spec.rank}, alpha {spec.alpha}, targets {','.join(spec.targets)}, "
+            f"{trainable_params(fns) / 1e6:.2f} M trained; base "
+            f"{spec.quantize or spec.base_dtype or model_cfg.param_dtype}"
+        )
     print(f"batches: {c.train.batch_size} × {seq} from {source}")
     # The settings sft_jax's entry points make (sft_jax/hostenv.py); a torch child process
     # inherits the same environment, so both sides run under the same settings.
@@ -402,6 +513,10 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
         "peak_flops": peak,
         "peak_flops_source": peak_source,
         "flops_per_token": fpt,
+        "trainable_params": trainable_params(fns),
+        "lora_rank": spec.rank,
+        "lora_quantize": spec.quantize,
+        "lora_base_dtype": spec.base_dtype,
     }
     _print_figures("sft_jax", result, extra)
     del state  # donated and finished with
@@ -431,42 +546,76 @@ def run(c, steps: int, warmup: int, batches_kind: str, with_torch: bool, with_pa
             f" → packing ×{extra['packing_speedup']:.2f}"
         )
 
+    if spec.enabled and with_full:
+        extra.update(compare_full(c, batches, warmup, model_cfg.flops_per_token(seq), peak, result))
     if with_torch:
-        why_not = torch_available()
-        if why_not:
-            print(why_not)
-            extra["torch"] = why_not
-        else:
-            tx = compare_torch(c, model_cfg, schedule, batches, warmup)
-            t = rates(tx["step_times_s"], timed, fpt, peak)
-            torch_result = {
-                "tokens_per_sec": t["tokens_per_sec"],
-                "useful_tokens_per_sec": t["useful_tokens_per_sec"],
-                "step_time_s": t["step_time_s"],
-                "mfu": t["mfu"],
-                "peak_rss_mb": tx["peak_rss_mb"],
-                "peak_device_mb": tx["peak_device_mb"],
-                "compile_s": tx["compile_s"],
-            }
-            _print_figures(
-                f"torch ({tx['model_class']}, {tx['attention']}, {tx['optimizer']}, "
-                f"{tx['device']}, {tx['threads']} threads)",
-                torch_result,
-                {"step_times_s": tx["step_times_s"]},
-            )
-            result.update({f"torch_{k}": v for k, v in torch_result.items()})
-            result["ratio"] = result["tokens_per_sec"] / torch_result["tokens_per_sec"]
-            extra.update(
-                torch_step_times_s=tx["step_times_s"],
-                torch_first_loss=tx["losses"][0],
-                torch_last_loss=tx["losses"][-1],
-                torch_version=tx["version"],
-                torch_model=tx["model_class"],
-            )
-            print(f"ratio: sft_jax / torch tokens/s = {result['ratio']:.2f}")
+        compare_with_torch(c, model_cfg, schedule, batches, warmup, (fpt, peak), result, extra)
     if data_stats:
         extra["packing_efficiency"] = data_stats.get("packing_efficiency")
     return {**result, **extra}
+
+
+def compare_full(c, batches: list[dict], warmup: int, fpt: float, peak: float, lora_r: dict):
+    """Full fine-tuning of the same model on the same batches, in a child process: its
+    `full_*` figures and `lora_speedup` (full step time / LoRA step time). `fpt` counts the
+    weights' gradients (6 FLOPs per weight), as full fine-tuning computes them."""
+    fx = in_child(run_full, c, batches, warmup)
+    f = rates(fx["step_times_s"], batches[1 + warmup :], fpt, peak)
+    full = {**f, "peak_rss_mb": fx["peak_rss_mb"], "compile_s": fx["compile_s"]}
+    _print_figures("full fine-tuning (sft_jax)", full, fx)
+    speedup = full["step_time_s"] / lora_r["step_time_s"]
+    print(f"LoRA step vs full fine-tuning step: ×{speedup:.2f} faster")
+    return {
+        **{f"full_{k}": v for k, v in full.items() if k != "useful_tokens_per_sec"},
+        "full_step_times_s": fx["step_times_s"],
+        "full_first_loss": fx["losses"][0],
+        "lora_speedup": speedup,
+    }
+
+
+def compare_with_torch(c, model_cfg, schedule, batches, warmup, flops, result, extra) -> None:
+    """Times transformers (PEFT's LoRA with `lora.rank` > 0) on the same batches in a child
+    process; adds its `torch_*` figures and `ratio` to `result` and `extra`. `flops` is
+    (FLOPs per token, peak FLOP/s)."""
+    from sft_jax import config as config_lib
+
+    why_not = torch_available(with_peft=config_lib.lora_spec(c).enabled)
+    if why_not:
+        print(why_not)
+        extra["torch"] = why_not
+        return
+    tx = compare_torch(c, model_cfg, schedule, batches, warmup)
+    t = rates(tx["step_times_s"], batches[1 + warmup :], *flops)
+    torch_result = {
+        "tokens_per_sec": t["tokens_per_sec"],
+        "useful_tokens_per_sec": t["useful_tokens_per_sec"],
+        "step_time_s": t["step_time_s"],
+        "mfu": t["mfu"],
+        "peak_rss_mb": tx["peak_rss_mb"],
+        "peak_device_mb": tx["peak_device_mb"],
+        "compile_s": tx["compile_s"],
+    }
+    _print_figures(
+        f"torch ({tx['model_class']}, {tx['attention']}, {tx['optimizer']}, "
+        f"{tx['device']}, {tx['threads']} threads)",
+        torch_result,
+        {"step_times_s": tx["step_times_s"]},
+    )
+    result.update({f"torch_{k}": v for k, v in torch_result.items()})
+    result["ratio"] = result["tokens_per_sec"] / torch_result["tokens_per_sec"]
+    result["rss_ratio"] = result["peak_rss_mb"] / torch_result["peak_rss_mb"]
+    extra.update(
+        torch_step_times_s=tx["step_times_s"],
+        torch_first_loss=tx["losses"][0],
+        torch_last_loss=tx["losses"][-1],
+        torch_version=tx["version"],
+        torch_model=tx["model_class"],
+        torch_trainable_params=tx["trainable_params"],
+    )
+    print(
+        f"ratio: sft_jax / torch tokens/s = {result['ratio']:.2f}; "
+        f"peak RSS sft_jax / torch = {result['rss_ratio']:.2f}"
+    )
 
 
 def _print_figures(name: str, r: dict, extra: dict) -> None:
@@ -490,6 +639,7 @@ def main(argv) -> int:
             FLAGS.batches,
             FLAGS["compare-torch"].value,
             FLAGS["compare-padding"].value,
+            FLAGS["compare-full"].value,
         )
     )
 
