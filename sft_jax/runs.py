@@ -81,7 +81,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     tokenizer = load_tokenizer(
         str(saved_tokenizer) if saved_tokenizer.is_dir() else meta["tokenizer"]
     )
-    return Run(model_cfg=cfg, params=params, tokenizer=tokenizer, meta=meta, step=step)
+    return Run(model_cfg=cfg, params=params, tokenizer=tokenizer, meta=meta, step=step, lora=spec)
 
 
 def _lora_base(meta: dict, cfg: GPTConfig, spec: lora.LoraSpec, mesh) -> dict:
