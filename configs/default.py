@@ -113,6 +113,16 @@ def get_config() -> ml_collections.ConfigDict:
     # Label smoothing ε of the training loss (torch's CrossEntropyLoss(label_smoothing=ε)):
     # targets (1 − ε)·onehot + ε/vocab. Evaluation losses stay the plain nll. 0 = off.
     c.train.label_smoothing = 0.0
+    # NEFTune (Jain et al. 2023; transformers' neftune_noise_alpha): uniform noise
+    # U(-1, 1)·alpha/sqrt(L·d_model) on the token embeddings while training (not at evaluation
+    # or generation), L each example's own length, also in a packed row. 5 is the paper's
+    # usual value. 0 = off.
+    c.train.neftune_alpha = 0.0
+    # Early stopping: stop (checkpoint saved, report written) after this many evaluations
+    # without the checkpoint.keep_best metric (else eval_loss) improving by at least
+    # early_stopping_min_delta. 0 = off.
+    c.train.early_stopping_patience = 0
+    c.train.early_stopping_min_delta = 0.0
     # Where the metrics go beside metrics.jsonl: any of "tensorboard", "wandb", "mlflow" (a
     # tuple, or "tensorboard,wandb" on the command line). Each gets the same scalars, the
     # config as run parameters and, at the end, report.md and loss_curve.png. wandb and
@@ -147,6 +157,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.save_every_seconds = 0.0  # also save when this much time passed (0 = off)
     c.checkpoint.keep = 3  # newest checkpoints kept
     c.checkpoint.async_save = True  # write in the background while training goes on
+    # Also keep the best checkpoint by this evaluation metric, lower is better ("eval_loss",
+    # "eval_loss/<source>"; "max:<metric>" when higher is better); named in its metadata
+    # ("best") and exported by sft-jax-export --best. An evaluation that improves it saves.
+    # "" = off.
+    c.checkpoint.keep_best = ""
 
     c.eval = ml_collections.ConfigDict()
     # Held-out prompts answered before and after training (generations_{before,after}.jsonl,

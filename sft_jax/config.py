@@ -43,6 +43,8 @@ def model_config(c: ml_collections.ConfigDict) -> GPTConfig:
         scan_layers=m.scan_layers,
         dropout=m.dropout,
         attention=m.attention,
+        # Training-time noise, so a model config: the model adds it (train_config's key).
+        neftune_alpha=train_config(c).neftune_alpha,
     )
     shape = _architecture(c)
     if init_source(c):
@@ -65,7 +67,8 @@ def _architecture(c: ml_collections.ConfigDict) -> dict:
     model's shapes, so it can be planned without the hub; with init_from they must agree)."""
     shape = c.model.architecture.to_dict() if "architecture" in c.model else {}
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    numerics = {"dtype", "param_dtype", "remat", "scan_layers", "dropout", "attention"}
+    numerics = {"dtype", "param_dtype", "remat", "scan_layers", "dropout", "attention",
+                "neftune_alpha"}  # fmt: skip
     unknown = set(shape) - (fields - numerics)
     if unknown:
         raise ValueError(
@@ -93,6 +96,9 @@ class TrainConfig:
     profile_steps: int = 0  # steps traced into WORKDIR/profile; 0 = off
     compilation_cache_dir: str = ""  # persistent XLA compilation cache; "" = off
     label_smoothing: float = 0.0  # ε of the training loss's smoothed targets; 0 = off
+    neftune_alpha: float = 0.0  # NEFTune's noise on the token embeddings; 0 = off
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    early_stopping_min_delta: float = 0.0  # the least change that counts as an improvement
     trackers: tuple[str, ...] = ("tensorboard",)  # of metrics.TRACKERS
     tracker_project: str = "sft_jax"  # the W&B project / MLflow experiment
     mlflow_tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else WORKDIR/mlruns
@@ -106,6 +112,7 @@ class CheckpointConfig:
     save_every_seconds: float = 0.0
     keep: int = 3
     async_save: bool = True
+    keep_best: str = ""  # a metric ("eval_loss"; "max:<metric>" if higher is better); "" = off
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,6 +157,9 @@ class GPTConfig:
     # original_max_position_embeddings), or () for plain RoPE.
     rope_llama3_scaling: tuple = ()
     dropout: float = 0.0  # residual and embedding dropout (training only)
+    # NEFTune (training only): uniform noise of scale alpha/sqrt(L·d_model) on the token
+    # embeddings, L each example's own length; 0 = off. `neftune_noise`.
+    neftune_alpha: float = 0.0
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of the parameters
     # Rematerialise in the backward pass: "full" each block, "dots" all but matmul outputs.
@@ -184,6 +187,7 @@ class GPTConfig:
         _check(self.norm in ("layernorm", "rmsnorm"), "norm", self.norm)
         _check(self.mlp in ("gelu", "swiglu", "geglu"), "mlp", self.mlp)
         _check(self.remat in ("none", "full", "dots"), "remat", self.remat)
+        _check(self.neftune_alpha >= 0, "neftune_alpha", self.neftune_alpha)
         _check(self.attention in kernels.IMPLEMENTATIONS, "attention", self.attention)
         names = FAMILIES[self.family]
         if len(names.mlp_in) != (1 if self.mlp == "gelu" else 2):
@@ -958,6 +962,10 @@ class GPT(nn.Module):
         x = embed(tokens)  # [batch, seq, d_model]
         if cfg.embed_scale:  # the factor rounded to the compute dtype first, as in HF
             x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        if cfg.neftune_alpha > 0 and not deterministic:
+            noise = neftune_noise(self.make_rng("dropout"), segment_ids, cfg.d_model,
+                                  cfg.neftune_alpha)  # fmt: skip
+            x = (x.astype(jnp.float32) + noise).astype(dt)
         if cfg.positions == "learned":
             wpe = self.param(
                 "wpe",
@@ -1011,6 +1019,36 @@ class GPT(nn.Module):
             return out
         new_k, new_v = new_caches
         return out, {"k": new_k, "v": new_v, "segment_ids": key_segments}
+
+
+def segment_lengths(segment_ids: Array) -> Array:
+    """[batch, seq] → [batch, seq]: at each position, the token count of its segment in
+    its row (packed examples are segments 1, 2, …; padding is segment 0)."""
+
+    def row(ids: Array) -> Array:
+        counts = jnp.zeros(ids.shape[0] + 1, jnp.int32).at[ids].add(1)
+        return counts[ids]
+
+    return jax.vmap(row)(segment_ids.astype(jnp.int32))
+
+
+def neftune_scale(segment_ids: Array, d_model: int, alpha: float) -> Array:
+    """[batch, seq] → [batch, seq] float32: NEFTune's noise bound alpha/sqrt(L·d_model) at
+    each token, L the length of the token's own example (its segment), 0 on padding.
+
+    Each example's own length, so an example packed with others gets the noise it would
+    get alone; scaling by the packed row's length (as trainers that hook the embedding's
+    output do) would shrink it by the square root of the packing factor."""
+    lengths = segment_lengths(segment_ids).astype(jnp.float32)
+    bound = alpha / jnp.sqrt(jnp.maximum(lengths, 1.0) * d_model)
+    return jnp.where(segment_ids > 0, bound, 0.0)
+
+
+def neftune_noise(rng: Array, segment_ids: Array, d_model: int, alpha: float) -> Array:
+    """NEFTune's noise for token embeddings [batch, seq, d_model] (Jain et al. 2023,
+    transformers' `neftune_post_forward_hook`): U(-1, 1)·`neftune_scale`, float32."""
+    uniform = jax.random.uniform(rng, (*segment_ids.shape, d_model), jnp.float32, -1.0, 1.0)
+    return uniform * neftune_scale(segment_ids, d_model, alpha)[..., None]
 
 
 def head_weight(cfg: GPTConfig, params) -> Array:
