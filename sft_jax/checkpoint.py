@@ -47,24 +47,129 @@ def check_workdir(workdir: str) -> None:
     )
 
 
-class Checkpointer:
-    """A thin, typed face on `ocp.CheckpointManager` for the train loop and tools."""
+@dataclasses.dataclass(frozen=True)
+class BestMetric:
+    """`checkpoint.keep_best`: the evaluation metric that ranks checkpoints and its sense."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, writer: bool = False):
+    name: str  # a key of the evaluation record, e.g. "eval_loss"
+    higher_is_better: bool = False
+
+    @classmethod
+    def parse(cls, spec: str, key: str = "checkpoint.keep_best") -> BestMetric | None:
+        """`eval_loss` (lower is better), `max:<metric>` or `min:<metric>`; "" → None."""
+        if not spec:
+            return None
+        mode, name = spec.split(":", 1) if spec.startswith(("max:", "min:")) else ("min", spec)
+        if not name or name.strip() != name:
+            raise ValueError(f"{key}={spec!r}: name an evaluation metric, e.g. 'eval_loss' "
+                             "or 'max:<metric>' when higher is better")  # fmt: skip
+        return cls(name, higher_is_better=mode == "max")
+
+    def score(self, value: float) -> float:
+        """`value` turned so that lower is better."""
+        return -value if self.higher_is_better else value
+
+    def improves(self, value: float, on: float | None, min_delta: float = 0.0) -> bool:
+        """Whether `value` beats `on` (None: nothing yet) by more than `min_delta`."""
+        return on is None or self.score(on) - self.score(value) > min_delta
+
+    def value(self, record: dict, key: str = "") -> float | None:
+        """This metric in a record; None if not finite, or if the record has not got it
+        and no `key` is given (else a ValueError naming that config key)."""
+        if key and self.name not in record:
+            raise ValueError(
+                f"{key}: the evaluation has no metric {self.name!r}; it has "
+                f"{sorted(k for k in record if k.startswith('eval'))}"
+            )
+        value = record.get(self.name)
+        return None if value is None or not np.isfinite(value) else float(value)
+
+
+@dataclasses.dataclass
+class _KeepBest:
+    """Orbax preservation policy: the checkpoint whose metrics hold the best score (lowest,
+    the earliest of equals); checkpoints saved without an evaluation do not compete."""
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        scored = [(c.metrics["score"], c.step) for c in checkpoints if _scored(c.metrics)]
+        best = min(scored)[1] if scored else None
+        return [c.step == best for c in checkpoints]
+
+
+def _scored(metrics: dict | None) -> bool:
+    return bool(metrics) and "score" in metrics
+
+
+class Checkpointer:
+    """A thin, typed face on `ocp.CheckpointManager` for the train loop and tools.
+
+    With `best` (`checkpoint.keep_best`), the best checkpoint by that metric is kept beside
+    the newest `keep`: saves given an evaluation record store its score as Orbax metrics
+    (which a resumed run reads back), and each save's meta names the best so far
+    (meta["best"] = {"step", "metric", "value"})."""
+
+    def __init__(
+        self,
+        workdir: str,
+        keep: int = 3,
+        async_save: bool = True,
+        writer: bool = False,
+        best: BestMetric | None = None,
+    ):
         """`writer`: the training run that owns the folder. It first deletes the unfinished
         saves a killed run left (in a bucket, a step folder without commit_success.txt,
         which a new save of that step could not overwrite); tools that only read must not,
         since a live run may be writing one."""
         check_workdir(workdir)
         self.directory = paths.join(paths.resolve(workdir), "checkpoints")
+        self.best_metric = best
+        retention = {"max_to_keep": keep if keep > 0 else None}
+        if best is not None:
+            latest = ocp.checkpoint_managers.LatestN(n=keep if keep > 0 else None)
+            retention = dict(
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                    [latest, _KeepBest()]
+                ),
+                # Orbax writes metrics only when it ranks by them; ours ranks them itself.
+                best_fn=lambda metrics: metrics.get("score", np.inf),
+                best_mode="min",
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=writer,
             # Process 0 lists the steps and broadcasts them: every host tries the same ones.
             single_host_load_and_broadcast=True,
+            **retention,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._best = self._saved_best() if best is not None else None
+
+    def _saved_best(self) -> dict | None:
+        """{"step", "metric", "value"} of the best checkpoint already in the folder."""
+        scored = []
+        for step in self.all_steps():
+            metrics = self._manager.metrics(step)
+            if _scored(metrics):
+                scored.append((metrics["score"], step, metrics["value"]))
+        if not scored:
+            return None
+        _, step, value = min(scored)
+        return {"step": step, "metric": self.best_metric.name, "value": value}
+
+    @property
+    def best(self) -> dict | None:
+        """{"step", "metric", "value"} of the best checkpoint (None: off, or none yet)."""
+        return self._best
+
+    def improves(self, record: dict) -> bool:
+        """Whether the evaluation `record` beats the best checkpoint's metric: the train loop
+        then saves, so that the best evaluation has a checkpoint."""
+        if self.best_metric is None:
+            return False
+        value = self.best_metric.value(record, key="checkpoint.keep_best")
+        best = None if self._best is None else self._best["value"]
+        return value is not None and self.best_metric.improves(value, best)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -72,15 +177,38 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
-        """Save if `step` is on the interval (or `force`); returns whether a save started."""
-        return self._manager.save(
+    def save(
+        self, step: int, state: Any, meta: dict, force: bool = False, record: dict | None = None
+    ) -> bool:
+        """Save if `step` is on the interval (or `force`); returns whether a save started.
+        `record`: the evaluation of this step's params, if any (ranks it for keep_best)."""
+        metrics, best = self._ranked(step, record or {})
+        if best is not None:
+            meta = {**meta, "best": best}
+        started = self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
             force=force,
+            metrics=metrics,
         )
+        if started:
+            self._best = best
+        return started
+
+    def _ranked(self, step: int, record: dict) -> tuple[dict | None, dict | None]:
+        """(Orbax metrics of a save at `step`, {} when it is not ranked; the best checkpoint
+        once it is saved)."""
+        if self.best_metric is None:
+            return None, None
+        value = self.best_metric.value(record)
+        if value is None:
+            return {}, self._best
+        best = self._best
+        if self.improves(record):
+            best = {"step": step, "metric": self.best_metric.name, "value": value}
+        return {"score": self.best_metric.score(value), "value": value}, best
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """The state at `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
@@ -196,7 +324,7 @@ def check_compatible(saved_model: dict, current_model: dict, directory: str) -> 
     """Fail, naming the fields, when the checkpoint's architecture differs from the config's
     in a way that changes parameter shapes or meaning (numerics such as dtype or remat may
     change between runs)."""
-    free = {"dtype", "remat", "dropout", "attention"}
+    free = {"dtype", "remat", "dropout", "attention", "neftune_alpha"}
     saved_model = saved_model_fields(saved_model)
     differ = sorted(
         k for k in set(saved_model) | set(current_model)

@@ -53,14 +53,17 @@ def model_config_from_meta(meta: dict) -> GPTConfig:
     return GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
-    """The params of checkpoint `step` (default: latest) of the run in `workdir` (a local
-    path or a gs:// / s3:// URL), sharded fsdp-style over all devices (each holds its
-    share, as in training), not replicated on each."""
+def load_run(workdir: str, step: int | None = None, best: bool = False) -> Run:
+    """The params of checkpoint `step` (default: latest; with `best`, the best by the run's
+    `checkpoint.keep_best` metric) of the run in `workdir` (a local path or a gs:// / s3://
+    URL), sharded fsdp-style over all devices (each holds its share, as in training), not
+    replicated on each."""
     ckpt = ckpt_lib.Checkpointer(workdir)
     steps = ckpt.all_steps()
     if not steps:
         raise ValueError(f"{workdir}: no checkpoints under {ckpt.directory}")
+    if best:
+        step = best_step(ckpt, workdir, step)
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ValueError(f"{workdir}: no checkpoint at step {step}; there are {steps}")
@@ -82,6 +85,24 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         str(saved_tokenizer) if saved_tokenizer.is_dir() else meta["tokenizer"]
     )
     return Run(model_cfg=cfg, params=params, tokenizer=tokenizer, meta=meta, step=step, lora=spec)
+
+
+def best_step(ckpt: ckpt_lib.Checkpointer, workdir: str, step: int | None = None) -> int:
+    """The step of the best checkpoint that the newest one names (meta["best"])."""
+    if step is not None:
+        raise ValueError("--best picks the step itself: give --best or --step, not both")
+    best = ckpt.restore_meta(ckpt.latest_step()).get("best")
+    if not best:
+        raise ValueError(
+            f"--best: the run in {workdir} names no best checkpoint; it trained without "
+            "checkpoint.keep_best (or evaluated no metric it names). Pick one with --step"
+        )
+    if best["step"] not in ckpt.all_steps():
+        raise ValueError(
+            f"--best: the best checkpoint of {workdir}, step {best['step']} "
+            f"({best['metric']}={best['value']:.6g}), is gone from {ckpt.directory}"
+        )
+    return best["step"]
 
 
 def _lora_base(meta: dict, cfg: GPTConfig, spec: lora.LoraSpec, mesh) -> dict:

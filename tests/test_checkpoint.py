@@ -106,3 +106,46 @@ def test_runs_from_before_the_gemma_fields_still_resume():
 def test_a_workdir_orbax_cannot_write_arrays_to_is_refused_by_name():
     with pytest.raises(ValueError, match=r"workdir s3://b/run: Orbax .* gs://"):
         checkpoint.Checkpointer("s3://b/run")
+
+
+def _save_run(ckpt, losses: dict, last: int) -> None:
+    """Saves of a toy state at steps 1..last, evaluated (eval_loss) at the steps of `losses`."""
+    for step in range(1, last + 1):
+        record = {"loss": 1.0}
+        if step in losses:
+            record["eval_loss"] = losses[step]
+        ckpt.save(step, {"w": np.full(3, step, np.float32)}, {"step": step}, record=record)
+    ckpt.wait()
+
+
+def test_keep_best_keeps_the_best_step_after_newer_ones_rotate_out(tmp_path):
+    best = checkpoint.BestMetric.parse("eval_loss")
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, writer=True, best=best)
+    # The eval loss falls to 2.0 at step 4, then rises again.
+    _save_run(ckpt, {2: 3.0, 4: 2.0, 6: 2.5, 8: 2.7, 10: 2.9}, last=10)
+    assert ckpt.all_steps() == [4, 9, 10]
+    named = {"step": 4, "metric": "eval_loss", "value": 2.0}
+    assert ckpt.restore_meta(10)["best"] == named and ckpt.best == named
+    assert ckpt.improves({"eval_loss": 1.9}) and not ckpt.improves({"eval_loss": 2.0})
+    with pytest.raises(ValueError, match="checkpoint.keep_best: the evaluation has no metric"):
+        ckpt.improves({"eval_perplexity": 3.0})
+    ckpt.close()
+    # A resumed run knows the best (Orbax metrics) and lets it go once a better one is saved.
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, writer=True, best=best)
+    assert ckpt.best == named
+    ckpt.save(11, {"w": np.zeros(3, np.float32)}, {}, record={"eval_loss": 1.5})
+    ckpt.save(12, {"w": np.zeros(3, np.float32)}, {}, record={"eval_loss": float("nan")})
+    ckpt.wait()
+    assert ckpt.all_steps() == [11, 12] and ckpt.restore_meta(12)["best"]["step"] == 11
+    ckpt.close()
+
+
+def test_keep_best_higher_is_better_and_bad_names():
+    accuracy = checkpoint.BestMetric.parse("max:eval_accuracy")
+    assert accuracy == checkpoint.BestMetric("eval_accuracy", higher_is_better=True)
+    assert accuracy.improves(0.6, 0.5) and not accuracy.improves(0.4, 0.5)
+    assert accuracy.improves(0.6, 0.5, min_delta=0.05) and not accuracy.improves(0.52, 0.5, 0.05)
+    assert checkpoint.BestMetric.parse("min:eval_loss") == checkpoint.BestMetric("eval_loss")
+    assert checkpoint.BestMetric.parse("") is None
+    with pytest.raises(ValueError, match="checkpoint.keep_best='max:'"):
+        checkpoint.BestMetric.parse("max:")

@@ -1,7 +1,10 @@
 """Export a training checkpoint to a Hugging Face folder.
 
-    sft-jax-export --workdir DIR [--step N] --out HF_DIR [--dtype bfloat16]
+    sft-jax-export --workdir DIR [--step N | --best] --out HF_DIR [--dtype bfloat16]
     sft-jax-export --workdir DIR [--step N] --out ADAPTER_DIR --adapter
+
+--best exports the best checkpoint by the run's checkpoint.keep_best metric (its metadata
+names it) instead of the latest.
 
 A LoRA run's checkpoint exports merged (W + scale·B·A: a plain model), or with --adapter
 as a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) for
@@ -21,7 +24,11 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sft-jax-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the run's --workdir")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    which.add_argument(
+        "--best", action="store_true", help="the best checkpoint by checkpoint.keep_best"
+    )
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: "
                         "bfloat16 for a bfloat16-computed run, else its param dtype)")  # fmt: skip
@@ -33,7 +40,7 @@ def main(argv=None) -> int:
     from sft_jax import hf, lora, runs
 
     try:
-        run = runs.load_run(args.workdir, args.step)
+        run = runs.load_run(args.workdir, args.step, best=args.best)
         dtype = hf.export_dtype(run.model_cfg, args.dtype, key="--dtype")
         if args.adapter and run.lora is None:
             raise ValueError(f"--adapter: {args.workdir} is a full fine-tuning run (no LoRA "
