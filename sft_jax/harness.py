@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -197,7 +198,7 @@ class SftJaxLM(TemplateLM):
         for _, context, continuation in requests:
             ids = (context + continuation)[-(self.max_length + 1) :]
             sequences.append((ids, len(continuation)))
-        answers = self.score(sequences)
+        answers = self.score(sequences, disable_tqdm)
         for (key, _, _), answer in zip(requests, answers, strict=True):
             self.cache_hook.add_partial("loglikelihood", key, answer)
         return answers
@@ -217,16 +218,18 @@ class SftJaxLM(TemplateLM):
                 sequences.append((context + continuation, len(continuation)))
                 owner.append(n)
         totals = [0.0] * len(requests)
-        for n, (logp, _) in zip(owner, self.score(sequences), strict=True):
+        for n, (logp, _) in zip(owner, self.score(sequences, disable_tqdm), strict=True):
             totals[n] += logp
         for req, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
-    def score(self, sequences: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+    def score(
+        self, sequences: Sequence[tuple[list[int], int]], disable_tqdm: bool = True
+    ) -> list[tuple[float, bool]]:
         """(Σ log p of the last `scored` tokens, each of them the argmax) per (ids, scored)
         sequence (ids: at most max_length + 1 tokens). Every batch is dispatched before
-        the host waits for the results."""
+        the host waits for the first; the progress bar counts the batches as they finish."""
         if not sequences:
             return []
         longest = max(len(ids) - 1 for ids, _ in sequences)
@@ -239,7 +242,7 @@ class SftJaxLM(TemplateLM):
             part = slice(start, start + self.batch_size)
             arrays = [packed.tokens, packed.positions, packed.segments, packed.targets]
             outs.append(fn(self.params, *(self._place(a[part]) for a in arrays)))
-        outs = jax.device_get(outs)
+        outs = [jax.device_get(o) for o in tqdm(outs, "Scoring rows", disable=disable_tqdm)]
         logp = np.concatenate([o[0] for o in outs])
         greedy = np.concatenate([o[1] for o in outs])
         return [
@@ -261,13 +264,13 @@ class SftJaxLM(TemplateLM):
         out: list[str] = [""] * len(requests)
         for members in groups.values():
             contexts = [requests[n].args[0] for n in members]
-            texts = self._generate(contexts, requests[members[0]].args[1])
+            texts = self._generate(contexts, requests[members[0]].args[1], disable_tqdm)
             for n, text in zip(members, texts, strict=True):
                 out[n] = text
                 self.cache_hook.add_partial("generate_until", requests[n].args, text)
         return out
 
-    def _generate(self, contexts: Sequence[str], gen_kwargs: dict) -> list[str]:
+    def _generate(self, contexts: Sequence[str], gen_kwargs: dict, disable_tqdm: bool):
         sampling, until = self._sampling(gen_kwargs)
         keep = max(self.max_length - sampling.max_new_tokens, 1)
         # An empty context (no BOS to prepend) is the prefix token, as in loglikelihood.
@@ -277,7 +280,8 @@ class SftJaxLM(TemplateLM):
             self._generator = Generator(self.cfg, self.params, ends, lora=self._lora)
         width = max(len(p) for p in prompts)  # one padded width: one compile for the group
         texts = []
-        for start in range(0, len(prompts), self.batch_size):
+        starts = range(0, len(prompts), self.batch_size)
+        for start in tqdm(starts, "Generating", disable=disable_tqdm):
             batch = prompts[start : start + self.batch_size]
             full = batch + [batch[-1]] * (self.batch_size - len(batch))  # the same shape again
             news = self._generator.generate(

@@ -115,6 +115,18 @@ def test_generations_equal_transformers_greedy_cut_at_until(tiny, evaluated):
         assert sample["resps"] == [[text]]
 
 
+def test_generation_settings_map_to_sampling(tiny):
+    from sft_jax.generate import Sampling
+
+    params, tokenizer, _ = tiny
+    lm = harness.SftJaxLM(CFG, params, tokenizer, seed=3, max_gen_toks=7)
+    sampled = {"until": "Q:", "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5}
+    assert lm._sampling(sampled) == (Sampling(7, 0.7, 5, 0.9, 3), ["Q:"])
+    # do_sample false: greedy whatever the temperature (as transformers' generate).
+    greedy = {"until": ["\n", ""], "do_sample": False, "temperature": 0.7, "max_gen_toks": 4}
+    assert lm._sampling(greedy) == (Sampling(4, 0.0, 0, 1.0, 3), ["\n"])
+
+
 def test_rolling_loglikelihood_equals_transformers_over_windows(tiny, evaluated):
     from lm_eval.api.instance import Instance
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
