@@ -35,8 +35,7 @@ def grad_scratch_bytes():
     return measure
 
 
-@pytest.fixture
-def one_device_env() -> dict[str, str]:
+def one_device_environment() -> dict[str, str]:
     """The environment for a tool run in a subprocess that should see one CPU device, as a
     user's run on this machine would (XLA refuses an XLA_FLAGS of only whitespace)."""
     env = dict(os.environ)
@@ -46,6 +45,11 @@ def one_device_env() -> dict[str, str]:
     else:
         env.pop("XLA_FLAGS", None)
     return env
+
+
+@pytest.fixture
+def one_device_env() -> dict[str, str]:
+    return one_device_environment()
 
 
 @pytest.fixture(scope="session")
