@@ -14,8 +14,9 @@ from transformers.integrations.neftune import neftune_post_forward_hook
 
 from configs import default
 from sft_jax import config as config_lib
-from sft_jax import steps
+from sft_jax import sharding, steps, train
 from sft_jax.model import GPT, GPTConfig, neftune_noise, neftune_scale, segment_lengths
+from sft_jax.optim import OptimConfig, make_optimizer
 from tests.test_steps import make_batch
 
 ALPHA, D = 5.0, 64
@@ -85,10 +86,15 @@ def test_training_sees_the_noise_evaluation_and_generation_do_not(models):
     assert loss(noisy, None) == clean
     assert abs(loss(noisy, rng) - clean) > 1e-6
     # Generation decodes deterministically: the same logits with and without NEFTune.
-    logits = jax.jit(
-        lambda model: model.apply({"params": params}, batch["tokens"]), static_argnums=0
-    )
+    logits = jax.jit(lambda m: m.apply({"params": params}, batch["tokens"]), static_argnums=0)
     np.testing.assert_array_equal(logits(noisy), logits(plain))
+
+
+def test_the_train_step_gives_the_model_an_rng_for_the_noise(models):
+    _, noisy, _ = models
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2), 10)
+    fns = train.build_steps(noisy, tx, schedule, sharding.make_mesh(1, 1, 1, jax.devices()[:1]))
+    assert fns.train_step.__wrapped__.keywords["dropout"]  # the flag that passes the rng
 
 
 def test_the_config_key_reaches_the_model_and_bad_values_are_refused():
