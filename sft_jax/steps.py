@@ -111,7 +111,10 @@ def with_base(saved_state: TrainState, base) -> TrainState:
     return saved_state.replace(params=lora.combine(base, saved_state.params))
 
 
-def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = None):
+def loss_sums(
+    params, batch: Batch, model: nn.Module, rng: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+):  # fmt: skip
     """(Σ mask·nll, Σ mask) of one (micro-)batch; dropout on when `rng` is given.
 
     The logits are never materialised whole: the loss applies the output projection to the
@@ -133,6 +136,7 @@ def loss_sums(params, batch: Batch, model: nn.Module, rng: jax.Array | None = No
         batch["loss_mask"],
         layout=loss_layout(*batch["targets"].shape),
         softcap=model.cfg.final_softcap,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -177,13 +181,15 @@ def train_step(
     schedule: optax.Schedule,
     micro_steps: int = 1,
     dropout: bool = False,
+    label_smoothing: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch [B, T]. A non-finite loss or gradient leaves the
     state unchanged and reports `finite=False`, so a bad state never exists to be saved."""
     rng = jax.random.fold_in(state.rng, state.step)
     trained, frozen = partition(model, state.params)
     grad_fn = jax.value_and_grad(
-        lambda trained, *args: loss_sums(join(trained, frozen), *args), has_aux=True
+        lambda trained, *args: loss_sums(join(trained, frozen), *args, label_smoothing),
+        has_aux=True,
     )
 
     def micro(carry, xs):

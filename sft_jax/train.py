@@ -86,7 +86,9 @@ class StepFns:
             yield
 
 
-def build_steps(model: GPT, tx, schedule, mesh, micro_steps: int = 1) -> StepFns:
+def build_steps(
+    model: GPT, tx, schedule, mesh, micro_steps: int = 1, label_smoothing: float = 0.0
+) -> StepFns:
     """Shapes before arrays: eval_shape the init, derive every leaf's sharding from the
     logical axis rules, then jit init and steps with those shardings."""
     cfg = model.cfg
@@ -107,6 +109,7 @@ def build_steps(model: GPT, tx, schedule, mesh, micro_steps: int = 1) -> StepFns
         tx=tx,
         schedule=schedule,
         micro_steps=micro_steps,
+        label_smoothing=label_smoothing,
         dropout=cfg.dropout > 0,
     )
     return StepFns(
@@ -187,7 +190,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         # Built once across hosts: each tokenizes its share into a folder all of them read.
         data_spec = dataclasses.replace(data_spec, cache_dir=f"{workdir.rstrip('/')}/data_cache")
     splits = data_lib.build_splits(data_spec, tokenizer, data_lib.jax_processes())
-    logging.info("data: %s", splits.stats)
+    logging.debug("data: %s", splits.stats)  # everything, for --verbosity=1
+    if jax.process_index() == 0:
+        print(metrics_lib.data_table(splits.stats), flush=True)
     batches = data_lib.num_batches_per_epoch(splits.train, train_cfg.batch_size)
     num_steps = config_lib.total_steps(config, batches)
 
@@ -195,7 +200,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     tx, schedule = optim.make_optimizer(config_lib.optim_config(config), num_steps)
     lora_spec = config_lib.lora_spec(config)
     model = GPT(model_cfg, lora_spec.layers(model_cfg))
-    fns = build_steps(model, tx, schedule, mesh, train_cfg.micro_steps)
+    fns = build_steps(model, tx, schedule, mesh, train_cfg.micro_steps, train_cfg.label_smoothing)
     ckpt_cfg = config_lib.checkpoint_config(config)
     checkpointer = ckpt_lib.Checkpointer(workdir, ckpt_cfg.keep, ckpt_cfg.async_save, writer=True)
     if jax.process_index() == 0:  # the tokenizer travels with the run: export and generation
@@ -317,7 +322,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     peak, peak_source = metrics_lib.peak_flops_per_device(t.peak_flops)
     logging.info("peak %.3g FLOP/s per device (%s); %d steps", peak, peak_source, s.num_steps)
     logger = metrics_lib.MetricsLogger(workdir, s.num_steps, s.start_step,
-        enabled=jax.process_index() == 0, progress_bar=t.progress_bar)  # fmt: skip
+        enabled=jax.process_index() == 0, progress_bar=t.progress_bar, trackers=t.trackers,
+        tracker_project=t.tracker_project, run_config=s.config.to_dict(),
+        mlflow_tracking_uri=t.mlflow_tracking_uri)  # fmt: skip
     ckpt_cfg = config_lib.checkpoint_config(s.config)
     profiler = metrics_lib.StepProfiler(paths.join(workdir, "profile"), t.profile_start,
                                         t.profile_steps)  # fmt: skip

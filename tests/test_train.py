@@ -33,13 +33,15 @@ def _records(workdir):
 
 
 @pytest.mark.slow
-def test_main_trains_writes_outputs_and_resumes(tmp_path, one_device_env):
+def test_main_trains_writes_outputs_and_resumes(tmp_path, one_device_env, monkeypatch):
     # On one device, as on a user's CPU (test_resume runs main over 8 faked devices).
     common = [
         "--config.train.log_every=2",
         "--config.train.eval_every=3",
         "--config.optim.warmup_steps=1",
         "--config.checkpoint.save_every=3",
+        "--config.train.trackers=tensorboard,mlflow",  # MLflow's file store in the workdir
+        "--config.train.label_smoothing=0.1",
     ]
     cache = tmp_path / "xla_cache"
     first = _main(
@@ -76,6 +78,14 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path, one_device_env):
     assert "compile_s" in records[1]
     assert os.listdir(tmp_path / "tensorboard")[0].startswith("events.out.tfevents")
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert "packing efficiency" in first.stdout  # the data table, for people
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as the run sets for its own store
+    client = mlflow.MlflowClient(f"file://{tmp_path}/mlruns")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert logged == [(r["step"], r["loss"]) for r in records if "loss" in r]
 
     # A second run on the same workdir resumes at the saved step and continues (loading
     # the first run's compiled step from the cache: the same programs).
