@@ -17,6 +17,7 @@ count 2 bytes, as accelerators keep them (XLA on CPU widens them to float32).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -52,12 +53,21 @@ def device_bytes(text: str) -> int:
 class StepShape:
     """What one device computes per micro-step: `rows` of `seq` tokens, with heads, MLP
     width and vocabulary split over `tensor`; `xla_attention` when attention runs as
-    sft_jax.attention's XLA ops (not a fused TPU/GPU kernel)."""
+    sft_jax.attention's XLA ops (not a fused TPU/GPU kernel); with LoRA, the frozen base's
+    storage and the adapters' width."""
 
     rows: int
     seq: int
     tensor: int = 1
     xla_attention: bool = True
+    # LoRA (0 and 0 for full fine-tuning): bytes per weight of the frozen base as stored
+    # (`lora.base_dtype`, or NF4/int8's bits / 8), and the adapters' ranks summed over one
+    # block's adapted layers (how wide the x·A activations each adapter keeps are).
+    base_bytes: float = 0.0
+    adapter_width: int = 0
+
+
+WEIGHTS_TERM = "one layer's gathered weights and gradients"
 
 
 def activation_terms(cfg, step: StepShape) -> dict[str, int]:
@@ -81,6 +91,8 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     # pre-activations (its activation is recomputed: model.with_recomputed_activation),
     # and two float32 softmax statistics per head: no [queries, keys] scores are kept.
     layer = b * (8 * d + (3 * q + 2 * kv + mlp_in) / t) + 2 * 4 * heads / t
+    # LoRA: each adapter's x·A [tokens, r] too (B's gradient needs it; x is kept already).
+    layer += b * step.adapter_width
     # Gemma's sandwich norms (inputs and outputs of two more norms) and q/k norms (q and k
     # before them): counted like the others, not yet read off a compiled step.
     layer += b * ((4 * d if cfg.sandwich_norms else 0) + ((q + kv) / t if cfg.qk_norm else 0))
@@ -91,9 +103,10 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     else:  # "dots" keeps every matmul output: here that is nearly all of `layer`
         kept = cfg.n_layers * layer
     # The layer being differentiated: its weights gathered over fsdp, and their full-size
-    # float32 gradient before it is reduce-scattered.
+    # float32 gradient before it is reduce-scattered. A LoRA base takes no gradient: its
+    # weights gathered as stored, and a copy in the compute dtype (cast or dequantized).
     layer_params = d * (q + 2 * kv) + q * d + (mlp_in + cfg.d_ff) * d
-    weights = (b + 4) * layer_params / t
+    weights = (b + (step.base_bytes or 4)) * layer_params / t
     # Its MLP's backward: float32 [tokens, d_ff] gradients of the pre-activations and the
     # recomputed activation (three for SwiGLU's gate and up, two for GELU).
     mlp = 4 * tokens * (mlp_in + cfg.d_ff) / t
@@ -111,7 +124,7 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     return {
         "activations kept for the backward pass": int(tokens * kept),
         "one layer's MLP backward": int(mlp),
-        "one layer's gathered weights and gradients": int(weights),
+        WEIGHTS_TERM: int(weights),
         "attention's query blocks (XLA attention)": int(attention),
         "chunked loss: logits of a chunk, head gradient": int(loss),
     }
@@ -136,7 +149,6 @@ def plan(c, n_devices: int, platform: str = "") -> dict:
     allocated: shapes come from `jax.eval_shape`."""
     import flax.linen as nn
     import jax
-    import numpy as np
     from jax.sharding import AbstractMesh, AxisType
 
     from sft_jax import config as config_lib
@@ -156,34 +168,38 @@ def plan(c, n_devices: int, platform: str = "") -> dict:
     config_lib.check(c, model_cfg, sizes)
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * 3)
     tx, schedule = optim.make_optimizer(config_lib.optim_config(c), max(c.train.steps, 10**6))
-    boxed = jax.eval_shape(lambda r: steps.init_state(r, GPT(model_cfg), tx), jax.random.key(0))
+    spec = config_lib.lora_spec(c)
+    model = GPT(model_cfg, spec.layers(model_cfg))
+    boxed = jax.eval_shape(lambda r: steps.init_state(r, model, tx), jax.random.key(0))
     shardings = sharding.tree_shardings(boxed, mesh)
     abstract = nn.meta.unbox(boxed)
-
-    def per_device(tree, tree_shardings) -> int:
-        total = 0
-        for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings), strict=True):
-            axes = [
-                a for part in s.spec if part for a in ((part,) if isinstance(part, str) else part)
-            ]
-            total += (
-                leaf.size * np.dtype(leaf.dtype).itemsize // math.prod(mesh.shape[a] for a in axes)
-            )
-        return total
+    per_device = functools.partial(_per_device, mesh=mesh)
 
     params = per_device(abstract.params, shardings.params)
-    # Gradients are float32 sums; with micro_steps > 1 the accumulator is a second copy.
-    grads = params * 4 // np.dtype(model_cfg.param_dtype).itemsize
+    # Gradients are float32 sums of what is trained (LoRA: the adapters alone, the base
+    # takes none); with micro_steps > 1 the accumulator is a second copy.
+    trained, frozen = steps.partition(model, abstract.params)
+    trained_shardings, frozen_shardings = steps.partition(model, shardings.params)
+    grads = per_device(trained, trained_shardings, itemsize=4)
     grads *= 2 if c.train.micro_steps > 1 else 1
     local_rows = c.train.batch_size // c.train.micro_steps // (sizes["data"] * sizes["fsdp"])
     kernel = kernels.resolve(model_cfg.attention, platform or None, model_cfg.dtype)
-    step = StepShape(local_rows, c.data.max_seq_len, sizes["tensor"], kernel == "xla")
+    step = StepShape(local_rows, c.data.max_seq_len, sizes["tensor"], kernel == "xla",
+                     *_lora_step(model_cfg, spec, frozen))  # fmt: skip
     terms = {
         "parameters": params,
         "optimizer state": per_device(abstract.opt_state, shardings.opt_state),
         "gradients (float32)": grads,
         **activation_terms(model_cfg, step),
     }
+    lora_parts = None
+    if spec.enabled:
+        lora_parts = {
+            "spec": spec,
+            "frozen base": per_device(frozen, frozen_shardings),
+            "adapters": per_device(trained, trained_shardings),
+            "base bits per weight": 8 * step.base_bytes,
+        }
     return {
         "model": model_cfg,
         "mesh": sizes,
@@ -191,9 +207,41 @@ def plan(c, n_devices: int, platform: str = "") -> dict:
         "attention": kernel,
         "terms": terms,
         "total": sum(terms.values()),
+        "lora": lora_parts,
         "tx": tx,
         "schedule": schedule,
     }
+
+
+def _per_device(tree, tree_shardings, mesh, itemsize: int = 0) -> int:
+    """Bytes one device holds of `tree` (shapes) laid out by `tree_shardings`: each leaf
+    over the mesh axes its sharding splits it by; `itemsize` (bytes) in place of each
+    leaf's own (gradients: float32)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings), strict=True):
+        axes = [a for part in s.spec if part for a in ((part,) if isinstance(part, str) else part)]
+        size = itemsize or np.dtype(leaf.dtype).itemsize
+        total += leaf.size * size // math.prod(mesh.shape[a] for a in axes)
+    return total
+
+
+def _lora_step(cfg, spec, frozen) -> tuple[float, int]:
+    """(StepShape.base_bytes, StepShape.adapter_width) of LoRA `spec` on the model `cfg`
+    whose frozen base (shapes) is `frozen`; (0, 0) without LoRA."""
+    import numpy as np
+
+    from sft_jax import lora, quant
+
+    if not spec.enabled:
+        return 0.0, 0
+    if spec.quantize:
+        base_bytes = quant.bits_per_param(frozen) / 8  # the block kernels, scales included
+    else:
+        base_bytes = np.dtype(spec.base_dtype or cfg.param_dtype).itemsize
+    return base_bytes, spec.rank * len(lora.resolve_targets(cfg, spec))
 
 
 def report(p: dict, seq: int, device_memory: int = 0) -> str:
@@ -210,6 +258,8 @@ def report(p: dict, seq: int, device_memory: int = 0) -> str:
         if not n:  # e.g. attention's query blocks under a fused kernel
             continue
         lines.append(f"  {n / gib:9.3f} GiB  {100 * n / p['total']:4.1f} %  {name}")
+        if name == "parameters" and p.get("lora"):
+            lines.append(_lora_line(p["lora"], cfg))
     lines.append(f"  {p['total'] / gib:9.3f} GiB  total")
     if device_memory:
         headroom = 1 - p["total"] / device_memory
@@ -218,4 +268,44 @@ def report(p: dict, seq: int, device_memory: int = 0) -> str:
             f"{verdict} in {device_memory / gib:.1f} GiB per device "
             f"(headroom {100 * headroom:.0f} %)"
         )
+    return "\n".join(lines)
+
+
+def _lora_line(parts: dict, cfg) -> str:
+    """What a LoRA plan's parameters are: the frozen base as stored, and the adapters."""
+    spec = parts["spec"]
+    stored = spec.quantize or spec.base_dtype or cfg.param_dtype
+    return (
+        f"             of which: frozen base {parts['frozen base'] / 2**30:.3f} GiB "
+        f"(block kernels {stored}, {parts['base bits per weight']:.2f} bits per weight), "
+        f"LoRA adapters {parts['adapters'] / 2**30:.3f} GiB (float32, rank {spec.rank}; "
+        "gradients and optimizer state for these alone)"
+    )
+
+
+def full_finetuning_config(c):
+    """A copy of config `c` with LoRA off: full fine-tuning of the same model, data,
+    optimizer and mesh."""
+    from sft_jax import lora
+
+    full = c.copy_and_resolve_references()
+    full.lora.rank, full.lora.alpha = 0, lora.LoraSpec().alpha
+    full.lora.quantize = full.lora.base_dtype = full.lora.init_from = ""
+    return full
+
+
+def comparison(lora_plan: dict, full_plan: dict) -> str:
+    """A LoRA plan beside full fine-tuning's of the same model on the same mesh: each term
+    per device, the totals, and LoRA's share of full fine-tuning's total."""
+    gib = 2**30
+    spec = lora_plan["lora"]["spec"]
+    label = f"LoRA r={spec.rank}" + (f" {spec.quantize}" if spec.quantize else "")
+    lines = [f"against full fine-tuning, per device (GiB):\n  {label:>14} {'full FT':>10}"]
+    for name, full_bytes in full_plan["terms"].items():
+        lora_bytes = lora_plan["terms"][name]
+        if lora_bytes or full_bytes:
+            lines.append(f"  {lora_bytes / gib:14.3f} {full_bytes / gib:10.3f}  {name}")
+    lines.append(f"  {lora_plan['total'] / gib:14.3f} {full_plan['total'] / gib:10.3f}  total")
+    share = lora_plan["total"] / full_plan["total"]
+    lines.append(f"LoRA needs {100 * share:.1f} % of full fine-tuning's memory per device")
     return "\n".join(lines)

@@ -92,3 +92,40 @@ def test_measured_peak_is_the_best_of_runs_for_the_time_given():
     start = time.perf_counter()
     flops = metrics.measure_matmul_flops(128, repeats=1, seconds=0.3)
     assert time.perf_counter() - start >= 0.3 and flops > 0
+
+
+@pytest.mark.skipif(
+    not (HAS_TORCH and importlib.util.find_spec("peft")), reason="torch, peft: test-only"
+)
+def test_qlora_against_full_finetuning_and_peft(one_device_env):
+    from sft_jax.model import GPTConfig
+
+    r, out = _run(
+        one_device_env,
+        "--config.model.preset=tiny-llama",
+        "--config.train.batch_size=2",
+        "--config.lora.rank=4",
+        "--config.lora.quantize=nf4",
+        "--config.lora.targets=q_proj,v_proj,down_proj",
+        "--compare-torch",
+    )
+    _check_sft_jax(r, 2, 64)
+    assert r["lora_rank"] == 4 and r["lora_quantize"] == "nf4"
+    # A frozen base takes no weight gradients: 4 FLOPs per weight, not 6.
+    cfg = GPTConfig.preset("tiny-llama")
+    assert r["flops_per_token"] == cfg.flops_per_token(64, frozen_layers=True)
+    # Full fine-tuning of the same model on the same batches, in its own process.
+    assert r["full_tokens_per_sec"] == pytest.approx(2 * 64 / r["full_step_time_s"], rel=1e-6)
+    assert r["full_mfu"] == pytest.approx(
+        cfg.flops_per_token(64) * r["full_tokens_per_sec"] / r["peak_flops"], rel=1e-6
+    )
+    assert r["full_peak_rss_mb"] > 0 and 9.5 < r["full_first_loss"] < 12.5
+    assert r["lora_speedup"] == pytest.approx(r["full_step_time_s"] / r["step_time_s"])
+    # PEFT trains the same adapters: the same layers at the same rank, as many weights.
+    assert r["torch_model"] == "PeftModelForCausalLM(LlamaForCausalLM)"
+    adapted = 2 * (4 * (64 + 64) + 4 * (64 + 32) + 4 * (192 + 64))  # 2 layers × q, v, down
+    assert r["trainable_params"] == r["torch_trainable_params"] == adapted
+    # B starts at zero on both sides: each starts as its random base, near ln(vocab).
+    assert abs(r["first_loss"] - r["torch_first_loss"]) < 0.5
+    assert r["rss_ratio"] == pytest.approx(r["peak_rss_mb"] / r["torch_peak_rss_mb"])
+    assert "LoRA step vs full fine-tuning step" in out and "peak RSS sft_jax / torch" in out

@@ -110,3 +110,77 @@ def test_report_lists_terms_biggest_first_and_the_verdict():
     sizes = [float(line.split()[0]) for line in listed]
     assert sizes == sorted(sizes, reverse=True)
     assert lines[-1].startswith("does NOT fit in") and "headroom -100 %" in lines[-1]
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def _lora_config(quantize: str, preset: str = "tiny-llama"):
+    c = tiny.get_config()
+    c.model.preset = preset
+    c.lora.rank, c.lora.quantize = 4, quantize
+    c.lora.base_dtype = "" if quantize else "bfloat16"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 2
+    return c
+
+
+def _device_bytes(tree, shardings, itemsize: int = 0) -> int:
+    """Bytes of device 0's shard of every leaf, from the sharding's own shard shape."""
+    import math
+
+    import jax
+    import numpy as np
+
+    return sum(
+        math.prod(s.shard_shape(x.shape)) * (itemsize or np.dtype(x.dtype).itemsize)
+        for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    )
+
+
+@pytest.mark.parametrize(("quantize", "preset"), [("", "tiny"), ("nf4", "tiny-llama"),
+                                                  ("int8", "tiny-llama")])  # fmt: skip
+def test_lora_plan_equals_the_real_abstract_state(quantize, preset):
+    # The state training builds (train.build_steps) on the 8 faked devices: the plan's
+    # parameters (frozen base as stored + float32 adapters), optimizer state and gradients
+    # (the adapters' alone) are its bytes per device, exactly.
+    from sft_jax import config as config_lib
+    from sft_jax import sharding, steps, train
+    from sft_jax.model import GPT
+
+    c = _lora_config(quantize, preset)
+    p = memory_plan.plan(c, 8)
+    model = GPT(p["model"], config_lib.lora_spec(c).layers(p["model"]))
+    fns = train.build_steps(model, p["tx"], p["schedule"], sharding.make_mesh(1, 4, 2))
+    state, shardings = fns.abstract_state, fns.state_shardings
+    adapters, base = steps.partition(model, state.params)
+    adapter_shardings, base_shardings = steps.partition(model, shardings.params)
+    terms, parts = p["terms"], p["lora"]
+    assert terms["parameters"] == _device_bytes(state.params, shardings.params)
+    assert parts["frozen base"] == _device_bytes(base, base_shardings)
+    assert parts["adapters"] == _device_bytes(adapters, adapter_shardings)
+    assert terms["optimizer state"] == _device_bytes(state.opt_state, shardings.opt_state)
+    assert terms["gradients (float32)"] == _device_bytes(adapters, adapter_shardings, 4)
+    # AdamW: two float32 moments per adapter weight, and a step count.
+    assert terms["optimizer state"] - 2 * parts["adapters"] <= 16
+    # The base's block kernels as stored: NF4 with double-quantized scales ~4.1-4.5 bits
+    # per weight, int8 8 bits and a float32 scale per output channel, bfloat16 16.
+    bits = parts["base bits per weight"]
+    assert {"nf4": 4.0 < bits < 4.6, "int8": 8.0 < bits < 9.0, "": bits == 16}[quantize], bits
+
+
+def test_lora_plan_against_full_finetuning():
+    c = _lora_config("nf4")
+    lora_plan = memory_plan.plan(c, 8)
+    full = memory_plan.plan(memory_plan.full_finetuning_config(c), 8)
+    assert full["lora"] is None and full["model"] == lora_plan["model"]
+    for term in ("parameters", "optimizer state", "gradients (float32)"):
+        assert lora_plan["terms"][term] < full["terms"][term], term
+    # No kernel gradient for a frozen layer: its gathered weights cost less.
+    weights = memory_plan.WEIGHTS_TERM
+    assert lora_plan["terms"][weights] < full["terms"][weights]
+    text = memory_plan.comparison(lora_plan, full)
+    assert "LoRA r=4 nf4" in text and text.splitlines()[-2].endswith("total")
+    share = lora_plan["total"] / full["total"]
+    assert f"LoRA needs {100 * share:.1f} % of full fine-tuning's memory" in text
+    report = memory_plan.report(lora_plan, 128)
+    assert "of which: frozen base" in report and "block kernels nf4" in report

@@ -393,20 +393,13 @@ def compare_torch(c, model_cfg, schedule, batches, warmup):
 # --------------------------------------------------------------------------- full fine-tuning
 
 
-def full_config(c):
-    """`c` with LoRA off: full fine-tuning of the same model, optimizer and batches."""
-    from sft_jax import lora
-
-    full = c.copy_and_resolve_references()
-    full.lora.rank, full.lora.alpha = 0, lora.LoraSpec().alpha
-    full.lora.quantize = full.lora.base_dtype = full.lora.init_from = ""
-    return full
-
-
 def run_full(c, batches: list[dict], warmup: int) -> dict:
-    """Times full fine-tuning (`full_config`) on `batches` as `time_sft_jax` times the LoRA
-    run. Runs in a child process: its peak RSS is its own."""
-    _, fns, state, _ = build(full_config(c))
+    """Times full fine-tuning of config `c`'s model (`memory_plan.full_finetuning_config`)
+    on `batches` as `time_sft_jax` times the LoRA run. Runs in a child process: its peak
+    RSS is its own."""
+    from sft_jax import memory_plan
+
+    _, fns, state, _ = build(memory_plan.full_finetuning_config(c))
     with fns.context():
         _, figures = time_sft_jax(fns, state, batches, warmup)
     return {**figures, "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb()}

@@ -46,6 +46,8 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
                       "Also lower the train step for this platform on --devices faked CPU "
                       "devices; exit 1 if it cannot be lowered or partitioned.",
                       flag_values=values)  # fmt: skip
+    flags.DEFINE_bool("compare_full", True, "With lora.rank > 0: also plan full fine-tuning "
+                      "of the same model and mesh, side by side.", flag_values=values)  # fmt: skip
     flags.mark_flags_as_required(["config"], flag_values=values)
 
 
@@ -54,11 +56,13 @@ def _abstract_step(c, p):
     import jax
     import numpy as np
 
+    from sft_jax import config as config_lib
     from sft_jax import sharding, train
     from sft_jax.model import GPT
 
     mesh = sharding.make_mesh(**p["mesh"])
-    fns = train.build_steps(GPT(p["model"]), p["tx"], p["schedule"], mesh, c.train.micro_steps)
+    model = GPT(p["model"], config_lib.lora_spec(c).layers(p["model"]))
+    fns = train.build_steps(model, p["tx"], p["schedule"], mesh, c.train.micro_steps)
     shape = (c.train.batch_size, c.data.max_seq_len)
     batch = {
         k: jax.ShapeDtypeStruct(shape, dt, sharding=fns.batch_sharding)
@@ -144,8 +148,12 @@ def main(argv=None) -> int:
     import jax
 
     c = args.config
-    p = memory_plan.plan(c, args.devices or jax.device_count(), _platform(args))
+    n_devices = args.devices or jax.device_count()
+    p = memory_plan.plan(c, n_devices, _platform(args))
     print(memory_plan.report(p, c.data.max_seq_len, device_memory))
+    if p["lora"] and args.compare_full:
+        full = memory_plan.plan(memory_plan.full_finetuning_config(c), n_devices, _platform(args))
+        print(memory_plan.comparison(p, full))
     if args.compile:
         print(f"XLA, compiled for {jax.device_count()} CPU devices: "
               f"{compiled_bytes(c, p) / 2**30:.3f} GiB per device")  # fmt: skip
