@@ -173,6 +173,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.judge_url = ""  # "" = off
     c.eval.judge_model = ""
     c.eval.judge_api_key_env = "OPENAI_API_KEY"  # environment variable holding the key, if any
+    # Benchmarks with lm-evaluation-harness's own task definitions (pip install -e ".[eval]"),
+    # scored before and after training, side by side in report.md: e.g. "gsm8k,ifeval", or a
+    # local YAML task under harness_include_path (tests/data/harness: synthetic_qa).
+    c.eval.harness_tasks = ""  # comma-separated; "" = off
+    c.eval.harness_include_path = ""
+    c.eval.harness_limit = 0  # documents per task (0 = all)
+    c.eval.harness_num_fewshot = -1  # -1 = each task's own
+    c.eval.harness_chat_template = True  # prompts in the run's data.template, as trained
+    c.eval.harness_batch_size = 8
 
     c.lora = ml_collections.ConfigDict()
     # LoRA (PEFT's): train rank-r adapters on a frozen base instead of every weight; 0 = off.

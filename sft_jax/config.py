@@ -124,6 +124,17 @@ class EvalConfig:
     judge_url: str = ""
     judge_model: str = ""
     judge_api_key_env: str = "OPENAI_API_KEY"
+    # lm-evaluation-harness tasks scored before and after training (sft_jax.harness)
+    harness_tasks: str = ""  # comma-separated; "" = off
+    harness_include_path: str = ""  # a folder of local YAML tasks
+    harness_limit: int = 0  # documents per task; 0 = all
+    harness_num_fewshot: int = -1  # -1 = each task's own
+    harness_chat_template: bool = True
+    harness_batch_size: int = 8
+
+    @property
+    def harness_task_list(self) -> list[str]:
+        return [t.strip() for t in self.harness_tasks.split(",") if t.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +237,11 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
         raise ValueError("config: set train.steps > 0 or train.epochs > 0")
     _check_batch_sizes(t, mesh_shape["data"] * mesh_shape["fsdp"])
     judge.from_config(eval_config(c), {})  # its keys, before any data or weights load
+    e = eval_config(c)
+    if e.harness_task_list:  # a misspelt task stops the run before it trains
+        from sft_jax import harness
+
+        harness.check_tasks(e.harness_task_list, e.harness_include_path or None)
     # e.g. cuDNN needs bf16 and has no soft cap
     kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap)
     from sft_jax import hf  # a bad export.dtype fails now, not after training

@@ -49,6 +49,7 @@ class Evaluation:
         self.validation_sources = validation_sources or {}
         self._cfg, self._seed = eval_cfg, seed
         self._tokenizer, self._model_cfg, self._lora = tokenizer, model_cfg, lora
+        self._spec = spec  # the run's template, for the harness's prompts
         self._eval_fn, self._batch_size = eval_fn, batch_size
         self._max_batches = max_batches  # 0 = every batch of the split
         self._process_rows = process_rows
@@ -104,20 +105,51 @@ class Evaluation:
         return [self._eval_fn(params, local) for local in batches]
 
     def generations_before(self, params) -> None:
-        """Answer the held-out prompts with the starting weights (kept for the report)."""
+        """Answer the held-out prompts with the starting weights (kept for the report), and
+        score the harness tasks."""
         if self._prompts:
             self._before = self._generate(params, "before")
+        self._harness(params, "before")
+
+    def _harness(self, params, name: str) -> None:
+        """lm-evaluation-harness's scores of `eval.harness_tasks`, saved in the workdir."""
+        e = self._cfg
+        if not e.harness_task_list:
+            return
+        if jax.process_count() > 1:
+            logging.warning("eval.harness_tasks skipped: single-process runs only; score the "
+                            "checkpoint with sft-jax-eval --workdir %s", self.workdir)  # fmt: skip
+            return
+        from sft_jax import harness
+
+        harness.evaluate_run(
+            self.workdir, name, self._model_cfg, params, self._tokenizer, self._spec,
+            e.harness_task_list, include_path=e.harness_include_path or None,
+            limit=e.harness_limit or None,
+            num_fewshot=None if e.harness_num_fewshot < 0 else e.harness_num_fewshot,
+            apply_chat_template=e.harness_chat_template, batch_size=e.harness_batch_size,
+            seed=self._seed, lora=self._lora,
+        )  # fmt: skip
 
     def finish(self, params) -> None:
         """After training: the same prompts again, the before/after report, the loss curve."""
         metrics_path = paths.join(self.workdir, "metrics.jsonl")
+        report = ""
         if self._prompts:
             after = self._generate(params, "after")
             before = self._before or self._saved_before()
             if before is not None:
                 report = report_markdown(before, after, *_first_and_last_eval_loss(metrics_path))
-                epath.Path(self.workdir, "report.md").write_text(report, encoding="utf-8")
                 print(report.split("\n\n| prompt")[0])  # the figures; the rest is in the file
+        self._harness(params, "after")
+        if self._cfg.harness_task_list:
+            from sft_jax import harness
+
+            benchmarks = harness.report_markdown(self.workdir)
+            print(benchmarks)
+            report = f"{report}\n{benchmarks}" if report else benchmarks
+        if report and jax.process_index() == 0:
+            epath.Path(self.workdir, "report.md").write_text(report, encoding="utf-8")
         if jax.process_index() == 0 and epath.Path(metrics_path).exists():
             plot_loss_curve(metrics_path, paths.join(self.workdir, "loss_curve.png"))
 

@@ -242,6 +242,25 @@ def test_a_runs_before_and_after_scores_make_its_report_section(tiny, tmp_path):
     )
 
 
+def test_a_run_with_harness_tasks_reports_them_before_and_after(tiny, tmp_path):
+    """`eval.harness_tasks`: the run's Evaluation scores the tasks before and after training
+    and report.md holds them side by side."""
+    from sft_jax import evaluate
+    from sft_jax.config import EvalConfig
+
+    params, tokenizer, _ = tiny
+    eval_cfg = EvalConfig(harness_tasks="tiny_mc", harness_include_path=TASKS, harness_limit=3)
+    evaluation = evaluate.Evaluation(
+        str(tmp_path), eval_cfg, 0, None, tokenizer, CFG, None, eval_fn=None, batch_size=1
+    )
+    with _in(ROOT):
+        evaluation.generations_before(params)
+        evaluation.finish(params)
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("## Benchmarks before and after fine-tuning")
+    assert "| tiny_mc | acc | " in report and "+0.0000 |" in report
+
+
 def test_unknown_tasks_are_named():
     # The local index only: run_tasks also looks through lm-eval's own (5-15 s to build).
     local = harness._task_manager((TASKS,), builtin=False)
