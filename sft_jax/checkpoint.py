@@ -6,6 +6,9 @@ step-indexed, so the step alone says where the data continues), the model config
 tokenizer/template the run trained with, so tools can rebuild the model from the
 checkpoint alone. Restores go into abstract arrays that carry the *current* shardings, so a
 checkpoint written on one mesh loads onto another.
+
+Retention: the newest `checkpoint.keep`, and with `checkpoint.keep_best` also the best by an
+evaluation metric (`BestMetric`), which each save's meta names (meta["best"]).
 """
 
 from __future__ import annotations
