@@ -118,9 +118,11 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     # The chunked loss (sft_jax.losses.chunked_cross_entropy, per device in shard_map):
     # float32 logits, exp and their gradient for one chunk of 128 of this device's
     # positions (tensor splits the positions, not the vocabulary), the head gathered whole
-    # in the compute dtype and its float32 gradient accumulated across chunks.
+    # in the compute dtype and its float32 gradient accumulated across chunks; a LoRA
+    # run's head is frozen: autodiff drops that gradient, and XLA the loop that sums it.
     chunk = min(128, -(-step.seq // t))
-    loss = 3 * 4 * step.rows * chunk * cfg.vocab_size + (b + 4) * cfg.vocab_size * d
+    head_bytes = b + (0 if step.base_bytes else 4)
+    loss = 3 * 4 * step.rows * chunk * cfg.vocab_size + head_bytes * cfg.vocab_size * d
     return {
         "activations kept for the backward pass": int(tokens * kept),
         "one layer's MLP backward": int(mlp),

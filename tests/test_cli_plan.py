@@ -118,3 +118,16 @@ def test_lower_command_exits_nonzero_with_the_lowering_error(console_script, one
     )
     assert bad.returncode == 1
     assert "does not lower for tpu" in bad.stderr and "multiple of 128" in bad.stderr
+
+
+def test_a_lora_plan_prints_full_finetuning_beside_it(capsys):
+    tiny_py = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    args = ["--config", tiny_py, "--devices", "8", "--config.model.preset=tiny-llama",
+            "--config.lora.rank=4", "--config.lora.quantize=nf4"]  # fmt: skip
+    assert plan.main(args) == 0
+    out = capsys.readouterr().out
+    assert "of which: frozen base" in out and "block kernels nf4" in out
+    assert "against full fine-tuning, per device (GiB):" in out and "LoRA r=4 nf4" in out
+    assert "LoRA needs" in out
+    assert plan.main([*args, "--nocompare_full"]) == 0
+    assert "against full fine-tuning" not in capsys.readouterr().out

@@ -178,6 +178,9 @@ def test_lora_plan_against_full_finetuning():
     # No kernel gradient for a frozen layer: its gathered weights cost less.
     weights = memory_plan.WEIGHTS_TERM
     assert lora_plan["terms"][weights] < full["terms"][weights]
+    # Nor for the frozen head: the loss sums no float32 head gradient.
+    loss, cfg = "chunked loss: logits of a chunk, head gradient", full["model"]
+    assert full["terms"][loss] - lora_plan["terms"][loss] == 4 * cfg.vocab_size * cfg.d_model
     text = memory_plan.comparison(lora_plan, full)
     assert "LoRA r=4 nf4" in text and text.splitlines()[-2].endswith("total")
     share = lora_plan["total"] / full["total"]
