@@ -23,8 +23,8 @@ from absl import logging
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import config as config_lib
 from sft_jax import data as data_lib
+from sft_jax import early_stopping, hf, lora, optim, paths, preemption, sharding, steps
 from sft_jax import evaluate as evaluate_lib
-from sft_jax import hf, lora, optim, paths, preemption, sharding, steps
 from sft_jax import metrics as metrics_lib
 from sft_jax.data.tokenizer import save_tokenizer
 from sft_jax.model import GPT, GPTConfig
@@ -110,7 +110,7 @@ def build_steps(
         schedule=schedule,
         micro_steps=micro_steps,
         label_smoothing=label_smoothing,
-        dropout=cfg.dropout > 0,
+        dropout=cfg.dropout > 0 or cfg.neftune_alpha > 0,  # an rng: dropout, NEFTune noise
     )
     return StepFns(
         model=model,
@@ -202,7 +202,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     model = GPT(model_cfg, lora_spec.layers(model_cfg))
     fns = build_steps(model, tx, schedule, mesh, train_cfg.micro_steps, train_cfg.label_smoothing)
     ckpt_cfg = config_lib.checkpoint_config(config)
-    checkpointer = ckpt_lib.Checkpointer(workdir, ckpt_cfg.keep, ckpt_cfg.async_save, writer=True)
+    best = ckpt_lib.BestMetric.parse(ckpt_cfg.keep_best)
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, ckpt_cfg.keep, ckpt_cfg.async_save, writer=True, best=best
+    )
     if jax.process_index() == 0:  # the tokenizer travels with the run: export and generation
         save_tokenizer(tokenizer, paths.join(workdir, "tokenizer"))
     meta = {
@@ -344,7 +347,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 t.batch_size, peak * fns.mesh.size,
             )  # fmt: skip
             mine = process_rows(fns.batch_sharding, t.batch_size)
-            for step in range(s.start_step, s.num_steps):
+            stopper = early_stopping.EarlyStopping.for_run(
+                s.config, checkpointer, s.start_step, s.splits.validation is not None
+            )
+            last = s.start_step if stopper.stopped else s.num_steps  # it had stopped early
+            for step in range(s.start_step, last):
                 local = data_lib.batch_at(s.splits.train, step, t.batch_size, s.config.seed, mine)
                 profiler.before(step)
                 state, device_metrics = fns.train_step(
@@ -362,14 +369,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     continue
                 window.read()  # a non-finite step stops the run here, before any save
                 record = window.record() if logging_now else {}
+                early = False
                 with window.paused():  # evaluating and saving are not training time
                     if evaluating:
                         record.update(evaluation.validation_loss(state.params))
+                        early = stopper.observe(done, record)
+                        saving = saving or early or checkpointer.improves(record)
                     if record:
                         logger.write(done, record)
                         logger.progress(done, record.get("loss"), record.get("tokens_per_sec"))
                     if saving and checkpointer.latest_step() != done:
-                        checkpointer.save(done, steps.saved(state, fns.model), s.meta)
+                        checkpointer.save(done, steps.saved(state, fns.model),
+                                          s.meta | stopper.meta(), record=record)  # fmt: skip
                         policy.saved()
                 if stopping:
                     logging.warning(
@@ -377,6 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         "same command to resume.", done, s.num_steps, checkpointer.directory, done,
                     )  # fmt: skip
                     return record
+                if early:
+                    break  # `stopper` said why; the run ends as a finished one
         evaluation.finish(state.params)
         checkpointer.wait()  # the export follows only a committed final checkpoint
         _export(s, workdir, state.params)
