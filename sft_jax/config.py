@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from sft_jax import judge, kernels, lora, metrics, optim
+from sft_jax import judge, kernels, lora, optim, trackers
 from sft_jax.data import DataSpec, FormatTemplate
 from sft_jax.model import GPTConfig
 from sft_jax.optim import OptimConfig
@@ -99,7 +99,7 @@ class TrainConfig:
     neftune_alpha: float = 0.0  # NEFTune's noise on the token embeddings; 0 = off
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
     early_stopping_min_delta: float = 0.0  # the least change that counts as an improvement
-    trackers: tuple[str, ...] = ("tensorboard",)  # of metrics.TRACKERS
+    trackers: tuple[str, ...] = ("tensorboard",)  # of trackers.TRACKERS
     tracker_project: str = "sft_jax"  # the W&B project / MLflow experiment
     mlflow_tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else WORKDIR/mlruns
 
@@ -262,7 +262,7 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ValueError(f"config: train.label_smoothing={t.label_smoothing} must be in [0, 1)")
     optim.check(optim_config(c))
-    metrics.check_trackers(t.trackers)  # an unknown name, or its package not installed
+    trackers.check_trackers(t.trackers)  # an unknown name, or its package not installed
 
 
 def _check_batch_sizes(t: TrainConfig, batch_shards: int) -> None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from sft_jax import metrics
+from sft_jax import metrics, trackers
 
 RUN_CONFIG = {"optim": {"name": "muon", "learning_rate": 0.01}, "train": {"steps": 4}}
 
@@ -31,12 +31,12 @@ def log_a_run(workdir, trackers, start_step=0, steps=(1, 2), config=RUN_CONFIG):
 
 
 def test_tracker_names_take_a_tuple_or_commas_and_name_the_key():
-    assert metrics.tracker_names(("tensorboard", "wandb")) == ("tensorboard", "wandb")
-    assert metrics.tracker_names("tensorboard, mlflow") == ("tensorboard", "mlflow")
-    assert metrics.tracker_names(("tensorboard,wandb", "wandb")) == ("tensorboard", "wandb")
-    assert metrics.tracker_names(()) == ()
+    assert trackers.tracker_names(("tensorboard", "wandb")) == ("tensorboard", "wandb")
+    assert trackers.tracker_names("tensorboard, mlflow") == ("tensorboard", "mlflow")
+    assert trackers.tracker_names(("tensorboard,wandb", "wandb")) == ("tensorboard", "wandb")
+    assert trackers.tracker_names(()) == ()
     with pytest.raises(ValueError, match=r"train.trackers.*'comet'.*tensorboard"):
-        metrics.tracker_names("tensorboard,comet")
+        trackers.tracker_names("tensorboard,comet")
 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
