@@ -46,10 +46,28 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+class _ConsoleFormat(std_logging.Formatter):
+    """What a person watching reads: the time and the message ("warning:" and "error:" in
+    front of those), without absl's level letter, thread id and source line; those come
+    back with --verbosity=1, for debugging."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: std_logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= std_logging.WARNING:
+            stamp, _, message = text.partition(" ")
+            text = f"{stamp} {record.levelname.lower()}: {message}"
+        return text
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if FLAGS.verbosity <= 0:  # absl's default: INFO and up, for people
+        logging.get_absl_handler().setFormatter(_ConsoleFormat())
     datasets.disable_progress_bars()
     if FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         # CPU processes need a collectives library to talk to each other (tests, CPU

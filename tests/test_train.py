@@ -3,6 +3,7 @@ config mistakes caught before anything compiles."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,6 +80,9 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path, one_device_env, monkey
     assert os.listdir(tmp_path / "tensorboard")[0].startswith("events.out.tfevents")
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
     assert "packing efficiency" in first.stdout  # the data table, for people
+    # Log lines for people: the time and the message, no absl level/thread/source prefix.
+    assert re.search(r"^\d\d:\d\d:\d\d done: step 6, checkpoints in ", first.stderr, re.M)
+    assert not re.search(r"^I\d{4} ", first.stderr, re.M)
     import mlflow
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as the run sets for its own store
