@@ -342,10 +342,16 @@ def _quantized(layers: LoraLayers, kernel, contracted: tuple[int, ...], names):
     if names is None:
         return q
 
-    def box(x):  # the kernel's names over the leading dims x shares with it, then None
+    def box(x):
+        """The kernel's names over the leading dims x shares with it; then the axis of
+        blocks (or groups) cut from the next kernel dim takes that dim's name too: NF4
+        blocks run along d_model in o_proj and down_proj, the axis fsdp splits, so the
+        blocks must shard where those kernels' rows did."""
         shared = 0
         while shared < min(x.ndim, kernel.ndim) and x.shape[shared] == kernel.shape[shared]:
             shared += 1
+        if shared < min(x.ndim, kernel.ndim) and x.shape[shared] > 1:
+            shared += kernel.shape[shared] % x.shape[shared] == 0
         return nn.LogicallyPartitioned(x, (*names[:shared], *[None] * (x.ndim - shared)))
 
     return jax.tree.map(box, q)

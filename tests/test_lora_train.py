@@ -243,3 +243,19 @@ def test_a_frozen_base_counts_no_weight_gradient_flops():
     )
     frozen = cfg.flops_per_token(512, frozen_layers=True)
     assert frozen == attention + 4 * (cfg.num_params(False) + cfg.vocab_size * cfg.d_model)
+
+
+def test_nf4_blocks_cut_from_the_fsdp_axis_keep_its_name():
+    """o_proj and down_proj run their NF4 blocks along d_model, the axis fsdp splits: the
+    block axis takes the name `embed`, so the codes shard as the kernel's rows did (not
+    replicated on every device: 0.875 GiB of down_proj codes per device for Llama-3.1-8B)."""
+    cfg = dataclasses.replace(TINY_LLAMA, d_model=256, n_heads=4, n_kv_heads=2, d_ff=256)
+    layers = lora.LoraSpec(rank=4, quantize="nf4").layers(cfg)
+    boxed = jax.eval_shape(lambda: steps.init_params(jax.random.key(0), GPT(cfg)))
+    base = jax.eval_shape(lambda: lora.prepare_base(cfg, layers, boxed))
+    block = base["layers"]
+    down = block["mlp"]["down_proj"]["kernel"]  # [layers, d_ff, d_model] → 4 blocks of d_model
+    assert down.codes.names == ("layers", "mlp", "embed", None)
+    o_proj = block["self_attn"]["o_proj"]["kernel"]  # [layers, heads, head_dim, d_model]
+    assert o_proj.codes.names == ("layers", "heads", "head_dim", "embed", None)
+    assert block["self_attn"]["q_proj"]["kernel"].codes.names[:2] == ("layers", "embed")
