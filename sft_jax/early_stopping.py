@@ -55,7 +55,7 @@ class EarlyStopping:
         if t.early_stopping_patience > 0 and not validation:
             raise ValueError(
                 "train.early_stopping_patience needs evaluations: the run has no validation "
-                "rows (set data.validation or data.validation_fraction, or patience 0)"
+                "rows (set data.validation to a source or a fraction such as 0.05, or patience 0)"
             )
         saved = None
         if t.early_stopping_patience > 0 and start_step > 0:
