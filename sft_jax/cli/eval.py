@@ -17,13 +17,12 @@ import sys
 
 from etils import epath
 
+from sft_jax.cli import model_source
+
 
 def _args(argv):
     p = argparse.ArgumentParser(prog="sft-jax-eval", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a training run's --workdir")
-    src.add_argument("--hf", help="a Hugging Face folder (e.g. from sft-jax-export)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    model_source.add_arguments(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
     p.add_argument("--include_path", "--include-path", action="append", default=[],
                    help="a folder of YAML task definitions (repeatable)")  # fmt: skip
@@ -49,9 +48,8 @@ def main(argv=None) -> int:
     args = _args(argv)
     try:
         from sft_jax import harness
-        from sft_jax.cli.generate import _load
 
-        cfg, params, tokenizer, spec, lora = _load(args)
+        cfg, params, tokenizer, spec, lora = model_source.load(args)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         results = harness.run_tasks(
             cfg, params, tokenizer, spec, tasks,

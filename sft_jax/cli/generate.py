@@ -17,13 +17,12 @@ import sys
 
 from etils import epath
 
+from sft_jax.cli import model_source
+
 
 def _args(argv):
     p = argparse.ArgumentParser(prog="sft-jax-generate", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a training run's --workdir")
-    src.add_argument("--hf", help="a Hugging Face folder (e.g. from sft-jax-export)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    model_source.add_arguments(p)
     io = p.add_mutually_exclusive_group(required=True)
     io.add_argument("--prompt", help="one instruction")
     io.add_argument("--input", help="JSONL of rows")
@@ -38,31 +37,6 @@ def _args(argv):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--batch-size", type=int, default=8)
     return p.parse_args(argv)
-
-
-def _load(args):
-    """(model config, params, tokenizer, DataSpec of the run's template, LoRA layers)."""
-    import ml_collections
-
-    from sft_jax import config as config_lib
-    from sft_jax import hf, runs
-    from sft_jax.data import DataSpec, load_tokenizer
-
-    if args.workdir:
-        run = runs.load_run(args.workdir, args.step)
-        spec = config_lib.data_spec(ml_collections.ConfigDict(run.meta["config"]))
-        cfg, params, tokenizer, lora = run.model_cfg, run.params, run.tokenizer, run.lora_layers
-    else:
-        cfg, params = hf.load_hf(args.hf)
-        lora = None
-        tokenizer = load_tokenizer(args.hf)
-        template = "tokenizer" if tokenizer.chat_template else "alpaca"
-        spec = DataSpec(train="-", format="auto", template=template)
-    if args.template:
-        import dataclasses
-
-        spec = dataclasses.replace(spec, template=args.template)
-    return cfg, params, tokenizer, spec, lora
 
 
 def _row(text: str, spec) -> dict:
@@ -80,7 +54,7 @@ def main(argv=None) -> int:
     from sft_jax.generate import Generator, Sampling, end_token_ids
 
     try:
-        cfg, params, tokenizer, spec, lora = _load(args)
+        cfg, params, tokenizer, spec, lora = model_source.load(args)
         if args.prompt is not None:
             rows = [_row(args.prompt, spec)]
         else:
