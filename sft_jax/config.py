@@ -146,14 +146,18 @@ class ExportConfig:
     adapter_dir: str = ""  # LoRA runs: a PEFT adapter folder ("" = none)
 
 
-def _section(c: ml_collections.ConfigDict, name: str, cls: type):
-    """`c.<name>` as the frozen dataclass `cls`; an unknown key is named with the valid ones."""
-    fields = {f.name for f in dataclasses.fields(cls)}
+def _given(c: ml_collections.ConfigDict, name: str, fields: set[str]) -> dict:
+    """`c.<name>` as a dict ({} if absent); a key not in `fields` is named with the valid ones."""
     given = c[name].to_dict() if name in c else {}
     unknown = set(given) - fields
     if unknown:
         raise ValueError(f"config: unknown {name} keys {sorted(unknown)}; valid: {sorted(fields)}")
-    return cls(**given)
+    return given
+
+
+def _section(c: ml_collections.ConfigDict, name: str, cls: type):
+    """`c.<name>` as the frozen dataclass `cls`; an unknown key is named with the valid ones."""
+    return cls(**_given(c, name, {f.name for f in dataclasses.fields(cls)}))
 
 
 def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
@@ -178,11 +182,7 @@ def export_config(c: ml_collections.ConfigDict) -> ExportConfig:
 
 def lora_spec(c: ml_collections.ConfigDict) -> lora.LoraSpec:
     """`c.lora` (absent: LoRA off); an unknown key is named with the valid ones."""
-    given = c.lora.to_dict() if "lora" in c else {}
-    fields = {f.name for f in dataclasses.fields(lora.LoraSpec)} | {"init_from"}
-    unknown = set(given) - fields
-    if unknown:
-        raise ValueError(f"config: unknown lora keys {sorted(unknown)}; valid: {sorted(fields)}")
+    given = _given(c, "lora", {f.name for f in dataclasses.fields(lora.LoraSpec)} | {"init_from"})
     spec = lora.LoraSpec.from_config(given)
     if given.get("init_from") and not spec.enabled:
         raise ValueError(

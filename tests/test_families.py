@@ -78,6 +78,19 @@ def _batch():
     return tokens, mask
 
 
+def train_batch(tokens, mask) -> dict:
+    """Padded rows [rows, seq] (mask 1 on real tokens) as a training batch: next-token
+    targets, loss on every real position but the last, one segment per row."""
+    seq = tokens.shape[1]
+    return {
+        "tokens": jnp.asarray(tokens, jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(seq), tokens.shape),
+        "segment_ids": jnp.asarray(mask, jnp.int32),
+        "targets": jnp.asarray(np.roll(tokens, -1, axis=1), jnp.int32),
+        "loss_mask": jnp.asarray(mask, jnp.float32).at[:, -1].set(0),
+    }
+
+
 def _torch_logits(model, tokens, mask):
     with torch.no_grad():
         out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
@@ -177,14 +190,7 @@ def _fine_tune(cfg, params, n_steps=3):
     model = GPT(cfg)
     tx = optax.adam(1e-2)
     state = steps.state_from_params(jax.tree.map(jnp.asarray, params), jax.random.key(0), tx)
-    tokens, mask = _batch()
-    batch = {
-        "tokens": jnp.asarray(tokens, jnp.int32),
-        "positions": jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ)),
-        "segment_ids": jnp.asarray(mask, jnp.int32),
-        "targets": jnp.asarray(np.roll(tokens, -1, axis=1), jnp.int32),
-        "loss_mask": jnp.asarray(mask, jnp.float32).at[:, -1].set(0),
-    }
+    batch = train_batch(*_batch())
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=lambda s: 0.0))
     losses = []
     for _ in range(n_steps):

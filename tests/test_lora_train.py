@@ -23,6 +23,7 @@ from sft_jax import checkpoint, hf, lora, quant, sharding, steps, train
 from sft_jax import config as config_lib
 from sft_jax.model import GPT, GPTConfig
 from sft_jax.optim import OptimConfig, make_optimizer
+from tests.test_families import train_batch
 from tests.test_steps import VOCAB, make_batch
 
 SEQ = 12
@@ -60,14 +61,7 @@ def _batch():
     tokens = rng.integers(0, VOCAB, (2, SEQ))
     mask = np.ones((2, SEQ), np.int64)
     mask[1, 9:] = 0  # right padding in the second row
-    batch = {
-        "tokens": jnp.asarray(tokens, jnp.int32),
-        "positions": jnp.broadcast_to(jnp.arange(SEQ), (2, SEQ)),
-        "segment_ids": jnp.asarray(mask, jnp.int32),
-        "targets": jnp.asarray(np.roll(tokens, -1, axis=1), jnp.int32),
-        "loss_mask": jnp.asarray(mask, jnp.float32).at[:, -1].set(0),
-    }
-    return batch, mask.astype(bool)
+    return train_batch(tokens, mask), mask.astype(bool)
 
 
 def _logits(model, params, batch):
