@@ -393,6 +393,12 @@ def merge(params: dict, adapters: dict, spec: LoraSpec) -> dict:
     return walk(params, adapters)
 
 
+def merged(params: dict, spec: LoraSpec | None) -> dict:
+    """A model's params (adapters beside their kernels, if any) as a plain model's: each
+    adapted kernel merged (`merge`), the adapters gone. Without LoRA, `params` as they are."""
+    return merge(*split(params), spec) if spec is not None and spec.enabled else params
+
+
 # --------------------------------------------------------------------------- PEFT folders
 
 _CONFIG = "adapter_config.json"

@@ -36,7 +36,7 @@ class Run:
 
     def merged_params(self) -> dict:
         """The params with any LoRA adapters merged into the kernels: a plain model."""
-        return lora.merge(*lora.split(self.params), self.lora) if self.lora else self.params
+        return lora.merged(self.params, self.lora)
 
 
 def lora_spec_from_meta(meta: dict) -> lora.LoraSpec | None:
@@ -71,11 +71,13 @@ def load_run(workdir: str, step: int | None = None, best: bool = False) -> Run:
     cfg = model_config_from_meta(meta)
     spec = lora_spec_from_meta(meta)
     mesh = sharding.make_mesh(fsdp=-1)
-    boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    if spec:
-        boxed = {"params": lora.abstract_adapters(cfg, spec)}
-    shardings = sharding.tree_shardings(boxed["params"], mesh)
-    target = ckpt_lib.abstract_with_shardings(nn.meta.unbox(boxed)["params"], shardings)
+    if spec:  # the checkpoint holds the adapters alone
+        boxed = lora.abstract_adapters(cfg, spec)
+    else:
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        boxed = jax.eval_shape(GPT(cfg).init, jax.random.key(0), tokens)["params"]
+    shardings = sharding.tree_shardings(boxed, mesh)
+    target = ckpt_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
     params = ckpt.restore_params(step, target)
     ckpt.close()
     if spec:

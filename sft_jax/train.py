@@ -68,6 +68,7 @@ class StepFns:
     init: Callable  # rng -> TrainState, laid out by state_shardings
     init_from_params: Callable  # (loaded params, rng) -> TrainState around them
     prepare_base: Callable  # loaded params -> the frozen base as the state holds it (LoRA)
+    random_base: Callable  # rng -> the frozen base `init(rng)` holds (LoRA on a random base)
     train_step: Callable  # (state, batch) -> (state, metrics); state donated
     eval_step: Callable  # (params, batch) -> {loss_sum, loss_tokens}
 
@@ -133,6 +134,9 @@ def build_steps(
             in_shardings=(load_shardings,),
             out_shardings=base_shardings,
             donate_argnums=0,
+        ),
+        random_base=jax.jit(
+            functools.partial(steps.random_base, model=model), out_shardings=base_shardings
         ),
         train_step=jax.jit(
             train_step,
@@ -250,9 +254,7 @@ def _initial_state(
     if source:
         params = _pretrained(source, config, model_cfg, fns)
     else:  # a LoRA run on a random base: the base of the seed's init
-        base_shardings = lora.split(fns.state_shardings.params)[0]
-        random_base = jax.jit(steps.random_base, static_argnums=1, out_shardings=base_shardings)
-        params = random_base(rng, fns.model)
+        params = fns.random_base(rng)
     if resumed is not None:
         return steps.with_base(resumed[0], fns.prepare_base(params) if source else params)
     state = fns.init_from_params(params, rng)
@@ -296,8 +298,7 @@ def _export(s: Setup, workdir: str, params) -> None:
     spec = config_lib.lora_spec(s.config)
     if export_cfg.hf_dir:
         out = paths.under(workdir, export_cfg.hf_dir)
-        merged = lora.merge(*lora.split(params), spec) if spec.enabled else params
-        hf.save_hf(s.model_cfg, merged, out, tokenizer=s.tokenizer,
+        hf.save_hf(s.model_cfg, lora.merged(params, spec), out, tokenizer=s.tokenizer,
                    dtype=hf.export_dtype(s.model_cfg, export_cfg.dtype))  # fmt: skip
         logging.info("exported the final params to %s (Hugging Face format)", out)
     if export_cfg.adapter_dir:
