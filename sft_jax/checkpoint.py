@@ -328,16 +328,8 @@ def check_compatible(saved_model: dict, current_model: dict, directory: str) -> 
     in a way that changes parameter shapes or meaning (numerics such as dtype or remat may
     change between runs)."""
     free = {"dtype", "remat", "dropout", "attention", "neftune_alpha"}
-    saved_model = saved_model_fields(saved_model)
-    differ = sorted(
-        k for k in set(saved_model) | set(current_model)
-        if k not in free and _plain(saved_model.get(k)) != _plain(current_model.get(k))
-    )  # fmt: skip
-    if differ:
-        detail = ", ".join(
-            f"{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
-            for k in differ
-        )
+    detail = _differences(saved_model_fields(saved_model), current_model, free)
+    if detail:
         raise ValueError(
             f"the checkpoints in {directory} were written by a different model ({detail}); "
             "use the same model.* settings to resume, or a new --workdir"
@@ -363,11 +355,8 @@ def check_resumable(saved_meta: dict, meta: dict, directory: str) -> None:
             "fine-tuned model, export it with sft-jax-export and set model.init_from to it)"
         )
     # Dropout may change between runs; rank, scale, targets, init and the base may not.
-    keys = sorted((set(saved) | set(current)) - {"dropout"})
-    differ = [k for k in keys if _plain(saved.get(k)) != _plain(current.get(k))]
-    if differ:
-        detail = ", ".join(f"lora.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-                           for k in differ)  # fmt: skip
+    detail = _differences(saved, current, {"dropout"}, prefix="lora.")
+    if detail:
         raise ValueError(f"the LoRA checkpoints in {directory} differ from the config ({detail}); "
                          "use the same lora.* settings to resume, or a new --workdir")  # fmt: skip
     saved_base, base = saved_meta.get("base", {}), meta.get("base", {})
@@ -379,6 +368,16 @@ def check_resumable(saved_meta: dict, meta: dict, directory: str) -> None:
             f"{saved_base.get(key)!r}, not {base.get(key)!r}; they hold only the adapters, "
             "so the base must be the same to resume"
         )
+
+
+def _differences(saved: dict, current: dict, free: set[str], prefix: str = "") -> str:
+    """Each key but `free` whose values differ, as "key: checkpoint X vs config Y", joined
+    by commas ("" when none differ)."""
+    keys = sorted((set(saved) | set(current)) - free)
+    return ", ".join(
+        f"{prefix}{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+        for k in keys if _plain(saved.get(k)) != _plain(current.get(k))
+    )  # fmt: skip
 
 
 def saved_model_fields(saved_model: dict) -> dict:
