@@ -8,6 +8,7 @@ params carry both, the adapters beside their kernels (`Run.lora` says how to app
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -108,14 +109,21 @@ def best_step(ckpt: ckpt_lib.Checkpointer, workdir: str, step: int | None = None
 
 
 def _lora_base(meta: dict, cfg: GPTConfig, spec: lora.LoraSpec, mesh) -> dict:
-    """The frozen base a LoRA run trained on, as it stored it (dtype, quantization)."""
+    """The frozen base a LoRA run trained on, as it stored it (dtype, quantization), each
+    device holding its shards of it."""
     model = GPT(cfg, spec.layers(cfg))
+    boxed = lora.split(jax.eval_shape(lambda: steps.init_params(jax.random.key(0), model)))[0]
+    stored = jax.eval_shape(lambda: lora.prepare_base(cfg, model.lora, boxed))
+    out_shardings = sharding.tree_shardings(stored, mesh)
     base = meta.get("base", {})
     if not base.get("init_from"):  # the run's random init: the same function, the same key
-        return jax.jit(steps.random_base, static_argnums=1)(jax.random.key(base["seed"]), model)
-    boxed = lora.split(jax.eval_shape(lambda: steps.init_params(jax.random.key(0), model)))[0]
+        random_base = jax.jit(functools.partial(steps.random_base, model=model),
+                              out_shardings=out_shardings)  # fmt: skip
+        return random_base(jax.random.key(base["seed"]))
     _, params = hf.load_hf(
         base["init_from"], param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
         shardings=sharding.tree_shardings(boxed, mesh), shapes=nn.meta.unbox(boxed),
     )  # fmt: skip
-    return jax.jit(lora.prepare_base, static_argnums=(0, 1))(cfg, model.lora, params)
+    prepare = jax.jit(functools.partial(lora.prepare_base, cfg, model.lora),
+                      out_shardings=out_shardings)  # fmt: skip
+    return prepare(params)
