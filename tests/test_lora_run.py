@@ -8,8 +8,6 @@ tests/test_lora_train.py.)"""
 import functools
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,12 +17,12 @@ from safetensors.numpy import load_file
 from sft_jax import hf, lora, runs
 from sft_jax.cli import export
 from tests.conftest import one_device_environment
-from tests.test_train import ROOT
+from tests.test_train import _main as run_main
 
 pytestmark = pytest.mark.slow
 
-ARGS = [
-    "--config", "configs/tiny.py", "--config.train.steps=4", "--config.train.log_every=1",
+ARGS = [  # over configs/tiny.py
+    "--config.train.steps=4", "--config.train.log_every=1",
     "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
     "--config.data.train=synthetic:add:120", "--config.data.validation=0.1",
     "--config.train.eval_every=0", "--config.eval.generations=2",
@@ -38,10 +36,8 @@ ARGS = [
 
 def _main(workdir, xla_cache, *extra):
     """A run on one CPU device, as a user's; compiled executables shared through the cache."""
-    cmd = [sys.executable, "-m", "sft_jax.main", f"--workdir={workdir}", *ARGS,
-           f"--config.train.compilation_cache_dir={xla_cache}", *extra]  # fmt: skip
-    env = one_device_environment()
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    cache = f"--config.train.compilation_cache_dir={xla_cache}"
+    return run_main(workdir, *ARGS, cache, *extra, env=one_device_environment())
 
 
 def _adapters(workdir):
