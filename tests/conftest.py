@@ -52,6 +52,18 @@ def one_device_env() -> dict[str, str]:
     return one_device_environment()
 
 
+NO_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_torch")
+
+
+@pytest.fixture
+def runtime_env() -> dict[str, str]:
+    """`one_device_env` with torch unimportable (tests/no_torch/sitecustomize.py), as in the
+    README's runtime-only install: a command run in it must not need the test extras."""
+    env = one_device_environment()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (NO_TORCH, env.get("PYTHONPATH")) if p)
+    return env
+
+
 @pytest.fixture(scope="session")
 def console_script():
     """f(name) → the path of a console script from setup.py (`sft-jax-inspect`, …), as

@@ -1,7 +1,9 @@
 """The README's main command, shortened: SmolLM2 from its packaged GGUF, a few steps,
 and every artefact the quickstart promises. Run as the README runs it, in a process of its
 own on one CPU device (in the test process, with 8 faked devices, the compiles of the
-fsdp=8 programs took four times as long)."""
+fsdp=8 programs took four times as long) and with torch unimportable, as in the README's
+runtime-only install (transformers 5.25's GGUF tokenizer reader needed torch, and only a
+fresh machine saw it)."""
 
 import json
 import os
@@ -15,14 +17,14 @@ from tests.test_train import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_config_end_to_end(tmp_path, console_script, one_device_env):
+def test_quickstart_config_end_to_end(tmp_path, console_script, runtime_env):
     run = subprocess.run(
         [sys.executable, "-m", "sft_jax.main", "--config", "configs/quickstart.py",
          f"--workdir={tmp_path}", "--config.train.steps=2", "--config.train.log_every=1",
          "--config.train.eval_every=2", "--config.optim.warmup_steps=1",
          "--config.data.train=synthetic:mix:200", "--config.eval.generations=4",
          "--config.eval.max_new_tokens=4", "--config.train.progress_bar=False"],
-        cwd=ROOT, env=one_device_env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=runtime_env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "over 1 devices" in run.stderr  # as on a user's CPU
@@ -37,7 +39,7 @@ def test_quickstart_config_end_to_end(tmp_path, console_script, one_device_env):
     out = subprocess.run(
         [console_script("sft-jax-generate"), "--hf", str(tmp_path / "hf"),
          "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"],
-        cwd=ROOT, env=one_device_env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=runtime_env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip()

@@ -16,6 +16,7 @@ import tempfile
 import transformers
 
 from sft_jax import assets, paths
+from sft_jax.data import gguf_tokenizer
 
 # Every GPT-2 size shares one tokenizer, so these names all resolve to the offline files.
 GPT2_NAMES = frozenset(
@@ -69,13 +70,12 @@ def _load_gpt2() -> transformers.PreTrainedTokenizerBase:
 
 
 def _load_gguf(source: str) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer stored inside a GGUF file (llama.cpp's format), e.g. SmolLM2's."""
+    """The tokenizer stored inside a GGUF file (llama.cpp's format), e.g. SmolLM2's: built
+    by `gguf_tokenizer`, not by transformers' GGUF reader, which needs torch."""
     path = assets.resolve_source(source)
     if not os.path.isfile(path):
         raise ValueError(f"model.tokenizer: GGUF file {path!r} does not exist")
-    return transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
-    )
+    return gguf_tokenizer.load_gguf_tokenizer(path)
 
 
 def _load_auto(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
