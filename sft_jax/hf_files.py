@@ -124,7 +124,11 @@ class TorchBinFolder:
         try:
             import torch
         except ImportError:
-            raise ValueError(f"{folder}: reading .bin weights needs torch installed") from None
+            raise ValueError(
+                f"{folder}: its weights are pickled pytorch_model*.bin files, which only torch "
+                "reads, and torch is not part of sft_jax's runtime install. Install it "
+                "(pip install torch) or convert the folder to safetensors."
+            ) from None
         self.folder = folder
         self._state: dict = {}
         for f in sorted(folder.glob("pytorch_model*.bin")):

@@ -59,6 +59,9 @@ def test_contract_with_torch_and_padding(one_device_env):
     )
     _check_sft_jax(r, 2, 64)
     assert r["preset"] == "tiny" and r["batch_size"] == 2 and r["seq_len"] == 64
+    # Every figure names the CPU it came from (README rows quote it): model, cores, vectors.
+    assert re.fullmatch(r".+, \d+ cores, .+", r["host_cpu"]), r["host_cpu"]
+    assert f"host CPU: {r['host_cpu']}" in out
     for key in ("torch_tokens_per_sec", "torch_step_time_s", "torch_mfu", "torch_peak_rss_mb"):
         assert r[key] > 0, key
     assert r["ratio"] == pytest.approx(r["tokens_per_sec"] / r["torch_tokens_per_sec"])

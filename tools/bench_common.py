@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import resource
 import sys
 from collections.abc import Callable
@@ -29,6 +30,36 @@ def peak_rss_mb() -> float:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, else KiB
+
+
+def host_cpu() -> str:
+    """The CPU figures come from, as a README row names it: model, cores this process may
+    use, and its widest vector extensions (speed ratios differ with these: XLA:CPU and
+    torch both pick their kernels by them)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model != value.strip():
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if "avx512f" in flags:
+        vectors = "AVX-512" + (", AMX" if "amx_tile" in flags else "")
+    elif "avx2" in flags:
+        vectors = "AVX2, no AVX-512"
+    elif "avx" in flags:
+        vectors = "AVX, no AVX2"
+    else:
+        vectors = ", ".join(
+            name for name, flag in (("SVE", "sve"), ("NEON", "asimd")) if flag in flags
+        )
+    return f"{model}, {cores} cores, {vectors or 'vector extensions unknown'}"
 
 
 def tokenizer_for(c):

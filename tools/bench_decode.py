@@ -33,7 +33,7 @@ from sft_jax import hostenv
 # `python tools/bench_decode.py` puts tools/ first on the path; `tools.` imports need the root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.bench_common import finish, peak_rss_mb, torch_available  # noqa: E402
+from tools.bench_common import finish, host_cpu, peak_rss_mb, torch_available  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "asset:smollm2-135m-instruct-gguf", "HF folder, .gguf or asset:")
@@ -140,7 +140,7 @@ def run(model: str, batches: list[int], new: int, repeats: int, with_torch: bool
     device = f"{jax.device_count()} × {jax.devices()[0].device_kind}"
     print(f"model: {model} ({cfg.num_params() / 1e6:.1f} M params, {cfg.dtype}); "
           f"{new} new tokens; devices: {device}")  # fmt: skip
-    print(f"host: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    print(f"host: {host_cpu()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     out: dict = {"model": model, "new_tokens": new, "results": []}
     why_not = torch_available() if with_torch else "off"
     with tempfile.TemporaryDirectory(prefix="sft_jax_bench_decode_") as folder:

@@ -207,11 +207,13 @@ def run_torch(rows_path: str, c, batch_size: int) -> dict:
 
 def run(c, config_file: str, overrides: list[str], rows: int, torch_batch: int,
         with_torch: bool, with_padded: bool) -> dict:  # fmt: skip
-    from tools.bench_common import tokenizer_for, torch_available
+    from tools.bench_common import host_cpu, tokenizer_for, torch_available
 
     out: dict = {"rows": rows, "preset": c.model.preset, "seq_len": c.data.max_seq_len,
                  "batch_size": c.train.batch_size, "torch_batch": torch_batch,
-                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # fmt: skip
+                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                 "host_cpu": host_cpu()}  # fmt: skip
+    print(f"host CPU: {out['host_cpu']}")
     with tempfile.TemporaryDirectory(prefix="sft_jax_bench_job_") as tmp:
         rows_path = os.path.join(tmp, "rows.jsonl")
         out["rows"] = write_rows(c.data.train, rows, rows_path)

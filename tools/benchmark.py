@@ -78,6 +78,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.bench_common import (  # noqa: E402
     finish,
+    host_cpu,
     peak_rss_mb,
     tokenizer_for,
     torch_adamw,
@@ -452,6 +453,7 @@ def run(
     print(
         f"devices: {jax.device_count()} × {jax.devices()[0].device_kind} ({jax.default_backend()})"
     )
+    print(f"host CPU: {host_cpu()}")
     print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_source})")
     print(
         f"model: {c.model.preset} ({model_cfg.num_params() / 1e6:.1f} M params, {model_cfg.dtype}"
@@ -503,6 +505,7 @@ def run(
         "batches": batches_kind,
         "devices": jax.device_count(),
         "backend": jax.default_backend(),
+        "host_cpu": host_cpu(),
         "peak_flops": peak,
         "peak_flops_source": peak_source,
         "flops_per_token": fpt,
