@@ -67,6 +67,8 @@ setup(
             "wandb>=0.19",
             "mlflow-skinny>=2.10",
             "ruff>=0.6",
+            # The layer contracts in pyproject.toml (tests/test_import_contracts.py).
+            "import-linter>=2.1",
             # A real GCS server on loopback for the gs:// tests (tests/storage_emulator.py).
             "gcp-storage-emulator>=2026.7",
             # moto's S3 server on loopback for the s3:// tests (tests/storage_emulator.py).

@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from sft_jax import paths
-from sft_jax.model import GPTConfig
+from sft_jax.model.config import GPTConfig
 
 
 def check_workdir(workdir: str) -> None:

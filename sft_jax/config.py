@@ -14,7 +14,7 @@ import ml_collections
 
 from sft_jax import judge, kernels, lora, optim, trackers
 from sft_jax.data import DataSpec, FormatTemplate
-from sft_jax.model import GPTConfig
+from sft_jax.model.config import GPTConfig
 from sft_jax.optim import OptimConfig
 
 # Tokenizer of each preset when neither model.tokenizer nor model.init_from names one.

@@ -36,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from sft_jax import hf, hf_files, hf_sharded, quant
+from sft_jax import hf, quant
+from sft_jax.hf import files as hf_files
+from sft_jax.hf import sharded as hf_sharded
 from sft_jax.matmul import lora_output  # noqa: F401  (re-exported: the adapter's output)
 from sft_jax.model import GPT, LORA_RANK_AXIS, GPTConfig, LoraLayers, unstack_layers
 from sft_jax.sharding import get_path

@@ -23,7 +23,7 @@ import jax
 import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
-from sft_jax.model import FAMILIES
+from sft_jax.model.families import FAMILIES
 
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd", "muon")
 # Leaves decayed like dense kernels: the kernels and the LoRA adapters' two matrices.

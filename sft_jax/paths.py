@@ -23,7 +23,7 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 for _protocol in ("gs", "gcs", "s3", "s3a"):
     fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
-# What `download` leaves behind: a model folder's weights are read by hf.py in slices.
+# What `download` leaves behind: a model folder's weights are read by sft_jax.hf in slices.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5")
 
 

@@ -4,6 +4,8 @@ every pod and cluster recipe fits its stated devices by the memory plan."""
 import glob
 import importlib.util
 import os
+import pathlib
+import re
 
 import jax
 import pytest
@@ -126,3 +128,16 @@ def test_pod_recipe_plans_and_lowers_for_tpu_on_its_mesh(name, console_script, o
     assert "lowered for tpu on mesh {'data': 1, 'fsdp': 64, 'tensor': 1} (attention=splash)" in (
         done.stdout
     )
+
+
+def test_every_preset_is_listed_where_users_look():
+    """README's useful keys and configs/default.py's comment name every preset (they once
+    showed 7 of 15)."""
+    from sft_jax.model import PRESETS
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    default = (root / "configs" / "default.py").read_text(encoding="utf-8")
+    for name in PRESETS:
+        assert f"`{name}`" in readme, name
+        assert re.search(rf"[ ,]{re.escape(name)}[,.]", default), name

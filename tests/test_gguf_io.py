@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from sft_jax.gguf_io import open_tensors, read_gguf, read_gguf_config
+from sft_jax.hf.gguf_file import open_tensors, read_gguf, read_gguf_config
 
 # Tiny llama: 2 layers, d 32 (Q8_0 needs rows of 32), 4 heads / 2 KV heads (head_dim 8),
 # ffn 24, vocab 40.

@@ -127,7 +127,7 @@ def test_mlp_activation_is_recomputed_not_kept(monkeypatch, grad_scratch_bytes, 
     model, params = _init(GPTConfig.preset(preset, **fields))
     grad = lambda: jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)))
     ours, ours_bytes = grad()(params), grad_scratch_bytes(preset, x, **fields)
-    monkeypatch.setattr(model_lib, "recompute_input", lambda project: project)
+    monkeypatch.setattr(model_lib.layers, "recompute_input", lambda project: project)
     same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     jax.tree.map(same, ours, grad()(params))
     stack = fields["n_layers"] * x.size * fields["d_ff"] * 4

@@ -140,7 +140,7 @@ def test_a_remote_safetensors_block_fetches_its_rows_and_no_more(s3_server, s3_b
     for every read, on every process."""
     from safetensors.numpy import save_file
 
-    from sft_jax import hf_files
+    from sft_jax.hf import files as hf_files
 
     w = np.arange(256 * 256, dtype=np.float32).reshape(256, 256)
     save_file({"w": w, "b": np.ones(7, np.float32)}, str(tmp_path / "model.safetensors"))

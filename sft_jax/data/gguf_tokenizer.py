@@ -25,11 +25,10 @@ import functools
 import os
 from typing import Any
 
+import gguf
 import transformers
 from absl import logging
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-from sft_jax import gguf_io
 
 # llama.cpp's token types (gguf.TokenType): CONTROL tokens are special (<|im_end|>);
 # USER_DEFINED ones are matched whole but are ordinary text (<think>).
@@ -91,11 +90,32 @@ def _byte_alphabet() -> frozenset[str]:
 
 
 def _metadata(path: str) -> dict[str, Any]:
-    reader = gguf_io.open_reader(path)
-    keys = ("model", "pre", "tokens", "token_type", "merges", "add_bos_token", "add_eos_token",
-            "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")  # fmt: skip
-    meta = {key: gguf_io.field(reader, f"tokenizer.ggml.{key}") for key in keys}
-    meta["chat_template"] = gguf_io.field(reader, "tokenizer.chat_template")
+    """The tokenizer's metadata. Read with `gguf` here rather than through `sft_jax.hf`: the
+    data package stays below the model and its weights."""
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises assorted errors on truncated/garbage input
+        raise ValueError(f"model.tokenizer: {path} is not a readable GGUF file: {e}") from e
+
+    def field(key: str) -> Any:
+        entry = reader.fields.get(key)
+        return None if entry is None else entry.contents()
+
+    keys = (
+        "model",
+        "pre",
+        "tokens",
+        "token_type",
+        "merges",
+        "add_bos_token",
+        "add_eos_token",
+        "bos_token_id",
+        "eos_token_id",
+        "unknown_token_id",
+        "padding_token_id",
+    )
+    meta = {key: field(f"tokenizer.ggml.{key}") for key in keys}
+    meta["chat_template"] = field("tokenizer.chat_template")
     return meta
 
 

@@ -34,6 +34,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from sft_jax.hf import gguf_file
+
 Index = tuple[slice, ...]
 
 
@@ -148,12 +150,10 @@ class TorchBinFolder:
 
 
 class GGUFFile:
-    """A llama GGUF file's tensors under their HF names (see `gguf_io`)."""
+    """A llama GGUF file's tensors under their HF names (see `hf.gguf_file`)."""
 
     def __init__(self, path: str):
-        from sft_jax import gguf_io
-
-        _, self._tensors = gguf_io.open_tensors(path)
+        _, self._tensors = gguf_file.open_tensors(path)
         self._rows: tuple = (None, None)  # (key, array): the last rows dequantized
 
     def shape(self, name: str) -> tuple[int, ...]:

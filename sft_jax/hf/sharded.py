@@ -3,7 +3,7 @@ than its own shards plus one tensor (the rule for scale in docs/design.md).
 
 Import: each process asks, per parameter, which blocks its devices hold
 (`addressable_devices_indices_map`), reads only those rows of the HF tensor
-(`hf_files` readers), casts them to the parameter dtype and builds the global array with
+(`files` readers), casts them to the parameter dtype and builds the global array with
 `jax.make_array_from_callback`. A stacked (scanned) leaf is filled one layer at a time into
 an array already laid out on the mesh (an in-place update of a donated buffer), so the host
 never holds more than one layer's blocks.
@@ -30,7 +30,7 @@ ReadBlock = Callable[[Index], np.ndarray]  # our (per-layer) index → that bloc
 
 
 def hf_shape(layout: str, shape: tuple[int, ...], in_dims: int) -> tuple[int, ...]:
-    """The HF tensor's shape for our leaf `shape` (one layer of it), by layout (see hf.py)."""
+    """The HF tensor's shape for our leaf `shape` (one layer of it), by layout (`hf.tensors`)."""
     if layout == "table":
         return tuple(shape)
     if layout == "vector":
