@@ -24,7 +24,6 @@ from absl import logging
 from etils import epath
 
 from sft_jax import paths
-from sft_jax.model.config import GPTConfig
 
 
 def check_workdir(workdir: str) -> None:
@@ -321,84 +320,6 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def check_compatible(saved_model: dict, current_model: dict, directory: str) -> None:
-    """Fail, naming the fields, when the checkpoint's architecture differs from the config's
-    in a way that changes parameter shapes or meaning (numerics such as dtype or remat may
-    change between runs)."""
-    free = {"dtype", "remat", "dropout", "attention", "neftune_alpha"}
-    detail = _differences(saved_model_fields(saved_model), current_model, free)
-    if detail:
-        raise ValueError(
-            f"the checkpoints in {directory} were written by a different model ({detail}); "
-            "use the same model.* settings to resume, or a new --workdir"
-        )
-
-
-def check_resumable(saved_meta: dict, meta: dict, directory: str) -> None:
-    """Fail, naming the config key, when this run cannot continue the checkpoint whose meta
-    is `saved_meta`: another architecture (`check_compatible`), LoRA on a checkpoint
-    trained without it or the reverse, other LoRA settings, or (with LoRA, whose
-    checkpoints hold only the adapters) another base model."""
-    check_compatible(saved_meta["model"], meta["model"], directory)
-    saved, current = saved_meta.get("lora"), meta.get("lora")
-    if not saved and not current:
-        return
-    if not saved or not current:
-        rank = (current or saved)["rank"]
-        written_by = "a LoRA run" if saved else "a full fine-tuning run (no LoRA)"
-        fix = "lora.rank=0 (full fine-tuning)" if saved is None else f"lora.rank={rank}"
-        raise ValueError(
-            f"lora.rank: the checkpoints in {directory} were written by {written_by}; set "
-            f"{fix} as they were to resume them, or use a new --workdir (to train LoRA on a "
-            "fine-tuned model, export it with sft-jax-export and set model.init_from to it)"
-        )
-    # Dropout may change between runs; rank, scale, targets, init and the base may not.
-    detail = _differences(saved, current, {"dropout"}, prefix="lora.")
-    if detail:
-        raise ValueError(f"the LoRA checkpoints in {directory} differ from the config ({detail}); "
-                         "use the same lora.* settings to resume, or a new --workdir")  # fmt: skip
-    saved_base, base = saved_meta.get("base", {}), meta.get("base", {})
-    key = "init_from" if saved_base.get("init_from") or base.get("init_from") else "seed"
-    if saved_base.get(key) != base.get(key):
-        name = "model.init_from" if key == "init_from" else "seed (of the random base)"
-        raise ValueError(
-            f"{name}: the LoRA checkpoints in {directory} adapt the base "
-            f"{saved_base.get(key)!r}, not {base.get(key)!r}; they hold only the adapters, "
-            "so the base must be the same to resume"
-        )
-
-
-def _differences(saved: dict, current: dict, free: set[str], prefix: str = "") -> str:
-    """Each key but `free` whose values differ, as "key: checkpoint X vs config Y", joined
-    by commas ("" when none differ)."""
-    keys = sorted((set(saved) | set(current)) - free)
-    return ", ".join(
-        f"{prefix}{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-        for k in keys if _plain(saved.get(k)) != _plain(current.get(k))
-    )  # fmt: skip
-
-
-def saved_model_fields(saved_model: dict) -> dict:
-    """The model config a checkpoint's meta recorded, as `GPTConfig` fields. Runs written
-    before `GPTConfig` had a `family` field recorded none: their family followed from the
-    architecture (learned positions were GPT-2, q/k/v biases Qwen2, anything else Llama),
-    inferred here, once, so that old workdirs still resume and export."""
-    # Fields added to GPTConfig later (Gemma's soft caps …) were at their defaults then.
-    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name != "family"}
-    saved_model = defaults | saved_model
-    if "family" in saved_model:
-        return saved_model
-    if saved_model.get("positions", "learned") == "learned":
-        family = "gpt2"
-    else:
-        family = "qwen2" if saved_model.get("qkv_bias") else "llama"
-    return {"family": family, **saved_model}
-
-
-def _plain(v: Any) -> Any:
-    return list(v) if isinstance(v, (tuple, list)) else v
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

@@ -15,8 +15,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from sft_jax import data as data_lib
+from sft_jax import harness, paths
 from sft_jax import judge as judge_lib
-from sft_jax import paths
 from sft_jax.generate import Generator, Sampling, end_token_ids
 
 
@@ -63,9 +64,9 @@ class Evaluation:
                 "--workdir %s", eval_cfg.generations, workdir,
             )  # fmt: skip
         elif eval_cfg.generations > 0:
-            spec = first_source_spec(spec)  # A mixture's prompts: its first source's.
-            rows = held_out_rows(spec, eval_cfg.generations)
-            self._prompts = prompts_and_references(rows, spec, tokenizer)
+            spec = data_lib.first_source_spec(spec)  # A mixture's prompts: its first source's.
+            rows = data_lib.held_out_rows(spec, eval_cfg.generations)
+            self._prompts = data_lib.prompts_and_references(rows, spec, tokenizer)
         self._before: list[dict] | None = None
 
     def validation_loss(self, params) -> dict[str, float]:
@@ -97,8 +98,6 @@ class Evaluation:
 
     def _dispatch(self, params, rows) -> list:
         """The eval step's sums for each batch of `rows` (or its first `max_batches`)."""
-        from sft_jax import data as data_lib
-
         batches = data_lib.eval_batches(rows, self._batch_size, self._process_rows)
         if self._max_batches:
             batches = itertools.islice(batches, self._max_batches)
@@ -120,8 +119,6 @@ class Evaluation:
             logging.warning("eval.harness_tasks skipped: single-process runs only; score the "
                             "checkpoint with sft-jax-eval --workdir %s", self.workdir)  # fmt: skip
             return
-        from sft_jax import harness
-
         harness.evaluate_run(
             self.workdir, name, self._model_cfg, params, self._tokenizer, self._spec,
             e.harness_task_list, include_path=e.harness_include_path or None,
@@ -143,8 +140,6 @@ class Evaluation:
                 print(report.split("\n\n| prompt")[0])  # the figures; the rest is in the file
         self._harness(params, "after")
         if self._cfg.harness_task_list:
-            from sft_jax import harness
-
             benchmarks = harness.report_markdown(self.workdir)
             print(benchmarks)
             report = f"{report}\n{benchmarks}" if report else benchmarks
@@ -326,71 +321,3 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> str:
 
 
 PromptFn = Callable[[dict], tuple[str, str]]  # row -> (rendered prompt, reference answer)
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def prompts_and_references(
-    rows: Sequence[dict], spec, tokenizer
-) -> list[tuple[list[int], str, str]]:
-    """(prompt ids, the user's request, reference answer) per row. The ids are rendered with
-    the run's format and template: exactly the tokens training put before each response
-    (`data.prompt_ids`)."""
-    from sft_jax.data import formats, prompt_ids
-    from sft_jax.data.spec import Fields
-
-    fields = Fields.parse(spec.fields)
-    out = []
-    for row in rows:
-        fmt = formats.detect(row, fields) if spec.format == "auto" else spec.format
-        messages = formats.to_messages(row, fmt, fields)
-        request = next((m.text() for m in reversed(messages[:-1]) if m.role == "user"), "")
-        out.append((prompt_ids(row, spec, tokenizer), request, messages[-1].content))
-    return out
-
-
-def first_source_spec(spec):
-    """`spec` reading only the first source of a mixture (data.train or data.mixture, and
-    data.validation), with that source's format and fields: where generation prompts come
-    from. A spec of one source comes back as it is."""
-    import dataclasses
-
-    from sft_jax.data import sources
-    from sft_jax.data.spec import validation_fraction
-
-    first = sources.mixture(spec)[0]
-    validation = spec.validation
-    if validation and validation_fraction(validation) is None:
-        validation = sources.parse_mixture(validation, "data.validation")[0].text
-    return dataclasses.replace(
-        spec,
-        train=first.text,
-        mixture=(),
-        validation=validation,
-        format=first.format or spec.format,
-        fields=spec.fields if first.fields is None else first.fields,
-    )
-
-
-def held_out_rows(spec, limit: int) -> list[dict]:
-    """Up to `limit` raw rows of the validation split: the separate source, or the same rows
-    the held-out fraction of data.train took (the split is a pure function of the seed)."""
-    from sft_jax.data import build, sources
-    from sft_jax.data.spec import validation_fraction
-
-    if not spec.validation or limit <= 0:
-        return []
-    fraction = validation_fraction(spec.validation)
-    if fraction is None:
-        rows = sources.Source(spec.validation, "data.validation").rows()
-        return [r for r, _ in zip(_good(rows), range(limit), strict=False)]
-    if not fraction:
-        return []
-    rows = list(sources.Source(spec.train, "data.train").rows())
-    held_out = build.held_out_mask(len(rows), fraction, spec.seed)
-    return [r for r, h in zip(rows, held_out, strict=True) if h and isinstance(r, dict)][:limit]
-
-
-def _good(rows):
-    return (r for r in rows if isinstance(r, dict))

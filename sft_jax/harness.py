@@ -37,6 +37,7 @@ except ImportError as e:  # the optional extra
         "lm-eval)"
     ) from e
 
+from sft_jax import data as data_lib
 from sft_jax import kernels, sharding
 from sft_jax.generate import BUCKET, Generator, Sampling, end_token_ids
 from sft_jax.model import GPT, GPTConfig, LoraLayers
@@ -148,7 +149,7 @@ class SftJaxLM(TemplateLM):
         self._max_length = max_length or cfg.max_seq_len
         self.max_gen_toks, self.seed = max_gen_toks, seed
         self._generator: Generator | None = None
-        self._bos = _bos_to_prepend(tokenizer)
+        self._bos = data_lib.bos_to_prepend(tokenizer)
 
     def get_model_info(self) -> dict:
         """What lm-eval records of the model in the results' config."""
@@ -313,8 +314,6 @@ class SftJaxLM(TemplateLM):
         assistant turn's first character (`add_generation_prompt`), or, continuing the
         last (assistant) message, up to its end. Empty turns (a perplexity task's empty
         question) are left out: the data checks refuse them, as training did."""
-        from sft_jax.data.examples import make_encoder
-
         if not add_generation_prompt and (
             not chat_history or chat_history[-1]["role"] != "assistant"
         ):
@@ -325,41 +324,29 @@ class SftJaxLM(TemplateLM):
         turns = [m for m in earlier if m["content"]]
         turns.append({"role": "assistant", "content": started or _PLACEHOLDER})
         spec = dataclasses.replace(self.spec, format="messages", fields="")
-        enc = make_encoder(spec, self.tokenizer, self._template(), "messages")
+        enc = data_lib.make_encoder(spec, self.tokenizer, self._template(), "messages")
         rendered = enc.render_examples(enc.messages({"messages": turns}))[-1]
         return rendered.text[: rendered.spans[-1][0] + len(started)]
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         """The template's identity (recorded in the results when a chat template is used)."""
-        from sft_jax.data.templates import template_id
-
-        return template_id(self._template()) if chat_template else None
+        return data_lib.template_id(self._template()) if chat_template else None
 
     @property
     def spec(self):
         if self._spec is None:
-            from sft_jax.data import DataSpec
-
             template = "tokenizer" if self.tokenizer.chat_template else "alpaca"
-            self._spec = DataSpec(train="-", format="auto", template=template)
+            self._spec = data_lib.DataSpec(train="-", format="auto", template=template)
         return self._spec
 
     def _template(self):
-        from sft_jax.data.templates import resolve_template
-
-        return resolve_template(self.spec, self.tokenizer)
+        return data_lib.resolve_template(self.spec, self.tokenizer)
 
 
 def _cut(text: str, until: Sequence[str]) -> str:
     for s in until:
         text = text.split(s)[0]
     return text
-
-
-def _bos_to_prepend(tokenizer) -> int | None:
-    from sft_jax.data.examples import bos_to_prepend
-
-    return bos_to_prepend(tokenizer)
 
 
 def _width_multiple(cfg: GPTConfig) -> int:

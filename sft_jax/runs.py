@@ -1,5 +1,6 @@
 """Open a training run from its workdir: model config, tokenizer and params of a checkpoint,
-without the optimizer state. Used by export and generation tools.
+without the optimizer state. Used by export and generation tools; `frozen_base` by
+training too, to resume a LoRA run.
 
 A LoRA run's checkpoints hold only the adapters: its frozen base is rebuilt from the
 source its meta records (the pretrained weights, or the random init of its seed) and the
@@ -19,6 +20,7 @@ from sft_jax import checkpoint as ckpt_lib
 from sft_jax import hf, lora, sharding, steps
 from sft_jax.data import load_tokenizer
 from sft_jax.model import GPT, GPTConfig, LoraLayers
+from sft_jax.run_meta import RunMeta
 
 
 @dataclasses.dataclass
@@ -26,9 +28,10 @@ class Run:
     model_cfg: GPTConfig
     params: dict
     tokenizer: object
-    meta: dict  # what the run saved next to the state: config, model, tokenizer, template
+    meta: RunMeta  # what the run saved next to the state: config, model, tokenizer, base
     step: int
     lora: lora.LoraSpec | None = None  # the adapters in `params`, if a LoRA run
+    best: dict | None = None  # the best checkpoint this one names (checkpoint.keep_best)
 
     @property
     def lora_layers(self) -> LoraLayers | None:
@@ -38,20 +41,6 @@ class Run:
     def merged_params(self) -> dict:
         """The params with any LoRA adapters merged into the kernels: a plain model."""
         return lora.merged(self.params, self.lora)
-
-
-def lora_spec_from_meta(meta: dict) -> lora.LoraSpec | None:
-    saved = meta.get("lora")
-    if not saved:
-        return None
-    return lora.LoraSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-
-
-def model_config_from_meta(meta: dict) -> GPTConfig:
-    """The GPTConfig a run recorded (runs older than the `family` field included). JSON
-    turned tuples into lists; the dataclass wants them back."""
-    saved = ckpt_lib.saved_model_fields(meta["model"])
-    return GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
 def load_run(workdir: str, step: int | None = None, best: bool = False) -> Run:
@@ -68,9 +57,9 @@ def load_run(workdir: str, step: int | None = None, best: bool = False) -> Run:
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ValueError(f"{workdir}: no checkpoint at step {step}; there are {steps}")
-    meta = ckpt.restore_meta(step)
-    cfg = model_config_from_meta(meta)
-    spec = lora_spec_from_meta(meta)
+    saved = ckpt.restore_meta(step)
+    meta = RunMeta.from_json(saved)
+    cfg, spec = meta.model, meta.lora
     mesh = sharding.make_mesh(fsdp=-1)
     if spec:  # the checkpoint holds the adapters alone
         boxed = lora.abstract_adapters(cfg, spec)
@@ -82,12 +71,22 @@ def load_run(workdir: str, step: int | None = None, best: bool = False) -> Run:
     params = ckpt.restore_params(step, target)
     ckpt.close()
     if spec:
-        params = lora.combine(_lora_base(meta, cfg, spec, mesh), params)
+        allow_pickle = meta.config.get("model", {}).get("allow_pickle", False)
+        base = frozen_base(
+            GPT(cfg, spec.layers(cfg)), mesh, meta.init_from, meta.seed, allow_pickle
+        )
+        params = lora.combine(base, params)
     saved_tokenizer = epath.Path(workdir) / "tokenizer"
-    tokenizer = load_tokenizer(
-        str(saved_tokenizer) if saved_tokenizer.is_dir() else meta["tokenizer"]
+    tokenizer = load_tokenizer(str(saved_tokenizer) if saved_tokenizer.is_dir() else meta.tokenizer)
+    return Run(
+        model_cfg=cfg,
+        params=params,
+        tokenizer=tokenizer,
+        meta=meta,
+        step=step,
+        lora=spec,
+        best=saved.get("best"),
     )
-    return Run(model_cfg=cfg, params=params, tokenizer=tokenizer, meta=meta, step=step, lora=spec)
 
 
 def best_step(ckpt: ckpt_lib.Checkpointer, workdir: str, step: int | None = None) -> int:
@@ -108,22 +107,27 @@ def best_step(ckpt: ckpt_lib.Checkpointer, workdir: str, step: int | None = None
     return best["step"]
 
 
-def _lora_base(meta: dict, cfg: GPTConfig, spec: lora.LoraSpec, mesh) -> dict:
-    """The frozen base a LoRA run trained on, as it stored it (dtype, quantization), each
-    device holding its shards of it."""
-    model = GPT(cfg, spec.layers(cfg))
+def frozen_base(model: GPT, mesh, init_from: str, seed: int, allow_pickle: bool = False) -> dict:
+    """The frozen base a LoRA run trains on, as its state stores it (`lora.prepare_base`:
+    dtype, quantization), each device holding its shards: `init_from`'s pretrained weights
+    (each process reading only its own blocks), or, where `init_from` is "", the random init
+    of `seed`: the same function with the same key as the run's init. A LoRA checkpoint
+    holds the adapters alone: resume (`train`), export and generation (`load_run`) rebuild
+    the base here."""
+    cfg = model.cfg
     boxed = lora.split(jax.eval_shape(lambda: steps.init_params(jax.random.key(0), model)))[0]
     stored = jax.eval_shape(lambda: lora.prepare_base(cfg, model.lora, boxed))
     out_shardings = sharding.tree_shardings(stored, mesh)
-    base = meta.get("base", {})
-    if not base.get("init_from"):  # the run's random init: the same function, the same key
-        random_base = jax.jit(functools.partial(steps.random_base, model=model),
-                              out_shardings=out_shardings)  # fmt: skip
-        return random_base(jax.random.key(base["seed"]))
+    if not init_from:
+        random_base = functools.partial(steps.random_base, model=model)
+        return jax.jit(random_base, out_shardings=out_shardings)(jax.random.key(seed))
     _, params = hf.load_hf(
-        base["init_from"], param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
-        shardings=sharding.tree_shardings(boxed, mesh), shapes=nn.meta.unbox(boxed),
-    )  # fmt: skip
-    prepare = jax.jit(functools.partial(lora.prepare_base, cfg, model.lora),
-                      out_shardings=out_shardings)  # fmt: skip
-    return prepare(params)
+        init_from,
+        allow_pickle=allow_pickle,
+        param_dtype=cfg.param_dtype,
+        scan_layers=cfg.scan_layers,
+        shardings=sharding.tree_shardings(boxed, mesh),
+        shapes=nn.meta.unbox(boxed),
+    )
+    prepare = functools.partial(lora.prepare_base, cfg, model.lora)
+    return jax.jit(prepare, out_shardings=out_shardings)(params)

@@ -23,11 +23,12 @@ from absl import logging
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import config as config_lib
 from sft_jax import data as data_lib
-from sft_jax import early_stopping, hf, lora, optim, paths, preemption, sharding, steps
+from sft_jax import early_stopping, hf, lora, optim, paths, preemption, runs, sharding, steps
 from sft_jax import evaluate as evaluate_lib
 from sft_jax import metrics as metrics_lib
-from sft_jax.data.tokenizer import save_tokenizer
+from sft_jax.data import save_tokenizer
 from sft_jax.model import GPT, GPTConfig
+from sft_jax.run_meta import RunMeta
 
 
 def process_rows(batch_sharding, global_rows: int) -> np.ndarray:
@@ -67,8 +68,6 @@ class StepFns:
     load_shardings: dict
     init: Callable  # rng -> TrainState, laid out by state_shardings
     init_from_params: Callable  # (loaded params, rng) -> TrainState around them
-    prepare_base: Callable  # loaded params -> the frozen base as the state holds it (LoRA)
-    random_base: Callable  # rng -> the frozen base `init(rng)` holds (LoRA on a random base)
     train_step: Callable  # (state, batch) -> (state, metrics); state donated
     eval_step: Callable  # (params, batch) -> {loss_sum, loss_tokens}
 
@@ -101,7 +100,6 @@ def build_steps(
     )
     boxed_load = lora.split(boxed_load)[0]
     load_shardings = sharding.tree_shardings(boxed_load, mesh)
-    base_shardings = lora.split(state_shardings.params)[0]
     batch_sharding = sharding.batch_sharding(mesh)
     sizes = {"act_heads": cfg.n_heads, "act_mlp": cfg.d_ff, "act_vocab": cfg.vocab_size}
     train_step = functools.partial(
@@ -129,15 +127,6 @@ def build_steps(
             out_shardings=state_shardings,
             donate_argnums=0,
         ),
-        prepare_base=jax.jit(
-            lambda base: lora.prepare_base(cfg, model.lora, base) if model.lora else base,
-            in_shardings=(load_shardings,),
-            out_shardings=base_shardings,
-            donate_argnums=0,
-        ),
-        random_base=jax.jit(
-            functools.partial(steps.random_base, model=model), out_shardings=base_shardings
-        ),
         train_step=jax.jit(
             train_step,
             in_shardings=(state_shardings, batch_sharding),
@@ -164,7 +153,7 @@ class Setup:
     num_steps: int
     fns: StepFns
     checkpointer: ckpt_lib.Checkpointer
-    meta: dict  # saved beside every checkpoint: config, model config, tokenizer, template
+    meta: RunMeta  # saved beside every checkpoint: config, model config, tokenizer, base
     state: steps.TrainState
     start_step: int
 
@@ -212,17 +201,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     )
     if jax.process_index() == 0:  # the tokenizer travels with the run: export and generation
         save_tokenizer(tokenizer, paths.join(workdir, "tokenizer"))
-    meta = {
-        "config": config_lib.to_json(config),
-        "model": dataclasses.asdict(model_cfg),
-        "tokenizer": tokenizer_name,
-        "template": config.data.template,
-        # What the params start from: a LoRA checkpoint holds only the adapters, and
-        # resume and export rebuild the base from here.
-        "base": {"init_from": config_lib.init_source(config), "seed": config.seed},
-    }
-    if lora_spec.enabled:
-        meta["lora"] = dataclasses.asdict(lora_spec)
+    meta = RunMeta(
+        config=config_lib.to_json(config),
+        model=model_cfg,
+        tokenizer=tokenizer_name,
+        template=config.data.template,
+        init_from=config_lib.init_source(config),
+        seed=config.seed,
+        lora=lora_spec if lora_spec.enabled else None,
+    )
     with fns.context():
         state = _initial_state(config, model_cfg, fns, checkpointer, meta)
     return Setup(
@@ -234,29 +221,26 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
 
 def _initial_state(
-    config, model_cfg: GPTConfig, fns: StepFns, checkpointer, meta: dict
+    config, model_cfg: GPTConfig, fns: StepFns, checkpointer, meta: RunMeta
 ) -> steps.TrainState:
     """The workdir's latest good checkpoint, else pretrained weights, else random init.
     A LoRA checkpoint holds the adapters: the frozen base comes back from its source."""
     resumed = checkpointer.restore_latest_good(
         fns.saved_target(),
-        validate=lambda saved: ckpt_lib.check_resumable(saved, meta, checkpointer.directory),
+        validate=lambda saved: meta.check_resumable(saved, checkpointer.directory),
     )
-    lora_on = fns.model.lora is not None
+    source = config_lib.init_source(config)
     if resumed is not None:
         logging.info("resumed from %s at step %d", checkpointer.directory, resumed[2])
-        if not lora_on:
+        if fns.model.lora is None:
             return resumed[0]
+        allow_pickle = config.model.allow_pickle
+        base = runs.frozen_base(fns.model, fns.mesh, source, config.seed, allow_pickle)
+        return steps.with_base(resumed[0], base)
     rng = jax.random.key(config.seed)
-    source = config_lib.init_source(config)
-    if not source and resumed is None:
+    if not source:
         return fns.init(rng)
-    if source:
-        params = _pretrained(source, config, model_cfg, fns)
-    else:  # a LoRA run on a random base: the base of the seed's init
-        params = fns.random_base(rng)
-    if resumed is not None:
-        return steps.with_base(resumed[0], fns.prepare_base(params) if source else params)
+    params = _pretrained(source, config, model_cfg, fns)
     state = fns.init_from_params(params, rng)
     adapter_dir = config_lib.lora_init_from(config)
     return _with_peft_adapters(state, adapter_dir, fns, config) if adapter_dir else state
@@ -380,8 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         logger.write(done, record)
                         logger.progress(done, record.get("loss"), record.get("tokens_per_sec"))
                     if saving and checkpointer.latest_step() != done:
-                        checkpointer.save(done, steps.saved(state, fns.model),
-                                          s.meta | stopper.meta(), record=record)  # fmt: skip
+                        meta = s.meta.to_json() | stopper.meta()
+                        checkpointer.save(done, steps.saved(state, fns.model), meta, record=record)
                         policy.saved()
                 if stopping:
                     logging.warning(

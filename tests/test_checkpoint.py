@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from sft_jax import checkpoint, runs, sharding, train
+from sft_jax import checkpoint, run_meta, sharding, train
 from sft_jax.model import GPT, GPTConfig
 from sft_jax.optim import OptimConfig, make_optimizer
 from tests.test_steps import make_batch
@@ -71,13 +71,13 @@ def test_runs_from_before_the_family_field_still_open_and_resume():
         cfg = GPTConfig.preset(preset)
         old = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as the meta stores it
         del old["family"]
-        assert runs.model_config_from_meta({"model": old}) == cfg
-        checkpoint.check_compatible(old, dataclasses.asdict(cfg), "dir")  # no error
+        assert run_meta.RunMeta.from_json({"model": old}).model == cfg
+        run_meta.check_compatible(old, dataclasses.asdict(cfg), "dir")  # no error
     qwen2 = GPTConfig.preset("tiny-llama", family="qwen2", qkv_bias=True)
     old = {k: v for k, v in dataclasses.asdict(qwen2).items() if k != "family"}
-    assert runs.model_config_from_meta({"model": old}).family == "qwen2"
+    assert run_meta.RunMeta.from_json({"model": old}).model.family == "qwen2"
     with pytest.raises(ValueError, match="family: checkpoint 'llama' vs config 'qwen2'"):
-        checkpoint.check_compatible(
+        run_meta.check_compatible(
             dataclasses.asdict(GPTConfig.preset("tiny-llama")), dataclasses.asdict(qwen2), "dir"
         )
 
@@ -97,10 +97,10 @@ def test_runs_from_before_the_gemma_fields_still_resume():
         "rope_linear_factor",
     )
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in new_fields}
-    checkpoint.check_compatible(old, dataclasses.asdict(cfg), "dir")  # no error
+    run_meta.check_compatible(old, dataclasses.asdict(cfg), "dir")  # no error
     windowed = dataclasses.replace(cfg, sliding_window=8)
     with pytest.raises(ValueError, match="sliding_window: checkpoint 0 vs config 8"):
-        checkpoint.check_compatible(old, dataclasses.asdict(windowed), "dir")
+        run_meta.check_compatible(old, dataclasses.asdict(windowed), "dir")
 
 
 def test_a_workdir_orbax_cannot_write_arrays_to_is_refused_by_name():

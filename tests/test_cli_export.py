@@ -44,7 +44,7 @@ def run_with_a_best(tmp_path_factory):
 def test_best_exports_the_best_checkpoint(run_with_a_best, tmp_path, capsys):
     workdir, _, params = run_with_a_best
     run = runs.load_run(workdir, best=True)
-    assert run.step == 2 and run.meta["best"] == {"step": 2, "metric": "eval_loss", "value": 2.0}
+    assert run.step == 2 and run.best == {"step": 2, "metric": "eval_loss", "value": 2.0}
     for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(got, want * 2)
     assert runs.load_run(workdir).step == 4

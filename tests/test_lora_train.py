@@ -19,8 +19,8 @@ import pytest
 import torch
 import transformers
 
-from sft_jax import checkpoint, hf, lora, quant, sharding, steps, train
 from sft_jax import config as config_lib
+from sft_jax import hf, lora, quant, run_meta, sharding, steps, train
 from sft_jax.model import GPT, GPTConfig
 from sft_jax.optim import OptimConfig, make_optimizer
 from tests.test_families import train_batch
@@ -217,16 +217,16 @@ def test_resume_refuses_lora_changes_naming_the_key():
     base = {"init_from": "hf:a", "seed": 0}
     full = {"model": model, "base": base}
     with_lora = {**full, "lora": spec}
-    checkpoint.check_resumable(with_lora, {**with_lora, "lora": {**spec, "dropout": 0.1}}, "d")
+    run_meta.check_resumable(with_lora, {**with_lora, "lora": {**spec, "dropout": 0.1}}, "d")
     with pytest.raises(ValueError, match="lora.rank: .*full fine-tuning run.*set lora.rank=0"):
-        checkpoint.check_resumable(full, with_lora, "d")
+        run_meta.check_resumable(full, with_lora, "d")
     with pytest.raises(ValueError, match="lora.rank: .*a LoRA run; set lora.rank=4"):
-        checkpoint.check_resumable(with_lora, full, "d")
+        run_meta.check_resumable(with_lora, full, "d")
     with pytest.raises(ValueError, match="lora.alpha: checkpoint 16.0 vs config 32.0"):
-        checkpoint.check_resumable(with_lora, {**with_lora, "lora": {**spec, "alpha": 32.0}}, "d")
+        run_meta.check_resumable(with_lora, {**with_lora, "lora": {**spec, "alpha": 32.0}}, "d")
     other_base = {**with_lora, "base": {"init_from": "hf:b", "seed": 0}}
     with pytest.raises(ValueError, match="model.init_from: .*'hf:a', not 'hf:b'"):
-        checkpoint.check_resumable(with_lora, other_base, "d")
+        run_meta.check_resumable(with_lora, other_base, "d")
 
 
 def test_a_frozen_base_counts_no_weight_gradient_flops():

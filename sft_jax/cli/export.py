@@ -49,8 +49,8 @@ def main(argv=None) -> int:
         print(f"sft-jax-export: {e}", file=sys.stderr)
         return 2
     if args.adapter:
-        base = run.meta.get("base", {}).get("init_from", "")
-        lora.write_peft_adapter(run.model_cfg, run.lora, lora.split(run.params)[1], args.out, base)
+        adapters = lora.split(run.params)[1]
+        lora.write_peft_adapter(run.model_cfg, run.lora, adapters, args.out, run.meta.init_from)
         print(f"exported the LoRA adapters of step {run.step} of {args.workdir} to {args.out}")
         return 0
     hf.save_hf(run.model_cfg, run.merged_params(), args.out, tokenizer=run.tokenizer,

@@ -26,7 +26,7 @@ def load(args: argparse.Namespace):
 
     if args.workdir:
         run = runs.load_run(args.workdir, args.step)
-        spec = config_lib.data_spec(ml_collections.ConfigDict(run.meta["config"]))
+        spec = config_lib.data_spec(ml_collections.ConfigDict(run.meta.config))
         cfg, params, tokenizer, lora = run.model_cfg, run.params, run.tokenizer, run.lora_layers
     else:
         cfg, params = hf.load_hf(args.hf)

@@ -8,7 +8,7 @@ in the on-disk cache under a key of all three.
 
 A mixture (several weighted sources, `sources.mixture`) is read source by source, each
 with its own format and fields; each source's held-out rows are its own. Its training
-examples are then resampled once, here, to the weights (`mixture_counts`: each example
+examples are then resampled once to the weights (`mixture.mixture_counts`: each example
 whole times over plus a seeded subset), and packed together: the epoch holds the weighted
 shares, so batches stay a pure function of (data, config, seed, step). Its validation
 rows are packed together (eval_loss) and source by source (eval_loss/<name>).
@@ -37,7 +37,8 @@ import numpy as np
 import transformers
 
 from sft_jax.data import cache, examples, formats, hosts, sources, templates
-from sft_jax.data.packing import PackedRows, offsets
+from sft_jax.data.mixture import Part, mix, mixture_stats
+from sft_jax.data.packing import PackedRows
 from sft_jax.data.spec import (
     BAD_ROW_REASONS,
     CODES,
@@ -280,19 +281,7 @@ class _Input:
     spec: DataSpec
 
 
-@dataclasses.dataclass(frozen=True)
-class _Part:
-    """One source's rows (`rows`: a bool mask) that go into a split."""
-
-    name: str
-    chunk: examples.Chunk
-    fmt: str
-    rows: np.ndarray
-    src: sources.Source
-    weight: float = 1.0
-
-
-def _select(part: _Part, spec: DataSpec, split: str) -> tuple[np.ndarray, dict]:
+def _select(part: Part, spec: DataSpec, split: str) -> tuple[np.ndarray, dict]:
     """The examples (indices into part.chunk) of the part's rows and the rows' counts; raises
     if none is left or more than data.max_drop_fraction of them were dropped."""
     chunk, rows, src = part.chunk, part.rows, part.src
@@ -352,89 +341,8 @@ def _select(part: _Part, spec: DataSpec, split: str) -> tuple[np.ndarray, dict]:
     return selected, stats
 
 
-def mixture_counts(available: list[int], weights: list[float], total: int = 0) -> list[int]:
-    """Examples per source in a mixture's epoch: `total` (0: all the sources hold) shared in
-    proportion to `weights`, rounded by largest remainder so they sum to it, each >= 1."""
-    total = total or sum(available)
-    exact = np.asarray(weights, np.float64) / sum(weights) * total
-    counts = np.maximum(np.floor(exact).astype(np.int64), 1)
-    for k in np.argsort(-(exact - np.floor(exact)), kind="stable")[: total - counts.sum()]:
-        counts[k] += 1
-    return counts.tolist()
-
-
-def _resample(selected: np.ndarray, count: int, seed: int, stream: int, k: int) -> np.ndarray:
-    """`count` of the `selected` examples: each whole times over, then a seeded subset."""
-    whole, rest = divmod(count, len(selected))
-    subset = np.random.default_rng([seed, stream, 1000 + k]).permutation(len(selected))[:rest]
-    return np.concatenate([np.tile(selected, whole), selected[np.sort(subset)]])
-
-
-def _mix(
-    parts: list[_Part], chosen: list[tuple[np.ndarray, dict]], spec: DataSpec, split: str,
-    stream: int,
-) -> tuple[examples.Chunk, list[np.ndarray], dict]:  # fmt: skip
-    """(the parts' examples as one Chunk, the examples of the split's epoch: resampled to the
-    weights for train, each once for validation; the row offset of each part, its stats)."""
-    chunk = examples.Chunk.concat([p.chunk for p in parts])
-    first_example = offsets([len(p.chunk.starts) - 1 for p in parts])
-    first_row = offsets([len(p.chunk.status) for p in parts])
-    available = [len(sel) for sel, _ in chosen]
-    counts = (
-        mixture_counts(available, [p.weight for p in parts], spec.mixture_examples)
-        if split == "train"
-        else available
-    )
-    picks = [
-        first_example[k] + _resample(sel, m, spec.seed, stream, k)
-        for k, ((sel, _), m) in enumerate(zip(chosen, counts, strict=True))
-    ]
-    weight = sum(p.weight for p in parts)
-    per_source = {}
-    for k, (p, (_, s), m) in enumerate(zip(parts, chosen, counts, strict=True)):
-        per_source[p.name] = {
-            "source": p.src.text,
-            **({"weight": p.weight / weight, "examples_in_epoch": m} if split == "train" else {}),
-            "share": m / sum(counts),
-            "times_each": m / available[k],
-            "first_row": int(first_row[k]),  # Its rows in source_rows: from here to the next.
-            **s,
-        }
-    return chunk, picks, per_source
-
-
-_SUMMED = (
-    "rows_read", "responses_truncated", "prompts_truncated", "responses_without_end_token",
-    "split_rows", "split_examples", "split_rows_missing_turns", "reasoning_tokens",
-    "rows_tools_not_rendered", "rows_reasoning_not_rendered",
-)  # fmt: skip
-
-
-def _mixture_stats(per_source: dict, picks: list[np.ndarray], chunk: examples.Chunk) -> dict:
-    """A mixture split's counts: summed over its sources, each source's beside them (with
-    its realized share of the epoch's examples and loss tokens)."""
-    trainable = chunk.trainable.astype(np.int64)
-    loss = np.add.reduceat(trainable, chunk.starts[:-1]) - trainable[chunk.starts[:-1]]
-    loss_per_source = [int(loss[p].sum()) for p in picks]
-    for s, n in zip(per_source.values(), loss_per_source, strict=True):
-        s["loss_token_share"] = n / max(sum(loss_per_source), 1)
-    dropped: collections.Counter = collections.Counter()
-    for s in per_source.values():
-        dropped.update(s["dropped"])
-    return {
-        "format": ", ".join(f"{n}: {s['format']}" for n, s in per_source.items()),
-        **{k: sum(s[k] for s in per_source.values()) for k in _SUMMED},
-        "examples": sum(len(p) for p in picks),
-        "dropped": dict(dropped),
-        "problems": [p for s in per_source.values() for p in s["problems"]][:10],
-        "sources": {
-            n: {k: v for k, v in s.items() if k != "problems"} for n, s in per_source.items()
-        },
-    }
-
-
 def _pack_split(
-    parts: list[_Part], spec: DataSpec, split: str, stream: int
+    parts: list[Part], spec: DataSpec, split: str, stream: int
 ) -> tuple[PackedRows, dict]:
     """Packs the selected rows of `parts` (one source, or a mixture's) into one split."""
     chosen = [_select(p, spec, split) for p in parts]
@@ -443,8 +351,8 @@ def _pack_split(
         chunk, ((selected, stats),) = parts[0].chunk, chosen
         picks = [selected]
     else:
-        chunk, picks, per_source = _mix(parts, chosen, spec, split, stream)
-        stats = _mixture_stats(per_source, picks, chunk)
+        chunk, picks, per_source = mix(parts, chosen, spec, split, stream)
+        stats = mixture_stats(per_source, picks, chunk)
     # Shuffle so rows mix sources and lengths tie-break by chance, not by file order.
     order = np.concatenate(picks)
     order = order[rng.permutation(len(order))]
@@ -547,13 +455,13 @@ def _encode(tokenizer, template, inputs: dict[str, _Input], share=(0, 1)) -> dic
 
 def _parts(
     spec: DataSpec, encoded: dict, inputs: dict[str, _Input], fraction: float | None
-) -> tuple[list[_Part], list[_Part]]:
+) -> tuple[list[Part], list[Part]]:
     """Each source's rows for the train split and the validation split."""
     train, validation = [], []
     for key, inp in inputs.items():
         chunk, fmt = encoded[key]
         _refuse_all_dropped(chunk, inp.src)
-        part = _Part(inp.mix.name, chunk, fmt, np.ones(len(chunk.status), np.bool_), inp.src,
+        part = Part(inp.mix.name, chunk, fmt, np.ones(len(chunk.status), np.bool_), inp.src,
                      inp.mix.weight)  # fmt: skip
         if key.startswith("validation"):
             validation.append(part)
