@@ -1,7 +1,11 @@
 """The edge between `ml_collections` configs and the frozen dataclasses the modules take.
 
-Everything a user can get wrong in a config is checked here, before anything compiles, and
-the message names the config key and the fix.
+An entry point parses the `ConfigDict` once, `RunConfig.parse(c)`, into one frozen
+`RunConfig` of sections (`ModelSection`, `DataSpec`, `TrainConfig`, `OptimConfig`, …);
+everything below takes sections. Parsing does no I/O: what a config names (init_from's
+config.json, lm-eval tasks, the tokenizer, the data) is read by the run's setup, after.
+Everything a user can get wrong in a config is checked here or in `check`, before anything
+compiles, and the message names the config key and the fix.
 """
 
 from __future__ import annotations
@@ -9,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
-from sft_jax import judge, kernels, lora, optim, trackers
+from sft_jax import hf, judge, kernels, lora, optim, trackers
 from sft_jax.data import DataSpec, FormatTemplate
 from sft_jax.model.config import GPTConfig
 from sft_jax.optim import OptimConfig
@@ -32,10 +38,14 @@ def init_source(c: ml_collections.ConfigDict) -> str:
     return init_from.removeprefix("hf:")
 
 
-def model_config(c: ml_collections.ConfigDict) -> GPTConfig:
+def model_config(
+    run: RunConfig, load_config: Callable[[str], GPTConfig] | None = None
+) -> GPTConfig:
     """The architecture from model.init_from's config if set (model.preset is then unused),
-    else from model.preset; numerics (dtype, remat, …) always from the config."""
-    m = c.model
+    else from model.preset; numerics (dtype, remat, …) always from the config. Reading
+    init_from's config is I/O (a file, a bucket, the hub): the caller passes the reader
+    (`hf.load_config`), so that it happens where the caller can be seen doing it."""
+    m = run.model
     numerics = dict(
         dtype=m.dtype,
         param_dtype=m.param_dtype,
@@ -44,22 +54,22 @@ def model_config(c: ml_collections.ConfigDict) -> GPTConfig:
         dropout=m.dropout,
         attention=m.attention,
         # Training-time noise, so a model config: the model adds it (train_config's key).
-        neftune_alpha=train_config(c).neftune_alpha,
+        neftune_alpha=run.train.neftune_alpha,
     )
-    shape = _architecture(c)
-    if init_source(c):
-        from sft_jax import hf
-
-        loaded = hf.load_config(init_source(c))
-        wrong = {k: (v, getattr(loaded, k)) for k, v in shape.items() if getattr(loaded, k) != v}
-        if wrong:  # a recipe's written-down shapes (for planning) must be the checkpoint's
-            raise ValueError(
-                f"config: model.architecture disagrees with {m.init_from}: "
-                + ", ".join(f"{k}={a!r} (its config: {b!r})" for k, (a, b) in wrong.items())
-                + "; fix model.architecture or remove those keys"
-            )
-        return dataclasses.replace(loaded, **numerics)
-    return GPTConfig.preset(m.preset, **shape, **numerics)
+    shape = dict(m.architecture)
+    if not m.init_from:
+        return GPTConfig.preset(m.preset, **shape, **numerics)
+    if load_config is None:
+        raise ValueError(f"model.init_from={m.init_from!r}: its config.json must be read")
+    loaded = load_config(m.init_from)
+    wrong = {k: (v, getattr(loaded, k)) for k, v in shape.items() if getattr(loaded, k) != v}
+    if wrong:  # a recipe's written-down shapes (for planning) must be the checkpoint's
+        raise ValueError(
+            f"config: model.architecture disagrees with hf:{m.init_from}: "
+            + ", ".join(f"{k}={a!r} (its config: {b!r})" for k, (a, b) in wrong.items())
+            + "; fix model.architecture or remove those keys"
+        )
+    return dataclasses.replace(loaded, **numerics)
 
 
 def _architecture(c: ml_collections.ConfigDict) -> dict:
@@ -146,6 +156,86 @@ class ExportConfig:
     adapter_dir: str = ""  # LoRA runs: a PEFT adapter folder ("" = none)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """`config.model`, parsed: where the architecture comes from, the tokenizer, numerics.
+    `init_from` is the pretrained source without its "hf:" ("" = random init); `tokenizer`
+    is the one the run loads (model.tokenizer, else init_from's, else the preset's)."""
+
+    preset: str = "tiny"
+    init_from: str = ""
+    architecture: tuple[tuple[str, Any], ...] = ()  # GPTConfig fields replacing the preset's
+    allow_pickle: bool = False
+    tokenizer: str = ""
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "auto"
+    scan_layers: bool = True
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """`config.mesh`: devices per axis, -1 = the rest."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run's whole config, parsed once at the edge (`parse`) into the sections the modules
+    take: nothing below the entry points reads an `ml_collections.ConfigDict`. Parsing does
+    no I/O; every key a user can get wrong fails here, named, with the valid ones."""
+
+    seed: int
+    model: ModelSection
+    data: DataSpec
+    train: TrainConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    eval: EvalConfig
+    export: ExportConfig
+    lora: lora.LoraSpec
+    lora_init_from: str  # a PEFT folder whose adapters a LoRA run starts from ("" = fresh)
+    mesh: MeshSection
+    as_json: dict  # the config as written: the run's meta and the trackers record it
+
+    @classmethod
+    def parse(cls, c: ml_collections.ConfigDict) -> RunConfig:
+        return cls(
+            seed=c.seed,
+            model=model_section(c),
+            data=data_spec(c),
+            train=train_config(c),
+            optim=optim_config(c),
+            checkpoint=checkpoint_config(c),
+            eval=eval_config(c),
+            export=export_config(c),
+            lora=lora_spec(c),
+            lora_init_from=lora_init_from(c),
+            mesh=_section(c, "mesh", MeshSection),
+            as_json=to_json(c),
+        )
+
+    def without_lora(self) -> RunConfig:
+        """This run as full fine-tuning of the same model, data, optimizer and mesh."""
+        return dataclasses.replace(self, lora=lora.LoraSpec(), lora_init_from="")
+
+
+def model_section(c: ml_collections.ConfigDict) -> ModelSection:
+    """`c.model`; an unknown key is named with the valid ones."""
+    fields = {f.name for f in dataclasses.fields(ModelSection)}
+    given = _given(c, "model", fields) | {
+        "init_from": init_source(c),
+        "architecture": tuple(sorted(_architecture(c).items())),
+        "tokenizer": tokenizer_name(c),
+    }
+    return ModelSection(**given)
+
+
 def _given(c: ml_collections.ConfigDict, name: str, fields: set[str]) -> dict:
     """`c.<name>` as a dict ({} if absent); a key not in `fields` is named with the valid ones."""
     given = c[name].to_dict() if name in c else {}
@@ -225,31 +315,25 @@ def tokenizer_name(c: ml_collections.ConfigDict) -> str:
     return PRESET_TOKENIZERS[family]
 
 
-def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[str, int]) -> None:
-    """Fail before compiling on settings that cannot work together."""
-    if c.data.max_seq_len > model_cfg.max_seq_len:
+def check(run: RunConfig, model_cfg: GPTConfig, mesh_shape: dict[str, int]) -> None:
+    """Fail before compiling on settings that cannot work together. No I/O: what needs it
+    (model.init_from's config, eval.harness_tasks) is checked by the run's setup."""
+    if run.data.max_seq_len > model_cfg.max_seq_len:
         raise ValueError(
-            f"config: data.max_seq_len={c.data.max_seq_len} exceeds the {model_cfg.max_seq_len} "
-            f"positions of model.preset={c.model.preset!r}; lower data.max_seq_len"
+            f"config: data.max_seq_len={run.data.max_seq_len} exceeds the "
+            f"{model_cfg.max_seq_len} positions of model.preset={run.model.preset!r}; lower "
+            "data.max_seq_len"
         )
-    t = train_config(c)
+    t = run.train
     if t.steps <= 0 and t.epochs <= 0:
         raise ValueError("config: set train.steps > 0 or train.epochs > 0")
     _check_batch_sizes(t, mesh_shape["data"] * mesh_shape["fsdp"])
-    judge.from_config(eval_config(c), {})  # its keys, before any data or weights load
-    e = eval_config(c)
-    if e.harness_task_list:  # a misspelt task stops the run before it trains
-        from sft_jax import harness
-
-        harness.check_tasks(e.harness_task_list, e.harness_include_path or None)
+    judge.from_config(run.eval, {})  # its keys, before any data or weights load
     # e.g. cuDNN needs bf16 and has no soft cap
     kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap)
-    from sft_jax import hf  # a bad export.dtype fails now, not after training
-
-    hf.export_dtype(model_cfg, export_config(c).dtype)
-    spec = lora_spec(c)
-    spec.layers(model_cfg)  # unknown lora.targets for this family, named with the valid ones
-    if export_config(c).adapter_dir and not spec.enabled:
+    hf.export_dtype(model_cfg, run.export.dtype)  # a bad export.dtype fails now, not after training
+    run.lora.layers(model_cfg)  # unknown lora.targets for this family, named with the valid ones
+    if run.export.adapter_dir and not run.lora.enabled:
         raise ValueError(
             "config: export.adapter_dir is set but lora.rank is 0 (no adapters to write); "
             "set lora.rank > 0 or export.hf_dir for the full model"
@@ -261,7 +345,7 @@ def check(c: ml_collections.ConfigDict, model_cfg: GPTConfig, mesh_shape: dict[s
         raise ValueError("config: train.log_every must be >= 1")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ValueError(f"config: train.label_smoothing={t.label_smoothing} must be in [0, 1)")
-    optim.check(optim_config(c))
+    optim.check(run.optim)
     trackers.check_trackers(t.trackers)  # an unknown name, or its package not installed
 
 
@@ -287,9 +371,8 @@ def _check_batch_sizes(t: TrainConfig, batch_shards: int) -> None:
         )
 
 
-def total_steps(c: ml_collections.ConfigDict, batches_per_epoch: int) -> int:
+def total_steps(t: TrainConfig, batches_per_epoch: int) -> int:
     """train.steps if set, else train.epochs passes over the packed training rows."""
-    t = train_config(c)
     if t.steps > 0:
         return int(t.steps)
     return max(1, math.ceil(t.epochs * batches_per_epoch))

@@ -10,7 +10,6 @@ drift below it still counts as waiting. The count travels in each checkpoint's m
 
 from __future__ import annotations
 
-import ml_collections
 from absl import logging
 
 from sft_jax import checkpoint as ckpt_lib
@@ -42,15 +41,16 @@ class EarlyStopping:
     @classmethod
     def for_run(
         cls,
-        config: ml_collections.ConfigDict,
+        t: config_lib.TrainConfig,
+        checkpoint_cfg: config_lib.CheckpointConfig,
         checkpointer: ckpt_lib.Checkpointer,
         start_step: int,
         validation: bool,
     ) -> EarlyStopping:
-        """From the config, carrying on the count of the checkpoint at `start_step` (if
-        any). `validation`: whether the run has held-out rows to evaluate."""
-        t = config_lib.train_config(config)
-        keep_best = config_lib.checkpoint_config(config).keep_best
+        """From the train.early_stopping_* keys (the metric: checkpoint.keep_best's, else
+        eval_loss), carrying on the count of the checkpoint at `start_step` (if any).
+        `validation`: whether the run has held-out rows to evaluate."""
+        keep_best = checkpoint_cfg.keep_best
         metric = ckpt_lib.BestMetric.parse(keep_best) or ckpt_lib.BestMetric("eval_loss")
         if t.early_stopping_patience > 0 and not validation:
             raise ValueError(

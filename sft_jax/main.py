@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sft_jax import checkpoint, paths, train
+from sft_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
@@ -92,8 +93,9 @@ def main(argv):
         # A bucket URL stays a URL: every host must write to the same place. One Orbax
         # cannot checkpoint to (s3://) is refused now, not after the data is tokenized.
         workdir = paths.resolve(FLAGS.workdir)
+        run = config_lib.RunConfig.parse(FLAGS.config)  # the edge: sections from here on
         checkpoint.check_workdir(workdir)
-        train.train_and_evaluate(FLAGS.config, workdir)
+        train.train_and_evaluate(run, workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # Bad config or data: our messages name the key and the fix; the traceback would
         # only bury them. It stays available for debugging.

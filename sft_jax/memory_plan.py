@@ -132,9 +132,9 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     }
 
 
-def mesh_sizes(c, n_devices: int) -> dict[str, int]:
-    """The config's mesh.* sizes on `n_devices`, -1 filled in."""
-    sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
+def mesh_sizes(mesh, n_devices: int) -> dict[str, int]:
+    """The mesh.* sizes (`config.MeshSection`) on `n_devices`, -1 filled in."""
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     free = [k for k, v in sizes.items() if v == -1]
     if free:
         sizes[free[0]] = n_devices // math.prod(v for v in sizes.values() if v != -1)
@@ -143,34 +143,37 @@ def mesh_sizes(c, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def plan(c, n_devices: int, platform: str = "") -> dict:
-    """Per-device bytes of config `c` on `n_devices` devices: "terms" (name → bytes, params,
-    optimizer state and gradients exact, the rest `activation_terms`), their "total", and
-    what planning built ("model", "mesh", "local_rows", "tx", "schedule"). `platform`
-    ("tpu", "gpu", "cpu"; default JAX's) decides which attention kernel runs. Nothing is
-    allocated: shapes come from `jax.eval_shape`."""
+def plan(run, n_devices: int, platform: str = "") -> dict:
+    """Per-device bytes of the run (`config.RunConfig`) on `n_devices` devices: "terms" (name
+    → bytes, params, optimizer state and gradients exact, the rest `activation_terms`), their
+    "total", and what planning built ("model", "mesh", "local_rows", "tx", "schedule").
+    `platform` ("tpu", "gpu", "cpu"; default JAX's) decides which attention kernel runs.
+    Nothing is allocated: shapes come from `jax.eval_shape`."""
     import flax.linen as nn
     import jax
     from jax.sharding import AbstractMesh, AxisType
 
     from sft_jax import config as config_lib
-    from sft_jax import kernels, optim, sharding, steps
+    from sft_jax import hf, kernels, optim, sharding, steps
     from sft_jax.model import GPT
 
-    sizes = mesh_sizes(c, n_devices)
-    c = c.copy_and_resolve_references()
-    if c.model.init_from and c.model.architecture:
-        c.model.init_from = ""  # the recipe states its shapes: no hub needed to plan them
+    sizes = mesh_sizes(run.mesh, n_devices)
+    model_section = run.model
+    if model_section.init_from and model_section.architecture:
+        # The recipe states its shapes: no hub needed to plan them.
+        model_section = dataclasses.replace(model_section, init_from="")
     try:
-        model_cfg = config_lib.model_config(c)
+        model_cfg = config_lib.model_config(
+            dataclasses.replace(run, model=model_section), hf.load_config
+        )
     except ValueError as e:  # init_from on a hub this machine cannot reach
-        print(f"note: {e}\nplanning model.preset={c.model.preset!r} instead")
-        c.model.init_from = ""
-        model_cfg = config_lib.model_config(c)
-    config_lib.check(c, model_cfg, sizes)
+        print(f"note: {e}\nplanning model.preset={run.model.preset!r} instead")
+        model_section = dataclasses.replace(model_section, init_from="")
+        model_cfg = config_lib.model_config(dataclasses.replace(run, model=model_section))
+    config_lib.check(run, model_cfg, sizes)
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * 3)
-    tx, schedule = optim.make_optimizer(config_lib.optim_config(c), max(c.train.steps, 10**6))
-    spec = config_lib.lora_spec(c)
+    tx, schedule = optim.make_optimizer(run.optim, max(run.train.steps, 10**6))
+    spec = run.lora
     model = GPT(model_cfg, spec.layers(model_cfg))
     boxed = jax.eval_shape(lambda r: steps.init_state(r, model, tx), jax.random.key(0))
     shardings = sharding.tree_shardings(boxed, mesh)
@@ -183,10 +186,10 @@ def plan(c, n_devices: int, platform: str = "") -> dict:
     trained, frozen = steps.partition(model, abstract.params)
     trained_shardings, frozen_shardings = steps.partition(model, shardings.params)
     grads = per_device(trained, trained_shardings, itemsize=4)
-    grads *= 2 if c.train.micro_steps > 1 else 1
-    local_rows = c.train.batch_size // c.train.micro_steps // (sizes["data"] * sizes["fsdp"])
+    grads *= 2 if run.train.micro_steps > 1 else 1
+    local_rows = run.train.batch_size // run.train.micro_steps // (sizes["data"] * sizes["fsdp"])
     kernel = kernels.resolve(model_cfg.attention, platform or None, model_cfg.dtype)
-    step = StepShape(local_rows, c.data.max_seq_len, sizes["tensor"], kernel == "xla",
+    step = StepShape(local_rows, run.data.max_seq_len, sizes["tensor"], kernel == "xla",
                      *_lora_step(model_cfg, spec, frozen))  # fmt: skip
     terms = {
         "parameters": params,
@@ -283,17 +286,6 @@ def _lora_line(parts: dict, cfg) -> str:
         f"LoRA adapters {parts['adapters'] / 2**30:.3f} GiB (float32, rank {spec.rank}; "
         "gradients and optimizer state for these alone)"
     )
-
-
-def full_finetuning_config(c):
-    """A copy of config `c` with LoRA off: full fine-tuning of the same model, data,
-    optimizer and mesh."""
-    from sft_jax import lora
-
-    full = c.copy_and_resolve_references()
-    full.lora.rank, full.lora.alpha = 0, lora.LoraSpec().alpha
-    full.lora.quantize = full.lora.base_dtype = full.lora.init_from = ""
-    return full
 
 
 def comparison(lora_plan: dict, full_plan: dict) -> str:

@@ -23,10 +23,20 @@ from absl import logging
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import config as config_lib
 from sft_jax import data as data_lib
-from sft_jax import early_stopping, hf, lora, optim, paths, preemption, runs, sharding, steps
+from sft_jax import (
+    early_stopping,
+    harness,
+    hf,
+    lora,
+    optim,
+    paths,
+    preemption,
+    runs,
+    sharding,
+    steps,
+)
 from sft_jax import evaluate as evaluate_lib
 from sft_jax import metrics as metrics_lib
-from sft_jax.data import save_tokenizer
 from sft_jax.model import GPT, GPTConfig
 from sft_jax.run_meta import RunMeta
 
@@ -144,8 +154,7 @@ def build_steps(
 class Setup:
     """Everything the loop needs, built before its first step."""
 
-    config: ml_collections.ConfigDict
-    train_cfg: config_lib.TrainConfig
+    run: config_lib.RunConfig
     model_cfg: GPTConfig
     tokenizer: object
     data_spec: data_lib.DataSpec
@@ -158,27 +167,28 @@ class Setup:
     start_step: int
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-    """Shapes and data before arrays; then the state: resumed, pretrained or random."""
-    config = ml_collections.ConfigDict(config)  # a copy we may read freely
-    train_cfg = config_lib.train_config(config)
-    if train_cfg.compilation_cache_dir:  # before the first compile
-        jax.config.update("jax_compilation_cache_dir", train_cfg.compilation_cache_dir)
-    model_cfg = config_lib.model_config(config)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    config_lib.check(config, model_cfg, dict(mesh.shape))
+def setup(run: config_lib.RunConfig, workdir: str) -> Setup:
+    """Shapes and data before arrays; then the state: resumed, pretrained or random.
+    What the config names is read here, after parsing: init_from's config.json, the
+    harness tasks, the tokenizer, the data."""
+    if run.train.compilation_cache_dir:  # before the first compile
+        jax.config.update("jax_compilation_cache_dir", run.train.compilation_cache_dir)
+    model_cfg = config_lib.model_config(run, hf.load_config)
+    mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    config_lib.check(run, model_cfg, dict(mesh.shape))
+    if run.eval.harness_task_list:  # a misspelt task stops the run before it trains
+        harness.check_tasks(run.eval.harness_task_list, run.eval.harness_include_path or None)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
 
     # Data: rows → token ids + masks → packed rows, once; batches are step-indexed.
-    tokenizer_name = config_lib.tokenizer_name(config)
-    tokenizer = data_lib.load_tokenizer(tokenizer_name)
+    tokenizer = data_lib.load_tokenizer(run.model.tokenizer)
     if len(tokenizer) > model_cfg.vocab_size:
         raise ValueError(
-            f"config: the tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the "
-            f"model ({config.model.init_from or config.model.preset}) only "
+            f"config: the tokenizer {run.model.tokenizer!r} has {len(tokenizer)} tokens but the "
+            f"model ({run.model.init_from or run.model.preset}) only "
             f"{model_cfg.vocab_size}; set model.tokenizer to the model's own (or leave it '')"
         )
-    data_spec = config_lib.data_spec(config)
+    data_spec = run.data
     if jax.process_count() > 1 and data_spec.cache and not data_spec.cache_dir:
         # Built once across hosts: each tokenizes its share into a folder all of them read.
         data_spec = dataclasses.replace(data_spec, cache_dir=f"{workdir.rstrip('/')}/data_cache")
@@ -186,42 +196,48 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     logging.debug("data: %s", splits.stats)  # everything, for --verbosity=1
     if jax.process_index() == 0:
         print(metrics_lib.data_table(splits.stats), flush=True)
-    batches = data_lib.num_batches_per_epoch(splits.train, train_cfg.batch_size)
-    num_steps = config_lib.total_steps(config, batches)
+    batches = data_lib.num_batches_per_epoch(splits.train, run.train.batch_size)
+    num_steps = config_lib.total_steps(run.train, batches)
 
     # Model, optimizer, and the state's shapes and shardings before any array exists.
-    tx, schedule = optim.make_optimizer(config_lib.optim_config(config), num_steps)
-    lora_spec = config_lib.lora_spec(config)
-    model = GPT(model_cfg, lora_spec.layers(model_cfg))
-    fns = build_steps(model, tx, schedule, mesh, train_cfg.micro_steps, train_cfg.label_smoothing)
-    ckpt_cfg = config_lib.checkpoint_config(config)
-    best = ckpt_lib.BestMetric.parse(ckpt_cfg.keep_best)
+    tx, schedule = optim.make_optimizer(run.optim, num_steps)
+    model = GPT(model_cfg, run.lora.layers(model_cfg))
+    t = run.train
+    fns = build_steps(model, tx, schedule, mesh, t.micro_steps, t.label_smoothing)
+    best = ckpt_lib.BestMetric.parse(run.checkpoint.keep_best)
     checkpointer = ckpt_lib.Checkpointer(
-        workdir, ckpt_cfg.keep, ckpt_cfg.async_save, writer=True, best=best
+        workdir, run.checkpoint.keep, run.checkpoint.async_save, writer=True, best=best
     )
     if jax.process_index() == 0:  # the tokenizer travels with the run: export and generation
-        save_tokenizer(tokenizer, paths.join(workdir, "tokenizer"))
+        data_lib.save_tokenizer(tokenizer, paths.join(workdir, "tokenizer"))
     meta = RunMeta(
-        config=config_lib.to_json(config),
+        config=run.as_json,
         model=model_cfg,
-        tokenizer=tokenizer_name,
-        template=config.data.template,
-        init_from=config_lib.init_source(config),
-        seed=config.seed,
-        lora=lora_spec if lora_spec.enabled else None,
+        tokenizer=run.model.tokenizer,
+        template=run.data.template,
+        init_from=run.model.init_from,
+        seed=run.seed,
+        lora=run.lora if run.lora.enabled else None,
     )
     with fns.context():
-        state = _initial_state(config, model_cfg, fns, checkpointer, meta)
+        state = _initial_state(run, fns, checkpointer, meta)
     return Setup(
-        config=config, train_cfg=train_cfg, model_cfg=model_cfg, tokenizer=tokenizer,
-        data_spec=data_spec, splits=splits, num_steps=num_steps, fns=fns,
-        checkpointer=checkpointer, meta=meta, state=state,
+        run=run,
+        model_cfg=model_cfg,
+        tokenizer=tokenizer,
+        data_spec=data_spec,
+        splits=splits,
+        num_steps=num_steps,
+        fns=fns,
+        checkpointer=checkpointer,
+        meta=meta,
+        state=state,
         start_step=int(jax.device_get(state.step)),
-    )  # fmt: skip
+    )
 
 
 def _initial_state(
-    config, model_cfg: GPTConfig, fns: StepFns, checkpointer, meta: RunMeta
+    run: config_lib.RunConfig, fns: StepFns, checkpointer, meta: RunMeta
 ) -> steps.TrainState:
     """The workdir's latest good checkpoint, else pretrained weights, else random init.
     A LoRA checkpoint holds the adapters: the frozen base comes back from its source."""
@@ -229,27 +245,30 @@ def _initial_state(
         fns.saved_target(),
         validate=lambda saved: meta.check_resumable(saved, checkpointer.directory),
     )
-    source = config_lib.init_source(config)
+    source = run.model.init_from
     if resumed is not None:
         logging.info("resumed from %s at step %d", checkpointer.directory, resumed[2])
         if fns.model.lora is None:
             return resumed[0]
-        allow_pickle = config.model.allow_pickle
-        base = runs.frozen_base(fns.model, fns.mesh, source, config.seed, allow_pickle)
+        allow_pickle = run.model.allow_pickle
+        base = runs.frozen_base(fns.model, fns.mesh, source, run.seed, allow_pickle)
         return steps.with_base(resumed[0], base)
-    rng = jax.random.key(config.seed)
+    rng = jax.random.key(run.seed)
     if not source:
         return fns.init(rng)
-    params = _pretrained(source, config, model_cfg, fns)
+    params = _pretrained(run.model, fns)
     state = fns.init_from_params(params, rng)
-    adapter_dir = config_lib.lora_init_from(config)
-    return _with_peft_adapters(state, adapter_dir, fns, config) if adapter_dir else state
+    if not run.lora_init_from:
+        return state
+    return _with_peft_adapters(state, run.lora_init_from, fns, run.lora)
 
 
-def _with_peft_adapters(state: steps.TrainState, folder: str, fns: StepFns, config):
+def _with_peft_adapters(
+    state: steps.TrainState, folder: str, fns: StepFns, spec: lora.LoraSpec
+) -> steps.TrainState:
     """`state` with the adapters of the PEFT folder `folder` (`lora.init_from`), which
-    must be what the `lora.*` settings describe."""
-    cfg, spec = fns.model.cfg, config_lib.lora_spec(config)
+    must be what the `lora.*` settings (`spec`) describe."""
+    cfg = fns.model.cfg
     adapter = lora.read_peft_adapter(folder, cfg)
     lora.check_same_adapter(cfg, adapter.spec, spec, folder)
     base, fresh = lora.split(state.params)
@@ -260,13 +279,15 @@ def _with_peft_adapters(state: steps.TrainState, folder: str, fns: StepFns, conf
     return state.replace(params=lora.combine(base, adapters))
 
 
-def _pretrained(source: str, config, model_cfg: GPTConfig, fns: StepFns) -> dict:
-    """The pretrained params (without LoRA adapters), laid out for the mesh."""
+def _pretrained(m: config_lib.ModelSection, fns: StepFns) -> dict:
+    """The pretrained params of model.init_from (without LoRA adapters), laid out for the
+    mesh."""
+    source = m.init_from
     _, params = hf.load_hf(
         source,
-        allow_pickle=config.model.allow_pickle,
-        param_dtype=model_cfg.param_dtype,
-        scan_layers=model_cfg.scan_layers,
+        allow_pickle=m.allow_pickle,
+        param_dtype=fns.model.cfg.param_dtype,
+        scan_layers=fns.model.cfg.scan_layers,
         # Each process reads only the blocks of the params its own devices hold.
         shardings=fns.load_shardings,
         shapes=fns.load_shapes,
@@ -278,8 +299,7 @@ def _pretrained(source: str, config, model_cfg: GPTConfig, fns: StepFns) -> dict
 def _export(s: Setup, workdir: str, params) -> None:
     """The export.* folders of the final params: the model (merged with LoRA adapters) in
     Hugging Face format, and a LoRA run's adapters as a PEFT folder."""
-    export_cfg = config_lib.export_config(s.config)
-    spec = config_lib.lora_spec(s.config)
+    export_cfg, spec = s.run.export, s.run.lora
     if export_cfg.hf_dir:
         out = paths.under(workdir, export_cfg.hf_dir)
         hf.save_hf(s.model_cfg, lora.merged(params, spec), out, tokenizer=s.tokenizer,
@@ -287,20 +307,24 @@ def _export(s: Setup, workdir: str, params) -> None:
         logging.info("exported the final params to %s (Hugging Face format)", out)
     if export_cfg.adapter_dir:
         out = paths.under(workdir, export_cfg.adapter_dir)
-        lora.write_peft_adapter(s.model_cfg, spec, lora.split(params)[1], out,
-                                config_lib.init_source(s.config))  # fmt: skip
+        adapters = lora.split(params)[1]
+        lora.write_peft_adapter(s.model_cfg, spec, adapters, out, s.run.model.init_from)
         logging.info("exported the LoRA adapters to %s (PEFT format)", out)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train per `config`, writing metrics, events and checkpoints under `workdir`.
+def train_and_evaluate(
+    config: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str
+) -> dict[str, float]:
+    """Train per `config` (parsed here if it is a ConfigDict: the edge), writing metrics,
+    events and checkpoints under `workdir`.
 
     Returns the last logged metrics (and the final evaluation)."""
-    s = setup(config, workdir)
-    t, fns, checkpointer, state = s.train_cfg, s.fns, s.checkpointer, s.state
+    run = config if isinstance(config, config_lib.RunConfig) else config_lib.RunConfig.parse(config)
+    s = setup(run, workdir)
+    t, fns, checkpointer, state = run.train, s.fns, s.checkpointer, s.state
     eval_batch_size = t.eval_batch_size or t.batch_size
     evaluation = evaluate_lib.Evaluation(
-        workdir, config_lib.eval_config(s.config), s.config.seed, s.data_spec, s.tokenizer,
+        workdir, run.eval, run.seed, s.data_spec, s.tokenizer,
         s.model_cfg, s.splits.validation, batch_size=eval_batch_size, max_batches=t.eval_steps,
         process_rows=process_rows(fns.batch_sharding, eval_batch_size), lora=fns.model.lora,
         validation_sources=s.splits.validation_sources,
@@ -311,9 +335,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("peak %.3g FLOP/s per device (%s); %d steps", peak, peak_source, s.num_steps)
     logger = metrics_lib.MetricsLogger(workdir, s.num_steps, s.start_step,
         enabled=jax.process_index() == 0, progress_bar=t.progress_bar, trackers=t.trackers,
-        tracker_project=t.tracker_project, run_config=s.config.to_dict(),
+        tracker_project=t.tracker_project, run_config=run.as_json,
         mlflow_tracking_uri=t.mlflow_tracking_uri)  # fmt: skip
-    ckpt_cfg = config_lib.checkpoint_config(s.config)
+    ckpt_cfg = run.checkpoint
     profiler = metrics_lib.StepProfiler(paths.join(workdir, "profile"), t.profile_start,
                                         t.profile_steps)  # fmt: skip
     record: dict[str, float] = {}
@@ -333,11 +357,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )  # fmt: skip
             mine = process_rows(fns.batch_sharding, t.batch_size)
             stopper = early_stopping.EarlyStopping.for_run(
-                s.config, checkpointer, s.start_step, s.splits.validation is not None
+                t, ckpt_cfg, checkpointer, s.start_step, s.splits.validation is not None
             )
             last = s.start_step if stopper.stopped else s.num_steps  # it had stopped early
             for step in range(s.start_step, last):
-                local = data_lib.batch_at(s.splits.train, step, t.batch_size, s.config.seed, mine)
+                local = data_lib.batch_at(s.splits.train, step, t.batch_size, run.seed, mine)
                 profiler.before(step)
                 state, device_metrics = fns.train_step(
                     state, global_batch(local, fns.batch_sharding, t.batch_size)

@@ -11,6 +11,7 @@ from configs import tiny
 from sft_jax import memory_plan, sharding, train
 from sft_jax.cli import plan
 from sft_jax.model import GPT
+from tests.run_config import parse
 
 
 def _shard_bytes(tree):
@@ -21,7 +22,7 @@ def _shard_bytes(tree):
 def test_planned_bytes_equal_the_real_shards(mesh):
     c = tiny.get_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-    p = memory_plan.plan(c, 8)
+    p = memory_plan.plan(parse(c), 8)
     assert p["mesh"] == dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
     fns = train.build_steps(GPT(p["model"]), p["tx"], p["schedule"], sharding.make_mesh(*mesh))
     with fns.context():
@@ -35,7 +36,7 @@ def test_a_mesh_that_does_not_cover_the_devices_is_refused():
     c = tiny.get_config()
     c.mesh.data, c.mesh.fsdp = 3, 1
     with pytest.raises(SystemExit, match="does not cover 8 devices"):
-        memory_plan.plan(c, 8)
+        memory_plan.plan(parse(c), 8)
 
 
 def test_the_command_line_prints_the_plan_and_whether_it_fits(console_script):
@@ -74,7 +75,7 @@ def test_train_step_with_splash_lowers_for_tpu_on_faked_devices(mesh):
     # The TPU kernel (not interpret mode) over 8 devices: it takes whole 128-token blocks
     # and XLA cannot partition it, so it must run per shard inside shard_map.
     c = _splash_llama(mesh)
-    lowered = plan.lower_train_step(c, memory_plan.plan(c, 8), "tpu")
+    lowered = plan.lower_train_step(parse(c), memory_plan.plan(parse(c), 8), "tpu")
     text = lowered.as_text()
     assert "tpu_custom_call" in text  # the Mosaic kernel, forward and backward
     assert "shard_map" in text or "manual" in text  # it runs per shard

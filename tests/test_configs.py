@@ -14,6 +14,7 @@ from sft_jax import config as config_lib
 from sft_jax import memory_plan, steps
 from sft_jax.model import GPT
 from sft_jax.optim import make_optimizer
+from tests.run_config import model_config, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # recipes.py is the 8B–72B recipes' shared builder, not a config of its own.
@@ -47,10 +48,10 @@ def test_config_loads_and_its_state_shapes_evaluate(path):
         # A hub source (no hub here): its preset must name the same architecture.
         assert c.model.preset
         c.model.init_from = ""
-    model_cfg = config_lib.model_config(c)
+    model_cfg = model_config(c)
     optim_cfg = config_lib.optim_config(c)
     config_lib.data_spec(c)
-    config_lib.check(c, model_cfg, {"data": 1, "fsdp": 1, "tensor": 1})
+    config_lib.check(parse(c), model_cfg, {"data": 1, "fsdp": 1, "tensor": 1})
     tx, _ = make_optimizer(optim_cfg, max(c.train.steps, optim_cfg.warmup_steps, 1))
     abstract = jax.eval_shape(lambda r: steps.init_state(r, GPT(model_cfg), tx), jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
@@ -78,7 +79,7 @@ def test_recipe_fits_its_devices_with_headroom(name):
         assert (c.model.dtype, c.model.param_dtype) == ("bfloat16", "float32")
         assert c.model.remat != "none" and 4096 <= c.data.max_seq_len <= 8192
         platform = "tpu" if device.startswith("v") else "gpu"
-        p = memory_plan.plan(c, devices, platform)  # the model.architecture: no hub
+        p = memory_plan.plan(parse(c), devices, platform)  # the model.architecture: no hub
         assert p["model"].num_params() == RECIPES[name]
         memory = memory_plan.device_bytes(device)
         assert p["total"] <= (1 - HEADROOM) * memory, memory_plan.report(
@@ -95,19 +96,19 @@ def test_model_architecture_replaces_preset_fields_and_must_match_init_from(tmp_
     c = tiny.get_config()
     c.model.preset = "tiny-llama"
     c.model.architecture.update(d_model=96, n_layers=3)
-    cfg = config_lib.model_config(c)
+    cfg = model_config(c)
     assert (cfg.d_model, cfg.n_layers, cfg.family) == (96, 3, "llama")
     c.model.architecture.dtype = "bfloat16"  # numerics are model.* keys
     with pytest.raises(ValueError, match=r"unknown model.architecture keys \['dtype'\]"):
-        config_lib.model_config(c)
+        model_config(c)
     # With init_from, the written-down shapes must be the checkpoint's.
     del c.model.architecture["dtype"]
     (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(cfg)))
     c.model.init_from = f"hf:{tmp_path}"
-    assert config_lib.model_config(c).d_model == 96
+    assert model_config(c).d_model == 96
     c.model.architecture.d_model = 128
     with pytest.raises(ValueError, match="d_model=128 .its config: 96."):
-        config_lib.model_config(c)
+        model_config(c)
 
 
 @pytest.mark.parametrize("name", ["llama3_70b.py", "qwen25_72b.py"])

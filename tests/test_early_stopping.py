@@ -9,6 +9,7 @@ import pytest
 
 from configs import default
 from sft_jax import checkpoint
+from sft_jax import config as config_lib
 from sft_jax.early_stopping import EarlyStopping
 
 LOSS = checkpoint.BestMetric("eval_loss")
@@ -52,11 +53,12 @@ def test_a_resumed_run_goes_on_counting(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path), writer=True)
     ckpt.save(2, {"w": [0.0]}, {"step": 2, **stopper.meta()})
     ckpt.wait()
-    resumed = EarlyStopping.for_run(config, ckpt, start_step=2, validation=True)
+    run = config_lib.RunConfig.parse(config)
+    resumed = EarlyStopping.for_run(run.train, run.checkpoint, ckpt, start_step=2, validation=True)
     assert resumed.meta() == stopper.meta() and resumed.waited == 1
     assert _stops(resumed, [2.2, 2.3], first_step=3) == [4]  # 2 more, not 3
     with pytest.raises(ValueError, match="train.early_stopping_patience needs evaluations"):
-        EarlyStopping.for_run(config, ckpt, start_step=2, validation=False)
+        EarlyStopping.for_run(run.train, run.checkpoint, ckpt, start_step=2, validation=False)
     ckpt.close()
 
 

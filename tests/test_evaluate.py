@@ -4,6 +4,7 @@ import functools
 import json
 
 from sft_jax import evaluate
+from tests.run_config import parse
 
 
 def test_score_exact_and_contains():
@@ -48,7 +49,7 @@ def test_evaluation_alone_validation_loss_and_before_after_report(tmp_path):
     c.data.train, c.data.validation = "synthetic:mix:200", "0.1"
     c.eval.generations, c.eval.max_new_tokens = 2, 2
     c.train.progress_bar = False
-    s = train.setup(c, str(tmp_path))
+    s = train.setup(parse(c), str(tmp_path))
     batch = 8
     # The run's evaluation settings; each Evaluation below adds its rows and loss function.
     evaluation = functools.partial(

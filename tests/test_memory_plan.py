@@ -12,6 +12,7 @@ import pytest
 from configs import tiny
 from sft_jax import memory_plan
 from sft_jax.cli import plan as plan_cli
+from tests.run_config import model_config, parse
 
 TOLERANCE = 0.25
 
@@ -35,7 +36,7 @@ def _config(n_layers: int, remat: str = "none", d_model: int = 128, seq: int = 5
 @functools.cache
 def _planned_and_compiled(*shape) -> tuple[int, int]:
     c = _config(*shape)
-    p = memory_plan.plan(c, 8)
+    p = memory_plan.plan(parse(c), 8)
     return p["total"], plan_cli.compiled_bytes(c, p)
 
 
@@ -59,12 +60,13 @@ def test_plan_grows_per_layer_as_xla_does():
 
 
 def test_full_remat_keeps_less_than_none():
-    full, none = (memory_plan.plan(_config(3, remat), 8)["total"] for remat in ("full", "none"))
+    full, none = (
+        memory_plan.plan(parse(_config(3, remat)), 8)["total"] for remat in ("full", "none")
+    )
     assert full < none
 
 
 def test_terms_follow_the_code_they_count():
-    from sft_jax.config import model_config
 
     cfg = model_config(_config(4))
     step = memory_plan.StepShape(rows=2, seq=1024)
@@ -103,7 +105,7 @@ def test_an_unknown_device_names_the_choices():
 
 
 def test_report_lists_terms_biggest_first_and_the_verdict():
-    p = memory_plan.plan(_config(2), 8)
+    p = memory_plan.plan(parse(_config(2)), 8)
     lines = memory_plan.report(p, 512, device_memory=p["total"] // 2).splitlines()
     listed = lines[1:-2]  # between the header and the total
     assert len(listed) == sum(1 for n in p["terms"].values() if n)
@@ -148,7 +150,7 @@ def test_lora_plan_equals_the_real_abstract_state(quantize, preset):
     from sft_jax.model import GPT
 
     c = _lora_config(quantize, preset)
-    p = memory_plan.plan(c, 8)
+    p = memory_plan.plan(parse(c), 8)
     model = GPT(p["model"], config_lib.lora_spec(c).layers(p["model"]))
     fns = train.build_steps(model, p["tx"], p["schedule"], sharding.make_mesh(1, 4, 2))
     state, shardings = fns.abstract_state, fns.state_shardings
@@ -170,8 +172,8 @@ def test_lora_plan_equals_the_real_abstract_state(quantize, preset):
 
 def test_lora_plan_against_full_finetuning():
     c = _lora_config("nf4")
-    lora_plan = memory_plan.plan(c, 8)
-    full = memory_plan.plan(memory_plan.full_finetuning_config(c), 8)
+    lora_plan = memory_plan.plan(parse(c), 8)
+    full = memory_plan.plan(parse(c).without_lora(), 8)
     assert full["lora"] is None and full["model"] == lora_plan["model"]
     for term in ("parameters", "optimizer state", "gradients (float32)"):
         assert lora_plan["terms"][term] < full["terms"][term], term

@@ -13,10 +13,10 @@ import torch
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 from configs import default
-from sft_jax import config as config_lib
 from sft_jax import sharding, steps, train
 from sft_jax.model import GPT, GPTConfig, neftune_noise, neftune_scale, segment_lengths
 from sft_jax.optim import OptimConfig, make_optimizer
+from tests.run_config import model_config
 from tests.test_steps import make_batch
 
 ALPHA, D = 5.0, 64
@@ -101,7 +101,7 @@ def test_the_config_key_reaches_the_model_and_bad_values_are_refused():
     config = ml_collections.ConfigDict(default.get_config())
     config.model.preset = "tiny"
     config.train.neftune_alpha = 5.0
-    assert config_lib.model_config(config).neftune_alpha == 5.0
+    assert model_config(config).neftune_alpha == 5.0
     config.train.neftune_alpha = -1.0
     with pytest.raises(ValueError, match="neftune_alpha=-1.0"):
-        config_lib.model_config(config)
+        model_config(config)

@@ -19,6 +19,7 @@ from etils import epath
 from sft_jax import checkpoint, hf, sharding
 from sft_jax import config as config_lib
 from sft_jax.data import DataSpec, build_splits, load_tokenizer, sources
+from tests.run_config import model_config
 from tests.storage_emulator import s3_bucket, s3_server  # noqa: F401 (pytest fixtures)
 from tests.test_hf import _batch, _sharded_target, _tiny_hf, _torch_logits
 
@@ -106,7 +107,7 @@ def test_export_to_a_bucket_then_init_from_it(s3_bucket, tmp_path):  # noqa: F81
     config = tiny.get_config()
     config.model.init_from = f"hf:{out}"
     config.model.tokenizer = ""
-    got = config_lib.model_config(config)  # the architecture, from the bucket's config.json
+    got = model_config(config)  # the architecture, from the bucket's config.json
     numerics = ("dtype", "param_dtype", "remat", "scan_layers", "dropout", "attention")
     assert got == dataclasses.replace(cfg, **{k: getattr(got, k) for k in numerics})
     tokenizer = load_tokenizer(config_lib.tokenizer_name(config))

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from sft_jax import metrics, trackers
+from tests.run_config import model_config, parse
 
 RUN_CONFIG = {"optim": {"name": "muon", "learning_rate": 0.01}, "train": {"steps": 4}}
 
@@ -155,4 +156,4 @@ def test_config_check_refuses_bad_keys_before_the_data(key, value, message):
     section, name = key.split(".")
     c[section][name] = value
     with pytest.raises(ValueError, match=message):
-        config_lib.check(c, config_lib.model_config(c), {"data": 1, "fsdp": 1, "tensor": 1})
+        config_lib.check(parse(c), model_config(c), {"data": 1, "fsdp": 1, "tensor": 1})

@@ -186,7 +186,7 @@ def run_torch(rows_path: str, c, batch_size: int) -> dict:
     args = (
         rows_path,
         tokenizer_for(c),
-        hf.config_to_hf(config_lib.model_config(c)),
+        hf.config_to_hf(config_lib.model_config(config_lib.RunConfig.parse(c), hf.load_config)),
         {
             k: getattr(opt, k)
             for k in ("learning_rate", "b1", "b2", "eps", "weight_decay", "grad_clip_norm")

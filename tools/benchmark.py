@@ -230,23 +230,25 @@ def peak_device_mb() -> float | None:
 
 
 def build(c):
-    """(model config, jitted steps, fresh state, schedule) for config `c` on a mesh of every
-    device; with `lora.rank` > 0 the model carries the adapters over a frozen base stored as
-    `lora.*` asks (its dtype, NF4/int8), as a training run's does."""
+    """(model config, jitted steps, fresh state, schedule) for config `c` (a ConfigDict or a
+    parsed RunConfig) on a mesh of every device; with `lora.rank` > 0 the model carries the
+    adapters over a frozen base stored as `lora.*` asks (its dtype, NF4/int8), as a training
+    run's does."""
     import jax
 
     from sft_jax import config as config_lib
-    from sft_jax import optim, sharding, train
+    from sft_jax import hf, optim, sharding, train
     from sft_jax.model import GPT
 
-    model_cfg = config_lib.model_config(c)
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    config_lib.check(c, model_cfg, dict(mesh.shape))
-    tx, schedule = optim.make_optimizer(config_lib.optim_config(c), max(c.train.steps, 1))
-    model = GPT(model_cfg, config_lib.lora_spec(c).layers(model_cfg))
-    fns = train.build_steps(model, tx, schedule, mesh, c.train.micro_steps)
+    run = c if isinstance(c, config_lib.RunConfig) else config_lib.RunConfig.parse(c)
+    model_cfg = config_lib.model_config(run, hf.load_config)
+    mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    config_lib.check(run, model_cfg, dict(mesh.shape))
+    tx, schedule = optim.make_optimizer(run.optim, max(run.train.steps, 1))
+    model = GPT(model_cfg, run.lora.layers(model_cfg))
+    fns = train.build_steps(model, tx, schedule, mesh, run.train.micro_steps)
     with fns.context():
-        state = fns.init(jax.random.key(c.seed))
+        state = fns.init(jax.random.key(run.seed))
     return model_cfg, fns, state, schedule
 
 
@@ -395,12 +397,11 @@ def compare_torch(c, model_cfg, schedule, batches, warmup):
 
 
 def run_full(c, batches: list[dict], warmup: int) -> dict:
-    """Times full fine-tuning of config `c`'s model (`memory_plan.full_finetuning_config`)
-    on `batches` as `time_sft_jax` times the LoRA run. Runs in a child process: its peak
-    RSS is its own."""
-    from sft_jax import memory_plan
+    """Times full fine-tuning of config `c`'s model (`RunConfig.without_lora`) on `batches`
+    as `time_sft_jax` times the LoRA run. Runs in a child process: its peak RSS is its own."""
+    from sft_jax import config as config_lib
 
-    _, fns, state, _ = build(memory_plan.full_finetuning_config(c))
+    _, fns, state, _ = build(config_lib.RunConfig.parse(c).without_lora())
     with fns.context():
         _, figures = time_sft_jax(fns, state, batches, warmup)
     return {**figures, "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb()}

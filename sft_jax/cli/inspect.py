@@ -124,12 +124,12 @@ def _dump_batches(rows, n: int, batch_size: int, seed: int, out: str) -> None:
     print(f"\nwrote {n} batches to {out}")
 
 
-def _write_html(splits, stats, tokenizer, c, n_rows: int, path: str) -> None:
+def _write_html(splits, stats, tokenizer, run, n_rows: int, path: str) -> None:
     """The first `n_rows` rows of the training batches as a page, trained tokens marked."""
     from sft_jax import data as data_lib
     from sft_jax.data import view
 
-    batch_size, seed = c.train.batch_size, c.seed
+    batch_size, seed = run.train.batch_size, run.seed
     sections, cut = [], []
     for n in range(n_rows):
         step, r = divmod(n, batch_size)
@@ -141,7 +141,7 @@ def _write_html(splits, stats, tokenizer, c, n_rows: int, path: str) -> None:
                      f"{int(trained.sum())} trained")  # fmt: skip
             sections.append((label, view.runs(ids, trained, tokenizer)))
             cut.append(view.response_cut(ids, trained, tokenizer, splits.train.seq_len))
-    names = c.data.train or ", ".join(stats["train"].get("sources", {}))  # or data.mixture's
+    names = run.data.train or ", ".join(stats["train"].get("sources", {}))  # or data.mixture's
     page = view.html_page(f"sft_jax data: {names}", stats, sections, cut)
     epath.Path(path).write_text(page, encoding="utf-8")
     print(f"\nwrote {path}")
@@ -173,11 +173,11 @@ def main(argv=None) -> int:
     from sft_jax import data as data_lib
 
     datasets.disable_progress_bars()
-    c = args.config
-    batch_size, seed = c.train.batch_size, c.seed
     try:
-        tokenizer = data_lib.load_tokenizer(config_lib.tokenizer_name(c))
-        splits = data_lib.build_splits(config_lib.data_spec(c), tokenizer)
+        run = config_lib.RunConfig.parse(args.config)
+        batch_size, seed = run.train.batch_size, run.seed
+        tokenizer = data_lib.load_tokenizer(run.model.tokenizer)
+        splits = data_lib.build_splits(run.data, tokenizer)
         n_batches = data_lib.num_batches_per_epoch(splits.train, batch_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         _dump_batches(splits.train, args.dump_batches, batch_size, seed, args.out)
     if args.html:
         n_rows = min(args.html_rows, n_batches * batch_size)
-        _write_html(splits, stats, tokenizer, c, n_rows, args.html)
+        _write_html(splits, stats, tokenizer, run, n_rows, args.html)
     print(json.dumps(stats, default=str))
     return 0
 

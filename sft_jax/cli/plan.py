@@ -51,19 +51,18 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
     flags.mark_flags_as_required(["config"], flag_values=values)
 
 
-def _abstract_step(c, p):
+def _abstract_step(run, p):
     """(step functions on the faked devices' mesh, abstract state, abstract batch)."""
     import jax
     import numpy as np
 
-    from sft_jax import config as config_lib
     from sft_jax import sharding, train
     from sft_jax.model import GPT
 
     mesh = sharding.make_mesh(**p["mesh"])
-    model = GPT(p["model"], config_lib.lora_spec(c).layers(p["model"]))
-    fns = train.build_steps(model, p["tx"], p["schedule"], mesh, c.train.micro_steps)
-    shape = (c.train.batch_size, c.data.max_seq_len)
+    model = GPT(p["model"], run.lora.layers(p["model"]))
+    fns = train.build_steps(model, p["tx"], p["schedule"], mesh, run.train.micro_steps)
+    shape = (run.train.batch_size, run.data.max_seq_len)
     batch = {
         k: jax.ShapeDtypeStruct(shape, dt, sharding=fns.batch_sharding)
         for k, dt in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
@@ -76,10 +75,10 @@ def _abstract_step(c, p):
     return fns, state, batch
 
 
-def compiled_bytes(c, p) -> int:
+def compiled_bytes(run, p) -> int:
     """XLA's peak per device for the real train step compiled on the (faked) CPU devices:
     temp + arguments + outputs − what the donated state aliases."""
-    fns, state, batch = _abstract_step(c, p)
+    fns, state, batch = _abstract_step(run, p)
     with fns.context():
         m = fns.train_step.lower(state, batch).compile().memory_analysis()
     return (
@@ -90,18 +89,18 @@ def compiled_bytes(c, p) -> int:
     )
 
 
-def lower_train_step(c, p, target: str):
+def lower_train_step(run, p, target: str):
     """The real train step lowered for `target` ("tpu" or "cuda") over the plan's mesh of
     faked devices, with the kernels that platform runs. Raises what lowering raises."""
     from sft_jax import kernels
 
     with kernels.target_platform(target):
-        fns, state, batch = _abstract_step(c, p)
+        fns, state, batch = _abstract_step(run, p)
         with fns.context():
             return fns.train_step.trace(state, batch).lower(lowering_platforms=(target,))
 
 
-def _lower(c, p, target: str) -> int:
+def _lower(run, p, target: str) -> int:
     from sft_jax import kernels
 
     model_cfg = p["model"]
@@ -110,7 +109,7 @@ def _lower(c, p, target: str) -> int:
             model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap
         )
     try:
-        lowered = lower_train_step(c, p, target)
+        lowered = lower_train_step(run, p, target)
     except Exception as e:  # any lowering or partitioning failure is the answer here
         print(f"sft-jax-plan: the train step does not lower for {target} on mesh {p['mesh']} "
               f"(attention={kernel}): {type(e).__name__}: {e}", file=sys.stderr)  # fmt: skip
@@ -147,17 +146,19 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    c = args.config
+    from sft_jax import config as config_lib
+
+    run = config_lib.RunConfig.parse(args.config)
     n_devices = args.devices or jax.device_count()
-    p = memory_plan.plan(c, n_devices, _platform(args))
-    print(memory_plan.report(p, c.data.max_seq_len, device_memory))
+    p = memory_plan.plan(run, n_devices, _platform(args))
+    print(memory_plan.report(p, run.data.max_seq_len, device_memory))
     if p["lora"] and args.compare_full:
-        full = memory_plan.plan(memory_plan.full_finetuning_config(c), n_devices, _platform(args))
+        full = memory_plan.plan(run.without_lora(), n_devices, _platform(args))
         print(memory_plan.comparison(p, full))
     if args.compile:
         print(f"XLA, compiled for {jax.device_count()} CPU devices: "
-              f"{compiled_bytes(c, p) / 2**30:.3f} GiB per device")  # fmt: skip
-    if args.lower and _lower(c, p, args.lower):
+              f"{compiled_bytes(run, p) / 2**30:.3f} GiB per device")  # fmt: skip
+    if args.lower and _lower(run, p, args.lower):
         return 1
     return 2 if device_memory and p["total"] > device_memory else 0
 
