@@ -31,11 +31,23 @@ TARGETS = {
 
 def get_config(target: str = "v5p"):
     return recipes.full_finetune(
-        "llama3_70b.py", TARGETS, target, init_from="hf:meta-llama/Llama-3.1-70B-Instruct",
+        "llama3_70b.py",
+        TARGETS,
+        target,
+        init_from="hf:meta-llama/Llama-3.1-70B-Instruct",
         learning_rate=5e-6,
         architecture=dict(
-            family="llama", vocab_size=128256, max_seq_len=131072, d_model=8192, n_layers=80,
-            n_heads=64, n_kv_heads=8, d_ff=28672, tie_embeddings=False, norm_eps=1e-5,
-            rope_theta=500000.0, rope_llama3_scaling=(8.0, 1.0, 4.0, 8192),
+            family="llama",
+            vocab_size=128256,
+            max_seq_len=131072,
+            d_model=8192,
+            n_layers=80,
+            n_heads=64,
+            n_kv_heads=8,
+            d_ff=28672,
+            tie_embeddings=False,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+            rope_llama3_scaling=(8.0, 1.0, 4.0, 8192),
         ),
-    )  # fmt: skip
+    )

@@ -27,11 +27,23 @@ TARGETS = {
 
 def get_config(target: str = "v5p"):
     return recipes.full_finetune(
-        "llama3_8b.py", TARGETS, target, init_from="hf:meta-llama/Llama-3.1-8B-Instruct",
+        "llama3_8b.py",
+        TARGETS,
+        target,
+        init_from="hf:meta-llama/Llama-3.1-8B-Instruct",
         learning_rate=1e-5,
         architecture=dict(
-            family="llama", vocab_size=128256, max_seq_len=131072, d_model=4096, n_layers=32,
-            n_heads=32, n_kv_heads=8, d_ff=14336, tie_embeddings=False, norm_eps=1e-5,
-            rope_theta=500000.0, rope_llama3_scaling=(8.0, 1.0, 4.0, 8192),
+            family="llama",
+            vocab_size=128256,
+            max_seq_len=131072,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            d_ff=14336,
+            tie_embeddings=False,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+            rope_llama3_scaling=(8.0, 1.0, 4.0, 8192),
         ),
-    )  # fmt: skip
+    )

@@ -31,11 +31,23 @@ TARGETS = {
 
 def get_config(target: str = "v5p"):
     return recipes.full_finetune(
-        "qwen25_72b.py", TARGETS, target, init_from="hf:Qwen/Qwen2.5-72B-Instruct",
+        "qwen25_72b.py",
+        TARGETS,
+        target,
+        init_from="hf:Qwen/Qwen2.5-72B-Instruct",
         learning_rate=5e-6,
         architecture=dict(
-            family="qwen2", vocab_size=152064, max_seq_len=32768, d_model=8192, n_layers=80,
-            n_heads=64, n_kv_heads=8, d_ff=29568, qkv_bias=True, tie_embeddings=False,
-            norm_eps=1e-6, rope_theta=1000000.0,
+            family="qwen2",
+            vocab_size=152064,
+            max_seq_len=32768,
+            d_model=8192,
+            n_layers=80,
+            n_heads=64,
+            n_kv_heads=8,
+            d_ff=29568,
+            qkv_bias=True,
+            tie_embeddings=False,
+            norm_eps=1e-6,
+            rope_theta=1000000.0,
         ),
-    )  # fmt: skip
+    )

@@ -164,10 +164,14 @@ class Masking(NamedTuple):
         if self.block >= t:
             return [(0, t, 0, s)]
         return [
-            (i, min(i + self.block, t), max(0, i - self.window + 1) if self.window else 0,
-             min(i + self.block, t))
+            (
+                i,
+                min(i + self.block, t),
+                max(0, i - self.window + 1) if self.window else 0,
+                min(i + self.block, t),
+            )
             for i in range(0, t, self.block)
-        ]  # fmt: skip
+        ]
 
     def cap(self, scores: Array) -> tuple[Array, Array | float]:
         """The soft-capped scores and d(capped)/d(scores)."""
@@ -190,9 +194,11 @@ def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, mask):
     outs, tops, inv_totals = [], [], []
     for qs, qe, ks, ke in mask.blocks(q.shape[3], k.shape[2]):
         scores = jnp.einsum(
-            "bkgtd,bksd->bkgts", q[:, :, :, qs:qe], k[:, :, ks:ke],
+            "bkgtd,bksd->bkgts",
+            q[:, :, :, qs:qe],
+            k[:, :, ks:ke],
             preferred_element_type=jnp.float32,
-        )  # fmt: skip
+        )
         scores = mask.cap(scores)[0]
         # Masked entries at float32's minimum (finite, not -inf: a query that sees no key
         # at all, padding, must not give NaN).
@@ -205,9 +211,11 @@ def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, mask):
         inv_total = 1.0 / jnp.sum(exp, axis=-1)
         # Normalised after the matmul: [block, head_dim] multiplies, not [block, keys].
         out = jnp.einsum(
-            "bkgts,bksd->bkgtd", exp.astype(v.dtype), v[:, :, ks:ke],
+            "bkgts,bksd->bkgtd",
+            exp.astype(v.dtype),
+            v[:, :, ks:ke],
             preferred_element_type=jnp.float32,
-        )  # fmt: skip
+        )
         outs.append((out * inv_total[..., None]).astype(q.dtype))
         tops.append(top)
         inv_totals.append(inv_total)
@@ -233,9 +241,13 @@ def _attend_bwd(mask, res, d_out):
     for qs, qe, ks, ke in mask.blocks(q.shape[3], k.shape[2]):
         q_b, d_out_b = q[:, :, :, qs:qe], d_out[:, :, :, qs:qe]
         m = _visible(
-            q_seg[:, qs:qe], k_seg[:, ks:ke], q_slots[qs:qe], keys_first=True, key_start=ks,
+            q_seg[:, qs:qe],
+            k_seg[:, ks:ke],
+            q_slots[qs:qe],
+            keys_first=True,
+            key_start=ks,
             window=mask.window,
-        )  # fmt: skip
+        )
         m = m[:, None, :, None]  # [batch, 1, keys, 1, block]
         scores = jnp.einsum(
             "bksd,bkgtd->bksgt", k[:, :, ks:ke], q_b, preferred_element_type=jnp.float32
@@ -250,9 +262,13 @@ def _attend_bwd(mask, res, d_out):
         d_scores = probs * (d_probs - row[..., qs:qe]) * d_cap
         d_scores = jnp.where(m, d_scores, 0.0).astype(q.dtype)
         d_v = d_v.at[:, :, ks:ke].add(
-            jnp.einsum("bksgt,bkgtd->bksd", probs.astype(v.dtype), d_out_b,
-                       preferred_element_type=jnp.float32)
-        )  # fmt: skip
+            jnp.einsum(
+                "bksgt,bkgtd->bksd",
+                probs.astype(v.dtype),
+                d_out_b,
+                preferred_element_type=jnp.float32,
+            )
+        )
         d_k = d_k.at[:, :, ks:ke].add(
             jnp.einsum("bksgt,bkgtd->bksd", d_scores, q_b, preferred_element_type=jnp.float32)
         )

@@ -63,8 +63,10 @@ class BestMetric:
             return None
         mode, name = spec.split(":", 1) if spec.startswith(("max:", "min:")) else ("min", spec)
         if not name or name.strip() != name:
-            raise ValueError(f"{key}={spec!r}: name an evaluation metric, e.g. 'eval_loss' "
-                             "or 'max:<metric>' when higher is better")  # fmt: skip
+            raise ValueError(
+                f"{key}={spec!r}: name an evaluation metric, e.g. 'eval_loss' "
+                "or 'max:<metric>' when higher is better"
+            )
         return cls(name, higher_is_better=mode == "max")
 
     def score(self, value: float) -> float:
@@ -257,9 +259,13 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             logging.warning(
                 "checkpoint %s/%d %s on process %d (%s: %s); trying the previous one",
-                self.directory, step, failure, jax.process_index(), type(e).__name__,
+                self.directory,
+                step,
+                failure,
+                jax.process_index(),
+                type(e).__name__,
                 str(e)[:300],
-            )  # fmt: skip
+            )
             return None
 
     def _read(self, step: int, item: str, abstract_state: Any) -> Any:
@@ -287,8 +293,10 @@ class Checkpointer:
         if ok and not oks.all():
             logging.warning(
                 "checkpoint %d cannot be read on processes %s; every process tries the "
-                "previous one", step, np.flatnonzero(oks == 0).tolist(),
-            )  # fmt: skip
+                "previous one",
+                step,
+                np.flatnonzero(oks == 0).tolist(),
+            )
         return bool(oks.all())
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:

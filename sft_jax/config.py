@@ -77,8 +77,15 @@ def _architecture(c: ml_collections.ConfigDict) -> dict:
     model's shapes, so it can be planned without the hub; with init_from they must agree)."""
     shape = c.model.architecture.to_dict() if "architecture" in c.model else {}
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    numerics = {"dtype", "param_dtype", "remat", "scan_layers", "dropout", "attention",
-                "neftune_alpha"}  # fmt: skip
+    numerics = {
+        "dtype",
+        "param_dtype",
+        "remat",
+        "scan_layers",
+        "dropout",
+        "attention",
+        "neftune_alpha",
+    }
     unknown = set(shape) - (fields - numerics)
     if unknown:
         raise ValueError(

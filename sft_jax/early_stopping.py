@@ -85,10 +85,15 @@ class EarlyStopping:
         logging.warning(
             "early stopping at step %d: %s has not improved by more than %g for %d "
             "evaluations (best %.6g at step %s); the checkpoint of step %d is saved and the "
-            "run ends here", step, self.metric.name, self.min_delta, self.waited,
+            "run ends here",
+            step,
+            self.metric.name,
+            self.min_delta,
+            self.waited,
             self.reference if self.reference is not None else float("nan"),
-            self.reference_step, step,
-        )  # fmt: skip
+            self.reference_step,
+            step,
+        )
         return True
 
     def meta(self) -> dict:

@@ -61,8 +61,10 @@ class Evaluation:
             logging.warning(
                 "eval.generations=%d skipped: before/after generations run in single-process "
                 "runs only; answer held-out prompts after training with sft-jax-generate "
-                "--workdir %s", eval_cfg.generations, workdir,
-            )  # fmt: skip
+                "--workdir %s",
+                eval_cfg.generations,
+                workdir,
+            )
         elif eval_cfg.generations > 0:
             spec = data_lib.first_source_spec(spec)  # A mixture's prompts: its first source's.
             rows = data_lib.held_out_rows(spec, eval_cfg.generations)
@@ -116,17 +118,28 @@ class Evaluation:
         if not e.harness_task_list:
             return
         if jax.process_count() > 1:
-            logging.warning("eval.harness_tasks skipped: single-process runs only; score the "
-                            "checkpoint with sft-jax-eval --workdir %s", self.workdir)  # fmt: skip
+            logging.warning(
+                "eval.harness_tasks skipped: single-process runs only; score the "
+                "checkpoint with sft-jax-eval --workdir %s",
+                self.workdir,
+            )
             return
         harness.evaluate_run(
-            self.workdir, name, self._model_cfg, params, self._tokenizer, self._spec,
-            e.harness_task_list, include_path=e.harness_include_path or None,
+            self.workdir,
+            name,
+            self._model_cfg,
+            params,
+            self._tokenizer,
+            self._spec,
+            e.harness_task_list,
+            include_path=e.harness_include_path or None,
             limit=e.harness_limit or None,
             num_fewshot=None if e.harness_num_fewshot < 0 else e.harness_num_fewshot,
-            apply_chat_template=e.harness_chat_template, batch_size=e.harness_batch_size,
-            seed=self._seed, lora=self._lora,
-        )  # fmt: skip
+            apply_chat_template=e.harness_chat_template,
+            batch_size=e.harness_batch_size,
+            seed=self._seed,
+            lora=self._lora,
+        )
 
     def finish(self, params) -> None:
         """After training: the same prompts again, the before/after report, the loss curve."""

@@ -61,17 +61,25 @@ def _compiled(cfg: GPTConfig, lora: LoraLayers | None = None):
 
     def prefill(params, tokens, positions, segments, cache):
         logits, cache = model.apply(
-            {"params": params}, tokens, positions=positions, segment_ids=segments,
-            cache=cache, cache_index=0,
-        )  # fmt: skip
+            {"params": params},
+            tokens,
+            positions=positions,
+            segment_ids=segments,
+            cache=cache,
+            cache_index=0,
+        )
         return logits[:, -1], cache
 
     def step(params, logits, cache, slot, positions, rng, sampling):
         token = sample(logits, jax.random.fold_in(rng, slot), sampling)
         logits, cache = model.apply(
-            {"params": params}, token[:, None], positions=positions[:, None],
-            segment_ids=jnp.ones_like(token)[:, None], cache=cache, cache_index=slot,
-        )  # fmt: skip
+            {"params": params},
+            token[:, None],
+            positions=positions[:, None],
+            segment_ids=jnp.ones_like(token)[:, None],
+            cache=cache,
+            cache_index=slot,
+        )
         return token, logits[:, 0], cache
 
     return (

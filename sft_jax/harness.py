@@ -317,8 +317,9 @@ class SftJaxLM(TemplateLM):
         if not add_generation_prompt and (
             not chat_history or chat_history[-1]["role"] != "assistant"
         ):
-            raise ValueError("apply_chat_template: nothing to continue; the last turn must be "
-                             "the assistant's")  # fmt: skip
+            raise ValueError(
+                "apply_chat_template: nothing to continue; the last turn must be the assistant's"
+            )
         earlier = chat_history if add_generation_prompt else chat_history[:-1]
         started = "" if add_generation_prompt else chat_history[-1]["content"]
         turns = [m for m in earlier if m["content"]]
@@ -504,8 +505,9 @@ def before_after_markdown(
 # ---------------------------------------------------------------------- a training run
 
 
-def evaluate_run(workdir: str, name: str, cfg: GPTConfig, params, tokenizer, spec, tasks,
-                 **options) -> dict:  # fmt: skip
+def evaluate_run(
+    workdir: str, name: str, cfg: GPTConfig, params, tokenizer, spec, tasks, **options
+) -> dict:
     """`run_tasks` for a run before or after training (`name`): the results are saved as
     `harness_{name}.json` in the workdir (a local path or bucket URL), where
     `report_markdown` finds them, a resumed run's "before" included. `options`: those of

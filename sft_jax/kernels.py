@@ -131,9 +131,16 @@ def attention(
     window, softcap = int(window), float(softcap)
     if key_segment_ids is not None:
         return dot_product_attention(
-            q, k, v, segment_ids, key_segment_ids, query_offset, scale=scale, window=window,
+            q,
+            k,
+            v,
+            segment_ids,
+            key_segment_ids,
+            query_offset,
+            scale=scale,
+            window=window,
             softcap=softcap,
-        )  # fmt: skip
+        )
     kernel = resolve(implementation, dtype=q.dtype, softcap=softcap)
     if kernel == "splash":  # masks by segment ids itself
         return splash_attention(q, k, v, segment_ids, scale=scale, window=window, softcap=softcap)
@@ -167,11 +174,15 @@ def cudnn_attention(q, k, v, mask, scale: float | None = None, window: int = 0):
     # segment boundaries of packed rows on top.
     gpu = platform() == "gpu"
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=q.shape[1] == k.shape[1],
+        q,
+        k,
+        v,
+        mask=mask,
+        is_causal=q.shape[1] == k.shape[1],
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
         local_window_size=(window - 1, 0) if window else None,
         implementation="cudnn" if gpu else None,
-    )  # fmt: skip
+    )
 
 
 # Splash wants sequence lengths that are multiples of its blocks; 128 fits the TPU tiles.
@@ -188,10 +199,15 @@ def _splash_kernel(seq: int, group: int, interpret: bool, window: int = 0, softc
 
     block = min(SPLASH_BLOCK, seq)
     sizes = splash.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block,
-        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        block_q_dq=block, block_kv_dq=block,
-    )  # fmt: skip
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     # A window: query i sees keys i - (window - 1) … i (LocalMask's left and right reach).
     one = (
         masks.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
@@ -242,9 +258,12 @@ def splash_attention(
     batch_axes, head_axes = _splash_axes(mesh, q.shape[0], q.shape[2], k.shape[2])
     qkv = PartitionSpec(batch_axes, None, head_axes, None)
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch_axes, None)),
-        out_specs=qkv, check_vma=False,
-    )(q, k, v, segment_ids)  # fmt: skip
+        local,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, PartitionSpec(batch_axes, None)),
+        out_specs=qkv,
+        check_vma=False,
+    )(q, k, v, segment_ids)
 
 
 def _splash_axes(mesh, batch: int, heads: int, kv_heads: int):

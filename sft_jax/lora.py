@@ -110,8 +110,16 @@ class LoraSpec:
             return None
         paths = frozenset(m.path for m in resolve_targets(cfg, self))
         gaussian = self.init == "gaussian"
-        return LoraLayers(self.rank, self.scale, self.dropout, gaussian, paths, self.quantize,
-                          self.double_quant, self.base_dtype)  # fmt: skip
+        return LoraLayers(
+            self.rank,
+            self.scale,
+            self.dropout,
+            gaussian,
+            paths,
+            self.quantize,
+            self.double_quant,
+            self.base_dtype,
+        )
 
     @classmethod
     def from_config(cls, c: Any) -> LoraSpec:
@@ -297,8 +305,9 @@ def adapter_axes(cfg: GPTConfig, spec: LoraSpec) -> dict:
     """The adapters' tree with each leaf the tuple of its logical axis names: the kernel's,
     with `lora_rank` (replicated) for the rank: A ("layers", "embed", "lora_rank"),
     B ("layers", "lora_rank", "heads", "head_dim") for q_proj."""
-    return jax.tree.map(lambda box: tuple(box.names), abstract_adapters(cfg, spec),
-                        is_leaf=_is_leaf)  # fmt: skip
+    return jax.tree.map(
+        lambda box: tuple(box.names), abstract_adapters(cfg, spec), is_leaf=_is_leaf
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -140,8 +140,7 @@ def _loss_sum_and_grads(hidden, head, targets, mask, chunk, softcap, smoothing):
             d_logits = d_logits * (1.0 - squashed * squashed)
         d_logits = d_logits.astype(h.dtype)
         d_h = jnp.einsum("bcv,vd->bcd", d_logits, head, preferred_element_type=jnp.float32)
-        d_head = d_head + jnp.einsum("bcv,bcd->vd", d_logits, h,
-                                     preferred_element_type=jnp.float32)  # fmt: skip
+        d_head = d_head + jnp.einsum("bcv,bcd->vd", d_logits, h, preferred_element_type=jnp.float32)
         return (total + jnp.sum(nll * m), d_head), d_h
 
     xs = tuple(_chunks(x, chunk) for x in (hidden, targets, mask))
@@ -168,10 +167,15 @@ def _sums(
     # reduce-scatter): no device holds a second whole float32 [vocab, d_model] copy.
     scatter = row_axes if grads and head.shape[1] % _size(row_axes) == 0 else ()
     local = functools.partial(
-        _device_sums, chunk=chunk, softcap=softcap, smoothing=smoothing, grads=grads,
+        _device_sums,
+        chunk=chunk,
+        softcap=softcap,
+        smoothing=smoothing,
+        grads=grads,
         row_axes=row_axes,
-        seq_axes=seq_axes, scatter_axes=scatter,
-    )  # fmt: skip
+        seq_axes=seq_axes,
+        scatter_axes=scatter,
+    )
     # The arrays go in and out as the model lays them out (rows split, the same on every
     # device of the sequence axes): a sequence-split spec here would propagate into the
     # model's own layout. Each device takes its part of the positions inside.
@@ -180,15 +184,27 @@ def _sums(
     if grads:
         out_specs.update(d_hidden=rows, d_head=PartitionSpec(None, scatter or None))
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(rows, PartitionSpec(), rows, rows), out_specs=out_specs,
+        local,
+        mesh=mesh,
+        in_specs=(rows, PartitionSpec(), rows, rows),
+        out_specs=out_specs,
         check_vma=False,
-    )(hidden, head, targets, mask)  # fmt: skip
+    )(hidden, head, targets, mask)
 
 
 def _device_sums(
-    hidden, head, targets, mask, chunk, softcap, smoothing, grads, row_axes, seq_axes,
+    hidden,
+    head,
+    targets,
+    mask,
+    chunk,
+    softcap,
+    smoothing,
+    grads,
+    row_axes,
+    seq_axes,
     scatter_axes,
-):  # fmt: skip
+):
     """`_sums` on one device's rows: its own part of their positions (split over
     `seq_axes`), then the sums and the head's gradient added over all the axes, once (the
     gradient scattered over `scatter_axes` along d_model)."""

@@ -32,8 +32,18 @@ DEVICES = {
     "h100-80gb": 80 * 10**9,
 }
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def device_bytes(text: str) -> int:
@@ -189,8 +199,13 @@ def plan(run, n_devices: int, platform: str = "") -> dict:
     grads *= 2 if run.train.micro_steps > 1 else 1
     local_rows = run.train.batch_size // run.train.micro_steps // (sizes["data"] * sizes["fsdp"])
     kernel = kernels.resolve(model_cfg.attention, platform or None, model_cfg.dtype)
-    step = StepShape(local_rows, run.data.max_seq_len, sizes["tensor"], kernel == "xla",
-                     *_lora_step(model_cfg, spec, frozen))  # fmt: skip
+    step = StepShape(
+        local_rows,
+        run.data.max_seq_len,
+        sizes["tensor"],
+        kernel == "xla",
+        *_lora_step(model_cfg, spec, frozen),
+    )
     terms = {
         "parameters": params,
         "optimizer state": per_device(abstract.opt_state, shardings.opt_state),

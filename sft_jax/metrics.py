@@ -278,8 +278,9 @@ class MetricsLogger:
             return
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         self._jsonl = AppendedFile(paths.join(workdir, "metrics.jsonl"))
-        self._trackers = make_trackers(names, workdir, tracker_project, run_config,
-                                       mlflow_tracking_uri)  # fmt: skip
+        self._trackers = make_trackers(
+            names, workdir, tracker_project, run_config, mlflow_tracking_uri
+        )
         if progress_bar:
             from tqdm import tqdm
 
@@ -361,10 +362,12 @@ def _aligned(table: list[list[str]]) -> str:
     """Rows of cells as text: the first column to the left, the others to the right."""
     widths = [max(map(len, column)) for column in zip(*table, strict=True)]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                  enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
         for row in table
-    )  # fmt: skip
+    )
 
 
 def _trained_tokens(split: dict) -> str:

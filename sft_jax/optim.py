@@ -171,8 +171,9 @@ def _boxes_that_fit(tx: optax.GradientTransformation) -> optax.GradientTransform
     def init(params):
         is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
         state = tx.init(params)
-        return jax.tree.map(lambda x: x if not is_box(x) or fits(x) else x.value, state,
-                            is_leaf=is_box)  # fmt: skip
+        return jax.tree.map(
+            lambda x: x if not is_box(x) or fits(x) else x.value, state, is_leaf=is_box
+        )
 
     return optax.GradientTransformation(init, tx.update)
 
@@ -192,8 +193,9 @@ def _adafactor(cfg: OptimConfig, schedule, mask) -> optax.GradientTransformation
 def _optimizer(cfg: OptimConfig, schedule) -> optax.GradientTransformation:
     mask = lambda p: weight_decay_mask(p, cfg.decay_embeddings)  # noqa: E731
     if cfg.name == "adamw":
-        return optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=mask)  # fmt: skip
+        return optax.adamw(
+            schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask
+        )
     if cfg.name == "adafactor":
         return _adafactor(cfg, schedule, mask)
     if cfg.name == "lion":

@@ -100,8 +100,10 @@ def check_resumable(saved_meta: dict, meta: dict, directory: str) -> None:
     # Dropout may change between runs; rank, scale, targets, init and the base may not.
     detail = _differences(saved, current, {"dropout"}, prefix="lora.")
     if detail:
-        raise ValueError(f"the LoRA checkpoints in {directory} differ from the config ({detail}); "
-                         "use the same lora.* settings to resume, or a new --workdir")  # fmt: skip
+        raise ValueError(
+            f"the LoRA checkpoints in {directory} differ from the config ({detail}); "
+            "use the same lora.* settings to resume, or a new --workdir"
+        )
     saved_base, base = saved_meta.get("base", {}), meta.get("base", {})
     key = "init_from" if saved_base.get("init_from") or base.get("init_from") else "seed"
     if saved_base.get(key) != base.get(key):
@@ -119,8 +121,9 @@ def _differences(saved: dict, current: dict, free: set[str], prefix: str = "") -
     keys = sorted((set(saved) | set(current)) - free)
     return ", ".join(
         f"{prefix}{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-        for k in keys if _plain(saved.get(k)) != _plain(current.get(k))
-    )  # fmt: skip
+        for k in keys
+        if _plain(saved.get(k)) != _plain(current.get(k))
+    )
 
 
 def saved_model_fields(saved_model: dict) -> dict:

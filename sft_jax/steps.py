@@ -112,9 +112,12 @@ def with_base(saved_state: TrainState, base) -> TrainState:
 
 
 def loss_sums(
-    params, batch: Batch, model: nn.Module, rng: jax.Array | None = None,
+    params,
+    batch: Batch,
+    model: nn.Module,
+    rng: jax.Array | None = None,
     label_smoothing: float = 0.0,
-):  # fmt: skip
+):
     """(Σ mask·nll, Σ mask) of one (micro-)batch; dropout on when `rng` is given.
 
     The logits are never materialised whole: the loss applies the output projection to the

@@ -149,8 +149,14 @@ class WandbTracker:
         wandb = _import_tracker("wandb")
         ids = RunIds(workdir)
         local = None if paths.is_remote(workdir) else workdir
-        self._run = wandb.init(project=project, name=run_name, id=ids.get("wandb") or None,
-                               resume="allow", config=config, dir=local)  # fmt: skip
+        self._run = wandb.init(
+            project=project,
+            name=run_name,
+            id=ids.get("wandb") or None,
+            resume="allow",
+            config=config,
+            dir=local,
+        )
         ids.set("wandb", self._run.id)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
@@ -243,6 +249,7 @@ def make_trackers(
         elif name == "wandb":
             made.append(WandbTracker(workdir, project, run_name, config or {}))
         else:
-            made.append(MlflowTracker(workdir, project, run_name, config or {},
-                                      mlflow_tracking_uri))  # fmt: skip
+            made.append(
+                MlflowTracker(workdir, project, run_name, config or {}, mlflow_tracking_uri)
+            )
     return made

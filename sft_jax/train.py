@@ -48,8 +48,9 @@ def process_rows(batch_sharding, global_rows: int) -> np.ndarray:
     shards, as when a mesh axis that does not split the batch (tensor) spans hosts, get the
     same rows; on TPU pods a process's rows need not be one contiguous block."""
     index_map = batch_sharding.addressable_devices_indices_map((global_rows,))
-    ranges = sorted({(r.start or 0, global_rows if r.stop is None else r.stop)
-                     for r, *_ in index_map.values()})  # fmt: skip
+    ranges = sorted(
+        {(r.start or 0, global_rows if r.stop is None else r.stop) for r, *_ in index_map.values()}
+    )
     return np.concatenate([np.arange(a, b) for a, b in ranges])
 
 
@@ -273,8 +274,9 @@ def _with_peft_adapters(
     lora.check_same_adapter(cfg, adapter.spec, spec, folder)
     base, fresh = lora.split(state.params)
     shardings = lora.split(fns.state_shardings.params)[1]
-    adapters = jax.tree.map(lambda x, s, f: jax.device_put(x.astype(f.dtype), s),
-                            adapter.adapters, shardings, fresh)  # fmt: skip
+    adapters = jax.tree.map(
+        lambda x, s, f: jax.device_put(x.astype(f.dtype), s), adapter.adapters, shardings, fresh
+    )
     logging.info("LoRA adapters from %s (PEFT, base %r)", folder, adapter.base_model_name_or_path)
     return state.replace(params=lora.combine(base, adapters))
 
@@ -302,8 +304,13 @@ def _export(s: Setup, workdir: str, params) -> None:
     export_cfg, spec = s.run.export, s.run.lora
     if export_cfg.hf_dir:
         out = paths.under(workdir, export_cfg.hf_dir)
-        hf.save_hf(s.model_cfg, lora.merged(params, spec), out, tokenizer=s.tokenizer,
-                   dtype=hf.export_dtype(s.model_cfg, export_cfg.dtype))  # fmt: skip
+        hf.save_hf(
+            s.model_cfg,
+            lora.merged(params, spec),
+            out,
+            tokenizer=s.tokenizer,
+            dtype=hf.export_dtype(s.model_cfg, export_cfg.dtype),
+        )
         logging.info("exported the final params to %s (Hugging Face format)", out)
     if export_cfg.adapter_dir:
         out = paths.under(workdir, export_cfg.adapter_dir)
@@ -324,22 +331,39 @@ def train_and_evaluate(
     t, fns, checkpointer, state = run.train, s.fns, s.checkpointer, s.state
     eval_batch_size = t.eval_batch_size or t.batch_size
     evaluation = evaluate_lib.Evaluation(
-        workdir, run.eval, run.seed, s.data_spec, s.tokenizer,
-        s.model_cfg, s.splits.validation, batch_size=eval_batch_size, max_batches=t.eval_steps,
-        process_rows=process_rows(fns.batch_sharding, eval_batch_size), lora=fns.model.lora,
+        workdir,
+        run.eval,
+        run.seed,
+        s.data_spec,
+        s.tokenizer,
+        s.model_cfg,
+        s.splits.validation,
+        batch_size=eval_batch_size,
+        max_batches=t.eval_steps,
+        process_rows=process_rows(fns.batch_sharding, eval_batch_size),
+        lora=fns.model.lora,
         validation_sources=s.splits.validation_sources,
         eval_fn=lambda p, local: fns.eval_step(
-            p, global_batch(local, fns.batch_sharding, eval_batch_size)),
-    )  # fmt: skip
+            p, global_batch(local, fns.batch_sharding, eval_batch_size)
+        ),
+    )
     peak, peak_source = metrics_lib.peak_flops_per_device(t.peak_flops)
     logging.info("peak %.3g FLOP/s per device (%s); %d steps", peak, peak_source, s.num_steps)
-    logger = metrics_lib.MetricsLogger(workdir, s.num_steps, s.start_step,
-        enabled=jax.process_index() == 0, progress_bar=t.progress_bar, trackers=t.trackers,
-        tracker_project=t.tracker_project, run_config=run.as_json,
-        mlflow_tracking_uri=t.mlflow_tracking_uri)  # fmt: skip
+    logger = metrics_lib.MetricsLogger(
+        workdir,
+        s.num_steps,
+        s.start_step,
+        enabled=jax.process_index() == 0,
+        progress_bar=t.progress_bar,
+        trackers=t.trackers,
+        tracker_project=t.tracker_project,
+        run_config=run.as_json,
+        mlflow_tracking_uri=t.mlflow_tracking_uri,
+    )
     ckpt_cfg = run.checkpoint
-    profiler = metrics_lib.StepProfiler(paths.join(workdir, "profile"), t.profile_start,
-                                        t.profile_steps)  # fmt: skip
+    profiler = metrics_lib.StepProfiler(
+        paths.join(workdir, "profile"), t.profile_start, t.profile_steps
+    )
     record: dict[str, float] = {}
     try:
         if s.start_step == 0:  # the starting point, so the report shows what training changed
@@ -353,8 +377,9 @@ def train_and_evaluate(
             lora_on = fns.model.lora is not None  # a frozen base: no weight gradients
             window = metrics_lib.MetricsWindow(
                 lambda width: s.model_cfg.flops_per_token(width, lora_on) * width,
-                t.batch_size, peak * fns.mesh.size,
-            )  # fmt: skip
+                t.batch_size,
+                peak * fns.mesh.size,
+            )
             mine = process_rows(fns.batch_sharding, t.batch_size)
             stopper = early_stopping.EarlyStopping.for_run(
                 t, ckpt_cfg, checkpointer, s.start_step, s.splits.validation is not None
@@ -394,8 +419,12 @@ def train_and_evaluate(
                 if stopping:
                     logging.warning(
                         "stopped at step %d of %d on request; checkpoint saved in %s/%d. Run the "
-                        "same command to resume.", done, s.num_steps, checkpointer.directory, done,
-                    )  # fmt: skip
+                        "same command to resume.",
+                        done,
+                        s.num_steps,
+                        checkpointer.directory,
+                        done,
+                    )
                     return record
                 if early:
                     break  # `stopper` said why; the run ends as a finished one

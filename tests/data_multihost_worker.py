@@ -26,11 +26,13 @@ def main() -> None:
     tokenizer, processes = load_tokenizer("gpt2"), jax_processes()
     spec = dict(validation="0.1", max_seq_len=64, num_workers=0, max_drop_fraction=0.5)
     result = {}
-    built = build_splits(DataSpec(train=rows, on_bad_row="skip", cache_dir=shared, **spec),
-                         tokenizer, processes)  # fmt: skip
+    built = build_splits(
+        DataSpec(train=rows, on_bad_row="skip", cache_dir=shared, **spec), tokenizer, processes
+    )
     result["built"] = {"hit": built.cache_hit, "path": built.cache_path, "tokenized": tokenized[0]}
-    again = build_splits(DataSpec(train=rows, on_bad_row="skip", cache_dir=shared, **spec),
-                         tokenizer, processes)  # fmt: skip
+    again = build_splits(
+        DataSpec(train=rows, on_bad_row="skip", cache_dir=shared, **spec), tokenizer, processes
+    )
     result["again"] = {"hit": again.cache_hit, "tokenized": tokenized[0]}
     failing = {
         "bad_row": DataSpec(train=bad, cache_dir=shared, **spec),  # bad row in process 1's share

@@ -57,8 +57,11 @@ def run_processes(
         procs = []
         for i, path in enumerate(paths):
             with open(path, "w") as err, open(f"{path}.stdout", "w") as out:
-                procs.append(subprocess.Popen(list(argv(i, port)), cwd=ROOT, env=env,
-                                              stdout=out, stderr=err, text=True))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        list(argv(i, port)), cwd=ROOT, env=env, stdout=out, stderr=err, text=True
+                    )
+                )
         timed_out = not _wait_all(procs, timeout)
         codes = [p.returncode for p in procs]
         errs = [open(path).read() for path in paths]

@@ -69,9 +69,17 @@ def main(src, out, result, pid, nproc, port):
             if not np.array_equal(np.asarray(shard.data), want[shard.index]):
                 mismatched.append(f"{'/'.join(keys)} {shard.index}")
     with open(result, "w") as f:
-        json.dump({"import_peak": import_peak, "export_peak": export_peak, "held": held,
-                   "mismatched": mismatched, "wrong_sharding": wrong_sharding,
-                   "devices": jax.local_device_count()}, f)  # fmt: skip
+        json.dump(
+            {
+                "import_peak": import_peak,
+                "export_peak": export_peak,
+                "held": held,
+                "mismatched": mismatched,
+                "wrong_sharding": wrong_sharding,
+                "devices": jax.local_device_count(),
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

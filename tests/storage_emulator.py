@@ -75,8 +75,9 @@ class GcsEmulator:
         log = open(self.root / "emulator.log", "wb")  # noqa: SIM115 (closed with the process)
         self._process = subprocess.Popen(
             [sys.executable, __file__, str(self.root / "data"), str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + timeout_s
         while True:

@@ -165,10 +165,13 @@ def test_attention_mask_with_a_window_is_transformers_sliding_window():
     masking_utils = pytest.importorskip("transformers.masking_utils")
     seg = jnp.ones((2, 12), jnp.int32).at[0, :3].set(0)
     want = masking_utils.sdpa_mask(
-        batch_size=2, q_length=12, kv_length=12, attention_mask=torch.tensor(np.asarray(seg)),
+        batch_size=2,
+        q_length=12,
+        kv_length=12,
+        attention_mask=torch.tensor(np.asarray(seg)),
         mask_function=masking_utils.sliding_window_causal_mask_function(5),
         allow_is_causal_skip=False,
-    )  # fmt: skip
+    )
     real = np.asarray(seg != 0)[:, None, :, None]
     got = attention_mask(seg, window=5)
     np.testing.assert_array_equal(got & real, want.numpy() & real)

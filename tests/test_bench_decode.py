@@ -16,8 +16,13 @@ HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is a test-only dependency")
 def test_decode_against_transformers_on_smollm2(one_device_env):
     env = one_device_env
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_decode.py"), "--batches=1,3",
-           "--new-tokens=6", "--repeats=1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "bench_decode.py"),
+        "--batches=1,3",
+        "--new-tokens=6",
+        "--repeats=1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -29,11 +29,17 @@ def test_job_against_classic_recipe(tmp_path, one_device_env):
     _alpaca_rows(data, 60)
     env = one_device_env
     cmd = [
-        sys.executable, os.path.join(ROOT, "tools", "bench_job.py"),
-        "--config", os.path.join(ROOT, "configs", "tiny.py"), "--rows=40", "--padded",
-        f"--config.data.train={data}", "--config.optim.warmup_steps=0",
-        "--config.data.max_seq_len=64", "--config.train.batch_size=4",
-    ]  # fmt: skip
+        sys.executable,
+        os.path.join(ROOT, "tools", "bench_job.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "tiny.py"),
+        "--rows=40",
+        "--padded",
+        f"--config.data.train={data}",
+        "--config.optim.warmup_steps=0",
+        "--config.data.max_seq_len=64",
+        "--config.train.batch_size=4",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])

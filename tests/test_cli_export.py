@@ -24,8 +24,9 @@ def test_a_workdir_without_checkpoints_is_one_line(tmp_path, capsys):
 def run_with_a_best(tmp_path_factory):
     """A run whose eval loss was best at step 2 of 4 (checkpoint.keep=1), and one without
     checkpoint.keep_best; their params at step s are the init's times s."""
-    cfg = GPTConfig(vocab_size=256, max_seq_len=32, d_model=32, n_layers=2, n_heads=2,
-                    n_kv_heads=2, d_ff=64)  # fmt: skip
+    cfg = GPTConfig(
+        vocab_size=256, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64
+    )
     params = jax.jit(lambda rng: nn.meta.unbox(steps.init_params(rng, GPT(cfg))))(jax.random.key(0))
     meta = {"model": dataclasses.asdict(cfg), "tokenizer": "gpt2", "template": "chatml"}
     best = checkpoint.BestMetric("eval_loss")

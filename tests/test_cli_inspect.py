@@ -17,16 +17,21 @@ from sft_jax.data import batch_at, build_splits, load_tokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-ROWS = [{"instruction": f"Echo {i}.", "input": "<b>&</b>" * (i % 2), "output": f"Echo {i}!"}
-        for i in range(40)]  # fmt: skip
+ROWS = [
+    {"instruction": f"Echo {i}.", "input": "<b>&</b>" * (i % 2), "output": f"Echo {i}!"}
+    for i in range(40)
+]
 
 
 def _run(script, *args):
     return subprocess.run(
         [script, *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +39,26 @@ def run(tmp_path_factory, console_script):
     tmp = tmp_path_factory.mktemp("inspect")
     data = tmp / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    overrides = [f"--config.data.train={data}", f"--config.data.cache_dir={tmp / 'cache'}",
-                 "--config.data.validation=0.1"]  # fmt: skip
-    out = _run(console_script("sft-jax-inspect"), "--config", TINY, *overrides,
-               "--dump-batches", "2", "--out", str(tmp / "b.jsonl"), "--html",
-               str(tmp / "d.html"), "--show", "1", "--no-color")  # fmt: skip
+    overrides = [
+        f"--config.data.train={data}",
+        f"--config.data.cache_dir={tmp / 'cache'}",
+        "--config.data.validation=0.1",
+    ]
+    out = _run(
+        console_script("sft-jax-inspect"),
+        "--config",
+        TINY,
+        *overrides,
+        "--dump-batches",
+        "2",
+        "--out",
+        str(tmp / "b.jsonl"),
+        "--html",
+        str(tmp / "d.html"),
+        "--show",
+        "1",
+        "--no-color",
+    )
     return out, tmp, overrides
 
 
@@ -106,8 +126,13 @@ def test_html_page_marks_trained_tokens(run):
 def test_bad_data_is_one_clear_line(tmp_path, console_script):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ROWS[0]) + "\n" + '{"instruction": "x"}\n', encoding="utf-8")
-    out = _run(console_script("sft-jax-inspect"), "--config", TINY,
-               f"--config.data.train={bad}", "--config.data.cache=False")  # fmt: skip
+    out = _run(
+        console_script("sft-jax-inspect"),
+        "--config",
+        TINY,
+        f"--config.data.train={bad}",
+        "--config.data.cache=False",
+    )
     assert out.returncode == 1
     assert f"error: data.train='{bad}': {bad}, line 2: field 'output' is missing" in out.stderr
     assert "Traceback" not in out.stderr

@@ -41,10 +41,18 @@ def test_a_mesh_that_does_not_cover_the_devices_is_refused():
 
 def test_the_command_line_prints_the_plan_and_whether_it_fits(console_script):
     tiny_py = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-    command = [console_script("sft-jax-plan"), "--config", tiny_py, "--devices", "8",
-               "--config.mesh.fsdp=2", "--config.mesh.tensor=4"]  # fmt: skip
-    fits = subprocess.run([*command, "--device", "v5p"], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    command = [
+        console_script("sft-jax-plan"),
+        "--config",
+        tiny_py,
+        "--devices",
+        "8",
+        "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=4",
+    ]
+    fits = subprocess.run(
+        [*command, "--device", "v5p"], capture_output=True, text=True, timeout=300
+    )
     assert fits.returncode == 0, fits.stderr[-2000:]
     assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4}" in fits.stdout
     assert "per device, biggest first:" in fits.stdout
@@ -52,8 +60,9 @@ def test_the_command_line_prints_the_plan_and_whether_it_fits(console_script):
         assert term in fits.stdout
     assert "fits in 95.0 GiB per device (headroom" in fits.stdout
     # 1 MB cannot hold it: the exit says so, for scripts.
-    tight = subprocess.run([*command, "--device", "1MB"], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    tight = subprocess.run(
+        [*command, "--device", "1MB"], capture_output=True, text=True, timeout=300
+    )
     assert tight.returncode == 2 and "does NOT fit in 0.0 GiB" in tight.stdout
 
 
@@ -123,8 +132,15 @@ def test_lower_command_exits_nonzero_with_the_lowering_error(console_script, one
 
 def test_a_lora_plan_prints_full_finetuning_beside_it(capsys):
     tiny_py = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-    args = ["--config", tiny_py, "--devices", "8", "--config.model.preset=tiny-llama",
-            "--config.lora.rank=4", "--config.lora.quantize=nf4"]  # fmt: skip
+    args = [
+        "--config",
+        tiny_py,
+        "--devices",
+        "8",
+        "--config.model.preset=tiny-llama",
+        "--config.lora.rank=4",
+        "--config.lora.quantize=nf4",
+    ]
     assert plan.main(args) == 0
     out = capsys.readouterr().out
     assert "of which: frozen base" in out and "block kernels nf4" in out

@@ -120,10 +120,22 @@ def test_pod_recipe_plans_and_lowers_for_tpu_on_its_mesh(name, console_script, o
 
     devices, device, *_ = _module(os.path.join(ROOT, "configs", name)).TARGETS["v5p"]
     done = subprocess.run(
-        [console_script("sft-jax-plan"), "--config", os.path.join(ROOT, "configs", name) + ":v5p",
-         "--devices", str(devices), "--device", device, "--lower", "tpu"],
-        capture_output=True, text=True, timeout=300, env=one_device_env,
-    )  # fmt: skip
+        [
+            console_script("sft-jax-plan"),
+            "--config",
+            os.path.join(ROOT, "configs", name) + ":v5p",
+            "--devices",
+            str(devices),
+            "--device",
+            device,
+            "--lower",
+            "tpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=one_device_env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fits in 95.0 GiB per device" in done.stdout
     assert "lowered for tpu on mesh {'data': 1, 'fsdp': 64, 'tensor': 1} (attention=splash)" in (

@@ -36,23 +36,41 @@ CASES = [
     (b'{"instruction": "x", "output": ', "malformed_json", ["not valid JSON", "fix the JSON"]),
     (b'{"instruction": "x"}', "missing_field", ["field 'output' is missing"]),
     (b'{"instruction": null, "output": "y"}', "missing_field", ["field 'instruction' is null"]),
-    (b'{"instrucion": "x", "output": "y"}', "missing_field",
-     ["field 'instruction' is missing", "data.fields=instruction=instrucion"]),
-    (b'{"instruction": "x", "output": 42}', "not_a_string",
-     ["field 'output' must be a string, got int 42"]),
+    (
+        b'{"instrucion": "x", "output": "y"}',
+        "missing_field",
+        ["field 'instruction' is missing", "data.fields=instruction=instrucion"],
+    ),
+    (
+        b'{"instruction": "x", "output": 42}',
+        "not_a_string",
+        ["field 'output' must be a string, got int 42"],
+    ),
     (b'{"instruction": "", "output": "y"}', "empty_field", ["field 'instruction' is empty"]),
     (b'{"instruction": "x", "output": "  "}', "empty_field", ["field 'output' is empty"]),
-    (b'{"instruction": "caf\xe9", "output": "y"}', "not_utf8",
-     ["byte 0xe9 at line 3, column 21 is not UTF-8", "re-encode"]),
+    (
+        b'{"instruction": "caf\xe9", "output": "y"}',
+        "not_utf8",
+        ["byte 0xe9 at line 3, column 21 is not UTF-8", "re-encode"],
+    ),
     (b'["instruction", "output"]', "not_an_object", ["is a list, not an object"]),
-    (b'{"instruction": "x <|endoftext|>", "output": "y"}', "special_token_text",
-     ["field 'instruction' holds the special token text '<|endoftext|>'"]),
+    (
+        b'{"instruction": "x <|endoftext|>", "output": "y"}',
+        "special_token_text",
+        ["field 'instruction' holds the special token text '<|endoftext|>'"],
+    ),
     # Half an emoji's UTF-16 pair: Python reads it, no tokenizer takes it.
-    (b'{"instruction": "cut \\ud83d", "output": "y"}', "lone_surrogate",
-     ["field 'instruction' holds a lone surrogate escape '\\ud83d'", "fix the escape"]),
-    (b'{"instruction": ' + b"[" * 5000 + b"]" * 5000 + b', "output": "y"}', "malformed_json",
-     ["nests arrays or objects deeper than Python's JSON reader allows"]),
-]  # fmt: skip
+    (
+        b'{"instruction": "cut \\ud83d", "output": "y"}',
+        "lone_surrogate",
+        ["field 'instruction' holds a lone surrogate escape '\\ud83d'", "fix the escape"],
+    ),
+    (
+        b'{"instruction": ' + b"[" * 5000 + b"]" * 5000 + b', "output": "y"}',
+        "malformed_json",
+        ["nests arrays or objects deeper than Python's JSON reader allows"],
+    ),
+]
 
 
 @pytest.mark.parametrize("line,reason,fragments", CASES)
@@ -61,8 +79,13 @@ def test_bad_row_stops_with_place_field_and_fix(tmp_path, line, reason, fragment
     with pytest.raises(ValueError) as e:
         _build(path, format="alpaca")
     msg = str(e.value)
-    for fragment in [f"data.train='{path}'", f"{path}, line 3", f"reason {reason}",
-                     "data.on_bad_row=skip", *fragments]:  # fmt: skip
+    for fragment in [
+        f"data.train='{path}'",
+        f"{path}, line 3",
+        f"reason {reason}",
+        "data.on_bad_row=skip",
+        *fragments,
+    ]:
         assert fragment in msg, (fragment, msg)
     assert "Traceback" not in msg
 
@@ -78,21 +101,33 @@ def test_bad_row_skipped_and_counted(tmp_path, line, reason, fragments):
 
 
 CHAT_CASES = [
-    ({"messages": [{"role": "human", "content": "a"}, {"role": "assistant", "content": "b"}]},
-     "unknown_role", "field 'messages[0].role' is 'human'; known: assistant, system, "),
-    ({"messages": [{"role": "user", "content": "a"}]}, "no_assistant_turn",
-     "field 'messages' has no assistant turn"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]},
-     "not_a_string", "field 'messages[1].content' must be a string"),
-]  # fmt: skip
+    (
+        {"messages": [{"role": "human", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        "unknown_role",
+        "field 'messages[0].role' is 'human'; known: assistant, system, ",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a"}]},
+        "no_assistant_turn",
+        "field 'messages' has no assistant turn",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]},
+        "not_a_string",
+        "field 'messages[1].content' must be a string",
+    ),
+]
 
 
 @pytest.mark.parametrize("row,reason,fragment", CHAT_CASES)
 def test_bad_conversations(tmp_path, row, reason, fragment):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [CHAT] * 10 + [row] + [CHAT] * 10))
-    with pytest.raises(ValueError, match="chat.jsonl, line 11: " + fragment.replace("[", r"\[")
-                       .replace("]", r"\]").replace("?", r"\?")):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match="chat.jsonl, line 11: "
+        + fragment.replace("[", r"\[").replace("]", r"\]").replace("?", r"\?"),
+    ):
         _build(str(path), template="chatml")
     stats = _build(str(path), template="chatml", on_bad_row="skip").stats["train"]
     assert stats["dropped"] == {reason: 1} and stats["examples"] == 20
@@ -138,9 +173,12 @@ def test_empty_file(tmp_path):
 def test_every_row_dropped(tmp_path):
     path = tmp_path / "all_bad.jsonl"
     path.write_text("\n".join(json.dumps({"instruction": "x", "output": ""}) for _ in range(5)))
-    with pytest.raises(ValueError, match=r"all 5 rows of data.train=.* were dropped: empty_field\. "
-                       r"First: .*all_bad\.jsonl, line 1: field 'output' is empty\. .*give the "
-                       r"field some text"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"all 5 rows of data.train=.* were dropped: empty_field\. "
+        r"First: .*all_bad\.jsonl, line 1: field 'output' is empty\. .*give the "
+        r"field some text",
+    ):
         _build(str(path), on_bad_row="skip", max_drop_fraction=1.0)
 
 
@@ -152,10 +190,13 @@ def test_dropped_share_above_the_limit(tmp_path):
         _build(path, on_bad_row="skip")
     msg = str(e.value)
     for fragment in [
-        "4 of 24 train rows of data.train=", "were dropped (16.7%", "data.max_drop_fraction=0.1",
-        "'missing_field': 3", f"Most are missing_field, e.g. {path}, line 4: field 'output'",
+        "4 of 24 train rows of data.train=",
+        "were dropped (16.7%",
+        "data.max_drop_fraction=0.1",
+        "'missing_field': 3",
+        f"Most are missing_field, e.g. {path}, line 4: field 'output'",
         "Raise data.max_drop_fraction",
-    ]:  # fmt: skip
+    ]:
         assert fragment in msg, (fragment, msg)
     assert _build(path, on_bad_row="skip", max_drop_fraction=0.2).stats["train"]["examples"] == 20
 
@@ -219,9 +260,10 @@ def test_pretty_printed_object_says_which_key_holds_the_rows(tmp_path):
     msg = str(e.value)
     for fragment in [
         f"{path}, line 1: the file holds one JSON object (keys 'version', 'examples'), not a "
-        "list of rows", "its key 'examples' holds a list of 20 objects",
+        "list of rows",
+        "its key 'examples' holds a list of 20 objects",
         f"jq -c '.examples[]' {path} > rows.jsonl",
-    ]:  # fmt: skip
+    ]:
         assert fragment in msg, (fragment, msg)
 
 
@@ -233,6 +275,7 @@ def test_every_row_too_long_names_the_file_not_the_held_out_split(tmp_path):
     msg = str(e.value)
     for fragment in [
         f"all 5 rows of data.train='{path}' were dropped: prompt_too_long.",
-        f"First: {path}, line 1: 113 tokens", "data.long_prompt=truncate_left",
-    ]:  # fmt: skip
+        f"First: {path}, line 1: 113 tokens",
+        "data.long_prompt=truncate_left",
+    ]:
         assert fragment in msg, (fragment, msg)

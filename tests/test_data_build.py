@@ -110,15 +110,33 @@ def test_build_splits_end_to_end(tok):
 # template (no separators) has token boundaries there; see test_data_templates for a merge.
 CONVERSATION = [("Hi there", "Hello!"), ("What is 2+2?", "4, of course.")]
 FORMAT_ROWS = {
-    "alpaca": [{"instruction": f"Say {i}.", "input": "x" * (i % 2), "output": f"Said {i}."}
-               for i in range(6)],
+    "alpaca": [
+        {"instruction": f"Say {i}.", "input": "x" * (i % 2), "output": f"Said {i}."}
+        for i in range(6)
+    ],
     "prompt_completion": [{"prompt": f"Say {i}.", "completion": f"Said {i}."} for i in range(6)],
-    "messages": [{"messages": [{"role": "system", "content": f"System {i}."}]
-                  + [{"role": r, "content": f"{i}: {t}"} for u, a in CONVERSATION
-                     for r, t in (("user", u), ("assistant", a))]} for i in range(6)],
-    "sharegpt": [{"conversations": [{"from": r, "value": f"{i}: {t}"} for u, a in CONVERSATION
-                                    for r, t in (("human", u), ("gpt", a))]} for i in range(6)],
-}  # fmt: skip
+    "messages": [
+        {
+            "messages": [{"role": "system", "content": f"System {i}."}]
+            + [
+                {"role": r, "content": f"{i}: {t}"}
+                for u, a in CONVERSATION
+                for r, t in (("user", u), ("assistant", a))
+            ]
+        }
+        for i in range(6)
+    ],
+    "sharegpt": [
+        {
+            "conversations": [
+                {"from": r, "value": f"{i}: {t}"}
+                for u, a in CONVERSATION
+                for r, t in (("human", u), ("gpt", a))
+            ]
+        }
+        for i in range(6)
+    ],
+}
 
 
 def _responses(fmt, row):
@@ -197,12 +215,16 @@ def test_long_responses_are_cut_and_counted(tok, tmp_path, caplog):
 
 def test_too_long_drop_and_error(tok, tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", _unique_rows(12, long_every=4))
-    splits = build_splits(_spec(train=path, max_seq_len=64, too_long="drop",
-                                max_drop_fraction=0.5), tok)  # fmt: skip
+    splits = build_splits(
+        _spec(train=path, max_seq_len=64, too_long="drop", max_drop_fraction=0.5), tok
+    )
     assert splits.stats["train"]["dropped"] == {"too_long": 3}
     assert splits.stats["train"]["examples"] == 9
-    with pytest.raises(ValueError, match=r"d\.jsonl, line 1: the example has \d+ tokens.*"
-                       r"data\.max_seq_len.*data\.too_long=truncate"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"d\.jsonl, line 1: the example has \d+ tokens.*"
+        r"data\.max_seq_len.*data\.too_long=truncate",
+    ):
         build_splits(_spec(train=path, max_seq_len=64, too_long="error"), tok)
 
 
@@ -215,8 +237,9 @@ def test_long_prompt_drop_or_cut_from_the_left(tok, tmp_path):
     cut = build_splits(_spec(train=path, max_seq_len=64, long_prompt="truncate_left"), tok)
     assert cut.stats["train"]["prompts_truncated"] == 1 and cut.stats["train"]["examples"] == 10
     longest = max(_examples_in(cut.train), key=len)
-    assert len(longest) == 65 and tok.decode(longest).endswith(" long\n\n### Response:\n0 is the "
-                                                                "number.<|endoftext|>")  # fmt: skip
+    assert len(longest) == 65 and tok.decode(longest).endswith(
+        " long\n\n### Response:\n0 is the number.<|endoftext|>"
+    )
 
 
 @pytest.mark.parametrize(
@@ -237,10 +260,12 @@ def test_long_prompt_drop_or_cut_from_the_left(tok, tmp_path):
         ({"validation": "0.001"}, "data.validation"),
         ({"validation": "nope.jsonl"}, "data.validation"),
         ({"train": "nope.jsonl"}, "data.train"),
-        ({"template": "format", "template_format": FormatTemplate(assistant="x")},
-         "data.template_format.assistant"),
+        (
+            {"template": "format", "template_format": FormatTemplate(assistant="x")},
+            "data.template_format.assistant",
+        ),
     ],
-)  # fmt: skip
+)
 def test_config_errors_name_the_key(tok, change, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_splits(_spec(**{"train": "synthetic:add:20", **change}), tok)
@@ -390,8 +415,9 @@ def _same(a, b):
 
 def test_workers_keep_order_and_results(encoder):
     chunks = _chunks(7)
-    _same(build.encode_chunks(iter(chunks), encoder, 2),
-          build.encode_chunks(iter(chunks), encoder, 0))  # fmt: skip
+    _same(
+        build.encode_chunks(iter(chunks), encoder, 2), build.encode_chunks(iter(chunks), encoder, 0)
+    )
 
 
 def test_workers_that_cannot_start_fall_back(encoder, caplog):
@@ -425,10 +451,14 @@ def test_cache_in_a_bucket(tok, tmp_path, monkeypatch, gcs_bucket):  # noqa: F81
 
 QA = [{"question": f"What is {i} + {i}?", "answer": f"It is {2 * i}."} for i in range(120)]
 CHAT = [
-    {"messages": [{"role": "user", "content": f"Hi, I am {i}."},
-                  {"role": "assistant", "content": f"Hello {i}!"}]}
+    {
+        "messages": [
+            {"role": "user", "content": f"Hi, I am {i}."},
+            {"role": "assistant", "content": f"Hello {i}!"},
+        ]
+    }
     for i in range(60)
-]  # fmt: skip
+]
 MIX_BATCH = 4
 
 
@@ -442,12 +472,19 @@ def mixture(tmp_path_factory, tok):
     spec = DataSpec(
         train="",
         mixture=(
-            {"source": str(tmp / "qa.jsonl"), "weight": 3, "format": "alpaca",
-             "fields": "instruction=question,output=answer"},
+            {
+                "source": str(tmp / "qa.jsonl"),
+                "weight": 3,
+                "format": "alpaca",
+                "fields": "instruction=question,output=answer",
+            },
             {"source": str(tmp / "chat.jsonl"), "weight": 1},
         ),
-        validation="0.1", max_seq_len=64, cache_dir=str(tmp / "cache"), num_workers=0,
-    )  # fmt: skip
+        validation="0.1",
+        max_seq_len=64,
+        cache_dir=str(tmp / "cache"),
+        num_workers=0,
+    )
     return spec, build_splits(spec, tok), build_splits(spec, tok)
 
 
@@ -508,20 +545,31 @@ def test_mixture_validation_per_source_and_eval_loss(mixture):
 
     def eval_fn(params, batch):  # A stand-in loss: the target id mod 7 on trained tokens.
         mask = batch["loss_mask"]
-        return {"loss_sum": float((mask * (batch["targets"] % 7)).sum()),
-                "loss_tokens": float(mask.sum())}  # fmt: skip
+        return {
+            "loss_sum": float((mask * (batch["targets"] % 7)).sum()),
+            "loss_tokens": float(mask.sum()),
+        }
 
     ev = evaluate.Evaluation(
-        "/tmp", config_lib.eval_config(c), 0, spec, None, None, built.validation, eval_fn, 4,
+        "/tmp",
+        config_lib.eval_config(c),
+        0,
+        spec,
+        None,
+        None,
+        built.validation,
+        eval_fn,
+        4,
         validation_sources=built.validation_sources,
-    )  # fmt: skip
+    )
     got = ev.validation_loss(None)
     want = {
         n: [eval_fn(None, b) for b in pipeline.eval_batches(r, 4)]
         for n, r in built.validation_sources.items()
     }
-    sums = {n: [sum(o[k] for o in out) for k in ("loss_sum", "loss_tokens")]
-            for n, out in want.items()}  # fmt: skip
+    sums = {
+        n: [sum(o[k] for o in out) for k in ("loss_sum", "loss_tokens")] for n, out in want.items()
+    }
     assert got["eval_loss/qa"] == sums["qa"][0] / sums["qa"][1]
     assert got["eval_loss/chat"] == sums["chat"][0] / sums["chat"][1]
     total = [a + b for a, b in zip(sums["qa"], sums["chat"], strict=True)]
@@ -533,13 +581,18 @@ def test_mixture_validation_per_source_and_eval_loss(mixture):
 
 def test_mixture_string_of_synthetic_sources(tok):
     spec = DataSpec(
-        train="synthetic:mix:60:1,synthetic:mix:60:seed=1:2", validation="", cache=False,
-        max_seq_len=64, num_workers=0, mixture_examples=90,
-    )  # fmt: skip
+        train="synthetic:mix:60:1,synthetic:mix:60:seed=1:2",
+        validation="",
+        cache=False,
+        max_seq_len=64,
+        num_workers=0,
+        mixture_examples=90,
+    )
     stats = build_splits(spec, tok).stats["train"]
     assert {n: s["examples_in_epoch"] for n, s in stats["sources"].items()} == {
-        "mix": 30, "mix_2": 60,
-    }  # fmt: skip
+        "mix": 30,
+        "mix_2": 60,
+    }
     # Several validation sources: each one's rows apart too (their weights play no part).
     spec = dataclasses.replace(
         spec, train="synthetic:mix:60", validation="synthetic:mix:20:seed=1,synthetic:mix:10:9"
@@ -547,5 +600,6 @@ def test_mixture_string_of_synthetic_sources(tok):
     splits = build_splits(spec, tok)
     assert "sources" not in splits.stats["train"]
     assert {n: len(r.starts) - 1 for n, r in splits.validation_sources.items()} == {
-        "mix": 20, "mix_2": 10,
-    }  # fmt: skip
+        "mix": 20,
+        "mix_2": 10,
+    }

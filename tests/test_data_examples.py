@@ -166,12 +166,16 @@ def test_split_rows_examples_through_concat(tok):
     # split_turns=always on a built-in template: one example per assistant turn, fitted
     # alone: the second turn's prompt fills max_seq_len, so only the first stays (the row
     # kept, flagged). Chunks joined keep each row's examples with it, in order.
-    spec = DataSpec(train="x", cache=False, template="human_assistant", split_turns="always",
-                    max_seq_len=32)  # fmt: skip
+    spec = DataSpec(
+        train="x", cache=False, template="human_assistant", split_turns="always", max_seq_len=32
+    )
     enc = examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
-    chat = lambda *turns: {"messages": [
-        {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 2, turns, strict=False)
-    ]}  # fmt: skip
+    chat = lambda *turns: {
+        "messages": [
+            {"role": r, "content": c}
+            for r, c in zip(["user", "assistant"] * 2, turns, strict=False)
+        ]
+    }
     rows = [chat("Hi", "Hello!", "2+2?", "4"), chat("Hi", "Yo"), chat("Hi", "A", "word " * 60, "B")]
     a, b = examples.encode_chunk(rows[:2], enc), examples.encode_chunk(rows[2:], enc)
     joined = examples.Chunk.concat([a, b])
@@ -181,12 +185,20 @@ def test_split_rows_examples_through_concat(tok):
     split, dropped = examples.SPLIT_TURNS, examples.TURNS_DROPPED
     assert joined.flags.tolist() == [split, 0, split | dropped]
     # (" x" is one GPT-2 token: the space of "Assistant: x" trains with x, as unsplit.)
-    trained = [tok.decode(joined.ids[s:e][joined.trainable[s:e]])
-               for s, e in zip(joined.starts[:-1], joined.starts[1:], strict=True)]  # fmt: skip
+    trained = [
+        tok.decode(joined.ids[s:e][joined.trainable[s:e]])
+        for s, e in zip(joined.starts[:-1], joined.starts[1:], strict=True)
+    ]
     assert trained == [f" {t}<|endoftext|>" for t in ("Hello!", "4", "Yo", "A")]
     # A chunk read back without its counts (an older part file): one example per kept row.
-    old = examples.Chunk(ids=b.ids, trainable=b.trainable, starts=b.starts, status=b.status,
-                         flags=b.flags, problems={})  # fmt: skip
+    old = examples.Chunk(
+        ids=b.ids,
+        trainable=b.trainable,
+        starts=b.starts,
+        status=b.status,
+        flags=b.flags,
+        problems={},
+    )
     assert old.examples_per_row.tolist() == [1]
 
 
@@ -213,10 +225,17 @@ def test_human_assistant_prompt_ends_before_the_space(tok):
 
 def test_conversations_and_strings(tok):
     spec = DataSpec(train="x", template="chatml")
-    history = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                            {"role": "user", "content": "c"}]}  # fmt: skip
-    want = "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n" \
-           "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"  # fmt: skip
+    history = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ]
+    }
+    want = (
+        "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+        "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.decode(prompt_ids(history, spec, tok)) == want
     # A final assistant turn is replaced: its response is what gets generated.
     redo = {"messages": history["messages"] + [{"role": "assistant", "content": "old"}]}
@@ -235,13 +254,19 @@ def _chat_encoder(tok, template="chatml", fmt="messages", **kw):
 
 
 def _trained(chunk, tok) -> list[str]:
-    return [tok.decode(chunk.ids[s:e][chunk.trainable[s:e]])
-            for s, e in zip(chunk.starts[:-1], chunk.starts[1:], strict=True)]  # fmt: skip
+    return [
+        tok.decode(chunk.ids[s:e][chunk.trainable[s:e]])
+        for s, e in zip(chunk.starts[:-1], chunk.starts[1:], strict=True)
+    ]
 
 
 def test_turns_the_row_says_not_to_train_are_context(tok):
-    turns = [("user", "Hi", None), ("assistant", "Hello!", 0), ("user", "2+2?", None),
-             ("assistant", "4", 1)]  # fmt: skip
+    turns = [
+        ("user", "Hi", None),
+        ("assistant", "Hello!", 0),
+        ("user", "2+2?", None),
+        ("assistant", "4", 1),
+    ]
     row = {"messages": [{"role": r, "content": c, "train": t} for r, c, t in turns]}
     for split in ("auto", "always"):
         chunk = examples.encode_chunk([row], _chat_encoder(tok, split_turns=split))
@@ -258,11 +283,18 @@ def test_turns_the_row_says_not_to_train_are_context(tok):
 
 
 def test_non_text_parts_and_bad_tools_are_bad_rows(tok):
-    image = {"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "What is it?"},
-                                     {"type": "image_url", "image_url": {"url": "x.png"}}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-    ]}  # fmt: skip
+    image = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image_url", "image_url": {"url": "x.png"}},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        ]
+    }
     bad_tools = {"tools": "[{", "messages": image["messages"][1:]}
     chunk = examples.encode_chunk([image, bad_tools], _chat_encoder(tok))
     assert [NAMES[int(s)] for s in chunk.status] == ["non_text_content", "bad_tools"]
@@ -279,8 +311,10 @@ def test_data_tools_for_rows_without_their_own(tok, tmp_path):
     for value in (str(path), json.dumps([add])):
         enc = _chat_encoder(tok, tools=value)
         assert enc.tools == (add,)
-        assert '<tools>\n{"name": "add", "parameters": {}}\n</tools>' in enc.render(
-            *enc.conversation(plain)).text  # fmt: skip
+        assert (
+            '<tools>\n{"name": "add", "parameters": {}}\n</tools>'
+            in enc.render(*enc.conversation(plain)).text
+        )
         own = {**plain, "tools": [{"name": "mul"}]}  # A row's own tools win.
         assert enc.conversation(own)[1] == ({"name": "mul"},)
     with pytest.raises(ValueError, match=r"data\.tools.*not a list of function definitions"):
@@ -301,14 +335,24 @@ def test_fields_a_chat_template_leaves_out_are_flagged(tok):
     enc = examples.make_encoder(spec, tok, t, "messages")
     call = {"name": "add", "arguments": {}}
     rows = [
-        {"tools": [{"name": "add"}], "messages": [{"role": "user", "content": "Hi"},
-                                                  {"role": "assistant", "content": "Yo"}]},
-        {"messages": [{"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Yo", "tool_calls": [call]}]},
-        {"messages": [{"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Yo", "reasoning_content": "Hmm."}]},
+        {
+            "tools": [{"name": "add"}],
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Yo", "tool_calls": [call]},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Yo", "reasoning_content": "Hmm."},
+            ]
+        },
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
-    ]  # fmt: skip
+    ]
     chunk = examples.encode_chunk(rows, enc)
     assert chunk.status.tolist() == [0] * 4
     tools_, reasoning = examples.TOOLS_UNRENDERED, examples.REASONING_UNRENDERED

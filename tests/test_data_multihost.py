@@ -31,11 +31,21 @@ def _write_rows(path, bad_rows, n=ROWS):
 def _launch(tmp_path, rows, bad):
     worker = os.path.join(ROOT, "tests", "data_multihost_worker.py")
     run_processes(
-        lambda i, port: [sys.executable, worker, str(port), str(i), "2", str(tmp_path / "shared"),
-                         str(tmp_path / f"own{i}"), str(rows), str(bad),
-                         str(tmp_path / f"out{i}.json")],
-        env=cpu_env(devices=None), timeout=300,  # one device each
-    )  # fmt: skip
+        lambda i, port: [
+            sys.executable,
+            worker,
+            str(port),
+            str(i),
+            "2",
+            str(tmp_path / "shared"),
+            str(tmp_path / f"own{i}"),
+            str(rows),
+            str(bad),
+            str(tmp_path / f"out{i}.json"),
+        ],
+        env=cpu_env(devices=None),
+        timeout=300,  # one device each
+    )
     return [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
 
 
@@ -76,8 +86,9 @@ def test_two_processes_build_what_one_builds(tmp_path):
     assert got[0]["built"]["path"] == got[1]["built"]["path"]
     key = os.path.basename(got[0]["built"]["path"])
     assert not (tmp_path / "shared" / f".build-{key}").exists()  # The parts are cleaned up.
-    assert [g["again"] for g in got] == [{"hit": True, "tokenized": g["built"]["tokenized"]}
-                                         for g in got]  # fmt: skip
+    assert [g["again"] for g in got] == [
+        {"hit": True, "tokenized": g["built"]["tokenized"]} for g in got
+    ]
     tok = load_tokenizer("gpt2")
     spec = dict(validation="0.1", max_seq_len=64, num_workers=0, max_drop_fraction=0.5)
     shared = build_splits(

@@ -221,8 +221,10 @@ def test_packing_efficiency_on_alpaca_demo():
 
 def test_take_and_pack_in_an_order_lay_out_the_same_examples(monkeypatch):
     rng = np.random.default_rng(1)
-    pairs = [(rng.integers(0, 99, k).astype(np.int32), rng.random(k) < 0.5)
-             for k in rng.integers(2, 30, 200)]  # fmt: skip
+    pairs = [
+        (rng.integers(0, 99, k).astype(np.int32), rng.random(k) < 0.5)
+        for k in rng.integers(2, 30, 200)
+    ]
     ex = packing.Examples.of(pairs)
     order = rng.permutation(len(pairs))[:150]
     monkeypatch.setattr(packing, "_GATHER_TOKENS", 7)  # Many small gather steps.

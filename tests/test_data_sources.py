@@ -202,14 +202,16 @@ def test_files_globs_and_folders_in_a_bucket(gcs_bucket, tmp_path):  # noqa: F81
 def test_mixture_string_names_weights_and_synthetic_counts():
     got = sources.parse_mixture("a.jsonl:0.7,hf:org/b:0.3")
     assert [(m.name, m.text, m.weight) for m in got] == [
-        ("a", "a.jsonl", 0.7), ("b", "hf:org/b", 0.3),
-    ]  # fmt: skip
+        ("a", "a.jsonl", 0.7),
+        ("b", "hf:org/b", 0.3),
+    ]
     # A synthetic source's third part is its row count: a weight is a fourth; none is 1.
     got = sources.parse_mixture("synthetic:mix:200,synthetic:mix:100:seed=2:3,d/x.json:.5")
     assert [(m.name, m.text, m.weight) for m in got] == [
-        ("mix", "synthetic:mix:200", 1.0), ("mix_2", "synthetic:mix:100:seed=2", 3.0),
+        ("mix", "synthetic:mix:200", 1.0),
+        ("mix_2", "synthetic:mix:100:seed=2", 3.0),
         ("x", "d/x.json", 0.5),
-    ]  # fmt: skip
+    ]
     # One source: the string as it is (a hub config or a count is no weight).
     assert sources.parse_mixture("hf:org/b:main")[0].text == "hf:org/b:main"
     with pytest.raises(ValueError, match=r"data.train='a.jsonl:0,b.jsonl': the weight of "):

@@ -57,7 +57,8 @@ EOT = "<|endoftext|>"
 #  the trained tokens). Written out in full, not built from the module's constants.
 GOLDEN = [
     (
-        "alpaca", ALPACA,
+        "alpaca",
+        ALPACA,
         PREAMBLE_INPUT + "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n"
         "### Response:\n⟦5<|endoftext|>⟧",
         PREAMBLE_INPUT + "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n"
@@ -65,7 +66,8 @@ GOLDEN = [
         ["5", EOT],
     ),
     (
-        "alpaca", CHAT,  # A system message replaces the preamble; turns repeat the blocks.
+        "alpaca",
+        CHAT,  # A system message replaces the preamble; turns repeat the blocks.
         "Be brief.\n\n### Instruction:\nHi\n\n### Response:\n⟦Hello!<|endoftext|>⟧\n\n"
         "### Instruction:\n2+2?\n\n### Response:\n⟦4<|endoftext|>⟧",
         "Be brief.\n\n### Instruction:\nHi\n\n### Response:\n⟦Hello!<|endoftext|>⟧\n\n"
@@ -73,14 +75,16 @@ GOLDEN = [
         ["Hello", "!", EOT, "4", EOT],
     ),
     (
-        "human_assistant", ALPACA,
+        "human_assistant",
+        ALPACA,
         "Human: Add the numbers.\n\n2 and 3\n\nAssistant: ⟦5<|endoftext|>⟧",
         # GPT-2 reads " 5" as one token: it carries a response character, so it trains.
         "Human: Add the numbers.\n\n2 and 3\n\nAssistant:⟦ 5<|endoftext|>⟧",
         [" 5", EOT],
     ),
     (
-        "human_assistant", CHAT,
+        "human_assistant",
+        CHAT,
         "Be brief.\n\nHuman: Hi\n\nAssistant: ⟦Hello!<|endoftext|>⟧\n\nHuman: 2+2?\n\n"
         "Assistant: ⟦4<|endoftext|>⟧",
         "Be brief.\n\nHuman: Hi\n\nAssistant:⟦ Hello!<|endoftext|>⟧\n\nHuman: 2+2?\n\n"
@@ -88,7 +92,8 @@ GOLDEN = [
         [" Hello", "!", EOT, " 4", EOT],
     ),
     (
-        "chatml", ALPACA,
+        "chatml",
+        ALPACA,
         "<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n"
         "⟦5<|im_end|>⟧",
         "<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n"
@@ -97,29 +102,34 @@ GOLDEN = [
         ["5", "<", "|", "im", "_", "end", "|", ">"],
     ),
     (
-        "chatml", CHAT,
+        "chatml",
+        CHAT,
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\n⟦Hello!<|im_end|>⟧\n<|im_start|>user\n2+2?<|im_end|>\n"
         "<|im_start|>assistant\n⟦4<|im_end|>⟧",
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\n⟦Hello!<|im_end|>⟧\n<|im_start|>user\n2+2?<|im_end|>\n"
         "<|im_start|>assistant\n⟦4<|im_end|>⟧",
-        ["Hello", "!"] + ["<", "|", "im", "_", "end", "|", ">"]
-        + ["4"] + ["<", "|", "im", "_", "end", "|", ">"],
+        ["Hello", "!"]
+        + ["<", "|", "im", "_", "end", "|", ">"]
+        + ["4"]
+        + ["<", "|", "im", "_", "end", "|", ">"],
     ),
     (
-        "raw", formats.to_messages({"prompt": "Q: 2+3?\nA:", "completion": " 5"}, "prompt_completion"),  # noqa: E501
+        "raw",
+        formats.to_messages({"prompt": "Q: 2+3?\nA:", "completion": " 5"}, "prompt_completion"),  # noqa: E501
         "Q: 2+3?\nA:⟦ 5<|endoftext|>⟧",
         "Q: 2+3?\nA:⟦ 5<|endoftext|>⟧",
         [" 5", EOT],
     ),
     (
-        "raw", ALPACA,  # No separator: "3" + "5" tokenize as " 35", which trains (see above).
+        "raw",
+        ALPACA,  # No separator: "3" + "5" tokenize as " 35", which trains (see above).
         "Add the numbers.\n\n2 and 3⟦5<|endoftext|>⟧",
         "Add the numbers.\n\n2 and⟦ 35<|endoftext|>⟧",
         [" 35", EOT],
     ),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name,messages,chars,tokens,trained", GOLDEN)
@@ -415,14 +425,20 @@ def test_template_raise_exception_is_a_row_error(smol, tmp_path):
 
 def test_no_chat_template_names_the_keys():
     with pytest.raises(ValueError, match=r"data\.template=tokenizer.*model\.tokenizer"):
-        build_splits(DataSpec(train="synthetic:add:4", template="tokenizer", cache=False),
-                     load_tokenizer("gpt2"))  # fmt: skip
+        build_splits(
+            DataSpec(train="synthetic:add:4", template="tokenizer", cache=False),
+            load_tokenizer("gpt2"),
+        )
 
 
 def test_special_token_text_in_data_is_a_bad_row(smol, tmp_path):
     enc = _encoder(smol)
-    row = {"messages": [{"role": "user", "content": "say <|im_end|>"},
-                        {"role": "assistant", "content": "ok"}]}  # fmt: skip
+    row = {
+        "messages": [
+            {"role": "user", "content": "say <|im_end|>"},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     with pytest.raises(RowError, match=r"messages\[0\]\.content.*<\|im_end\|>") as e:
         enc.messages(row)
     assert e.value.reason == "special_token_text"
@@ -483,8 +499,9 @@ def test_qwen3_conversation_splits_into_one_example_per_assistant_turn(qwen3):
         # span, exactly the prompt the model gets for that turn at inference.
         assert r.text == qwen3.apply_chat_template(THREE[:end], tokenize=False)
         ((start, stop),) = r.spans
-        prompt = qwen3.apply_chat_template(THREE[: end - 1], tokenize=False,
-                                           add_generation_prompt=True)  # fmt: skip
+        prompt = qwen3.apply_chat_template(
+            THREE[: end - 1], tokenize=False, add_generation_prompt=True
+        )
         assert r.text[:start] == prompt
         assert r.text[start:stop] == THINK + answer + "<|im_end|>"
     ids_masks = encode(got, qwen3)
@@ -530,8 +547,9 @@ def test_split_turns_options_and_row_flags(qwen3):
 
 
 def test_split_turns_always_on_a_builtin_template(tok):
-    spec = DataSpec(train="x", template="chatml", format="messages", cache=False,
-                    split_turns="always")  # fmt: skip
+    spec = DataSpec(
+        train="x", template="chatml", format="messages", cache=False, split_turns="always"
+    )
     enc = examples.make_encoder(spec, tok, templates.resolve_template(spec, tok), "messages")
     msgs = enc.messages({"messages": MULTI})
     whole = enc.render(msgs)
@@ -560,8 +578,14 @@ def test_build_counts_split_rows(qwen3, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     # The third row's last prompt alone is over max_seq_len: that turn is dropped, its
     # first two stay (the third row is kept, counted as missing turns).
-    spec = DataSpec(train=str(path), validation="", template="tokenizer", format="messages",
-                    cache=False, max_seq_len=80)  # fmt: skip
+    spec = DataSpec(
+        train=str(path),
+        validation="",
+        template="tokenizer",
+        format="messages",
+        cache=False,
+        max_seq_len=80,
+    )
     stats = build_splits(spec, qwen3).stats["train"]
     assert stats["rows_read"] == 3 and stats["dropped"] == {}
     assert stats["examples"] == 3 + 1 + 2
@@ -601,12 +625,17 @@ TOOL_ROW = {
     "tools": [ADD],
     "messages": [
         {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+            ],
+        },
         {"role": "tool", "name": "add", "content": "4"},
         {"role": "assistant", "content": "It is 4."},
     ],
-}  # fmt: skip
+}
 # The tools block of Qwen3's system turn (Qwen 2.5's doubles the braces of its example).
 TOOLS_SYSTEM = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are "
@@ -628,19 +657,30 @@ TOOL_TURNS = (
 # (template, examples: the text with trained characters in ⟦⟧). Qwen3 rewrites the call turn
 # once a later turn follows (no think block), so its conversation is split per turn.
 TOOL_GOLDEN = [
-    ("qwen2.5", [
-        QWEN_SYSTEM + "\n\n" + TOOLS_SYSTEM.replace('{"name": <', '{{"name": <').replace(
-            '-object>}', '-object>}}') + TOOL_TURNS + "\n"]),
-    ("qwen3", [
-        "<|im_start|>system\n" + TOOLS_SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n⟦<think>\n\n</think>\n\n<tool_call>\n"
-        '{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>⟧\n',
-        "<|im_start|>system\n" + TOOLS_SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n'
-        "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n4\n</tool_response>"
-        "<|im_end|>\n<|im_start|>assistant\n⟦<think>\n\n</think>\n\nIt is 4.<|im_end|>⟧\n"]),
+    (
+        "qwen2.5",
+        [
+            QWEN_SYSTEM
+            + "\n\n"
+            + TOOLS_SYSTEM.replace('{"name": <', '{{"name": <').replace("-object>}", "-object>}}")
+            + TOOL_TURNS
+            + "\n"
+        ],
+    ),
+    (
+        "qwen3",
+        [
+            "<|im_start|>system\n" + TOOLS_SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n"
+            "<|im_start|>assistant\n⟦<think>\n\n</think>\n\n<tool_call>\n"
+            '{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>⟧\n',
+            "<|im_start|>system\n" + TOOLS_SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n"
+            '<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n'
+            "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n4\n</tool_response>"
+            "<|im_end|>\n<|im_start|>assistant\n⟦<think>\n\n</think>\n\nIt is 4.<|im_end|>⟧\n",
+        ],
+    ),
     ("chatml", ["<|im_start|>system\n" + TOOLS_SYSTEM + TOOL_TURNS]),
-]  # fmt: skip
+]
 
 
 def _tok_for(name, smol):
@@ -677,13 +717,24 @@ def test_tool_calling_golden(smol, name, golden):
 def test_chatml_tool_calls_with_system_content_and_two_results(smol):
     """The Hermes/Qwen details: the system text before the tools block, a call after the
     content on its own line, two results in one user turn."""
-    row = {"tools": [ADD], "messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sums?"},
-        {"role": "assistant", "content": "Calling.", "tool_calls": [
-            {"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}]},
-        {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"},
-        {"role": "assistant", "content": "1 and 2."},
-    ]}  # fmt: skip
+    row = {
+        "tools": [ADD],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Sums?"},
+            {
+                "role": "assistant",
+                "content": "Calling.",
+                "tool_calls": [
+                    {"name": "add", "arguments": {"a": 1}},
+                    {"name": "add", "arguments": {"a": 2}},
+                ],
+            },
+            {"role": "tool", "content": "1"},
+            {"role": "tool", "content": "2"},
+            {"role": "assistant", "content": "1 and 2."},
+        ],
+    }
     _, _, _, (r,) = _examples(smol, "chatml", row)
     assert view.mark_text(r.text, r.spans) == (
         "<|im_start|>system\nBe brief.\n\n" + TOOLS_SYSTEM + "<|im_start|>user\nSums?<|im_end|>\n"
@@ -714,25 +765,43 @@ def test_templates_without_tools_refuse_tool_rows(tok, template):
     assert "a tool call or result (messages[1].content)" in chunk.problems[1]
 
 
-REASONING = {"messages": [
-    {"role": "user", "content": "2+2?"},
-    {"role": "assistant", "reasoning_content": "Two and two.", "content": "4"},
-]}  # fmt: skip
+REASONING = {
+    "messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "reasoning_content": "Two and two.", "content": "4"},
+    ]
+}
 THOUGHT = "<think>\nTwo and two.\n</think>\n\n"
 # (template, train_reasoning, the text with trained characters in ⟦⟧)
 REASONING_GOLDEN = [
-    ("qwen3", True, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦" + THOUGHT
-     + "4<|im_end|>⟧\n"),
-    ("qwen3", False, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" + THOUGHT
-     + "⟦4<|im_end|>⟧\n"),
-    ("chatml", True, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦" + THOUGHT
-     + "4<|im_end|>⟧"),
-    ("chatml", False, "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" + THOUGHT
-     + "⟦4<|im_end|>⟧"),
+    (
+        "qwen3",
+        True,
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦" + THOUGHT + "4<|im_end|>⟧\n",
+    ),
+    (
+        "qwen3",
+        False,
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" + THOUGHT + "⟦4<|im_end|>⟧\n",
+    ),
+    (
+        "chatml",
+        True,
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n⟦" + THOUGHT + "4<|im_end|>⟧",
+    ),
+    (
+        "chatml",
+        False,
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" + THOUGHT + "⟦4<|im_end|>⟧",
+    ),
     # Qwen 2.5 has no place for reasoning: left out, and flagged (a counted warning).
-    ("qwen2.5", True, QWEN_SYSTEM + "<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
-     "<|im_start|>assistant\n⟦4<|im_end|>⟧\n"),
-]  # fmt: skip
+    (
+        "qwen2.5",
+        True,
+        QWEN_SYSTEM + "<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦4<|im_end|>⟧\n",
+    ),
+]
 
 
 @pytest.mark.parametrize("name,train_reasoning,golden", REASONING_GOLDEN)
@@ -753,19 +822,23 @@ def test_think_in_content_and_multi_turn_reasoning_split_under_qwen3(qwen3):
     """<think> written in the content reaches Qwen3's template as reasoning; earlier turns'
     reasoning is dropped by the template, so the conversation splits, each example the
     inference prompt of its turn then that turn, its thoughts in it."""
-    row = {"messages": [
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
-        {"role": "user", "content": "3+3?"},
-        {"role": "assistant", "reasoning_content": "Three and three.", "content": "6"},
-    ]}  # fmt: skip
+    row = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "reasoning_content": "Three and three.", "content": "6"},
+        ]
+    }
     enc, msgs, _, got = _examples(qwen3, "tokenizer", row, train_reasoning=False)
     dicts = [m.as_dict() for m in msgs]
     assert len(got) == 2
-    for r, end, thought, answer in zip(got, (2, 4), ("Two and two.", "Three and three."),
-                                       ("4", "6"), strict=True):  # fmt: skip
-        prompt = qwen3.apply_chat_template(dicts[: end - 1], add_generation_prompt=True,
-                                           tokenize=False)  # fmt: skip
+    for r, end, thought, answer in zip(
+        got, (2, 4), ("Two and two.", "Three and three."), ("4", "6"), strict=True
+    ):
+        prompt = qwen3.apply_chat_template(
+            dicts[: end - 1], add_generation_prompt=True, tokenize=False
+        )
         assert r.text == qwen3.apply_chat_template(dicts[:end], tokenize=False)
         assert r.text.startswith(prompt + f"<think>\n{thought}\n</think>\n\n")
         assert [r.text[s:e] for s, e in r.spans] == [answer + "<|im_end|>"]  # thoughts masked

@@ -69,13 +69,21 @@ def test_a_run_that_stops_improving_stops_cleanly(tmp_path, one_device_env):
     from tests.test_train import _main, _records
 
     out = _main(
-        tmp_path, "--config.data.train=synthetic:mix:200", "--config.data.max_seq_len=64",
-        "--config.train.steps=50", "--config.train.eval_every=1", "--config.train.log_every=1",
-        "--config.train.early_stopping_patience=2", "--config.train.early_stopping_min_delta=100",
-        "--config.checkpoint.keep_best=eval_loss", "--config.checkpoint.keep=1",
-        "--config.checkpoint.save_every=0", "--config.train.neftune_alpha=5",
-        "--config.train.progress_bar=False", env=one_device_env,
-    )  # fmt: skip
+        tmp_path,
+        "--config.data.train=synthetic:mix:200",
+        "--config.data.max_seq_len=64",
+        "--config.train.steps=50",
+        "--config.train.eval_every=1",
+        "--config.train.log_every=1",
+        "--config.train.early_stopping_patience=2",
+        "--config.train.early_stopping_min_delta=100",
+        "--config.checkpoint.keep_best=eval_loss",
+        "--config.checkpoint.keep=1",
+        "--config.checkpoint.save_every=0",
+        "--config.train.neftune_alpha=5",
+        "--config.train.progress_bar=False",
+        env=one_device_env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "early stopping at step 3: eval_loss has not improved by more than 100" in out.stderr
     losses = {r["step"]: r["eval_loss"] for r in _records(tmp_path) if "eval_loss" in r}

@@ -23,16 +23,24 @@ from sft_jax.model import GPT
 VOCAB = 160
 SEQ = 12  # longer than every window below
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6,
-)  # fmt: skip
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=80,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 
 
 def _qwen3():
     config = transformers.Qwen3Config(
-        **COMMON, num_hidden_layers=2, tie_word_embeddings=False,
+        **COMMON,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-    )  # fmt: skip
+    )
     return transformers.Qwen3ForCausalLM(config)
 
 
@@ -46,24 +54,33 @@ def _mistral():
 def _gemma2():
     # Local, global, local, global; soft caps small enough to bend the scores and logits.
     config = transformers.Gemma2Config(
-        **COMMON, num_hidden_layers=4, tie_word_embeddings=True, sliding_window=4,
-        query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+        **COMMON,
+        num_hidden_layers=4,
+        tie_word_embeddings=True,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
         attn_implementation="eager",
-    )  # fmt: skip
+    )
     return transformers.Gemma2ForCausalLM(config)
 
 
 def _gemma3():
     # Every 3rd layer global, with linearly scaled RoPE; the local ones with their own base.
     config = transformers.Gemma3TextConfig(
-        **COMMON, num_hidden_layers=3, tie_word_embeddings=False, sliding_window=4,
-        query_pre_attn_scalar=20, layer_types=["sliding_attention"] * 2 + ["full_attention"],
+        **COMMON,
+        num_hidden_layers=3,
+        tie_word_embeddings=False,
+        sliding_window=4,
+        query_pre_attn_scalar=20,
+        layer_types=["sliding_attention"] * 2 + ["full_attention"],
         rope_parameters={
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         },
         attn_implementation="eager",
-    )  # fmt: skip
+    )
     return transformers.Gemma3ForCausalLM(config)
 
 
@@ -156,14 +173,20 @@ def test_packed_rows_equal_each_example_alone(family):
     cfg, params = hf.load_hf(folder)
     tokens, _ = _batch()
     n0, n1 = 7, 9  # the first example's length in each row; the second fills the row
-    rows = np.stack([np.r_[tokens[0, :n0], tokens[1, : SEQ - n0]],
-                     np.r_[tokens[1, :n1], tokens[0, : SEQ - n1]]])  # fmt: skip
+    rows = np.stack(
+        [np.r_[tokens[0, :n0], tokens[1, : SEQ - n0]], np.r_[tokens[1, :n1], tokens[0, : SEQ - n1]]]
+    )
     segments = np.stack([np.r_[[1] * n0, [2] * (SEQ - n0)], np.r_[[1] * n1, [2] * (SEQ - n1)]])
-    positions = np.stack([np.r_[np.arange(n0), np.arange(SEQ - n0)],
-                          np.r_[np.arange(n1), np.arange(SEQ - n1)]])  # fmt: skip
+    positions = np.stack(
+        [np.r_[np.arange(n0), np.arange(SEQ - n0)], np.r_[np.arange(n1), np.arange(SEQ - n1)]]
+    )
     out = _our_logits(cfg, params, rows, segments, positions)
-    for got, want in [(out[0, :n0], ref[0, :n0]), (out[0, n0:], ref[1, : SEQ - n0]),
-                      (out[1, :n1], ref[1, :n1]), (out[1, n1:], ref[0, : SEQ - n1])]:  # fmt: skip
+    for got, want in [
+        (out[0, :n0], ref[0, :n0]),
+        (out[0, n0:], ref[1, : SEQ - n0]),
+        (out[1, :n1], ref[1, :n1]),
+        (out[1, n1:], ref[0, : SEQ - n1]),
+    ]:
         assert np.abs(got - want).max() <= 1e-4
 
 
@@ -222,13 +245,21 @@ def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
         **COMMON, num_hidden_layers=2, sliding_window=4, sliding_window_pattern=2
     )
     vision = transformers.SiglipVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=28, patch_size=14,
-    )  # fmt: skip
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
     config = transformers.Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=4,
-        boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1,
-    )  # fmt: skip
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+        image_token_index=VOCAB - 1,
+    )
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
     with torch.no_grad():
         for p in model.parameters():

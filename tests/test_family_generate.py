@@ -20,11 +20,20 @@ WINDOW = 8
 NEW = 40  # new tokens: five windows past the longest prompt
 PROMPTS = [[3, 17, 42, 5, 99, 23, 64, 11, 7, 88, 15], [9, 120, 33], [1, 2, 3, 4, 5, 6]]
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=12, max_position_embeddings=128, rms_norm_eps=1e-6,
-    sliding_window=WINDOW, tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    sliding_window=WINDOW,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=None,
     eos_token_id=None,
-)  # fmt: skip
+)
 
 
 def _mistral():
@@ -35,22 +44,28 @@ def _mistral():
 
 def _gemma2():
     config = transformers.Gemma2Config(
-        **COMMON, num_hidden_layers=2, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
-        final_logit_softcapping=3.0, attn_implementation="eager",
-    )  # fmt: skip
+        **COMMON,
+        num_hidden_layers=2,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+        attn_implementation="eager",
+    )
     return transformers.Gemma2ForCausalLM(config)
 
 
 def _gemma3():
     config = transformers.Gemma3TextConfig(
-        **COMMON, num_hidden_layers=3, query_pre_attn_scalar=16,
+        **COMMON,
+        num_hidden_layers=3,
+        query_pre_attn_scalar=16,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={
             "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         },
         attn_implementation="eager",
-    )  # fmt: skip
+    )
     return transformers.Gemma3ForCausalLM(config)
 
 
@@ -61,9 +76,14 @@ def _transformers_greedy(model) -> list[list[int]]:
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
-            do_sample=False, pad_token_id=0, eos_token_id=None,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     return out[:, width:].tolist()
 
 

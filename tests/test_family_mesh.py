@@ -16,10 +16,21 @@ from sft_jax.optim import OptimConfig, make_optimizer
 from tests.test_steps import VOCAB, make_batch
 
 GEMMA = GPTConfig.preset(
-    "gemma2-2b", vocab_size=VOCAB, max_seq_len=64, d_model=64, n_layers=4, n_heads=4,
-    n_kv_heads=2, d_ff=96, head_dim=24, query_pre_attn_scalar=24, sliding_window=6,
-    global_every=2, attn_softcap=5.0, final_softcap=0.5,
-)  # fmt: skip
+    "gemma2-2b",
+    vocab_size=VOCAB,
+    max_seq_len=64,
+    d_model=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=96,
+    head_dim=24,
+    query_pre_attn_scalar=24,
+    sliding_window=6,
+    global_every=2,
+    attn_softcap=5.0,
+    final_softcap=0.5,
+)
 STEPS = 3
 
 

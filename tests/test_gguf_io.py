@@ -157,8 +157,12 @@ def test_rows_are_read_alone_and_a_sharded_import_reads_its_blocks(tmp_path):
     hf_tensors = _hf_tensors(tied=False)
     expected = _write_llama(tmp_path / "m.gguf", hf_tensors)
     _, tensors = open_tensors(tmp_path / "m.gguf")
-    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
-                 "model.layers.0.mlp.up_proj.weight", "model.norm.weight"):  # fmt: skip
+    for name in (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+    ):
         for rows in (slice(0, 8), slice(3, 13), slice(8, 16)):
             np.testing.assert_array_equal(tensors.rows(name, rows), expected[name][rows], name)
 

@@ -184,8 +184,11 @@ def test_non_bpe_gguf_tokenizer_is_refused_with_the_way_out(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match=r"model\.tokenizer: .*spm\.gguf holds a 'llama' "
-                       r"tokenizer.*tokenizer folder"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"model\.tokenizer: .*spm\.gguf holds a 'llama' "
+        r"tokenizer.*tokenizer folder",
+    ):
         load_tokenizer(str(path))
 
 
@@ -199,7 +202,13 @@ def test_gguf_tokenizer_loads_with_torch_unimportable(runtime_env):
         "print(tok.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False))\n"
         "assert sys.modules['torch'] is None\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=runtime_env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=runtime_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "<|im_start|>user\nhi<|im_end|>" in run.stdout

@@ -51,9 +51,16 @@ def evaluated(tiny):
     params, tokenizer, _ = tiny
     with _in(ROOT):
         return harness.run_tasks(
-            CFG, params, tokenizer, None, ["tiny_mc", "tiny_gen", "tiny_ppl"],
-            include_path=TASKS, log_samples=True, bootstrap_iters=0, batch_size=4,
-        )  # fmt: skip
+            CFG,
+            params,
+            tokenizer,
+            None,
+            ["tiny_mc", "tiny_gen", "tiny_ppl"],
+            include_path=TASKS,
+            log_samples=True,
+            bootstrap_iters=0,
+            batch_size=4,
+        )
 
 
 class _in:
@@ -163,8 +170,9 @@ def test_lora_adapters_score_as_their_merged_kernels(tiny):
     )
     ids = [tokenizer.encode(t) for t in ("Question: What is 2 plus 3?", "Paris is in France")]
     sequences = [(x, len(x) - 1) for x in ids]
-    adapted = harness.SftJaxLM(CFG, lora.combine(params, adapters), tokenizer,
-                               lora=spec.layers(CFG)).score(sequences)  # fmt: skip
+    adapted = harness.SftJaxLM(
+        CFG, lora.combine(params, adapters), tokenizer, lora=spec.layers(CFG)
+    ).score(sequences)
     merged = harness.SftJaxLM(CFG, lora.merge(params, adapters, spec), tokenizer).score(sequences)
     base = harness.SftJaxLM(CFG, params, tokenizer).score(sequences)
     for (a, _), (m, _), (b, _) in zip(adapted, merged, base, strict=True):
@@ -204,10 +212,17 @@ def test_tasks_run_with_the_chat_template(tiny):
     params, tokenizer, _ = tiny
     with _in(ROOT):
         results = harness.run_tasks(
-            CFG, params, tokenizer, DataSpec(train="-", template="alpaca"), ["tiny_gen"],
-            include_path=TASKS, limit=2, apply_chat_template=True, log_samples=True,
+            CFG,
+            params,
+            tokenizer,
+            DataSpec(train="-", template="alpaca"),
+            ["tiny_gen"],
+            include_path=TASKS,
+            limit=2,
+            apply_chat_template=True,
+            log_samples=True,
             bootstrap_iters=0,
-        )  # fmt: skip
+        )
     context = results["samples"]["tiny_gen"][0]["arguments"][0][0]
     assert context.startswith("Below is an instruction") and context.endswith("### Response:\n")
     assert "Question: What is 2 plus 3?" in context
@@ -230,11 +245,11 @@ def test_a_runs_before_and_after_scores_make_its_report_section(tiny, tmp_path):
     assert harness.report_markdown(workdir) == ""
     options = dict(include_path=TASKS, limit=3, bootstrap_iters=0)
     with _in(ROOT):
-        before = harness.evaluate_run(workdir, "before", CFG, params, tokenizer, None,
-                                      ["tiny_mc"], **options)  # fmt: skip
+        before = harness.evaluate_run(
+            workdir, "before", CFG, params, tokenizer, None, ["tiny_mc"], **options
+        )
         assert harness.report_markdown(workdir).startswith("## Benchmarks before fine-tuning")
-        harness.evaluate_run(workdir, "after", CFG, params, tokenizer, None, ["tiny_mc"],
-                             **options)  # fmt: skip
+        harness.evaluate_run(workdir, "after", CFG, params, tokenizer, None, ["tiny_mc"], **options)
     acc = before["results"]["tiny_mc"]["acc,none"]
     assert before["config"]["model_num_parameters"] == CFG.num_params()
     assert f"| tiny_mc | acc | {acc:.4f} | {acc:.4f} | +0.0000 |" in harness.report_markdown(
@@ -297,8 +312,19 @@ def test_cli_evaluates_a_runs_checkpoint_on_the_mesh(tiny, evaluated, tmp_path, 
     params, _, _ = tiny
     workdir, out = _workdir_of(params, tmp_path), str(tmp_path / "scores.json")
     with _in(ROOT):
-        code = eval_cli.main(["--workdir", workdir, "--tasks", "tiny_mc", "--include_path",
-                              TASKS, "--output", out, "--log_samples"])  # fmt: skip
+        code = eval_cli.main(
+            [
+                "--workdir",
+                workdir,
+                "--tasks",
+                "tiny_mc",
+                "--include_path",
+                TASKS,
+                "--output",
+                out,
+                "--log_samples",
+            ]
+        )
     assert code == 0
     saved = json.loads(open(out).read())
     # Params restored fsdp-sharded over the 8 devices score as on one device.

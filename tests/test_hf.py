@@ -148,9 +148,12 @@ def test_sharded_import_reads_blocks_equal_to_the_whole_and_exports_bfloat16(kin
     shardings, shapes = _sharded_target(cfg, sharding.make_mesh(data=2, fsdp=2, tensor=2))
     _, params = hf.load_hf(src, shardings=shardings, shapes=shapes)
     split = 0
-    for (path, leaf), want, target in zip(jax.tree_util.tree_leaves_with_path(params),
-                                          jax.tree.leaves(whole), jax.tree.leaves(shardings),
-                                          strict=True):  # fmt: skip
+    for (path, leaf), want, target in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree.leaves(whole),
+        jax.tree.leaves(shardings),
+        strict=True,
+    ):
         assert leaf.sharding == target, path
         np.testing.assert_array_equal(np.asarray(leaf), want, err_msg=str(path))
         split += not target.is_fully_replicated
@@ -219,8 +222,11 @@ def test_export_lands_in_a_bucket_and_loads_back(gcs_bucket, tmp_path):  # noqa:
     cfg, params = hf.load_hf(src)
     hf.save_hf(cfg, params, out, load_tokenizer("gpt2"), max_shard_bytes=50_000, dtype="bfloat16")
     names = {p.name for p in epath.Path(out).iterdir()}
-    files = set(json.loads((epath.Path(out) / "model.safetensors.index.json").read_text())[
-        "weight_map"].values())  # fmt: skip
+    files = set(
+        json.loads((epath.Path(out) / "model.safetensors.index.json").read_text())[
+            "weight_map"
+        ].values()
+    )
     assert len(files) > 1 and files | {"config.json", "tokenizer.json"} <= names
     assert not any(tmp_path.glob("**/gs:*"))  # nothing landed in a local "gs:" folder
 
@@ -297,49 +303,96 @@ def test_config_round_trip():
 # presets are these models' shapes.
 PUBLISHED = {
     "qwen3-0.6b": {  # Qwen/Qwen3-0.6B
-        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
-        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
-        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
-        "sliding_window": None, "use_sliding_window": False, "max_window_layers": 28,
-        "tie_word_embeddings": True, "attention_bias": False, "hidden_act": "silu",
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "max_window_layers": 28,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "hidden_act": "silu",
     },
     "mistral-7b": {  # mistralai/Mistral-7B-v0.3
-        "model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-05,
-        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "model_type": "mistral",
+        "vocab_size": 32768,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
         "hidden_act": "silu",
     },
     "gemma2-2b": {  # google/gemma-2-2b
-        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
-        "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
-        "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
-        "final_logit_softcapping": 30.0, "hidden_act": "gelu_pytorch_tanh",
-        "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+        "model_type": "gemma2",
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "query_pre_attn_scalar": 256,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
         "cache_implementation": "hybrid",
     },
     "gemma3-1b": {  # google/gemma-3-1b-it
-        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152,
-        "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
-        "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None,
-        "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
-        "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
-        "final_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh",
+        "model_type": "gemma3_text",
+        "vocab_size": 262144,
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "query_pre_attn_scalar": 256,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "hidden_activation": "gelu_pytorch_tanh",
     },
     "gemma3-4b": {  # google/gemma-3-4b-it: a multimodal config, its text part sparse
-        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
         "text_config": {
-            "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
-            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "model_type": "gemma3_text",
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
             "sliding_window": 1024,
         },
         "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152},
     },
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
@@ -370,15 +423,23 @@ def test_family_configs_round_trip_through_transformers_config_classes(cfg):
 @pytest.mark.parametrize(
     "change,named",
     [
-        ({"layer_types": ["sliding_attention", "full_attention", "full_attention"] * 2},
-         "layer_types="),
+        (
+            {"layer_types": ["sliding_attention", "full_attention", "full_attention"] * 2},
+            "layer_types=",
+        ),
         ({"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
         ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
-        ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0},
-                              "sliding_attention": {"rope_type": "default"}}},
-         "rope type 'yarn'"),
+        (
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "yarn", "factor": 4.0},
+                    "sliding_attention": {"rope_type": "default"},
+                }
+            },
+            "rope type 'yarn'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_unsupported_gemma_options_are_named(change, named):
     config = dict(PUBLISHED["gemma3-1b"], num_hidden_layers=6) | change
     with pytest.raises(ValueError, match=named):
@@ -498,10 +559,20 @@ def test_fine_tuned_checkpoint_exports_with_the_runs_logits(tmp_path, console_sc
     assert bad.returncode == 2 and "no checkpoint at step 99" in bad.stderr
     # The run answers a prompt through sft-jax-generate, with the template it trained with.
     gen = subprocess.run(
-        [console_script("sft-jax-generate"), "--workdir", workdir, "--prompt", "Add 2 and 3.",
-         "--max-new-tokens", "3"],
-        cwd=root, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            console_script("sft-jax-generate"),
+            "--workdir",
+            workdir,
+            "--prompt",
+            "Add 2 and 3.",
+            "--max-new-tokens",
+            "3",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
 
 
@@ -539,8 +610,11 @@ def test_smollm2_from_its_packaged_gguf_matches_transformers():
     # transformers' greedy generate on each prompt alone: token for token, 32 new tokens.
     from sft_jax.generate import Generator, Sampling, end_token_ids
 
-    questions = ["What is the capital of France?", "Write a short poem about the sea.",
-                 "Explain in detail how a bicycle works."]  # fmt: skip
+    questions = [
+        "What is the capital of France?",
+        "Write a short poem about the sea.",
+        "Explain in detail how a bicycle works.",
+    ]
     prompts = [
         tok(
             tok.apply_chat_template(

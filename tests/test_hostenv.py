@@ -50,8 +50,11 @@ def test_reexec_runs_the_same_command_line_with_the_tunable(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "GLIBC_TUNABLES"}
     run = subprocess.run(
         [sys.executable, str(script), "--a", "b c"],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     # Two starts: the original process, then the re-executed one; the second one stays.
     assert run.stdout.splitlines() == ["start", "start", f"{hostenv.TUNABLE} ['--a', 'b c']"]
     # One line says why the process started twice, and how to turn it off.

@@ -225,13 +225,19 @@ def _tiny_hf(family: str):
 
     if family == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
             tie_word_embeddings=False,
-        )  # fmt: skip
+        )
     else:
-        config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
-                                         n_positions=64)  # fmt: skip
+        config = transformers.GPT2Config(
+            vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64
+        )
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -254,8 +260,14 @@ def test_peft_adapter_round_trip(family, tmp_path):
     torch.manual_seed(0)
     base = _tiny_hf(family)
     base.save_pretrained(tmp_path / "base")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora,
-                             lora_dropout=0.1, task_type="CAUSAL_LM")  # fmt: skip
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        use_rslora=rslora,
+        lora_dropout=0.1,
+        task_type="CAUSAL_LM",
+    )
     model = peft.get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -22,16 +22,24 @@ from tests.test_train import _main as run_main
 pytestmark = pytest.mark.slow
 
 ARGS = [  # over configs/tiny.py
-    "--config.train.steps=4", "--config.train.log_every=1",
-    "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
-    "--config.data.train=synthetic:add:120", "--config.data.validation=0.1",
-    "--config.train.eval_every=0", "--config.eval.generations=2",
-    "--config.eval.max_new_tokens=4", "--config.lora.rank=4", "--config.lora.alpha=8",
-    "--config.optim.learning_rate=1e-2", "--config.optim.warmup_steps=1",
+    "--config.train.steps=4",
+    "--config.train.log_every=1",
+    "--config.checkpoint.save_every=2",
+    "--config.checkpoint.async_save=False",
+    "--config.data.train=synthetic:add:120",
+    "--config.data.validation=0.1",
+    "--config.train.eval_every=0",
+    "--config.eval.generations=2",
+    "--config.eval.max_new_tokens=4",
+    "--config.lora.rank=4",
+    "--config.lora.alpha=8",
+    "--config.optim.learning_rate=1e-2",
+    "--config.optim.warmup_steps=1",
     "--config.export.adapter_dir=peft",
-    "--config.export.hf_dir=hf", "--config.train.progress_bar=False",
+    "--config.export.hf_dir=hf",
+    "--config.train.progress_bar=False",
     "--config.train.peak_flops=1e12",
-]  # fmt: skip
+]
 
 
 def _main(workdir, xla_cache, *extra):

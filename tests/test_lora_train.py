@@ -38,10 +38,15 @@ def _gpt2():
 
 def _llama():
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_attention_heads=4,
-        num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -139,8 +144,13 @@ def test_run_starts_from_a_peft_adapter(base, tmp_path):
     )
     reference.save_pretrained(str(tmp_path / "adapter"))
 
-    c = ml_collections.ConfigDict({"lora": dict(rank=4, alpha=8.0, targets=",".join(targets),
-                                                init_from=str(tmp_path / "adapter"))})  # fmt: skip
+    c = ml_collections.ConfigDict(
+        {
+            "lora": dict(
+                rank=4, alpha=8.0, targets=",".join(targets), init_from=str(tmp_path / "adapter")
+            )
+        }
+    )
     spec = config_lib.lora_spec(c)
     model = GPT(cfg, spec.layers(cfg))
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -150,9 +150,12 @@ def test_chunked_split_over_a_mesh_equals_torch(mesh_shape, softcap, smoothing):
     labels = torch.tensor(np.where(mask > 0, targets, -100))
     logits = capped_torch_logits(h_t, w_t, softcap)
     ref = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, 101), labels.reshape(-1), ignore_index=-100, reduction="sum",
+        logits.reshape(-1, 101),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
         label_smoothing=smoothing,
-    )  # fmt: skip
+    )
     ref.backward()
     assert float(count) == mask.sum()
     np.testing.assert_allclose(float(total), ref.item(), rtol=1e-5)
@@ -196,6 +199,9 @@ def test_label_smoothing_equals_torch(softcap):
 def test_label_smoothing_out_of_range_names_the_key():
     with pytest.raises(ValueError, match="train.label_smoothing"):
         chunked_cross_entropy(
-            jnp.zeros((1, 4, 8)), jnp.zeros((16, 8)), jnp.zeros((1, 4), jnp.int32),
-            jnp.ones((1, 4)), label_smoothing=1.0,
-        )  # fmt: skip
+            jnp.zeros((1, 4, 8)),
+            jnp.zeros((16, 8)),
+            jnp.zeros((1, 4), jnp.int32),
+            jnp.ones((1, 4)),
+            label_smoothing=1.0,
+        )

@@ -22,12 +22,21 @@ def _config(n_layers: int, remat: str = "none", d_model: int = 128, seq: int = 5
     a size (d_model and q/k/v widths differ, so a term counted at the wrong width shows)."""
     c = tiny.get_config()
     c.model.preset, c.model.dtype, c.model.remat, c.model.attention = (
-        "tiny-llama", "float32", remat, "xla"
-    )  # fmt: skip
+        "tiny-llama",
+        "float32",
+        remat,
+        "xla",
+    )
     c.model.architecture.update(
-        d_model=d_model, n_heads=4, n_kv_heads=2, head_dim=d_model // 4,
-        d_ff=d_model * 11 // 4, vocab_size=2048, n_layers=n_layers, max_seq_len=max(seq, 512),
-    )  # fmt: skip
+        d_model=d_model,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=d_model // 4,
+        d_ff=d_model * 11 // 4,
+        vocab_size=2048,
+        n_layers=n_layers,
+        max_seq_len=max(seq, 512),
+    )
     c.data.max_seq_len, c.train.batch_size, c.train.micro_steps = seq, 8, 1
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
     return c
@@ -92,9 +101,14 @@ def test_terms_follow_the_code_they_count():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("v5p", 95 * 2**30), ("H100-80GB", 80 * 10**9), ("95GiB", 95 * 2**30), ("80 GB", 80e9),
-     ("1.5TiB", 1.5 * 2**40)],
-)  # fmt: skip
+    [
+        ("v5p", 95 * 2**30),
+        ("H100-80GB", 80 * 10**9),
+        ("95GiB", 95 * 2**30),
+        ("80 GB", 80e9),
+        ("1.5TiB", 1.5 * 2**40),
+    ],
+)
 def test_device_memory_by_name_or_size(text, expected):
     assert memory_plan.device_bytes(text) == int(expected)
 
@@ -139,8 +153,9 @@ def _device_bytes(tree, shardings, itemsize: int = 0) -> int:
     )
 
 
-@pytest.mark.parametrize(("quantize", "preset"), [("", "tiny"), ("nf4", "tiny-llama"),
-                                                  ("int8", "tiny-llama")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("quantize", "preset"), [("", "tiny"), ("nf4", "tiny-llama"), ("int8", "tiny-llama")]
+)
 def test_lora_plan_equals_the_real_abstract_state(quantize, preset):
     # The state training builds (train.build_steps) on the 8 faked devices: the plan's
     # parameters (frozen base as stored + float32 adapters), optimizer state and gradients

@@ -120,31 +120,50 @@ def test_logger_in_a_bucket_appends_across_runs(gcs_bucket):  # noqa: F811
     resumed.close()
     lines = epath.Path(workdir, "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5},
-    ]  # fmt: skip
+        {"step": 1, "loss": 2.5},
+        {"step": 2, "loss": 2.0},
+        {"step": 3, "loss": 1.5},
+    ]
     events = list(epath.Path(workdir, "tensorboard").iterdir())
     assert events and all(e.stat().length > 0 for e in events)
 
 
 MIXTURE_STATS = {
     "train": {
-        "format": "a: alpaca, b: messages", "rows_read": 1200, "examples": 1500,
-        "dropped": {"too_long": 7, "no_loss_tokens": 2}, "responses_truncated": 3,
-        "prompts_truncated": 0, "split_rows": 100, "split_examples": 250, "rows": 400,
-        "tokens": 190000, "loss_tokens": 57000, "packing_efficiency": 0.9276,
+        "format": "a: alpaca, b: messages",
+        "rows_read": 1200,
+        "examples": 1500,
+        "dropped": {"too_long": 7, "no_loss_tokens": 2},
+        "responses_truncated": 3,
+        "prompts_truncated": 0,
+        "split_rows": 100,
+        "split_examples": 250,
+        "rows": 400,
+        "tokens": 190000,
+        "loss_tokens": 57000,
+        "packing_efficiency": 0.9276,
         "sources": {
             "a": {"examples": 900, "examples_in_epoch": 1125, "share": 0.75},
             "b": {"examples": 291, "examples_in_epoch": 375, "share": 0.25},
         },
     },
     "validation": {
-        "format": "a: alpaca, b: messages", "rows_read": 60, "examples": 60, "dropped": {},
-        "responses_truncated": 0, "prompts_truncated": 1, "split_rows": 0,
-        "split_examples": 0, "rows": 20, "tokens": 9000, "loss_tokens": 0,
-        "packing_efficiency": 0.8789, "sources": {"a": {"examples": 60, "share": 1.0}},
+        "format": "a: alpaca, b: messages",
+        "rows_read": 60,
+        "examples": 60,
+        "dropped": {},
+        "responses_truncated": 0,
+        "prompts_truncated": 1,
+        "split_rows": 0,
+        "split_examples": 0,
+        "rows": 20,
+        "tokens": 9000,
+        "loss_tokens": 0,
+        "packing_efficiency": 0.8789,
+        "sources": {"a": {"examples": 60, "share": 1.0}},
     },
     "cache": {"path": "", "hit": False},
-}  # fmt: skip
+}
 
 
 def test_data_table_reads_as_a_table():
@@ -176,9 +195,15 @@ def test_data_table_of_a_real_build(tmp_path):
         rows[i]["output"] = " ".join(["word"] * 100)  # over max_seq_len: dropped
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    spec = DataSpec(train=str(path), validation="0.25", max_seq_len=64, too_long="drop",
-                    max_drop_fraction=0.5,
-                    cache=False, num_workers=0)  # fmt: skip
+    spec = DataSpec(
+        train=str(path),
+        validation="0.25",
+        max_seq_len=64,
+        too_long="drop",
+        max_drop_fraction=0.5,
+        cache=False,
+        num_workers=0,
+    )
     stats = build_splits(spec, load_tokenizer("gpt2")).stats
     lines = metrics.data_table(stats).splitlines()
     table = {" ".join(line.split()[:-2]): line.split()[-2:] for line in lines}  # one-word cells

@@ -16,11 +16,17 @@ from tests.processes import ROOT, cpu_env, run_processes
 pytestmark = pytest.mark.slow
 
 ARGS = [
-    "--config", "configs/tiny.py", "--config.train.steps=4", "--config.train.log_every=1",
-    "--config.train.eval_every=2", "--config.checkpoint.save_every=2",
-    "--config.data.train=synthetic:mix:400", "--config.data.validation=0.1",
-    "--config.optim.warmup_steps=1", "--config.train.progress_bar=False",
-]  # fmt: skip
+    "--config",
+    "configs/tiny.py",
+    "--config.train.steps=4",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=2",
+    "--config.checkpoint.save_every=2",
+    "--config.data.train=synthetic:mix:400",
+    "--config.data.validation=0.1",
+    "--config.optim.warmup_steps=1",
+    "--config.train.progress_bar=False",
+]
 
 
 def _losses(workdir):
@@ -35,23 +41,40 @@ def single_device_run(tmp_path_factory):
     single = tmp_path_factory.mktemp("single")
     out = subprocess.run(
         [sys.executable, "-m", "sft_jax.main", f"--workdir={single}", *ARGS],
-        cwd=ROOT, env=cpu_env(devices=1), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=cpu_env(devices=1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return single
 
 
-@pytest.mark.parametrize("mesh", [["--config.mesh.fsdp=1", "--config.mesh.tensor=4"],
-                                  ["--config.mesh.fsdp=2", "--config.mesh.tensor=2"]],
-                         ids=["tensor4-across-processes", "fsdp2-tensor2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        ["--config.mesh.fsdp=1", "--config.mesh.tensor=4"],
+        ["--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+    ],
+    ids=["tensor4-across-processes", "fsdp2-tensor2"],
+)
 def test_two_processes_train_like_one_device(tmp_path, single_device_run, mesh):
     multi = tmp_path / "multi"
     errs = run_processes(
-        lambda i, port: [sys.executable, "-m", "sft_jax.main", f"--workdir={multi}", *ARGS,
-                         *mesh, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                         f"--process_id={i}"],
+        lambda i, port: [
+            sys.executable,
+            "-m",
+            "sft_jax.main",
+            f"--workdir={multi}",
+            *ARGS,
+            *mesh,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        ],
         env=cpu_env(devices=2),
-    )  # fmt: skip
+    )
     assert "process 1 of 2, 2 local devices" in errs[1]
 
     ref, got = _losses(single_device_run), _losses(multi)

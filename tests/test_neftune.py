@@ -69,8 +69,9 @@ def test_an_unpacked_example_gets_transformers_noise():
 
 @pytest.fixture(scope="module")
 def models():
-    cfg = GPTConfig(vocab_size=256, max_seq_len=32, d_model=32, n_layers=2, n_heads=2,
-                    n_kv_heads=2, d_ff=64)  # fmt: skip
+    cfg = GPTConfig(
+        vocab_size=256, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64
+    )
     plain, noisy = GPT(cfg), GPT(dataclasses.replace(cfg, neftune_alpha=ALPHA))
     params = jax.jit(lambda rng: nn.meta.unbox(steps.init_params(rng, plain)))(jax.random.key(0))
     return plain, noisy, params
@@ -79,8 +80,9 @@ def models():
 def test_training_sees_the_noise_evaluation_and_generation_do_not(models):
     plain, noisy, params = models
     batch = {k: jnp.asarray(v) for k, v in make_batch(rows=4, seq=16).items()}
-    loss = jax.jit(lambda model, rng: steps.loss_sums(params, batch, model, rng)[0],
-                   static_argnums=0)  # fmt: skip
+    loss = jax.jit(
+        lambda model, rng: steps.loss_sums(params, batch, model, rng)[0], static_argnums=0
+    )
     clean, rng = loss(plain, None), jax.random.key(3)
     # Evaluation (no rng): no noise. Training (an rng): the noise changes the loss.
     assert loss(noisy, None) == clean

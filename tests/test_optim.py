@@ -218,14 +218,18 @@ def test_muon_takes_each_layers_matmul_as_one_matrix():
         def to_2d(tree, as_matrices=as_matrices):
             return [m(jax.tree.leaves(tree)[i])[k] for i, m in as_matrices for k in range(L)]
 
-        expected = run_updates(optax.contrib.muon(0.02, consistent_rms=0.2), to_2d(params),
-                               [to_2d(g) for g in grads])  # fmt: skip
+        expected = run_updates(
+            optax.contrib.muon(0.02, consistent_rms=0.2), to_2d(params), [to_2d(g) for g in grads]
+        )
         got = [m(ours[i])[k] for i, m in as_matrices for k in range(L)]
         for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
         if adamw_leaves:
-            expected = run_updates(optax.adamw(0.02, weight_decay=0.0), pick(params, adamw_leaves),
-                                   [pick(g, adamw_leaves) for g in grads])  # fmt: skip
+            expected = run_updates(
+                optax.adamw(0.02, weight_decay=0.0),
+                pick(params, adamw_leaves),
+                [pick(g, adamw_leaves) for g in grads],
+            )
             for g, e in zip([ours[i] for i in adamw_leaves], expected, strict=True):
                 np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
 
@@ -298,9 +302,13 @@ def test_optimizers_match_torch_and_transformers(name, ours, theirs):
     draw = lambda: {"kernel": rng.normal(size=(128, 130)), "bias": rng.normal(size=130)}  # noqa: E731
     params, grads = draw(), [draw() for _ in range(3)]
     cfg = OptimConfig(
-        name=name, learning_rate=0.01, weight_decay=0.1, decay="constant", grad_clip_norm=0.0,
+        name=name,
+        learning_rate=0.01,
+        weight_decay=0.1,
+        decay="constant",
+        grad_clip_norm=0.0,
         **ours,
-    )  # fmt: skip
+    )
     tx, _ = make_optimizer(cfg, 10)
     p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     state = tx.init(p)

@@ -35,9 +35,12 @@ def _save_steps(process_id: int) -> dict:
     now = {"t": 0.0}
     speed, origin = (1.0, 0.0) if process_id == 0 else (0.1, 1e6)
     policy = preemption.SavePolicy(
-        every_steps=0, every_seconds=SAVE_EVERY_SECONDS, last_step=STEPS + 100,
-        stop=preemption.StopSignal(), clock=lambda: origin + speed * now["t"],
-    )  # fmt: skip
+        every_steps=0,
+        every_seconds=SAVE_EVERY_SECONDS,
+        last_step=STEPS + 100,
+        stop=preemption.StopSignal(),
+        clock=lambda: origin + speed * now["t"],
+    )
     saves = []
     for step in range(1, STEPS + 1):
         now["t"] = float(step)
@@ -104,10 +107,18 @@ def worker(process_id: int, port: int, workdir: str, out: str) -> None:
 def test_hosts_agree_on_when_to_save_and_which_checkpoint_to_restore(tmp_path, gcs_bucket):  # noqa: F811
     outs = [tmp_path / f"process{i}.json" for i in range(2)]
     errs = run_processes(
-        lambda i, port: [sys.executable, "-m", "tests.test_preemption_multiprocess", str(i),
-                         str(port), f"{gcs_bucket}/run", str(outs[i])],
-        env=cpu_env(devices=2), timeout=300,
-    )  # fmt: skip
+        lambda i, port: [
+            sys.executable,
+            "-m",
+            "tests.test_preemption_multiprocess",
+            str(i),
+            str(port),
+            f"{gcs_bucket}/run",
+            str(outs[i]),
+        ],
+        env=cpu_env(devices=2),
+        timeout=300,
+    )
     first, second = (json.loads(out.read_text()) for out in outs)
 
     # Process 0's clock decides (every 10 steps, when 5 of its seconds have passed).

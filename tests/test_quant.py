@@ -146,10 +146,60 @@ def test_quantized_params_scan_over_layers(scheme):
 # "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France.
 # It is named after the engineer Gustave Eiffel, whose company designed and built the tower
 # from 1887 to 1889." in SmolLM2's tokenizer.
-EIFFEL = [504, 414, 46682, 18669, 314, 253, 34554, 29, 1009, 27672, 11637, 335, 260, 21633,
-          367, 7621, 281, 7042, 28, 4649, 30, 657, 314, 3365, 990, 260, 10776, 26821, 1134, 414,
-          46682, 28, 3449, 2727, 2724, 284, 2837, 260, 11637, 429, 216, 33, 40, 40, 39, 288, 216,
-          33, 40, 40, 41, 30]  # fmt: skip
+EIFFEL = [
+    504,
+    414,
+    46682,
+    18669,
+    314,
+    253,
+    34554,
+    29,
+    1009,
+    27672,
+    11637,
+    335,
+    260,
+    21633,
+    367,
+    7621,
+    281,
+    7042,
+    28,
+    4649,
+    30,
+    657,
+    314,
+    3365,
+    990,
+    260,
+    10776,
+    26821,
+    1134,
+    414,
+    46682,
+    28,
+    3449,
+    2727,
+    2724,
+    284,
+    2837,
+    260,
+    11637,
+    429,
+    216,
+    33,
+    40,
+    40,
+    39,
+    288,
+    216,
+    33,
+    40,
+    40,
+    41,
+    30,
+]
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +260,11 @@ def test_smollm2_quantized_logits(smollm2, scheme):
     tree = _quantized(params, scheme)
     bits = quant.bits_per_param(tree)
     f = _compare(logits(params), logits(jax.jit(quant.dequantize_tree)(tree)))
-    print(f"\n{scheme}: {bits:.3f} bits/weight, |Δlogit| max {f['max_err']:.3f} mean "
-          f"{f['mean_err']:.4f}, top-1 agreement {f['top1']:.3f}, NLL {f['nll'][0]:.3f} → "
-          f"{f['nll'][1]:.3f}")  # fmt: skip
+    print(
+        f"\n{scheme}: {bits:.3f} bits/weight, |Δlogit| max {f['max_err']:.3f} mean "
+        f"{f['mean_err']:.4f}, top-1 agreement {f['top1']:.3f}, NLL {f['nll'][0]:.3f} → "
+        f"{f['nll'][1]:.3f}"
+    )
     want_bits, max_err, mean_err, top1, nll_rise = EXPECTED[scheme]
     assert bits == pytest.approx(want_bits, abs=0.001)
     assert f["max_err"] <= max_err and f["mean_err"] <= mean_err and f["top1"] >= top1

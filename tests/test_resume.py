@@ -23,12 +23,18 @@ pytestmark = pytest.mark.slow
 
 STEPS = 12
 ARGS = [
-    "--config", "configs/tiny.py", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
-    "--config.train.eval_every=0", "--config.checkpoint.save_every=2",
-    "--config.data.train=synthetic:mix:400", "--config.data.validation=",
-    "--config.optim.warmup_steps=2", "--config.train.progress_bar=False",
+    "--config",
+    "configs/tiny.py",
+    f"--config.train.steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.checkpoint.save_every=2",
+    "--config.data.train=synthetic:mix:400",
+    "--config.data.validation=",
+    "--config.optim.warmup_steps=2",
+    "--config.train.progress_bar=False",
     "--config.train.peak_flops=1e12",  # not measured: MFU is not what these tests check
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +45,15 @@ def xla_cache(tmp_path_factory):
 
 
 def _start(workdir, xla_cache, *extra):
-    cmd = [sys.executable, "-m", "sft_jax.main", f"--workdir={workdir}", *ARGS,
-           f"--config.train.compilation_cache_dir={xla_cache}", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sft_jax.main",
+        f"--workdir={workdir}",
+        *ARGS,
+        f"--config.train.compilation_cache_dir={xla_cache}",
+        *extra,
+    ]
     return subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -126,8 +139,11 @@ def _wait_for_committed_checkpoint(checkpoints: epath.Path, proc, timeout=300) -
         if proc.poll() is not None:
             raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
         if checkpoints.exists():
-            done = [int(d.name) for d in checkpoints.iterdir()
-                    if d.name.isdigit() and (d / "commit_success.txt").exists()]  # fmt: skip
+            done = [
+                int(d.name)
+                for d in checkpoints.iterdir()
+                if d.name.isdigit() and (d / "commit_success.txt").exists()
+            ]
             if done:
                 return min(done)
         time.sleep(0.2)
@@ -163,9 +179,13 @@ def test_bucket_workdir_is_killed_after_a_save_and_resumes(gcs_bucket, reference
 
 def test_damaged_latest_checkpoint_falls_back_then_a_changed_model_is_refused(tmp_path, caplog):
     c = _config(
-        train__steps=4, checkpoint__save_every=2, data__validation="", optim__warmup_steps=1,
-        checkpoint__async_save=False, train__log_every=1,
-    )  # fmt: skip
+        train__steps=4,
+        checkpoint__save_every=2,
+        data__validation="",
+        optim__warmup_steps=1,
+        checkpoint__async_save=False,
+        train__log_every=1,
+    )
     train.train_and_evaluate(c, str(tmp_path))
     latest = tmp_path / "checkpoints" / "4" / "state"
     # Truncate every data file of the newest checkpoint, as a crash mid-write would.
@@ -187,9 +207,15 @@ def test_damaged_latest_checkpoint_falls_back_then_a_changed_model_is_refused(tm
 
 
 def test_divergence_stops_the_run_and_every_checkpoint_is_finite(tmp_path):
-    c = _config(train__steps=8, checkpoint__save_every=1, data__validation="",
-                optim__warmup_steps=0, optim__learning_rate=1e30, optim__decay="constant",
-                train__log_every=1)  # fmt: skip
+    c = _config(
+        train__steps=8,
+        checkpoint__save_every=1,
+        data__validation="",
+        optim__warmup_steps=0,
+        optim__learning_rate=1e30,
+        optim__decay="constant",
+        train__log_every=1,
+    )
     with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
         train.train_and_evaluate(c, str(tmp_path))
     run = runs.load_run(str(tmp_path))

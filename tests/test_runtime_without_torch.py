@@ -20,16 +20,33 @@ print(len(names))
 
 
 def test_every_module_imports_without_torch(runtime_env):
-    run = subprocess.run([sys.executable, "-c", IMPORT_ALL], cwd=ROOT, env=runtime_env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL],
+        cwd=ROOT,
+        env=runtime_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert int(run.stdout.split()[-1]) > 40  # the whole package was walked
 
 
 def test_user_commands_start_without_torch(runtime_env, console_script):
-    for name in ("sft-jax-eval", "sft-jax-export", "sft-jax-generate", "sft-jax-inspect",
-                 "sft-jax-plan"):  # fmt: skip
-        run = subprocess.run([console_script(name), "--help"], cwd=ROOT, env=runtime_env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    for name in (
+        "sft-jax-eval",
+        "sft-jax-export",
+        "sft-jax-generate",
+        "sft-jax-inspect",
+        "sft-jax-plan",
+    ):
+        run = subprocess.run(
+            [console_script(name), "--help"],
+            cwd=ROOT,
+            env=runtime_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, (name, run.stderr[-2000:])
         assert "--" in run.stdout + run.stderr, name  # absl printed its flags

@@ -113,8 +113,9 @@ def test_export_to_a_bucket_then_init_from_it(s3_bucket, tmp_path):  # noqa: F81
     tokenizer = load_tokenizer(config_lib.tokenizer_name(config))
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]  # the gpt2 files, from S3
     shardings, shapes = _sharded_target(cfg, sharding.make_mesh(data=2, fsdp=2, tensor=2))
-    loaded_cfg, loaded = hf.load_hf(config_lib.init_source(config), shardings=shardings,
-                                    shapes=shapes)  # fmt: skip
+    loaded_cfg, loaded = hf.load_hf(
+        config_lib.init_source(config), shardings=shardings, shapes=shapes
+    )
     assert loaded_cfg == cfg
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(got), want)
@@ -127,9 +128,16 @@ def test_an_s3_workdir_is_refused_naming_the_flag_and_what_works():
         checkpoint.Checkpointer("s3://b/run")
     message = str(e.value)
     assert message.startswith("--workdir s3://b/run: Orbax")
-    for words in ("gs:// workdir", "shared file system", "s3fs-fuse", "not mountpoint-s3",
-                  "data.train", "data.cache_dir", "model.init_from=hf:s3://",
-                  "sft-jax-export --out s3://"):  # fmt: skip
+    for words in (
+        "gs:// workdir",
+        "shared file system",
+        "s3fs-fuse",
+        "not mountpoint-s3",
+        "data.train",
+        "data.cache_dir",
+        "model.init_from=hf:s3://",
+        "sft-jax-export --out s3://",
+    ):
         assert words in message, words
     checkpoint.check_workdir("gs://b/run")  # accepted, like local paths
     checkpoint.check_workdir("/shared/run")
@@ -153,6 +161,7 @@ def test_a_remote_safetensors_block_fetches_its_rows_and_no_more(s3_server, s3_b
     folder = hf_files.RemoteSafetensorsFolder(epath.Path(f"{s3_bucket}/m"))
     assert s3_server.object_bytes_served - sent == header_bytes
     sent = s3_server.object_bytes_served
-    np.testing.assert_array_equal(folder.read("w", (slice(64, 96), slice(128, 256))),
-                                  w[64:96, 128:256])  # fmt: skip
+    np.testing.assert_array_equal(
+        folder.read("w", (slice(64, 96), slice(128, 256))), w[64:96, 128:256]
+    )
     assert s3_server.object_bytes_served - sent == 32 * 256 * 4  # rows 64..95, whole rows

@@ -39,10 +39,15 @@ def _random_llama(folder):
     stacked MLP leaf 64 MiB, the model ~245 MB; a tiny vocabulary keeps the tables small."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # norms start at exactly 1: make every tensor distinct
         for p in model.parameters():
@@ -64,12 +69,21 @@ def _launch(src, out, tmp_path, nproc, devices):
     worker = os.path.join(ROOT, "tests", "scale_hf_worker.py")
     results = [tmp_path / f"result{i}.json" for i in range(nproc)]
     run_processes(
-        lambda i, port: [sys.executable, worker, src, out, str(results[i]), str(i), str(nproc),
-                         str(port)],
+        lambda i, port: [
+            sys.executable,
+            worker,
+            src,
+            out,
+            str(results[i]),
+            str(i),
+            str(nproc),
+            str(port),
+        ],
         # Few malloc arenas: XLA's many threads each grow their own otherwise, which moved
         # a non-zero process's export peak by ±20 MiB from run to run under load.
-        count=nproc, env=cpu_env(devices) | {"MALLOC_ARENA_MAX": "2"},
-    )  # fmt: skip
+        count=nproc,
+        env=cpu_env(devices) | {"MALLOC_ARENA_MAX": "2"},
+    )
     return [json.loads(r.read_text()) for r in results]
 
 

@@ -158,9 +158,12 @@ def test_loss_caps_logits_as_the_config_says():
     @jax.jit
     def train_and_reference_losses(params, batch):
         hidden = model.apply(
-            {"params": params}, batch["tokens"], positions=batch["positions"],
-            segment_ids=batch["segment_ids"], method="hidden_states",
-        )  # fmt: skip
+            {"params": params},
+            batch["tokens"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            method="hidden_states",
+        )
         raw = jnp.einsum("btd,vd->btv", hidden, steps.head_weight(model.cfg, params))
         targets, mask = batch["targets"], batch["loss_mask"]
         capped = losses.masked_cross_entropy(cap * jnp.tanh(raw / cap), targets, mask)[0]

@@ -131,8 +131,10 @@ def test_mlflow_file_store_gets_the_scalars_params_and_artifacts(tmp_path, monke
         logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(logged) == [(line["step"], line[key]) for line in lines]
     assert run.data.params == {
-        "optim.name": "muon", "optim.learning_rate": "0.01", "train.steps": "4"
-    }  # fmt: skip
+        "optim.name": "muon",
+        "optim.learning_rate": "0.01",
+        "train.steps": "4",
+    }
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"report.md", "loss_curve.png"}
     report = client.download_artifacts(run.info.run_id, "report.md", str(tmp_path / "back"))

@@ -94,9 +94,12 @@ def test_main_trains_writes_outputs_and_resumes(tmp_path, one_device_env, monkey
     # A second run on the same workdir resumes at the saved step and continues (loading
     # the first run's compiled step from the cache: the same programs).
     second = _main(
-        tmp_path, "--config.train.steps=8", *common,
-        f"--config.train.compilation_cache_dir={cache}", env=one_device_env,
-    )  # fmt: skip
+        tmp_path,
+        "--config.train.steps=8",
+        *common,
+        f"--config.train.compilation_cache_dir={cache}",
+        env=one_device_env,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 6" in second.stderr
     assert [r["step"] for r in _records(tmp_path)][5:] == [8]
@@ -133,13 +136,19 @@ def test_tiny_model_overfits_a_handful_of_examples(tmp_path, one_device_env):
     # On one device, as on a user's CPU: a step there takes a quarter of one over the test
     # process's 8 faked devices, and memorising does not depend on the mesh.
     out = _main(
-        tmp_path, "--config.data.train=synthetic:mix:8", "--config.data.validation=",
-        "--config.data.packing=False", "--config.data.max_seq_len=64",
-        "--config.train.steps=60", "--config.train.log_every=5",
-        "--config.optim.learning_rate=1e-2", "--config.optim.warmup_steps=5",
-        "--config.checkpoint.save_every=0", "--config.train.progress_bar=False",
+        tmp_path,
+        "--config.data.train=synthetic:mix:8",
+        "--config.data.validation=",
+        "--config.data.packing=False",
+        "--config.data.max_seq_len=64",
+        "--config.train.steps=60",
+        "--config.train.log_every=5",
+        "--config.optim.learning_rate=1e-2",
+        "--config.optim.warmup_steps=5",
+        "--config.checkpoint.save_every=0",
+        "--config.train.progress_bar=False",
         env=one_device_env,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [r["loss"] for r in _records(tmp_path)]
     assert losses[-1] < losses[0] / 10, losses  # memorised: falls by more than 10×

@@ -59,7 +59,7 @@ def alpaca_rows(n: int) -> list[dict]:
             "instruction": text(rng.randint(5, 30)),
             "input": text(rng.randint(0, 20)) * (i % 3 == 0),
             "output": text(rng.randint(20, 200)),
-        }  # fmt: skip
+        }
         for i in range(n)
     ]
 
@@ -75,10 +75,14 @@ def _worker(args) -> int:
 
     tokenizer, processes = load_tokenizer(args.tokenizer), jax_processes()
     spec = DataSpec(
-        train=args.rows_file, template=args.template, max_seq_len=args.max_seq_len,
-        num_workers=0, cache_dir=args.cache_dir, cache=args.mode == "shared",
+        train=args.rows_file,
+        template=args.template,
+        max_seq_len=args.max_seq_len,
+        num_workers=0,
+        cache_dir=args.cache_dir,
+        cache=args.mode == "shared",
         max_drop_fraction=1.0,
-    )  # fmt: skip
+    )
     processes.sync(0)  # Start together: the slowest start-up is not build time.
     wall, cpu = time.perf_counter(), time.process_time()
     splits = build_splits(spec, tokenizer, processes)
@@ -119,7 +123,7 @@ def _launch(args, count: int, mode: str, rows_file: str, cache_dir: str) -> dict
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(count)
     ]
     outs = [p.communicate() for p in procs]
@@ -150,12 +154,23 @@ def _processes(args) -> int:
             for mode in ("shared", "each"):
                 cache_dir = tempfile.mkdtemp(dir=tmp, prefix=f"cache-{mode}-{count}-")
                 r = _launch(args, count, mode, rows_file, cache_dir)
-                print(f"{count} processes, {mode}: {r['wall_s']} s, {r['rows_per_s_per_host']} "
-                      f"rows/s per host, {r['cpu_s_total']} CPU s in all, rows tokenized "
-                      f"{r['rows_tokenized_by_process']}", flush=True)  # fmt: skip
+                print(
+                    f"{count} processes, {mode}: {r['wall_s']} s, {r['rows_per_s_per_host']} "
+                    f"rows/s per host, {r['cpu_s_total']} CPU s in all, rows tokenized "
+                    f"{r['rows_tokenized_by_process']}",
+                    flush=True,
+                )
                 results.append(r)
-    print(json.dumps({"rows": args.rows, "tokenizer": args.tokenizer, "cores": os.cpu_count(),
-                      "runs": results}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "tokenizer": args.tokenizer,
+                "cores": os.cpu_count(),
+                "runs": results,
+            }
+        )
+    )
     return 0
 
 
@@ -187,10 +202,13 @@ def main() -> int:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in alpaca_rows(args.rows))
         spec = DataSpec(
-            train=path, template=args.template, max_seq_len=args.max_seq_len,
-            num_workers=args.workers, cache_dir=os.path.join(tmp, "cache"),
+            train=path,
+            template=args.template,
+            max_seq_len=args.max_seq_len,
+            num_workers=args.workers,
+            cache_dir=os.path.join(tmp, "cache"),
             max_drop_fraction=1.0,
-        )  # fmt: skip
+        )
         t = time.perf_counter()
         cold = build_splits(spec, tokenizer)
         cold_s = time.perf_counter() - t
@@ -209,22 +227,42 @@ def main() -> int:
         pack_s = time.perf_counter() - t
     stats = cold.stats["train"]
     cores = build.cores()
-    workers = args.workers if args.workers >= 0 else (
-        min(cores, build.MAX_WORKERS) if args.rows >= build.AUTO_WORKERS_MIN_ROWS and cores > 1
-        else 0
-    )  # fmt: skip
-    print(f"{args.rows} rows ({stats['tokens']} tokens) tokenized, masked and packed in "
-          f"{cold_s:.1f} s with {workers} worker processes on {cores} cores; "
-          f"from the cache in {cached_s:.2f} s (tokenizer load {tokenizer_s:.1f} s); "
-          f"tokenizing alone {tokenize_s:.1f} s, packing alone {pack_s:.2f} s")  # fmt: skip
-    print(json.dumps({
-        "rows": args.rows, "tokens": stats["tokens"], "loss_tokens": stats["loss_tokens"],
-        "cold_s": round(cold_s, 2), "cached_s": round(cached_s, 3),
-        "tokenize_s": round(tokenize_s, 2), "pack_s": round(pack_s, 3),
-        "rows_per_s": round(args.rows / cold_s), "packing_efficiency": stats["packing_efficiency"],
-        "dropped": stats["dropped"], "workers": workers, "cores": cores,
-        "tokenizer": args.tokenizer, "template": args.template, "max_seq_len": args.max_seq_len,
-    }))  # fmt: skip
+    workers = (
+        args.workers
+        if args.workers >= 0
+        else (
+            min(cores, build.MAX_WORKERS)
+            if args.rows >= build.AUTO_WORKERS_MIN_ROWS and cores > 1
+            else 0
+        )
+    )
+    print(
+        f"{args.rows} rows ({stats['tokens']} tokens) tokenized, masked and packed in "
+        f"{cold_s:.1f} s with {workers} worker processes on {cores} cores; "
+        f"from the cache in {cached_s:.2f} s (tokenizer load {tokenizer_s:.1f} s); "
+        f"tokenizing alone {tokenize_s:.1f} s, packing alone {pack_s:.2f} s"
+    )
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "tokens": stats["tokens"],
+                "loss_tokens": stats["loss_tokens"],
+                "cold_s": round(cold_s, 2),
+                "cached_s": round(cached_s, 3),
+                "tokenize_s": round(tokenize_s, 2),
+                "pack_s": round(pack_s, 3),
+                "rows_per_s": round(args.rows / cold_s),
+                "packing_efficiency": stats["packing_efficiency"],
+                "dropped": stats["dropped"],
+                "workers": workers,
+                "cores": cores,
+                "tokenizer": args.tokenizer,
+                "template": args.template,
+                "max_seq_len": args.max_seq_len,
+            }
+        )
+    )
     return 0
 
 

@@ -95,8 +95,13 @@ def time_transformers(folder: str, prompts: list[list[int]], new: int, repeats: 
     pad = 0
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                  pad_token_id=pad)  # fmt: skip
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=pad,
+    )
     with torch.no_grad():
         t = time.perf_counter()
         out = model.generate(ids, **kwargs)
@@ -138,8 +143,10 @@ def run(model: str, batches: list[int], new: int, repeats: int, with_torch: bool
     cfg, params = hf.load_hf(model)
     tokenizer = load_tokenizer(model)
     device = f"{jax.device_count()} × {jax.devices()[0].device_kind}"
-    print(f"model: {model} ({cfg.num_params() / 1e6:.1f} M params, {cfg.dtype}); "
-          f"{new} new tokens; devices: {device}")  # fmt: skip
+    print(
+        f"model: {model} ({cfg.num_params() / 1e6:.1f} M params, {cfg.dtype}); "
+        f"{new} new tokens; devices: {device}"
+    )
     print(f"host: {host_cpu()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     out: dict = {"model": model, "new_tokens": new, "results": []}
     why_not = torch_available() if with_torch else "off"
@@ -156,9 +163,11 @@ def run(model: str, batches: list[int], new: int, repeats: int, with_torch: bool
                 "first_call_s": jx["first_call_s"],
                 "call_s": jx["best_s"],
             }
-            line = (f"batch {batch}: sft_jax {r['tokens_per_sec']:.1f} tokens/s (call "
-                    f"{jx['best_s']:.2f} s; first call, compiling, "
-                    f"{jx['first_call_s']:.1f} s)")  # fmt: skip
+            line = (
+                f"batch {batch}: sft_jax {r['tokens_per_sec']:.1f} tokens/s (call "
+                f"{jx['best_s']:.2f} s; first call, compiling, "
+                f"{jx['first_call_s']:.1f} s)"
+            )
             if not why_not:
                 ctx = multiprocessing.get_context("spawn")
                 with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
@@ -172,9 +181,11 @@ def run(model: str, batches: list[int], new: int, repeats: int, with_torch: bool
                     greedy_agreement=agreement(jx["tokens"], tr["tokens"]),
                 )
                 r["ratio"] = r["tokens_per_sec"] / r["torch_tokens_per_sec"]
-                line += (f"; transformers {r['torch_tokens_per_sec']:.1f} tokens/s ("
-                         f"{tr['threads']} threads); ratio {r['ratio']:.2f}; greedy tokens "
-                         f"agree {r['greedy_agreement']:.0%}")  # fmt: skip
+                line += (
+                    f"; transformers {r['torch_tokens_per_sec']:.1f} tokens/s ("
+                    f"{tr['threads']} threads); ratio {r['ratio']:.2f}; greedy tokens "
+                    f"agree {r['greedy_agreement']:.0%}"
+                )
             print(line)
             out["results"].append(r)
     if why_not and with_torch:
@@ -187,8 +198,15 @@ def run(model: str, batches: list[int], new: int, repeats: int, with_torch: bool
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    return finish(lambda: run(FLAGS.model, [int(b) for b in FLAGS.batches],
-                              FLAGS["new-tokens"].value, FLAGS.repeats, FLAGS.torch))  # fmt: skip
+    return finish(
+        lambda: run(
+            FLAGS.model,
+            [int(b) for b in FLAGS.batches],
+            FLAGS["new-tokens"].value,
+            FLAGS.repeats,
+            FLAGS.torch,
+        )
+    )
 
 
 if __name__ == "__main__":

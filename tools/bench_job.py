@@ -74,18 +74,36 @@ def config_overrides(argv: list[str]) -> list[str]:
     return [a for a in argv[1:] if a.startswith("--config.")]
 
 
-def run_sft_jax(config_file: str, overrides: list[str], tokenizer: str, rows_path: str,
-                workdir: str, packing: bool) -> dict:  # fmt: skip
+def run_sft_jax(
+    config_file: str,
+    overrides: list[str],
+    tokenizer: str,
+    rows_path: str,
+    workdir: str,
+    packing: bool,
+) -> dict:
     """`python -m sft_jax.main` on the rows, one epoch; wall time and its last train record."""
     cmd = [
-        sys.executable, "-m", "sft_jax.main", "--config", config_file, "--workdir", workdir,
-        *overrides, f"--config.model.tokenizer={tokenizer}",
-        f"--config.data.train={rows_path}", "--config.data.validation=",
+        sys.executable,
+        "-m",
+        "sft_jax.main",
+        "--config",
+        config_file,
+        "--workdir",
+        workdir,
+        *overrides,
+        f"--config.model.tokenizer={tokenizer}",
+        f"--config.data.train={rows_path}",
+        "--config.data.validation=",
         "--config.data.cache=False",
-        f"--config.data.packing={packing}", "--config.train.steps=0", "--config.train.epochs=1",
-        "--config.train.log_every=1", "--config.train.progress_bar=False",
-        "--config.eval.generations=0", "--config.export.hf_dir=",
-    ]  # fmt: skip
+        f"--config.data.packing={packing}",
+        "--config.train.steps=0",
+        "--config.train.epochs=1",
+        "--config.train.log_every=1",
+        "--config.train.progress_bar=False",
+        "--config.eval.generations=0",
+        "--config.export.hf_dir=",
+    ]
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -107,8 +125,15 @@ def run_sft_jax(config_file: str, overrides: list[str], tokenizer: str, rows_pat
 # --------------------------------------------------------------------------- transformers
 
 
-def classic_alpaca_job(rows_path: str, tokenizer_name: str, hf_config: dict, opt: dict,
-                       batch_size: int, max_len: int, seed: int) -> dict:  # fmt: skip
+def classic_alpaca_job(
+    rows_path: str,
+    tokenizer_name: str,
+    hf_config: dict,
+    opt: dict,
+    batch_size: int,
+    max_len: int,
+    seed: int,
+) -> dict:
     """The tutorials' recipe, timed from the child's start of work (its imports included)."""
     t0 = time.perf_counter()
     import torch
@@ -127,8 +152,10 @@ def classic_alpaca_job(rows_path: str, tokenizer_name: str, hf_config: dict, opt
         if not {"instruction", "output"} <= row.keys():
             raise ValueError(f"{rows_path}: the transformers job needs Alpaca rows, got {row}")
         if row.get("input"):
-            prompt = (f"{ALPACA_PREAMBLE_INPUT}\n\n### Instruction:\n{row['instruction']}\n\n"
-                      f"### Input:\n{row['input']}\n\n### Response:\n")  # fmt: skip
+            prompt = (
+                f"{ALPACA_PREAMBLE_INPUT}\n\n### Instruction:\n{row['instruction']}\n\n"
+                f"### Input:\n{row['input']}\n\n### Response:\n"
+            )
         else:
             prompt = (
                 f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{row['instruction']}\n\n### Response:\n"
@@ -154,9 +181,12 @@ def classic_alpaca_job(rows_path: str, tokenizer_name: str, hf_config: dict, opt
     model = torch_random_model(hf_config)
     model.train()
     optimizer = torch_adamw(
-        model.parameters(), lr=opt["learning_rate"], betas=(opt["b1"], opt["b2"]),
-        eps=opt["eps"], weight_decay=opt["weight_decay"],
-    )  # fmt: skip
+        model.parameters(),
+        lr=opt["learning_rate"],
+        betas=(opt["b1"], opt["b2"]),
+        eps=opt["eps"],
+        weight_decay=opt["weight_decay"],
+    )
     steps, loss_tokens, loss = 0, 0, float("nan")
     for batch in loader:
         out = model(**batch)
@@ -190,7 +220,7 @@ def run_torch(rows_path: str, c, batch_size: int) -> dict:
         {
             k: getattr(opt, k)
             for k in ("learning_rate", "b1", "b2", "eps", "weight_decay", "grad_clip_norm")
-        },  # fmt: skip
+        },
         batch_size,
         c.data.max_seq_len,
         c.seed,
@@ -205,27 +235,50 @@ def run_torch(rows_path: str, c, batch_size: int) -> dict:
 # --------------------------------------------------------------------------- main
 
 
-def run(c, config_file: str, overrides: list[str], rows: int, torch_batch: int,
-        with_torch: bool, with_padded: bool) -> dict:  # fmt: skip
+def run(
+    c,
+    config_file: str,
+    overrides: list[str],
+    rows: int,
+    torch_batch: int,
+    with_torch: bool,
+    with_padded: bool,
+) -> dict:
     from tools.bench_common import host_cpu, tokenizer_for, torch_available
 
-    out: dict = {"rows": rows, "preset": c.model.preset, "seq_len": c.data.max_seq_len,
-                 "batch_size": c.train.batch_size, "torch_batch": torch_batch,
-                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-                 "host_cpu": host_cpu()}  # fmt: skip
+    out: dict = {
+        "rows": rows,
+        "preset": c.model.preset,
+        "seq_len": c.data.max_seq_len,
+        "batch_size": c.train.batch_size,
+        "torch_batch": torch_batch,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "host_cpu": host_cpu(),
+    }
     print(f"host CPU: {out['host_cpu']}")
     with tempfile.TemporaryDirectory(prefix="sft_jax_bench_job_") as tmp:
         rows_path = os.path.join(tmp, "rows.jsonl")
         out["rows"] = write_rows(c.data.train, rows, rows_path)
-        print(f"data: the first {out['rows']} rows of {c.data.train}; model {c.model.preset}, "
-              f"seq {c.data.max_seq_len}")  # fmt: skip
+        print(
+            f"data: the first {out['rows']} rows of {c.data.train}; model {c.model.preset}, "
+            f"seq {c.data.max_seq_len}"
+        )
         jobs = [("sft_jax", True)] + ([("sft_jax_padded", False)] if with_padded else [])
         for name, packing in jobs:
-            r = run_sft_jax(config_file, overrides, tokenizer_for(c), rows_path,
-                            os.path.join(tmp, name), packing)  # fmt: skip
+            r = run_sft_jax(
+                config_file,
+                overrides,
+                tokenizer_for(c),
+                rows_path,
+                os.path.join(tmp, name),
+                packing,
+            )
             out[name] = r
-            _print(f"{name} (batch {c.train.batch_size} rows, "
-                   f"{'packed' if packing else 'padded per batch'})", r)  # fmt: skip
+            _print(
+                f"{name} (batch {c.train.batch_size} rows, "
+                f"{'packed' if packing else 'padded per batch'})",
+                r,
+            )
         if with_torch:
             why_not = torch_available()
             if why_not:

@@ -24,23 +24,49 @@ def _args(argv):
     p = argparse.ArgumentParser(prog="sft-jax-eval", description=__doc__.split("\n\n")[0])
     model_source.add_arguments(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
-    p.add_argument("--include_path", "--include-path", action="append", default=[],
-                   help="a folder of YAML task definitions (repeatable)")  # fmt: skip
-    p.add_argument("--limit", type=float, default=None,
-                   help="documents per task at most (a fraction if below 1)")  # fmt: skip
+    p.add_argument(
+        "--include_path",
+        "--include-path",
+        action="append",
+        default=[],
+        help="a folder of YAML task definitions (repeatable)",
+    )
+    p.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="documents per task at most (a fraction if below 1)",
+    )
     p.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None)
-    p.add_argument("--apply_chat_template", "--apply-chat-template", action="store_true",
-                   help="render prompts with the run's template (data.template)")  # fmt: skip
-    p.add_argument("--fewshot_as_multiturn", "--fewshot-as-multiturn", default=True,
-                   action=argparse.BooleanOptionalAction,
-                   help="with the chat template: few-shot examples as earlier turns")  # fmt: skip
+    p.add_argument(
+        "--apply_chat_template",
+        "--apply-chat-template",
+        action="store_true",
+        help="render prompts with the run's template (data.template)",
+    )
+    p.add_argument(
+        "--fewshot_as_multiturn",
+        "--fewshot-as-multiturn",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="with the chat template: few-shot examples as earlier turns",
+    )
     p.add_argument("--template", default=None, help="override the template")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=8,
-                   help="packed rows per forward and prompts per generation batch")  # fmt: skip
+    p.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=8,
+        help="packed rows per forward and prompts per generation batch",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="results JSON to write (and a .md table beside it)")
-    p.add_argument("--log_samples", "--log-samples", action="store_true",
-                   help="keep every document's requests and responses in --output")  # fmt: skip
+    p.add_argument(
+        "--log_samples",
+        "--log-samples",
+        action="store_true",
+        help="keep every document's requests and responses in --output",
+    )
     return p.parse_args(argv)
 
 
@@ -52,12 +78,21 @@ def main(argv=None) -> int:
         cfg, params, tokenizer, spec, lora = model_source.load(args)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         results = harness.run_tasks(
-            cfg, params, tokenizer, spec, tasks,
-            include_path=args.include_path, limit=_limit(args.limit),
-            num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template,
-            fewshot_as_multiturn=args.fewshot_as_multiturn, batch_size=args.batch_size,
-            log_samples=args.log_samples, seed=args.seed, lora=lora,
-        )  # fmt: skip
+            cfg,
+            params,
+            tokenizer,
+            spec,
+            tasks,
+            include_path=args.include_path,
+            limit=_limit(args.limit),
+            num_fewshot=args.num_fewshot,
+            apply_chat_template=args.apply_chat_template,
+            fewshot_as_multiturn=args.fewshot_as_multiturn,
+            batch_size=args.batch_size,
+            log_samples=args.log_samples,
+            seed=args.seed,
+            lora=lora,
+        )
     except (ValueError, OSError, ImportError) as e:
         print(f"sft-jax-eval: {e}", file=sys.stderr)
         return 2

@@ -30,8 +30,12 @@ def main(argv=None) -> int:
         "--best", action="store_true", help="the best checkpoint by checkpoint.keep_best"
     )
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: "
-                        "bfloat16 for a bfloat16-computed run, else its param dtype)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="",
+        help="float32, bfloat16 or float16 (default: "
+        "bfloat16 for a bfloat16-computed run, else its param dtype)",
+    )
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     parser.add_argument(
         "--adapter", action="store_true", help="a LoRA run's adapters as a PEFT folder"
@@ -43,8 +47,10 @@ def main(argv=None) -> int:
         run = runs.load_run(args.workdir, args.step, best=args.best)
         dtype = hf.export_dtype(run.model_cfg, args.dtype, key="--dtype")
         if args.adapter and run.lora is None:
-            raise ValueError(f"--adapter: {args.workdir} is a full fine-tuning run (no LoRA "
-                             "adapters); export the model without --adapter")  # fmt: skip
+            raise ValueError(
+                f"--adapter: {args.workdir} is a full fine-tuning run (no LoRA "
+                "adapters); export the model without --adapter"
+            )
     except ValueError as e:
         print(f"sft-jax-export: {e}", file=sys.stderr)
         return 2
@@ -53,8 +59,14 @@ def main(argv=None) -> int:
         lora.write_peft_adapter(run.model_cfg, run.lora, adapters, args.out, run.meta.init_from)
         print(f"exported the LoRA adapters of step {run.step} of {args.workdir} to {args.out}")
         return 0
-    hf.save_hf(run.model_cfg, run.merged_params(), args.out, tokenizer=run.tokenizer,
-               dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))  # fmt: skip
+    hf.save_hf(
+        run.model_cfg,
+        run.merged_params(),
+        args.out,
+        tokenizer=run.tokenizer,
+        dtype=dtype,
+        max_shard_bytes=int(args.max_shard_gb * 1024**3),
+    )
     merged = " (LoRA adapters merged)" if run.lora else ""
     print(f"exported step {run.step} of {args.workdir} to {args.out}{merged}")
     return 0

@@ -27,8 +27,11 @@ def _args(argv):
     io.add_argument("--prompt", help="one instruction")
     io.add_argument("--input", help="JSONL of rows")
     p.add_argument("--output", help="JSONL to write (with --input; default: stdout)")
-    p.add_argument("--template", default=None, help="override the template (HF: tokenizer "
-                   "if it has a chat template, else alpaca)")  # fmt: skip
+    p.add_argument(
+        "--template",
+        default=None,
+        help="override the template (HF: tokenizer if it has a chat template, else alpaca)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)

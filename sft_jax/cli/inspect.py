@@ -30,18 +30,26 @@ from sft_jax.cli import absl_args
 
 
 def _define(values: flags.FlagValues, argv: list[str]) -> None:
-    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                    flag_values=values, sys_argv=argv)  # fmt: skip
-    flags.DEFINE_integer("dump_batches", 0, "Write the first K training batches to --out.",
-                         flag_values=values)  # fmt: skip
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config file (configs/*.py).", flag_values=values, sys_argv=argv
+    )
+    flags.DEFINE_integer(
+        "dump_batches", 0, "Write the first K training batches to --out.", flag_values=values
+    )
     flags.DEFINE_string("out", None, "JSONL file for --dump-batches.", flag_values=values)
     flags.DEFINE_string("html", None, "Write an HTML view of the data here.", flag_values=values)
-    flags.DEFINE_integer("show", 3, "Rows of batch 0 to print with trained tokens marked.",
-                         flag_values=values)  # fmt: skip
-    flags.DEFINE_integer("html_rows", 32, "Rows (of the first batches) in the HTML view.",
-                         flag_values=values)  # fmt: skip
-    flags.DEFINE_bool("color", True, "ANSI colours in the terminal view (--no-color: ⟦brackets⟧).",
-                      flag_values=values)  # fmt: skip
+    flags.DEFINE_integer(
+        "show", 3, "Rows of batch 0 to print with trained tokens marked.", flag_values=values
+    )
+    flags.DEFINE_integer(
+        "html_rows", 32, "Rows (of the first batches) in the HTML view.", flag_values=values
+    )
+    flags.DEFINE_bool(
+        "color",
+        True,
+        "ANSI colours in the terminal view (--no-color: ⟦brackets⟧).",
+        flag_values=values,
+    )
     flags.mark_flags_as_required(["config"], flag_values=values)
 
 
@@ -70,20 +78,28 @@ def _print_summary(stats: dict) -> None:
             print(f"cache: {s['path'] or 'off'}{' (hit)' if s['hit'] else ''}")
             continue
         print(f"== {name} ({s['format']})")
-        print(f"  rows read {s['rows_read']}, examples {s['examples']}, dropped "
-              f"{sum(s['dropped'].values())} {s['dropped'] or ''}")  # fmt: skip
+        print(
+            f"  rows read {s['rows_read']}, examples {s['examples']}, dropped "
+            f"{sum(s['dropped'].values())} {s['dropped'] or ''}"
+        )
         if s.get("split_rows"):  # older cache entries lack these keys
-            print(f"  conversations split per assistant turn {s['split_rows']} → "
-                  f"{s['split_examples']} examples ({s.get('split_rows_missing_turns', 0)} "
-                  "lost turns to max_seq_len)")  # fmt: skip
-        print(f"  responses cut at max_seq_len (lost EOS) {s['responses_truncated']}, "
-              f"prompts cut from the left {s['prompts_truncated']}")  # fmt: skip
+            print(
+                f"  conversations split per assistant turn {s['split_rows']} → "
+                f"{s['split_examples']} examples ({s.get('split_rows_missing_turns', 0)} "
+                "lost turns to max_seq_len)"
+            )
+        print(
+            f"  responses cut at max_seq_len (lost EOS) {s['responses_truncated']}, "
+            f"prompts cut from the left {s['prompts_truncated']}"
+        )
         print(f"  tokens {s['tokens']}, loss tokens {s['loss_tokens']} ({s['loss_share']:.1%})")
         pad = s["padding_share"]
         seg = s["segments_per_row"]
-        print(f"  rows {s['rows']}, packing efficiency {s['packing_efficiency']:.2%}, padding "
-              f"share {'n/a' if pad is None else f'{pad:.2%}'}, segments per row "
-              f"{seg['mean']:.2f} (max {seg['max']})")  # fmt: skip
+        print(
+            f"  rows {s['rows']}, packing efficiency {s['packing_efficiency']:.2%}, padding "
+            f"share {'n/a' if pad is None else f'{pad:.2%}'}, segments per row "
+            f"{seg['mean']:.2f} (max {seg['max']})"
+        )
         _print_sources(s.get("sources", {}))
         for p in s.get("problems", [])[:5]:
             print(f"  problem: {p}")
@@ -95,8 +111,10 @@ def _print_sources(per_source: dict) -> None:
         weight = f"weight {m['weight']:.1%}, " if "weight" in m else ""
         n = m.get("examples_in_epoch", m["examples"])
         loss = m["loss_token_share"]
-        print(f"  source {name} ({m['format']}): {weight}{n} examples ({m['share']:.1%}, "
-              f"each {m['times_each']:.2f}x; {loss:.1%} of loss tokens)")  # fmt: skip
+        print(
+            f"  source {name} ({m['format']}): {weight}{n} examples ({m['share']:.1%}, "
+            f"each {m['times_each']:.2f}x; {loss:.1%} of loss tokens)"
+        )
 
 
 def _print_rows(first: dict, rows: int, tokenizer, color: bool, seq_len: int) -> None:
@@ -108,8 +126,10 @@ def _print_rows(first: dict, rows: int, tokenizer, color: bool, seq_len: int) ->
         for j, (ids, trained) in enumerate(view.segments(row), start=1):
             cut = view.response_cut(ids, trained, tokenizer, seq_len)
             note = f"; {view.CUT_LABEL}" if cut else ""
-            print(f"\n-- batch 0, row {r}, example {j} ({len(ids)} tokens, "
-                  f"{int(trained.sum())} trained{note})")  # fmt: skip
+            print(
+                f"\n-- batch 0, row {r}, example {j} ({len(ids)} tokens, "
+                f"{int(trained.sum())} trained{note})"
+            )
             print(view.terminal(view.runs(ids, trained, tokenizer), color=color))
 
 
@@ -137,8 +157,10 @@ def _write_html(splits, stats, tokenizer, run, n_rows: int, path: str) -> None:
             batch = data_lib.batch_at(splits.train, step, batch_size, seed)
         row = {k: v[r] for k, v in batch.items()}
         for j, (ids, trained) in enumerate(view.segments(row), start=1):
-            label = (f"step {step}, row {r}, example {j}: {len(ids)} tokens, "
-                     f"{int(trained.sum())} trained")  # fmt: skip
+            label = (
+                f"step {step}, row {r}, example {j}: {len(ids)} tokens, "
+                f"{int(trained.sum())} trained"
+            )
             sections.append((label, view.runs(ids, trained, tokenizer)))
             cut.append(view.response_cut(ids, trained, tokenizer, splits.train.seq_len))
     names = run.data.train or ", ".join(stats["train"].get("sources", {}))  # or data.mixture's

@@ -32,22 +32,37 @@ from sft_jax.cli import absl_args
 
 
 def _define(values: flags.FlagValues, argv: list[str]) -> None:
-    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
-                                    flag_values=values, sys_argv=argv)  # fmt: skip
-    flags.DEFINE_integer("devices", 0, "Device count to plan for (default: this host's).",
-                         flag_values=values)  # fmt: skip
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config file (configs/*.py).", flag_values=values, sys_argv=argv
+    )
+    flags.DEFINE_integer(
+        "devices", 0, "Device count to plan for (default: this host's).", flag_values=values
+    )
     names = ", ".join(memory_plan.DEVICES)
-    flags.DEFINE_string("device", "", f"Memory of one device: a name ({names}) or a size "
-                        "(95GiB, 80GB); exit 2 if the plan does not fit.",
-                        flag_values=values)  # fmt: skip
-    flags.DEFINE_bool("compile", False, "Also compile the train step on faked CPU devices.",
-                      flag_values=values)  # fmt: skip
-    flags.DEFINE_enum("lower", "", ["", "tpu", "cuda"],
-                      "Also lower the train step for this platform on --devices faked CPU "
-                      "devices; exit 1 if it cannot be lowered or partitioned.",
-                      flag_values=values)  # fmt: skip
-    flags.DEFINE_bool("compare_full", True, "With lora.rank > 0: also plan full fine-tuning "
-                      "of the same model and mesh, side by side.", flag_values=values)  # fmt: skip
+    flags.DEFINE_string(
+        "device",
+        "",
+        f"Memory of one device: a name ({names}) or a size "
+        "(95GiB, 80GB); exit 2 if the plan does not fit.",
+        flag_values=values,
+    )
+    flags.DEFINE_bool(
+        "compile", False, "Also compile the train step on faked CPU devices.", flag_values=values
+    )
+    flags.DEFINE_enum(
+        "lower",
+        "",
+        ["", "tpu", "cuda"],
+        "Also lower the train step for this platform on --devices faked CPU "
+        "devices; exit 1 if it cannot be lowered or partitioned.",
+        flag_values=values,
+    )
+    flags.DEFINE_bool(
+        "compare_full",
+        True,
+        "With lora.rank > 0: also plan full fine-tuning of the same model and mesh, side by side.",
+        flag_values=values,
+    )
     flags.mark_flags_as_required(["config"], flag_values=values)
 
 
@@ -65,13 +80,19 @@ def _abstract_step(run, p):
     shape = (run.train.batch_size, run.data.max_seq_len)
     batch = {
         k: jax.ShapeDtypeStruct(shape, dt, sharding=fns.batch_sharding)
-        for k, dt in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
-                      ("segment_ids", np.int32), ("positions", np.int32))
-    }  # fmt: skip
+        for k, dt in (
+            ("tokens", np.int32),
+            ("targets", np.int32),
+            ("loss_mask", np.float32),
+            ("segment_ids", np.int32),
+            ("positions", np.int32),
+        )
+    }
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        fns.abstract_state, fns.state_shardings,
-    )  # fmt: skip
+        fns.abstract_state,
+        fns.state_shardings,
+    )
     return fns, state, batch
 
 
@@ -111,16 +132,24 @@ def _lower(run, p, target: str) -> int:
     try:
         lowered = lower_train_step(run, p, target)
     except Exception as e:  # any lowering or partitioning failure is the answer here
-        print(f"sft-jax-plan: the train step does not lower for {target} on mesh {p['mesh']} "
-              f"(attention={kernel}): {type(e).__name__}: {e}", file=sys.stderr)  # fmt: skip
+        print(
+            f"sft-jax-plan: the train step does not lower for {target} on mesh {p['mesh']} "
+            f"(attention={kernel}): {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
         if kernel == "cudnn" and "cuDNN is not detected" in str(e):
             # JAX asks the installed cuDNN for its version while tracing the fused kernel.
-            print("  cuDNN's fused attention can only be lowered where a CUDA jaxlib and cuDNN "
-                  "are installed; add --config.model.attention=xla to check the rest of the "
-                  "step's partitioning here", file=sys.stderr)  # fmt: skip
+            print(
+                "  cuDNN's fused attention can only be lowered where a CUDA jaxlib and cuDNN "
+                "are installed; add --config.model.attention=xla to check the rest of the "
+                "step's partitioning here",
+                file=sys.stderr,
+            )
         return 1
-    print(f"lowered for {target} on mesh {p['mesh']} (attention={kernel}): "
-          f"{len(lowered.as_text())} characters of StableHLO")  # fmt: skip
+    print(
+        f"lowered for {target} on mesh {p['mesh']} (attention={kernel}): "
+        f"{len(lowered.as_text())} characters of StableHLO"
+    )
     return 0
 
 
@@ -156,8 +185,10 @@ def main(argv=None) -> int:
         full = memory_plan.plan(run.without_lora(), n_devices, _platform(args))
         print(memory_plan.comparison(p, full))
     if args.compile:
-        print(f"XLA, compiled for {jax.device_count()} CPU devices: "
-              f"{compiled_bytes(run, p) / 2**30:.3f} GiB per device")  # fmt: skip
+        print(
+            f"XLA, compiled for {jax.device_count()} CPU devices: "
+            f"{compiled_bytes(run, p) / 2**30:.3f} GiB per device"
+        )
     if args.lower and _lower(run, p, args.lower):
         return 1
     return 2 if device_memory and p["total"] > device_memory else 0

@@ -229,9 +229,13 @@ def encode_source(
 
 def _no_rows() -> examples.Chunk:
     return examples.Chunk(
-        ids=np.zeros(0, np.int32), trainable=np.zeros(0, np.bool_), starts=np.zeros(1, np.int64),
-        status=np.zeros(0, np.int8), flags=np.zeros(0, np.uint8), problems={},
-    )  # fmt: skip
+        ids=np.zeros(0, np.int32),
+        trainable=np.zeros(0, np.bool_),
+        starts=np.zeros(1, np.int64),
+        status=np.zeros(0, np.int8),
+        flags=np.zeros(0, np.uint8),
+        problems={},
+    )
 
 
 # ---------------------------------------------------------------- examples -> packed split
@@ -300,10 +304,13 @@ def _select(part: Part, spec: DataSpec, split: str) -> tuple[np.ndarray, dict]:
     if n_dropped > spec.max_drop_fraction * n_read:
         common = max(dropped, key=dropped.get)
         example = next(
-            (f"{src.where(r)}: {p}" for r, p in sorted(chunk.problems.items())
-             if rows[r] and NAMES.get(int(chunk.status[r])) == common),
+            (
+                f"{src.where(r)}: {p}"
+                for r, p in sorted(chunk.problems.items())
+                if rows[r] and NAMES.get(int(chunk.status[r])) == common
+            ),
             problems[0] if problems else "",
-        )  # fmt: skip
+        )
         raise ValueError(
             f"{n_dropped} of {n_read} {split} rows of {src.key}={src.text!r} were dropped "
             f"({n_dropped / n_read:.1%}, more than data.max_drop_fraction="
@@ -369,14 +376,16 @@ def _pack_split(
     trainable = packed.trainable.astype(np.int64)
     loss = np.add.reduceat(trainable, packed.starts[:-1]) - trainable[packed.starts[:-1]]
     problems = stats.pop("problems")
-    stats.update({
-        "rows": len(packed),
-        "tokens": int(packed.row_lengths.sum()),
-        "loss_tokens": int(loss.sum()),
-        "packing_efficiency": packed.efficiency(),
-        "segments_per_row": {"mean": float(segments.mean()), "max": int(segments.max())},
-        "problems": problems,
-    })  # fmt: skip
+    stats.update(
+        {
+            "rows": len(packed),
+            "tokens": int(packed.row_lengths.sum()),
+            "loss_tokens": int(loss.sum()),
+            "packing_efficiency": packed.efficiency(),
+            "segments_per_row": {"mean": float(segments.mean()), "max": int(segments.max())},
+            "problems": problems,
+        }
+    )
     _warn(split, stats, spec)
     return packed, stats
 
@@ -388,26 +397,38 @@ def _warn(split: str, stats: dict, spec: DataSpec) -> None:
             "data %s: %d of %d rows dropped %s; %d responses cut at data.max_seq_len=%d "
             "(each lost its EOS: the model sees them but not where they end); %d prompts cut "
             "from the left%s",
-            split, n_dropped, stats["rows_read"], stats["dropped"], stats["responses_truncated"],
-            spec.max_seq_len, stats["prompts_truncated"],
+            split,
+            n_dropped,
+            stats["rows_read"],
+            stats["dropped"],
+            stats["responses_truncated"],
+            spec.max_seq_len,
+            stats["prompts_truncated"],
             f". First problems: {problems[:3]}" if problems else "",
-        )  # fmt: skip
+        )
     if stats["responses_without_end_token"]:
         log.warning(
             "data %s: %d responses end in no special token of the tokenizer (EOS or end of "
             "turn), so the model learns to stop only on text; data.template=%s does not write "
             "one the tokenizer knows",
-            split, stats["responses_without_end_token"], spec.template,
-        )  # fmt: skip
-    for what, key in (("tools", "rows_tools_not_rendered"),
-                      ("reasoning", "rows_reasoning_not_rendered")):  # fmt: skip
+            split,
+            stats["responses_without_end_token"],
+            spec.template,
+        )
+    for what, key in (
+        ("tools", "rows_tools_not_rendered"),
+        ("reasoning", "rows_reasoning_not_rendered"),
+    ):
         if stats[key]:
             log.warning(
                 "data %s: %d rows have %s that data.template=%s does not write (it cannot "
                 "express them), so the model never sees them; use a template that does "
                 "(chatml writes tools and <think> blocks)",
-                split, stats[key], what, spec.template,
-            )  # fmt: skip
+                split,
+                stats[key],
+                what,
+                spec.template,
+            )
 
 
 def _split_stats(flags: np.ndarray, status: np.ndarray, per_row: np.ndarray) -> dict:
@@ -461,8 +482,9 @@ def _parts(
     for key, inp in inputs.items():
         chunk, fmt = encoded[key]
         _refuse_all_dropped(chunk, inp.src)
-        part = Part(inp.mix.name, chunk, fmt, np.ones(len(chunk.status), np.bool_), inp.src,
-                     inp.mix.weight)  # fmt: skip
+        part = Part(
+            inp.mix.name, chunk, fmt, np.ones(len(chunk.status), np.bool_), inp.src, inp.mix.weight
+        )
         if key.startswith("validation"):
             validation.append(part)
             continue
@@ -475,9 +497,12 @@ def _parts(
 
 
 def _pack_all(
-    spec: DataSpec, encoded: dict, inputs: dict[str, _Input], fraction: float | None,
+    spec: DataSpec,
+    encoded: dict,
+    inputs: dict[str, _Input],
+    fraction: float | None,
     tokenized: dict,
-) -> tuple[dict[str, PackedRows], dict]:  # fmt: skip
+) -> tuple[dict[str, PackedRows], dict]:
     """The packed splits and their stats from every source's examples (`encoded`: {key:
     (Chunk, format)}; `tokenized`: {key: rows each process tokenized}). A mixture's
     validation sources are packed one by one as well ("validation_<k>") for eval_loss/<name>."""

@@ -148,8 +148,11 @@ def save(
             value = getattr(rows, a)
             value = np.zeros(0, np.int64) if value is None else np.asarray(value)
             write_atomic(final / f"{name}.{a}.npy", lambda f, v=value: np.save(f, v))
-        info[name] = {"seq_len": rows.seq_len, "packed": rows.packed,
-                      "pad_multiple": rows.pad_multiple}  # fmt: skip
+        info[name] = {
+            "seq_len": rows.seq_len,
+            "packed": rows.packed,
+            "pad_multiple": rows.pad_multiple,
+        }
     meta = {"key": cache_key, "inputs": inputs, "splits": info, "stats": stats}
     text = json.dumps(meta, indent=1, default=str).encode()
     write_atomic(final / "meta.json", lambda f: f.write(text))

@@ -244,8 +244,12 @@ class Encoder:
         texts = [(templates.dumps(list(tools)), self.fields.col("tools"))] if tools else []
         for m in messages:
             calls = templates.dumps(list(m.tool_calls))
-            texts += [(m.content, m.field), (m.input, self.fields.col("input")),
-                      (m.reasoning, m.field), (calls, m.field)]  # fmt: skip
+            texts += [
+                (m.content, m.field),
+                (m.input, self.fields.col("input")),
+                (m.reasoning, m.field),
+                (calls, m.field),
+            ]
         for text, field in texts:
             if match := self.special.search(text):
                 raise RowError(
@@ -341,12 +345,13 @@ class Chunk(Examples):
             status=np.concatenate([c.status for c in parts]),
             flags=np.concatenate([c.flags for c in parts]),
             problems={
-                int(row) + i: p for c, row in zip(parts, first_row, strict=False)
+                int(row) + i: p
+                for c, row in zip(parts, first_row, strict=False)
                 for i, p in c.problems.items()
             },
             examples_per_row=np.concatenate([c.examples_per_row for c in parts]),
             reasoning_tokens=np.concatenate([c.reasoning_tokens for c in parts]),
-        )  # fmt: skip
+        )
 
 
 def fit(

@@ -43,10 +43,14 @@ NO_RENAMES = Fields()  # data.fields=""
 _DEFAULT_ROLES = {
     "messages": {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
     "sharegpt": {
-        "system": "system", "human": "user", "gpt": "assistant", "observation": "tool",
-        "tool": "tool", "function_call": "function_call",
+        "system": "system",
+        "human": "user",
+        "gpt": "assistant",
+        "observation": "tool",
+        "tool": "tool",
+        "function_call": "function_call",
     },
-}  # fmt: skip
+}
 _TRAIN_KEYS = ("train", "weight", "loss_weight")  # Per-message 0/1 flags, any of these names.
 
 
@@ -147,9 +151,10 @@ def _conversation(items, col: str, fmt: str, fields: Fields) -> list[Message]:
         if m.role == "system":
             if i:
                 raise RowError(
-                    "bad_messages", f"is a system message at position {i}; only the first "
-                    "message may be one", where,
-                )  # fmt: skip
+                    "bad_messages",
+                    f"is a system message at position {i}; only the first message may be one",
+                    where,
+                )
             if not m.content.strip():
                 continue
         elif not (m.content.strip() or m.tool_calls or m.reasoning or m.role == "tool"):
@@ -170,9 +175,10 @@ def _message(
         raise _missing(m, role_key, role_name, f"{where}.")
     if not isinstance(role, str) or role not in roles:
         raise RowError(
-            "unknown_role", f"is {role!r}; known: {', '.join(sorted(roles))}",
+            "unknown_role",
+            f"is {role!r}; known: {', '.join(sorted(roles))}",
             f"{where}.{role_key}",
-        )  # fmt: skip
+        )
     ours, field = roles[role], f"{where}.{content_key}"
     train = _train_flag(m, where)
     if ours == "function_call":  # LLaMA-Factory: the value is the call(s), as JSON.
@@ -218,9 +224,10 @@ def content(value, field: str) -> str:
             )
         if not isinstance(text, str):
             raise RowError(
-                "not_a_string", "is a text part without a string 'text' (or 'value')",
+                "not_a_string",
+                "is a text part without a string 'text' (or 'value')",
                 f"{field}[{j}]",
-            )  # fmt: skip
+            )
         texts.append(text)
     return "".join(texts)
 
@@ -231,9 +238,10 @@ def _optional_string(m: Mapping, key: str, where: str) -> str:
         return ""
     if not isinstance(value, str):
         raise RowError(
-            "not_a_string", f"must be a string, got {type(value).__name__} {value!r:.40}",
+            "not_a_string",
+            f"must be a string, got {type(value).__name__} {value!r:.40}",
             f"{where}.{key}",
-        )  # fmt: skip
+        )
     return value
 
 
@@ -245,9 +253,10 @@ def _train_flag(m: Mapping, where: str) -> bool:
             continue
         if value not in (0, 1) or isinstance(value, str):  # True == 1, False == 0
             raise RowError(
-                "bad_messages", f"is {value!r}; a turn is trained (1, true) or not (0, false)",
+                "bad_messages",
+                f"is {value!r}; a turn is trained (1, true) or not (0, false)",
                 f"{where}.{key}",
-            )  # fmt: skip
+            )
         return bool(value)
     return True
 
@@ -274,8 +283,9 @@ def tool_calls(value, field: str) -> tuple[dict, ...]:
         where = f"{field}[{j}]" if isinstance(value, list) else field
         fn = call.get("function", call) if isinstance(call, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-            raise RowError("bad_tools", f"is not a tool call {{name, arguments}}: {call!r:.60}",
-                           where)  # fmt: skip
+            raise RowError(
+                "bad_tools", f"is not a tool call {{name, arguments}}: {call!r:.60}", where
+            )
         args = _parse_json(fn.get("arguments", fn.get("parameters", {})), f"{where}.arguments")
         if not isinstance(args, Mapping):
             raise RowError(
@@ -306,9 +316,11 @@ def parse_tools(value, where: str) -> tuple[dict, ...]:
         isinstance(t, Mapping) and isinstance(t.get("function", t).get("name"), str) for t in items
     ):
         raise RowError(
-            "bad_tools", f"is not a list of function definitions {{name, description, "
-            f"parameters}}: {value!r:.60}", where,
-        )  # fmt: skip
+            "bad_tools",
+            f"is not a list of function definitions {{name, description, "
+            f"parameters}}: {value!r:.60}",
+            where,
+        )
     return tuple(dict(t) for t in items)
 
 
@@ -355,8 +367,11 @@ def _history(row: Mapping, fields: Fields) -> list[Message]:
         if not (
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
         ):
-            raise RowError("bad_messages", f"is not an [instruction, response] pair of strings: "
-                           f"{pair!r:.40}", f"{col}[{i}]")  # fmt: skip
+            raise RowError(
+                "bad_messages",
+                f"is not an [instruction, response] pair of strings: {pair!r:.40}",
+                f"{col}[{i}]",
+            )
         out += [
             Message("user", pair[0], field=f"{col}[{i}][0]", train=False),
             Message("assistant", pair[1], field=f"{col}[{i}][1]", train=False),
@@ -400,7 +415,8 @@ def _with_system_field(row: Mapping, msgs: list[Message], fields: Fields) -> lis
         return msgs
     if msgs and msgs[0].role == "system":
         raise RowError(
-            "bad_messages", "is set, and the conversation has a system message too; keep one",
+            "bad_messages",
+            "is set, and the conversation has a system message too; keep one",
             fields.col("system"),
-        )  # fmt: skip
+        )
     return [Message("system", system, field=fields.col("system")), *msgs]

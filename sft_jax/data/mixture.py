@@ -46,9 +46,12 @@ def resample(selected: np.ndarray, count: int, seed: int, stream: int, k: int) -
 
 
 def mix(
-    parts: list[Part], chosen: list[tuple[np.ndarray, dict]], spec: DataSpec, split: str,
+    parts: list[Part],
+    chosen: list[tuple[np.ndarray, dict]],
+    spec: DataSpec,
+    split: str,
     stream: int,
-) -> tuple[examples.Chunk, list[np.ndarray], dict]:  # fmt: skip
+) -> tuple[examples.Chunk, list[np.ndarray], dict]:
     """(the parts' examples as one Chunk, the examples of the split's epoch: resampled to the
     weights for train, each once for validation; the row offset of each part, its stats)."""
     chunk = examples.Chunk.concat([p.chunk for p in parts])
@@ -79,10 +82,17 @@ def mix(
 
 
 SUMMED = (
-    "rows_read", "responses_truncated", "prompts_truncated", "responses_without_end_token",
-    "split_rows", "split_examples", "split_rows_missing_turns", "reasoning_tokens",
-    "rows_tools_not_rendered", "rows_reasoning_not_rendered",
-)  # fmt: skip
+    "rows_read",
+    "responses_truncated",
+    "prompts_truncated",
+    "responses_without_end_token",
+    "split_rows",
+    "split_examples",
+    "split_rows_missing_turns",
+    "reasoning_tokens",
+    "rows_tools_not_rendered",
+    "rows_reasoning_not_rendered",
+)
 
 
 def mixture_stats(per_source: dict, picks: list[np.ndarray], chunk: examples.Chunk) -> dict:

@@ -205,9 +205,13 @@ class PackedRows(Examples):
     ) -> PackedRows:
         """`pack` of (ids, trainable) pairs."""
         return cls.pack(
-            Examples.of(examples), seq_len, packed, max_segments, pad_multiple,
+            Examples.of(examples),
+            seq_len,
+            packed,
+            max_segments,
+            pad_multiple,
             None if source_rows is None else np.asarray(source_rows, np.int64),
-        )  # fmt: skip
+        )
 
     def __len__(self) -> int:
         return len(self.row_starts) - 1

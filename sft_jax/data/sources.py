@@ -505,9 +505,14 @@ class Source:
                 # Every column as text: "007" stays "007", empty cells stay "".
                 features = datasets.Features({c: datasets.Value("string") for c in header})
                 return datasets.load_dataset(
-                    "csv", data_files=[path], split="train", streaming=True,
-                    features=features, keep_default_na=False, encoding="utf-8-sig",
-                )  # fmt: skip
+                    "csv",
+                    data_files=[path],
+                    split="train",
+                    streaming=True,
+                    features=features,
+                    keep_default_na=False,
+                    encoding="utf-8-sig",
+                )
             return datasets.load_dataset(
                 "parquet", data_files=[path], split="train", streaming=True
             )

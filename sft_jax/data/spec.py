@@ -27,10 +27,23 @@ ON_BAD_ROW = ("error", "skip")
 ROLES = ("system", "user", "assistant", "tool")
 # Our field names; data.fields maps any of them to the user's.
 FIELD_NAMES = (
-    "instruction", "input", "output", "system", "prompt", "completion",
-    "messages", "role", "content", "conversations", "from", "value",
-    "tools", "tool_calls", "reasoning_content", "history",
-)  # fmt: skip
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "prompt",
+    "completion",
+    "messages",
+    "role",
+    "content",
+    "conversations",
+    "from",
+    "value",
+    "tools",
+    "tool_calls",
+    "reasoning_content",
+    "history",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +102,15 @@ class FormatTemplate:
     def check(self, key: str = "data.template_format") -> None:
         """Raises ValueError naming the config key if a format string is unusable."""
         allowed = {"content", "input", "eos", "bos"}
-        for name in ("system", "user", "user_with_input", "assistant", "separator",
-                     "default_system", "default_system_with_input"):  # fmt: skip
+        for name in (
+            "system",
+            "user",
+            "user_with_input",
+            "assistant",
+            "separator",
+            "default_system",
+            "default_system_with_input",
+        ):
             text = getattr(self, name)
             try:
                 used = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]

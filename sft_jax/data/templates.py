@@ -215,11 +215,11 @@ def _hermes(messages: Sequence[Message], tools: Sequence[dict]) -> list[Message]
                 out.append(Message("user", result, field=m.field))
         elif m.tool_calls:
             calls = [
-                "<tool_call>\n" + dumps({"name": c["function"]["name"],
-                                         "arguments": c["function"]["arguments"]})
+                "<tool_call>\n"
+                + dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
                 + "\n</tool_call>"
                 for c in m.tool_calls
-            ]  # fmt: skip
+            ]
             content = "\n".join(filter(None, [m.content, *calls]))
             out.append(dataclasses.replace(m, content=content, tool_calls=()))
         else:
@@ -249,9 +249,7 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 def with_reasoning(r: Rendered, train_reasoning: bool = True) -> Rendered:
     """`r` with its reasoning: the <think> blocks (and the whitespace after them) inside its
     spans; without `train_reasoning`, the spans with those blocks taken out."""
-    blocks = tuple(
-        m.span() for s, e in r.spans for m in _THINK_BLOCK.finditer(r.text, s, e)
-    )  # fmt: skip
+    blocks = tuple(m.span() for s, e in r.spans for m in _THINK_BLOCK.finditer(r.text, s, e))
     if train_reasoning or not blocks:
         return Rendered(r.text, r.spans, blocks)
     spans = []
@@ -345,9 +343,12 @@ class JinjaTemplate:
         # The AssistantTracker extension of transformers' environment records the spans.
         with self._compiled.environment.activate_tracker(blocks, spans):
             for block in self._compiled.generate(
-                messages=chat.msgs, add_generation_prompt=False, tools=list(chat.tools) or None,
-                documents=None, **self.kwargs,
-            ):  # fmt: skip
+                messages=chat.msgs,
+                add_generation_prompt=False,
+                tools=list(chat.tools) or None,
+                documents=None,
+                **self.kwargs,
+            ):
                 blocks.append(block)
         text = "".join(blocks)
         trained = [
@@ -357,9 +358,10 @@ class JinjaTemplate:
             spans = [s for s, t in zip(spans, trained, strict=True) if t]
         elif not all(trained):
             raise RowError(
-                "template_error", f"{self.name}: its {len(spans)} generation blocks are not "
+                "template_error",
+                f"{self.name}: its {len(spans)} generation blocks are not "
                 f"one per assistant turn ({len(trained)}), so untrained turns cannot be masked",
-            )  # fmt: skip
+            )
         return text, [(s, s + len(text[s:e].rstrip())) for s, e in spans]
 
     def _turn(self, chat: _Chat, k: int, full: str | None = None, fix: str = "") -> tuple:

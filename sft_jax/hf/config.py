@@ -106,21 +106,43 @@ def _head_dim(hf: dict) -> int:
 # configs give only the values that differ from these in their text_config).
 _GEMMA_DEFAULTS = {
     "gemma2": dict(
-        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-        max_position_embeddings=8192, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
-        sliding_window=4096, sliding_window_pattern=2, final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0, rope_theta=10000.0, tie_word_embeddings=True,
-    ),
-    "gemma3_text": dict(
-        vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-        max_position_embeddings=131072, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
-        sliding_window=4096, sliding_window_pattern=6, final_logit_softcapping=None,
-        attn_logit_softcapping=None, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        sliding_window_pattern=2,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        rope_theta=10000.0,
         tie_word_embeddings=True,
     ),
-}  # fmt: skip
+    "gemma3_text": dict(
+        vocab_size=262208,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        sliding_window_pattern=6,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10000.0,
+        tie_word_embeddings=True,
+    ),
+}
 
 
 def _gemma_config(hf: dict, unsupported: Callable[[str], ValueError]) -> GPTConfig:
@@ -198,8 +220,9 @@ def _global_every(hf: dict, unsupported: Callable[[str], ValueError]) -> int:
     types = hf.get("layer_types")
     if not types:
         every = int(hf["sliding_window_pattern"])
-        types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
-                 for i in range(n)]  # fmt: skip
+        types = [
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)
+        ]
     if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
         raise unsupported(f"layer_types={types}")
     local = [t == "sliding_attention" for t in types]
@@ -296,8 +319,13 @@ def _rope_to_hf(cfg: GPTConfig) -> dict:
     rope: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_llama3_scaling:
         factor, low, high, original = cfg.rope_llama3_scaling
-        rope.update(rope_type="llama3", factor=factor, low_freq_factor=low,
-                    high_freq_factor=high, original_max_position_embeddings=original)  # fmt: skip
+        rope.update(
+            rope_type="llama3",
+            factor=factor,
+            low_freq_factor=low,
+            high_freq_factor=high,
+            original_max_position_embeddings=original,
+        )
     elif cfg.rope_linear_factor != 1.0:
         rope.update(rope_type="linear", factor=cfg.rope_linear_factor)
     return rope

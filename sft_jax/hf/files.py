@@ -115,8 +115,14 @@ def _read_range(path: epath.Path, start: int, length: int) -> bytes:
     return fs.cat_file(location, start=start, end=start + length)
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
-                       "BF16": ml_dtypes.bfloat16, "I64": "int64", "I32": "int32"}  # fmt: skip
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": ml_dtypes.bfloat16,
+    "I64": "int64",
+    "I32": "int32",
+}
 
 
 class TorchBinFolder:

@@ -25,8 +25,10 @@ def _tensor_reader(source: str, allow_pickle: bool):
         remote = is_url(source)
         return (hf_files.RemoteSafetensorsFolder if remote else hf_files.SafetensorsFolder)(folder)
     if is_url(source):
-        raise ValueError(f"model.init_from: {folder} has no *.safetensors weights; other "
-                         "formats are read from local disk: copy the folder there")  # fmt: skip
+        raise ValueError(
+            f"model.init_from: {folder} has no *.safetensors weights; other "
+            "formats are read from local disk: copy the folder there"
+        )
     if list(folder.glob("pytorch_model*.bin")):
         if not allow_pickle:
             raise ValueError(
@@ -71,8 +73,12 @@ class LanguageModelReader:
     def _find(self, name: str) -> str:
         if name not in self._names:
             rest = name.removeprefix("model.")
-            candidates = (name, f"model.language_model.{rest}", f"language_model.model.{rest}",
-                          f"language_model.{name}")  # fmt: skip
+            candidates = (
+                name,
+                f"model.language_model.{rest}",
+                f"language_model.model.{rest}",
+                f"language_model.{name}",
+            )
             for candidate in candidates:
                 try:
                     self.reader.shape(candidate)
@@ -81,8 +87,10 @@ class LanguageModelReader:
                 self._names[name] = candidate
                 break
             else:
-                raise ValueError(f"tensor {name!r} is missing from the checkpoint (also as "
-                                 f"{', '.join(candidates[1:])})")  # fmt: skip
+                raise ValueError(
+                    f"tensor {name!r} is missing from the checkpoint (also as "
+                    f"{', '.join(candidates[1:])})"
+                )
         return self._names[name]
 
     def shape(self, name: str) -> tuple[int, ...]:

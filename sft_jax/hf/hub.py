@@ -59,8 +59,10 @@ def load_config(source: str) -> GPTConfig:
     source = assets.resolve_source(source)
     if source.endswith(".gguf"):
         if is_url(source):
-            raise ValueError(f"model.init_from: {source} must be on local disk: GGUF files are "
-                             "memory-mapped; copy it there")  # fmt: skip
+            raise ValueError(
+                f"model.init_from: {source} must be on local disk: GGUF files are "
+                "memory-mapped; copy it there"
+            )
         return config_from_hf(gguf_file.read_gguf_config(source), source)
     if _is_hub_id(source):
         path = epath.Path(_hub_download(source, filename="config.json"))

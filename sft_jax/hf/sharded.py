@@ -103,8 +103,10 @@ def place_stacked(
     `read_layer(i)` reads blocks of layer i."""
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     if spec[0] is not None:
-        raise ValueError(f"sharding: a stacked leaf split over layers ({sharding.spec}) is not "
-                         "supported by the import; keep the 'layers' rule unsharded")  # fmt: skip
+        raise ValueError(
+            f"sharding: a stacked leaf split over layers ({sharding.spec}) is not "
+            "supported by the import; keep the 'layers' rule unsharded"
+        )
     layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
     stacked = _zeros(tuple(shape), jnp.dtype(dtype), sharding)()
     for i in range(shape[0]):
