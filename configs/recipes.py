@@ -2,25 +2,38 @@
 share: bfloat16 compute with float32 parameters and Adam moments, every block
 rematerialised, FSDP over all devices, ~1M chat rows packed into 8192-token rows."""
 
+import dataclasses
+
 from configs import default
+from sft_jax.model.config import PRESETS, GPTConfig
+
+
+def architecture(preset: str) -> dict:
+    """The preset's shape as model.architecture keys: its fields that differ from
+    GPTConfig's defaults, numerics left out. Written into a recipe, so that the plan (and
+    the tests) need no hub, and so that training with init_from set checks the checkpoint's
+    config.json against them."""
+    numerics = {"dtype", "param_dtype", "remat", "scan_layers", "dropout", "attention"}
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    fields = dataclasses.asdict(PRESETS[preset])
+    return {k: v for k, v in fields.items() if k not in numerics and v != defaults[k]}
 
 
 def full_finetune(
-    name: str, targets: dict, target: str, init_from: str, architecture: dict, learning_rate: float
+    name: str, targets: dict, target: str, init_from: str, preset: str, learning_rate: float
 ):
     """The config of recipe `name` (its file, for messages) on `target`, a key of its
     `targets` table: target → (devices, device, train.batch_size, train.micro_steps).
 
-    `architecture` is the checkpoint's config.json written out, so the plan (and the tests)
-    need no hub; with init_from set, training checks that the two agree. The preset gives
-    the fields not restated (RoPE, RMSNorm, SwiGLU, no biases unless stated)."""
+    `preset` names the checkpoint's architecture (`sft_jax.model.PRESETS`); it is written
+    out as model.architecture (`architecture`)."""
     if target not in targets:
         raise ValueError(f"configs/{name}:{target}: choose one of {sorted(targets)}")
     _, _, batch_size, micro_steps = targets[target]
     c = default.get_config()
     c.model.init_from = init_from
-    c.model.preset = "tiny-llama"
-    c.model.architecture.update(architecture)
+    c.model.preset = preset
+    c.model.architecture.update(architecture(preset))
     c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
     c.model.remat = "full"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1

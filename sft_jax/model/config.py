@@ -278,6 +278,22 @@ PRESETS: dict[str, GPTConfig] = {
         **_ROPE_SWIGLU,
     ),
     # v0.3: no sliding window (v0.1's was 4096: sliding_window=4096 gives that one).
+    # Qwen2.5-72B(-Instruct): the 72B recipe's model (configs/qwen25_72b.py).
+    "qwen2.5-72b": GPTConfig(
+        family="qwen2",
+        vocab_size=152064,
+        max_seq_len=32768,
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        d_ff=29568,
+        qkv_bias=True,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_embeddings=False,
+        **_ROPE_SWIGLU,
+    ),
     "mistral-7b": GPTConfig(
         family="mistral",
         vocab_size=32768,
