@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from sft_jax import paths
 
@@ -287,8 +288,6 @@ class Checkpointer:
         """Whether `ok` holds on every process (a collective: all processes call it)."""
         if jax.process_count() == 1:
             return ok
-        from jax.experimental import multihost_utils
-
         oks = np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1)
         if ok and not oks.all():
             logging.warning(

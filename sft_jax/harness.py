@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 try:
@@ -512,8 +513,6 @@ def evaluate_run(
     `harness_{name}.json` in the workdir (a local path or bucket URL), where
     `report_markdown` finds them, a resumed run's "before" included. `options`: those of
     run_tasks (include_path, limit, num_fewshot, apply_chat_template, batch_size, lora …)."""
-    from etils import epath
-
     results = run_tasks(cfg, params, tokenizer, spec, tasks, **options)
     if jax.process_index() == 0:
         text = json.dumps(results, indent=2)
@@ -525,8 +524,6 @@ def evaluate_run(
 def report_markdown(workdir: str) -> str:
     """The run's saved harness results as a Markdown section: before and after side by
     side, or whichever of the two exists; "" when neither does."""
-    from etils import epath
-
     saved = {}
     for name in ("before", "after"):
         path = epath.Path(workdir, f"harness_{name}.json")

@@ -13,7 +13,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -259,29 +259,29 @@ class MetricsLogger:
     def __init__(
         self,
         workdir: str,
+        train,
         total_steps: int,
         start_step: int,
         enabled: bool = True,
-        progress_bar: bool = True,
-        trackers: str | Sequence[str] = ("tensorboard",),
-        tracker_project: str = "sft_jax",
         run_config: dict | None = None,
-        mlflow_tracking_uri: str = "",
     ):
+        """`train`: the run's train section (`config.TrainConfig`: progress_bar, trackers,
+        tracker_project, mlflow_tracking_uri); `run_config`: the config the trackers
+        record."""
         self.enabled = enabled
         self._workdir = workdir
         self._jsonl = None
         self._trackers = []
         self._bar = None
-        names = tracker_names(trackers)  # bad names fail on every process alike
+        names = tracker_names(train.trackers)  # bad names fail on every process alike
         if not enabled:
             return
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         self._jsonl = AppendedFile(paths.join(workdir, "metrics.jsonl"))
         self._trackers = make_trackers(
-            names, workdir, tracker_project, run_config, mlflow_tracking_uri
+            names, workdir, train.tracker_project, run_config, train.mlflow_tracking_uri
         )
-        if progress_bar:
+        if train.progress_bar:
             from tqdm import tqdm
 
             # disable=None: no bar when stderr is not a terminal (logs, CI).

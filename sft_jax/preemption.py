@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class StopSignal:
@@ -53,8 +54,6 @@ class StopSignal:
 
     def stop_requested(self, step: int) -> bool:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             try:
                 if multihost_utils.reached_preemption_sync_point(step):
                     return True
@@ -115,6 +114,4 @@ class SavePolicy:
         # so not every step).
         if step % self._agree_every:
             return False
-        from jax.experimental import multihost_utils
-
         return bool(multihost_utils.broadcast_one_to_all(np.int32(local)))

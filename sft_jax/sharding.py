@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -93,8 +94,6 @@ def _multislice_mesh(shape: tuple[int, int, int], slices: int, devices) -> Mesh:
     """Several TPU slices joined over the data-centre network (DCN): only the data axis
     crosses slices (one gradient all-reduce per step); fsdp and tensor, which talk every
     layer, stay on the fast links (ICI) inside a slice."""
-    from jax.experimental import mesh_utils
-
     data, fsdp, tensor = shape
     if data % slices:
         raise ValueError(

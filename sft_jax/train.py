@@ -350,15 +350,7 @@ def train_and_evaluate(
     peak, peak_source = metrics_lib.peak_flops_per_device(t.peak_flops)
     logging.info("peak %.3g FLOP/s per device (%s); %d steps", peak, peak_source, s.num_steps)
     logger = metrics_lib.MetricsLogger(
-        workdir,
-        s.num_steps,
-        s.start_step,
-        enabled=jax.process_index() == 0,
-        progress_bar=t.progress_bar,
-        trackers=t.trackers,
-        tracker_project=t.tracker_project,
-        run_config=run.as_json,
-        mlflow_tracking_uri=t.mlflow_tracking_uri,
+        workdir, t, s.num_steps, s.start_step, jax.process_index() == 0, run.as_json
     )
     ckpt_cfg = run.checkpoint
     profiler = metrics_lib.StepProfiler(

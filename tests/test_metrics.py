@@ -9,6 +9,7 @@ import pytest
 from etils import epath
 
 from sft_jax import metrics
+from sft_jax.config import TrainConfig
 from tests.storage_emulator import gcs_bucket, gcs_emulator  # noqa: F401 (pytest fixtures)
 
 
@@ -111,11 +112,11 @@ def test_logger_in_a_bucket_appends_across_runs(gcs_bucket):  # noqa: F811
     """metrics.jsonl and TensorBoard events in a bucket (GCS emulator on loopback): an object
     cannot be appended to, so a resumed run's logger keeps what was there and adds to it."""
     workdir = f"{gcs_bucket}/run"
-    first = metrics.MetricsLogger(workdir, 4, 0, progress_bar=False)
+    first = metrics.MetricsLogger(workdir, TrainConfig(progress_bar=False), 4, 0)
     first.write(1, {"loss": 2.5})
     first.write(2, {"loss": 2.0})  # within the flush interval: written at close
     first.close()
-    resumed = metrics.MetricsLogger(workdir, 4, 2, progress_bar=False)
+    resumed = metrics.MetricsLogger(workdir, TrainConfig(progress_bar=False), 4, 2)
     resumed.write(3, {"loss": np.float32(1.5)})
     resumed.close()
     lines = epath.Path(workdir, "metrics.jsonl").read_text().splitlines()

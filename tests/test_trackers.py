@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from sft_jax import metrics, trackers
+from sft_jax.config import TrainConfig
 from tests.run_config import model_config, parse
 
 RUN_CONFIG = {"optim": {"name": "muon", "learning_rate": 0.01}, "train": {"steps": 4}}
@@ -20,9 +21,8 @@ RUN_CONFIG = {"optim": {"name": "muon", "learning_rate": 0.01}, "train": {"steps
 def log_a_run(workdir, trackers, start_step=0, steps=(1, 2), config=RUN_CONFIG):
     """A logger's life in a run: records, then (as evaluate.finish leaves them) the report
     and the loss curve, then close. Returns what metrics.jsonl holds."""
-    logger = metrics.MetricsLogger(
-        str(workdir), 4, start_step, progress_bar=False, trackers=trackers, run_config=config
-    )
+    train = TrainConfig(progress_bar=False, trackers=trackers)
+    logger = metrics.MetricsLogger(str(workdir), train, 4, start_step, run_config=config)
     for step in steps:
         logger.write(step, {"loss": 3.0 / step, "eval_loss": 2.5 / step, "tokens": 100.0 * step})
     (workdir / "report.md").write_text(f"# report after step {steps[-1]}\n")
@@ -44,7 +44,9 @@ def test_tracker_names_take_a_tuple_or_commas_and_name_the_key():
 def test_a_missing_package_names_the_key_and_the_extra(name, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
     with pytest.raises(ValueError, match=rf"train.trackers.*pip install 'sft_jax\[{name}\]'"):
-        metrics.MetricsLogger(str(tmp_path), 4, 0, progress_bar=False, trackers=(name,))
+        metrics.MetricsLogger(
+            str(tmp_path), TrainConfig(progress_bar=False, trackers=(name,)), 4, 0
+        )
 
 
 def wandb_records(run_file: str) -> list:
