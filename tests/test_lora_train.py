@@ -157,14 +157,14 @@ def test_run_starts_from_a_peft_adapter(base, tmp_path):
     fns = train.build_steps(model, optax.adam(1e-3), lambda s: 0.0, mesh)
     with fns.context():
         state = fns.init_from_params(params, jax.random.key(0))
-        state = train._with_peft_adapters(state, str(tmp_path / "adapter"), fns, c)
+        state = train._with_peft_adapters(state, str(tmp_path / "adapter"), fns, spec)
     batch, real = _batch()
     ours = _logits(model, state.params, batch)
     np.testing.assert_allclose(_torch_logits(reference.eval(), batch)[real], ours[real], atol=1e-4)
 
     c.lora.alpha = 16.0
     with fns.context(), pytest.raises(ValueError, match="lora.alpha: 16.0 in the config.*has 8.0"):
-        train._with_peft_adapters(state, str(tmp_path / "adapter"), fns, c)
+        train._with_peft_adapters(state, str(tmp_path / "adapter"), fns, config_lib.lora_spec(c))
 
 
 TINY_LLAMA = GPTConfig.preset(

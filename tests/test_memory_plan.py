@@ -44,9 +44,9 @@ def _config(n_layers: int, remat: str = "none", d_model: int = 128, seq: int = 5
 
 @functools.cache
 def _planned_and_compiled(*shape) -> tuple[int, int]:
-    c = _config(*shape)
-    p = memory_plan.plan(parse(c), 8)
-    return p["total"], plan_cli.compiled_bytes(c, p)
+    run = parse(_config(*shape))
+    p = memory_plan.plan(run, 8)
+    return p["total"], plan_cli.compiled_bytes(run, p)
 
 
 # Three compiles, ~10 s of one core each; other shapes (d_model 128-512, seq 384-1536,
