@@ -16,8 +16,8 @@ from absl import logging
 from etils import epath
 
 from sft_jax import data as data_lib
-from sft_jax import harness, paths
 from sft_jax import judge as judge_lib
+from sft_jax import paths
 from sft_jax.generate import Generator, Sampling, end_token_ids
 
 
@@ -124,6 +124,8 @@ class Evaluation:
                 self.workdir,
             )
             return
+        from sft_jax import harness  # needs the optional lm-eval (the eval extra)
+
         harness.evaluate_run(
             self.workdir,
             name,
@@ -153,6 +155,8 @@ class Evaluation:
                 print(report.split("\n\n| prompt")[0])  # the figures; the rest is in the file
         self._harness(params, "after")
         if self._cfg.harness_task_list:
+            from sft_jax import harness  # needs the optional lm-eval (the eval extra)
+
             benchmarks = harness.report_markdown(self.workdir)
             print(benchmarks)
             report = f"{report}\n{benchmarks}" if report else benchmarks

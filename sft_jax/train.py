@@ -25,7 +25,6 @@ from sft_jax import config as config_lib
 from sft_jax import data as data_lib
 from sft_jax import (
     early_stopping,
-    harness,
     hf,
     lora,
     optim,
@@ -178,6 +177,8 @@ def setup(run: config_lib.RunConfig, workdir: str) -> Setup:
     mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     config_lib.check(run, model_cfg, dict(mesh.shape))
     if run.eval.harness_task_list:  # a misspelt task stops the run before it trains
+        from sft_jax import harness  # needs the optional lm-eval (the eval extra)
+
         harness.check_tasks(run.eval.harness_task_list, run.eval.harness_include_path or None)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
 

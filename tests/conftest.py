@@ -52,15 +52,16 @@ def one_device_env() -> dict[str, str]:
     return one_device_environment()
 
 
-NO_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_torch")
+RUNTIME_ONLY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime_only")
 
 
 @pytest.fixture
 def runtime_env() -> dict[str, str]:
-    """`one_device_env` with torch unimportable (tests/no_torch/sitecustomize.py), as in the
-    README's runtime-only install: a command run in it must not need the test extras."""
+    """`one_device_env` with the test-only packages (torch, lm-eval, peft …) unimportable
+    (tests/runtime_only/sitecustomize.py), as in the README's runtime-only install: a command
+    run in it must not need the test extras."""
     env = one_device_environment()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (NO_TORCH, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (RUNTIME_ONLY, env.get("PYTHONPATH")) if p)
     return env
 
 
