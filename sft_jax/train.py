@@ -221,8 +221,7 @@ def setup(run: config_lib.RunConfig, workdir: str) -> Setup:
         seed=run.seed,
         lora=run.lora if run.lora.enabled else None,
     )
-    with fns.context():
-        state = _initial_state(run, fns, checkpointer, meta)
+    state = _initial_state(run, fns, checkpointer, meta)
     return Setup(
         run=run,
         model_cfg=model_cfg,
@@ -242,11 +241,14 @@ def _initial_state(
     run: config_lib.RunConfig, fns: StepFns, checkpointer, meta: RunMeta
 ) -> steps.TrainState:
     """The workdir's latest good checkpoint, else pretrained weights, else random init.
-    A LoRA checkpoint holds the adapters: the frozen base comes back from its source."""
-    resumed = checkpointer.restore_latest_good(
-        fns.saved_target(),
-        validate=lambda saved: meta.check_resumable(saved, checkpointer.directory),
-    )
+    A LoRA checkpoint holds the adapters: the frozen base comes back from its source,
+    rebuilt outside `fns.context()`: its abstract shapes keep their logical axis names,
+    which under the activation rules would become sharding constraints."""
+    with fns.context():
+        resumed = checkpointer.restore_latest_good(
+            fns.saved_target(),
+            validate=lambda saved: meta.check_resumable(saved, checkpointer.directory),
+        )
     source = run.model.init_from
     if resumed is not None:
         logging.info("resumed from %s at step %d", checkpointer.directory, resumed[2])
@@ -255,14 +257,15 @@ def _initial_state(
         allow_pickle = run.model.allow_pickle
         base = runs.frozen_base(fns.model, fns.mesh, source, run.seed, allow_pickle)
         return steps.with_base(resumed[0], base)
-    rng = jax.random.key(run.seed)
-    if not source:
-        return fns.init(rng)
-    params = _pretrained(run.model, fns)
-    state = fns.init_from_params(params, rng)
-    if not run.lora_init_from:
-        return state
-    return _with_peft_adapters(state, run.lora_init_from, fns, run.lora)
+    with fns.context():
+        rng = jax.random.key(run.seed)
+        if not source:
+            return fns.init(rng)
+        params = _pretrained(run.model, fns)
+        state = fns.init_from_params(params, rng)
+        if not run.lora_init_from:
+            return state
+        return _with_peft_adapters(state, run.lora_init_from, fns, run.lora)
 
 
 def _with_peft_adapters(
