@@ -4,15 +4,12 @@ process reading only its own blocks) and `save_hf` (a folder transformers loads)
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 
 import jax
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from sft_jax import assets
-from sft_jax.generate import end_token_ids
 from sft_jax.hf import files as hf_files
 from sft_jax.hf.config import config_to_hf
 from sft_jax.hf.hub import is_url, load_config, resolve_folder
@@ -146,6 +143,8 @@ def save_hf(
         writer.finish()
         _write_configs(cfg, out, out_dtype, tokenizer)
     if jax.process_count() > 1:  # no process reports an export that is still being written
+        from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(f"sft_jax.hf.save_hf:{out_dir}")
     return out_dir
 
@@ -155,6 +154,8 @@ def _write_configs(cfg: GPTConfig, out: epath.Path, out_dtype: np.dtype, tokeniz
     hf_config = config_to_hf(cfg) | {"torch_dtype": str(out_dtype)}
     generation = {}
     if tokenizer is not None:
+        from sft_jax.generate import end_token_ids
+
         _save_tokenizer(tokenizer, out)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tokenizer, key, None) is not None:
@@ -173,6 +174,8 @@ def _save_tokenizer(tokenizer, out: epath.Path) -> None:
     if "://" not in str(out):
         tokenizer.save_pretrained(str(out))
         return
+    import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         for f in epath.Path(tmp).iterdir():

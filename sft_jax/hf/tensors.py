@@ -9,12 +9,10 @@ import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from sft_jax.hf import sharded as hf_sharded
-from sft_jax.model import GPT
 from sft_jax.model.config import GPTConfig
 from sft_jax.sharding import get_path
 
@@ -116,6 +114,10 @@ def _to_hf(ours: np.ndarray, layout: str, in_dims: int) -> np.ndarray:
 
 
 def _leaf_shapes(cfg: GPTConfig) -> dict:
+    import flax.linen as nn
+
+    from sft_jax.model import GPT
+
     abstract = jax.eval_shape(
         GPT(cfg).init, jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32)
     )["params"]
