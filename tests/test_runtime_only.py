@@ -26,16 +26,17 @@ print(len(names))
 """
 
 
-def test_every_module_imports_without_the_test_only_packages(runtime_env):
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    """`python -c code` in the repository root with `env`; asserts it exited 0."""
     run = subprocess.run(
-        [sys.executable, "-c", IMPORT_ALL],
-        cwd=ROOT,
-        env=runtime_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_every_module_imports_without_the_test_only_packages(runtime_env):
+    run = _python(IMPORT_ALL, runtime_env)
     assert int(run.stdout.split()[-1]) > 40  # the whole package was walked
     failed = {
         line.split()[1]: line for line in run.stdout.splitlines() if line.startswith("needs-extra")
@@ -63,3 +64,17 @@ def test_user_commands_start_without_the_test_only_packages(runtime_env, console
         )
         assert run.returncode == 0, (name, run.stderr[-2000:])
         assert "--" in run.stdout + run.stderr, name  # absl printed its flags
+
+
+def test_gguf_tokenizer_loads_without_torch(runtime_env):
+    """transformers 5.25's GGUF tokenizer path imported torch; ours (data/gguf_tokenizer.py)
+    must not."""
+    code = (
+        "import sys\n"
+        "from sft_jax.data import load_tokenizer\n"
+        "tok = load_tokenizer('asset:smollm2-135m-instruct-gguf')\n"
+        "assert tok.encode('Hello world') == [19556, 905], tok.encode('Hello world')\n"
+        "print(tok.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False))\n"
+        "assert sys.modules['torch'] is None\n"
+    )
+    assert "<|im_start|>user\nhi<|im_end|>" in _python(code, runtime_env).stdout

@@ -21,7 +21,6 @@ model (tests/test_gguf_tokenizer.py shows both).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -81,14 +80,6 @@ def _pre_tokenizer(pre: str | None, path: str) -> pre_tokenizers.PreTokenizer:
     return byte_level
 
 
-@functools.cache
-def _byte_alphabet() -> frozenset[str]:
-    """The 256 characters byte-level BPE writes bytes with (GPT-2's bytes_to_unicode)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    shifted = [256 + n for n in range(256 - len(printable))]
-    return frozenset(map(chr, printable + shifted))
-
-
 def _metadata(path: str) -> dict[str, Any]:
     """The tokenizer's metadata. Read with `gguf` here rather than through `sft_jax.hf`: the
     data package stays below the model and its weights."""
@@ -133,9 +124,10 @@ def load_gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
             "byte-level BPE ('gpt2') tokenizers from GGUF files. Set model.tokenizer to the "
             "model's Hugging Face tokenizer folder (tokenizer.json) instead."
         )
-    tokens, types = meta["tokens"], meta["token_type"] or [1] * len(meta["tokens"])
+    tokens = meta["tokens"]
     if not tokens or not meta["merges"]:
         raise ValueError(f"model.tokenizer: {path} has no tokenizer.ggml.tokens or .merges")
+    types = meta["token_type"] or [1] * len(tokens)
     vocab = {token: index for index, token in enumerate(tokens)}
     merges = [tuple(merge.split(" ", 1)) for merge in meta["merges"]]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
@@ -143,7 +135,7 @@ def load_gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     # A control token outside the byte alphabet is a llama.cpp mislabel of a plain token
     # written in raw text; adding it would split text the model never saw split.
-    alphabet = _byte_alphabet()
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's 256 byte characters
     control = [
         AddedToken(token, normalized=False, special=True)
         for token, kind in zip(tokens, types, strict=True)
