@@ -40,7 +40,7 @@ _GLOBAL_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def open_reader(path: str | os.PathLike) -> Any:
+def _open(path: str | os.PathLike) -> Any:
     """Open ``path`` with ``gguf.GGUFReader``, turning low-level failures into clear errors."""
     import gguf  # imported lazily: only GGUF users need it
 
@@ -53,7 +53,7 @@ def open_reader(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 
 
-def field(reader: Any, key: str, default: Any = None) -> Any:
+def _field(reader: Any, key: str, default: Any = None) -> Any:
     """The value of metadata key `key` (a list for arrays), or `default` where it is absent."""
     entry = reader.fields.get(key)
     return default if entry is None else entry.contents()
@@ -67,17 +67,17 @@ def _float32_as_written(value: float) -> float:
 
 def _config(reader: Any, path: str) -> dict[str, Any]:
     """Hugging Face ``config.json``-style dict for ``LlamaForCausalLM`` from GGUF metadata."""
-    arch = field(reader, "general.architecture")
+    arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; only 'llama' is read")
 
     def req(key: str) -> Any:
-        value = field(reader, f"llama.{key}")
+        value = _field(reader, f"llama.{key}")
         if value is None:
             raise ValueError(f"{path}: GGUF metadata lacks llama.{key}")
         return value
 
-    scaling = field(reader, "llama.rope.scaling.type")
+    scaling = _field(reader, "llama.rope.scaling.type")
     if scaling not in (None, "none"):
         # Would need a matching HF rope_scaling entry; refuse rather than load a wrong model.
         raise ValueError(f"{path}: RoPE scaling {scaling!r} is not supported")
@@ -94,17 +94,17 @@ def _config(reader: Any, path: str) -> dict[str, Any]:
         "intermediate_size": int(req("feed_forward_length")),
         "num_hidden_layers": int(req("block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(field(reader, "llama.attention.head_count_kv", heads)),
-        "head_dim": int(field(reader, "llama.attention.key_length", hidden // heads)),
+        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, "llama.attention.key_length", hidden // heads)),
         "rms_norm_eps": _float32_as_written(req("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _float32_as_written(field(reader, "llama.rope.freq_base", 10000.0)),
+        "rope_theta": _float32_as_written(_field(reader, "llama.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(req("context_length")),
         # The embedding's row count is what the weights need (ne is [hidden, vocab]).
         "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
     for hf, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
-        value = field(reader, f"tokenizer.ggml.{key}_token_id")
+        value = _field(reader, f"tokenizer.ggml.{key}_token_id")
         if value is not None:
             cfg[f"{hf}_token_id"] = int(value)
     return cfg
@@ -138,7 +138,7 @@ def expected_names(config: dict[str, Any]) -> list[str]:
 
 def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
     """Only the Hugging Face config dict of a llama GGUF file (no tensor data is read)."""
-    return _config(open_reader(path), os.fspath(path))
+    return _config(_open(path), os.fspath(path))
 
 
 class GGUFTensors:
@@ -191,7 +191,7 @@ class GGUFTensors:
 def open_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], GGUFTensors]:
     """(Hugging Face config dict, the file's tensors); no tensor data is read yet."""
     path = os.fspath(path)
-    reader = open_reader(path)  # parsing metadata (the token list) is slow: do it once
+    reader = _open(path)  # parsing metadata (the token list) is slow: do it once
     cfg = _config(reader, path)
     return cfg, GGUFTensors(reader, path, cfg)
 
