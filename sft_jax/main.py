@@ -1,6 +1,7 @@
 """Command line: `python -m sft_jax.main --config configs/X.py --workdir DIR [--config.a.b=v]`.
 
-Flags, multi-host initialisation, then one call to `train.train_and_evaluate`.
+Flags, distributed JAX (`cluster.start`: the launcher is detected, no flags needed), then
+one call to `train.train_and_evaluate`.
 """
 
 from sft_jax import hostenv
@@ -10,15 +11,13 @@ if __name__ == "__main__":
     hostenv.setup()
 
 import logging as std_logging
-import os
 import re
 
 import datasets
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sft_jax import checkpoint, paths, train
+from sft_jax import checkpoint, cluster, paths, train
 from sft_jax import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -35,7 +34,8 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process GP
 flags.DEFINE_bool(
     "multihost",
     False,
-    "Call jax.distributed.initialize() with auto-detection (TPU pod, SLURM, MPI).",
+    "Fail unless a cluster is found. Not needed to start one: a TPU VM slice, GKE, SLURM "
+    "or Open MPI launch is detected and joined without flags.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -70,24 +70,11 @@ def main(argv):
     if FLAGS.verbosity <= 0:  # absl's default: INFO and up, for people
         logging.get_absl_handler().setFormatter(_ConsoleFormat())
     datasets.disable_progress_bars()
-    if FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        # CPU processes need a collectives library to talk to each other (tests, CPU
-        # clusters); GPU and TPU backends ignore this setting.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-        )
-    elif FLAGS.multihost or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        # A TPU pod slice (several worker hosts), SLURM or MPI: JAX finds its peers itself.
-        # Decided from the environment: touching the backend first would make this fail.
-        jax.distributed.initialize()
-    logging.info(
-        "process %d of %d, %d local devices",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
+    cluster.start(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        require_cluster=FLAGS.multihost,
     )
     try:
         # A bucket URL stays a URL: every host must write to the same place. One Orbax

@@ -159,18 +159,19 @@ class MetricsWindow:
         elapsed = max(self._clock() - self._start - self._paused_s, 1e-9)
         loss_tokens = sum(float(m["loss_tokens"]) for m in window)
         loss_sum = sum(float(m["loss"]) * float(m["loss_tokens"]) for m in window)
-        timed = (window[1:] if self._compile_s is not None else window) or window
-        flops = sum(self._flops_per_row(m["width"]) * self._batch_size for m in timed)
+        timed = window[1:] if self._compile_s is not None else window
         record = {
             "loss": loss_sum / max(loss_tokens, 1.0),
             "learning_rate": float(window[-1]["learning_rate"]),
             "grad_norm": float(window[-1]["grad_norm"]),
             "tokens": sum(float(m["tokens"]) for m in window),
             "loss_tokens": loss_tokens,
-            "tokens_per_sec": sum(float(m["tokens"]) for m in timed) / elapsed,
-            "step_time_s": elapsed / len(timed),
-            "mfu": flops / elapsed / self._peak if self._peak else 0.0,
         }
+        if timed:  # a window of the compiling step alone has no throughput to report
+            flops = sum(self._flops_per_row(m["width"]) * self._batch_size for m in timed)
+            record["tokens_per_sec"] = sum(float(m["tokens"]) for m in timed) / elapsed
+            record["step_time_s"] = elapsed / len(timed)
+            record["mfu"] = flops / elapsed / self._peak if self._peak else 0.0
         if self._compile_s is not None:
             record["compile_s"] = self._compile_s
         self._steps, self._compile_s = [], None

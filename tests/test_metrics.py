@@ -87,9 +87,27 @@ def test_steps_are_read_one_step_late_and_a_non_finite_one_stops():
 
 
 def test_no_peak_means_no_mfu():
-    w = _window(Clock(), peak=0.0)
+    clock = Clock()
+    w = _window(clock, peak=0.0)
     w.add(1, _step(1.0, 1), width=8)
+    clock.now += 1.0
+    w.add(2, _step(1.0, 1), width=8)
     assert w.record()["mfu"] == 0.0
+
+
+def test_a_window_of_the_compiling_step_alone_reports_no_throughput():
+    """log_every=1: the first record holds only the step that compiled, whose time is
+    compile_s; it once reported that step in ~0 s (tokens_per_sec 1.9e7, mfu 2757)."""
+    clock = Clock()
+    w = _window(clock)
+    clock.now += 7.0
+    w.add(1, _step(2.0, 10), width=8)
+    r = w.record()
+    assert r["compile_s"] == pytest.approx(7.0) and r["loss"] == pytest.approx(2.0)
+    assert not {"tokens_per_sec", "step_time_s", "mfu"} & set(r)
+    clock.now += 1.0
+    w.add(2, _step(2.0, 10), width=8)
+    assert w.record()["step_time_s"] == pytest.approx(1.0)
 
 
 def test_training_and_the_benchmark_share_one_peak_measurement(monkeypatch):
