@@ -316,6 +316,27 @@ class Checkpointer:
         )
         return restored["state"]["params"]
 
+    def stored_params(self, step: int) -> dict:
+        """The params of the state at `step` as a tree of `StoredArray`s: nothing is read
+        until a leaf (or one layer of it) is asked for, on this host, whatever mesh wrote
+        it. For a one-host export of a run too big to restore whole."""
+        directory = epath.Path(self.directory) / str(step) / "state"
+        tree = ocp.PyTreeCheckpointHandler().metadata(directory).tree
+        use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
+        # One chunk read and decoded at a time: the memory bound of `StoredArray`.
+        context = ocp.type_handlers.get_ts_context(
+            use_ocdbt=use_ocdbt, file_io_concurrency_limit=1, data_copy_concurrency_limit=1
+        )
+
+        def stored(m) -> StoredArray:
+            info = ocp.type_handlers.ParamInfo(
+                name=m.name, parent_dir=directory, is_ocdbt_checkpoint=use_ocdbt, ts_context=context
+            )
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+            return StoredArray(spec, context, tuple(m.shape), m.dtype)
+
+        return jax.tree.map(stored, tree["params"])
+
     def restore_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
@@ -334,3 +355,24 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
     )
+
+
+class StoredArray:
+    """One array of a checkpoint, read from its files when indexed: `x[i]` reads row i
+    (one layer of a stacked leaf), `np.asarray(x)` all of it. Tensorstore reads only the
+    chunks that hold what is asked (Orbax writes one chunk per device's shard), decodes
+    them one at a time and keeps none."""
+
+    def __init__(self, spec: dict, context, shape: tuple[int, ...], dtype):
+        self.shape, self.dtype, self.ndim = shape, np.dtype(dtype), len(shape)
+        self._spec, self._context = spec, context
+
+    def __getitem__(self, index) -> np.ndarray:
+        import tensorstore as ts
+
+        store = ts.open(self._spec, context=self._context, read=True).result()
+        return np.asarray(store[index].read().result())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype)

@@ -14,10 +14,11 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 from sft_jax import checkpoint as ckpt_lib
-from sft_jax import hf, lora, sharding, steps
+from sft_jax import hf, lora, quant, sharding, steps
 from sft_jax.data import load_tokenizer
 from sft_jax.model import GPT, GPTConfig, LoraLayers
 from sft_jax.run_meta import RunMeta
@@ -48,17 +49,7 @@ def load_run(workdir: str, step: int | None = None, best: bool = False) -> Run:
     `checkpoint.keep_best` metric) of the run in `workdir` (a local path or a gs:// / s3://
     URL), sharded fsdp-style over all devices (each holds its share, as in training), not
     replicated on each."""
-    ckpt = ckpt_lib.Checkpointer(workdir)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise ValueError(f"{workdir}: no checkpoints under {ckpt.directory}")
-    if best:
-        step = best_step(ckpt, workdir, step)
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"{workdir}: no checkpoint at step {step}; there are {steps}")
-    saved = ckpt.restore_meta(step)
-    meta = RunMeta.from_json(saved)
+    ckpt, step, saved, meta = _open(workdir, step, best)
     cfg, spec = meta.model, meta.lora
     mesh = sharding.make_mesh(fsdp=-1)
     if spec:  # the checkpoint holds the adapters alone
@@ -71,22 +62,58 @@ def load_run(workdir: str, step: int | None = None, best: bool = False) -> Run:
     params = ckpt.restore_params(step, target)
     ckpt.close()
     if spec:
-        allow_pickle = meta.config.get("model", {}).get("allow_pickle", False)
         base = frozen_base(
-            GPT(cfg, spec.layers(cfg)), mesh, meta.init_from, meta.seed, allow_pickle
+            GPT(cfg, spec.layers(cfg)), mesh, meta.init_from, meta.seed, _allow_pickle(meta)
         )
         params = lora.combine(base, params)
+    return _run(workdir, meta, saved, step, params)
+
+
+def stored_run(workdir: str, step: int | None = None, best: bool = False) -> Run:
+    """`load_run`'s run with nothing restored: each params leaf is read from the checkpoint
+    when asked for, on this host (`checkpoint.StoredArray`: `x[i]` one layer of a stacked
+    leaf, `np.asarray(x)` all of it). A LoRA run's params are the merged model's: each
+    adapted kernel is rebuilt and merged (W + scale·A·B) when read, a layer at a time.
+    For `hf.save_hf` of a run of any size on one host (`sft-jax-export`)."""
+    ckpt, step, saved, meta = _open(workdir, step, best)
+    params = ckpt.stored_params(step)
+    ckpt.close()
+    if meta.lora:
+        params = _merged_when_read(meta, params)
+    return _run(workdir, meta, saved, step, params)
+
+
+def _open(workdir: str, step: int | None, best: bool):
+    """(checkpointer, step, saved meta, RunMeta) of the checkpoint `load_run` names."""
+    ckpt = ckpt_lib.Checkpointer(workdir)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise ValueError(f"{workdir}: no checkpoints under {ckpt.directory}")
+    if best:
+        step = best_step(ckpt, workdir, step)
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{workdir}: no checkpoint at step {step}; there are {steps}")
+    saved = ckpt.restore_meta(step)
+    return ckpt, step, saved, RunMeta.from_json(saved)
+
+
+def _run(workdir: str, meta: RunMeta, saved: dict, step: int, params: dict) -> Run:
     saved_tokenizer = epath.Path(workdir) / "tokenizer"
     tokenizer = load_tokenizer(str(saved_tokenizer) if saved_tokenizer.is_dir() else meta.tokenizer)
     return Run(
-        model_cfg=cfg,
+        model_cfg=meta.model,
         params=params,
         tokenizer=tokenizer,
         meta=meta,
         step=step,
-        lora=spec,
+        lora=meta.lora,
         best=saved.get("best"),
     )
+
+
+def _allow_pickle(meta: RunMeta) -> bool:
+    return meta.config.get("model", {}).get("allow_pickle", False)
 
 
 def best_step(ckpt: ckpt_lib.Checkpointer, workdir: str, step: int | None = None) -> int:
@@ -131,3 +158,84 @@ def frozen_base(model: GPT, mesh, init_from: str, seed: int, allow_pickle: bool 
     )
     prepare = functools.partial(lora.prepare_base, cfg, model.lora)
     return jax.jit(prepare, out_shardings=out_shardings)(params)
+
+
+class _WhenRead:
+    """A params leaf computed when read, as `checkpoint.StoredArray` is: `x[i]` (layer i
+    of a stacked leaf; `read(i)`) or `np.asarray(x)` (`read(None)`)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, read):
+        self.shape, self.dtype, self.ndim, self._read = shape, np.dtype(dtype), len(shape), read
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        return self._read(layer)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self._read(None)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def _merged_when_read(meta: RunMeta, adapters: dict) -> dict:
+    """A LoRA run's merged params, each leaf computed when read (`_WhenRead`): the frozen
+    base as `frozen_base` rebuilds it (from `init_from`'s files, one tensor at a time; or
+    the random init of `seed`, one leaf at a time), dequantized, and each adapted kernel
+    merged with its stored adapters (`lora.merged_kernel`)."""
+    cfg, spec = meta.model, meta.lora
+    model = GPT(cfg, spec.layers(cfg))
+    boxed = lora.split(jax.eval_shape(lambda: steps.init_params(jax.random.key(0), model)))[0]
+    shapes = nn.meta.unbox(boxed)
+    base_leaf = _base_leaves(model, meta)
+
+    def leaf(path, shape):
+        keys = tuple(k.key for k in path)
+        site = adapters
+        for key in keys[:-1] if keys[-1] == "kernel" else ("",):
+            site = site.get(key, {})  # {"lora_a", "lora_b"} of an adapted kernel
+        stacked = cfg.scan_layers and keys[0] == cfg.names.layers
+
+        def read(layer):
+            if layer is not None and not stacked:
+                return np.asarray(read(None))[layer]
+            base = base_leaf(keys, shape.shape, layer if stacked else None)
+            if "lora_a" not in site:
+                return np.asarray(base)
+            a, b = (site[w] if layer is None else site[w][layer] for w in ("lora_a", "lora_b"))
+            return np.asarray(lora.merged_kernel(base, a, b, spec.scale))
+
+        dtype = spec.base_dtype or cfg.param_dtype
+        return _WhenRead(tuple(shape.shape), jnp.dtype(dtype), read)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _base_leaves(model: GPT, meta: RunMeta):
+    """f(path, shape, layer) → the frozen base's leaf at `path` (its `layer` of a stacked
+    leaf; None: all of it) as `frozen_base` stores it, dequantized."""
+    cfg = model.cfg
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def prepared(path, value):  # one leaf through lora.prepare_base
+        tree: dict = {}
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        return sharding.get_path(lora.prepare_base(cfg, model.lora, tree), path)
+
+    if meta.init_from:
+        read_hf = hf.hf_leaves(meta.init_from, cfg, _allow_pickle(meta))
+
+        def base(path, shape, layer):
+            value = read_hf(path, shape, layer)
+            value = value[None] if layer is not None else value  # a stack of one layer
+            out = quant.dequantize(prepared(path, value))
+            return out[0] if layer is not None else out
+
+        return base
+
+    @functools.lru_cache(maxsize=1)  # the last leaf, read a layer at a time
+    def random_leaf(path):
+        whole = jax.jit(lambda key: sharding.get_path(steps.random_base(key, model), path))
+        return quant.dequantize(whole(jax.random.key(meta.seed)))
+
+    return lambda path, shape, layer: random_leaf(path)[() if layer is None else layer]

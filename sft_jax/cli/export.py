@@ -10,8 +10,16 @@ A LoRA run's checkpoint exports merged (W + scale·B·A: a plain model), or with
 as a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) for
 `peft.PeftModel.from_pretrained(base, ADAPTER_DIR)` and vLLM's --lora-modules.
 
-DIR and HF_DIR may be local paths or gs:// / s3:// URLs. The params are restored sharded
-over the devices and written one tensor at a time. The folder holds config.json,
+DIR and HF_DIR may be local paths or gs:// / s3:// URLs. In one process (as this command
+runs) nothing is restored whole: each tensor (one layer of a stacked leaf) is read alone
+from the checkpoint's files, whatever mesh wrote them (`runs.stored_run`), converted and
+written, so one CPU host exports a run of any size; a LoRA run's kernels are rebuilt and
+merged a tensor at a time too. Peak memory beyond the interpreter: the largest tensor
+(as read and as converted), one decoded checkpoint chunk (one device's shard of a leaf
+when written), and the safetensors file being filled (--max-shard-gb, held until written).
+This is the default, not a flag, because it writes the same bytes as restoring the params
+over the devices (`runs.load_run` + `hf.save_hf`, what a multi-process caller does: each
+process restores its shards) and needs less memory everywhere. The folder holds config.json,
 generation_config.json, safetensors and the run's tokenizer;
 `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads it. The optimizer state
 is not read.
@@ -41,10 +49,14 @@ def main(argv=None) -> int:
         "--adapter", action="store_true", help="a LoRA run's adapters as a PEFT folder"
     )
     args = parser.parse_args(argv)
+    import jax
+
     from sft_jax import hf, lora, runs
 
+    # One process reads a tensor at a time; several restore their shards and gather.
+    stream = jax.process_count() == 1 and not args.adapter
     try:
-        run = runs.load_run(args.workdir, args.step, best=args.best)
+        run = (runs.stored_run if stream else runs.load_run)(args.workdir, args.step, args.best)
         dtype = hf.export_dtype(run.model_cfg, args.dtype, key="--dtype")
         if args.adapter and run.lora is None:
             raise ValueError(

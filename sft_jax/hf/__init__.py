@@ -21,7 +21,7 @@ files read by block, written by shard), `sharded` (per-process import and export
 """
 
 from sft_jax.hf.config import config_from_hf, config_to_hf
-from sft_jax.hf.folders import LanguageModelReader, export_dtype, load_hf, save_hf
+from sft_jax.hf.folders import LanguageModelReader, export_dtype, hf_leaves, load_hf, save_hf
 from sft_jax.hf.hub import load_config, resolve_folder
 from sft_jax.hf.tensors import Entry, Tensor, params_from_hf, params_to_hf, tensors
 
@@ -32,6 +32,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "export_dtype",
+    "hf_leaves",
     "load_config",
     "load_hf",
     "params_from_hf",

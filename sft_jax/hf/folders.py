@@ -1,5 +1,6 @@
 """A whole model in and out of a Hugging Face folder: `load_hf` (config and params, each
-process reading only its own blocks) and `save_hf` (a folder transformers loads)."""
+process reading only its own blocks), `hf_leaves` (one leaf at a time) and `save_hf` (a
+folder transformers loads)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sft_jax import assets
 from sft_jax.hf import files as hf_files
 from sft_jax.hf.config import config_to_hf
 from sft_jax.hf.hub import is_url, load_config, resolve_folder
-from sft_jax.hf.tensors import params_from_hf, params_to_hf, shard_plan
+from sft_jax.hf.tensors import leaf_from_hf, params_from_hf, params_to_hf, shard_plan
 from sft_jax.model.config import GPTConfig
 
 
@@ -59,6 +60,17 @@ def load_hf(
     if cfg.family == "gemma3":
         reader = LanguageModelReader(reader)
     return cfg, params_from_hf(cfg, reader, shardings, shapes)
+
+
+def hf_leaves(source: str, cfg: GPTConfig, allow_pickle: bool = False):
+    """f(path, shape, layer=None) → one leaf of `cfg`'s params (or one layer of a stacked
+    leaf) as `load_hf(source)` gives it, read alone: a model too big to load at once, one
+    tensor at a time."""
+    source = assets.resolve_source(source)
+    reader = _tensor_reader(source, allow_pickle)
+    if cfg.family == "gemma3":
+        reader = LanguageModelReader(reader)
+    return lambda path, shape, layer=None: leaf_from_hf(cfg, reader, path, shape, layer)
 
 
 class LanguageModelReader:

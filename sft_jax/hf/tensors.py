@@ -169,6 +169,16 @@ def params_from_hf(cfg: GPTConfig, reader, shardings=None, shapes: dict | None =
     return params
 
 
+def leaf_from_hf(cfg: GPTConfig, reader, path: tuple[str, ...], shape, layer: int | None = None):
+    """One leaf of our params (`shape`), or with `layer` that layer of a stacked leaf, read
+    alone from HF tensors in `cfg.param_dtype`: what `params_from_hf` gives for it."""
+    dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+    t = next(t for t in tensors(cfg) if t.path == tuple(path) and t.layer == layer)
+    shape = tuple(shape[1:] if layer is not None else shape)
+    whole = tuple(slice(0, n) for n in shape)
+    return _layer_reader(reader, t, shape)(whole).astype(dtype)
+
+
 def _stacked(shape, dtype, readers, sharding):
     """A `[layers, …]` leaf, one layer's tensor at a time (`readers[i]()` reads layer i)."""
     if sharding is not None:
