@@ -49,6 +49,7 @@ setup(
             "sft-jax-generate = sft_jax.cli.generate:main",
             "sft-jax-inspect = sft_jax.cli.inspect:main",
             "sft-jax-plan = sft_jax.cli.plan:main",
+            "sft-jax-stage = sft_jax.cli.stage:main",
         ],
     },
     extras_require={

@@ -78,30 +78,55 @@ class RemoteSafetensorsFolder:
     """safetensors in a bucket (gs://, s3://), read by byte range. The format is a JSON
     header, then each tensor's bytes in row-major order: a block is one ranged read of the
     rows of its first dimension, the other dimensions cut after. Nothing is copied to local
-    disk, and each process fetches only its rows."""
+    disk, and each process fetches only its rows.
+
+    The last rows read are kept (keyed by tensor and row range) until other rows are asked
+    for: the column blocks of one row range, which `hf.sharded` reads one after another,
+    cost one fetch. That is at most one row range of one tensor in memory (a whole tensor
+    when a process holds column blocks of all its rows), besides the blocks cut from it.
+    `fetched` counts the bytes received, headers included."""
+
+    fetches_rows = True  # `hf.sharded` reads column-split tensors by rows from here
 
     def __init__(self, folder: epath.Path):
         self.folder = folder
+        self.fetched = 0
         self._where: dict[str, tuple[epath.Path, int, dict]] = {}
+        self._rows: tuple = (None, None)  # (key, array): the last rows read
         for path in sorted(folder.glob("*.safetensors")):
-            size = int.from_bytes(_read_range(path, 0, 8), "little")
-            header = json.loads(_read_range(path, 8, size))
+            size = int.from_bytes(self._fetch(path, 0, 8), "little")
+            header = json.loads(self._fetch(path, 8, size))
             header.pop("__metadata__", None)
             self._where.update({k: (path, 8 + size, v) for k, v in header.items()})
+
+    def _fetch(self, path: epath.Path, start: int, length: int) -> bytes:
+        data = _read_range(path, start, length)
+        self.fetched += len(data)
+        return data
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[_find(self._where, name, self.folder)][2]["shape"])
 
     def read(self, name: str, index: Index) -> np.ndarray:
-        path, data_start, info = self._where[_find(self._where, name, self.folder)]
+        name = _find(self._where, name, self.folder)
+        path, data_start, info = self._where[name]
         shape = tuple(info["shape"])
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         rows = index[0]
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        start = data_start + info["data_offsets"][0] + rows.start * row_bytes
-        data = _read_range(path, start, (rows.stop - rows.start) * row_bytes)
-        block = np.frombuffer(data, dtype).reshape(rows.stop - rows.start, *shape[1:])
-        return block[(slice(None), *index[1:])]
+        key = (name, rows.start, rows.stop)
+        if self._rows[0] != key:
+            self._rows = (None, None)  # the old rows go before the new ones arrive
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            start = data_start + info["data_offsets"][0] + rows.start * row_bytes
+            data = self._fetch(path, start, (rows.stop - rows.start) * row_bytes)
+            self._rows = (
+                key,
+                np.frombuffer(data, dtype).reshape(rows.stop - rows.start, *shape[1:]),
+            )
+        block = self._rows[1]
+        whole = all((s.start, s.stop) == (0, n) for s, n in zip(index[1:], shape[1:], strict=True))
+        # A cut is copied: a view would keep the whole rows alive as long as the block.
+        return block if whole else block[(slice(None), *index[1:])].copy()
 
 
 def _read_range(path: epath.Path, start: int, length: int) -> bytes:

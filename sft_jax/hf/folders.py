@@ -80,6 +80,7 @@ class LanguageModelReader:
 
     def __init__(self, reader):
         self.reader = reader
+        self.fetches_rows = getattr(reader, "fetches_rows", False)  # see `hf.sharded`
         self._names: dict[str, str] = {}
 
     def _find(self, name: str) -> str:

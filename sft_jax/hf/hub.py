@@ -1,10 +1,16 @@
 """Where a model's files are: a hub id (downloaded: config and tokenizer files, weights
-when asked), a local or bucket folder, a GGUF file, an `asset:` name; and its config."""
+when asked), a local or bucket folder, a GGUF file, an `asset:` name; and its config. And
+`stage`: a model copied once to a bucket or shared folder, for every host to read its own
+byte ranges there instead of each downloading the whole model."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
+import tempfile
 
+from absl import logging
 from etils import epath
 
 from sft_jax import assets
@@ -30,6 +36,7 @@ def _hub_download(source: str, **kwargs):
 
 # Everything but the weights: config, tokenizer files, chat templates.
 _HUB_SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_STAGED_FILES = [*_HUB_SMALL_FILES, "*.safetensors"]
 
 
 def is_url(source: str) -> bool:
@@ -45,12 +52,81 @@ def resolve_folder(source: str, weights: bool = True) -> epath.Path:
     """A local or remote (gs://, s3://) folder as is; a hub id downloaded: its config and
     tokenizer files, and its safetensors if `weights`."""
     if _is_hub_id(source):
+        if weights:
+            _warn_every_host_downloads(source)
         patterns = _HUB_SMALL_FILES + (["*.safetensors"] if weights else [])
         return epath.Path(_hub_download(source, allow_patterns=patterns))
     path = epath.Path(source).expanduser()
     if not path.is_dir():
         raise ValueError(f"model.init_from: {source!r} is not a Hugging Face folder or GGUF file")
     return path
+
+
+def _warn_every_host_downloads(source: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        logging.warning(
+            "model.init_from=hf:%s: each of the %d hosts downloads the whole model from the "
+            "hub. Stage it once and import from there (each host then reads only its "
+            "devices' byte ranges): sft-jax-stage hf:%s gs://BUCKET/models/NAME, then "
+            "model.init_from=hf:gs://BUCKET/models/NAME",
+            source,
+            jax.process_count(),
+            source,
+        )
+
+
+def stage(source: str, dest: str, revision: str | None = None) -> list[str]:
+    """Copy the files an import and the tokenizer use (config, tokenizer files, chat
+    templates, safetensors and their index) from `source` (a hub id, optionally `hf:`, or
+    a local or bucket folder) to `dest` (a bucket URL or a folder). A hub file is
+    downloaded alone into a temporary folder, copied in chunks and deleted: the local disk
+    holds one file, memory one chunk. A file already at `dest` with the same size is kept,
+    so an interrupted staging resumes. Returns the names of the files at `dest`."""
+    from sft_jax.hf.files import copy_file
+
+    source = source.removeprefix("hf:")
+    out = epath.Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = lambda name: any(fnmatch.fnmatch(name, p) for p in _STAGED_FILES)
+    if not _is_hub_id(source):
+        folder = resolve_folder(source, weights=False)
+        names = sorted(p.name for p in folder.iterdir() if wanted(p.name) and p.is_file())
+        for name in names:
+            if not _same_size(out / name, (folder / name).stat().length):
+                copy_file(folder / name, out / name)
+            logging.info("staged %s", out / name)
+        return names
+    files = _hub_files(source, revision)
+    names = sorted(n for n in files if wanted(n) and "/" not in n)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            if _same_size(out / name, files[name]):
+                continue
+            local = _hub_download(source, filename=name, revision=revision, local_dir=tmp)
+            copy_file(epath.Path(local), out / name)
+            os.remove(local)
+            logging.info("staged %s", out / name)
+    return names
+
+
+def _hub_files(source: str, revision: str | None) -> dict[str, int]:
+    """The files of a hub repository, with their sizes."""
+    import huggingface_hub
+
+    try:
+        entries = huggingface_hub.list_repo_tree(source, recursive=True, revision=revision)
+        return {e.path: e.size for e in entries if getattr(e, "size", None) is not None}
+    except Exception as e:
+        raise ValueError(
+            f"could not list {source!r} on the Hugging Face hub ({e}); check the name, "
+            "your token (huggingface-cli login) and the network"
+        ) from None
+
+
+def _same_size(path: epath.Path, size: int) -> bool:
+    return path.exists() and path.stat().length == size
 
 
 def load_config(source: str) -> GPTConfig:
