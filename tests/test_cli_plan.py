@@ -2,6 +2,7 @@
 training holds; --device says whether a plan fits; --lower lowers for TPU."""
 
 import os
+import re
 import subprocess
 
 import jax
@@ -148,3 +149,39 @@ def test_a_lora_plan_prints_full_finetuning_beside_it(capsys):
     assert "LoRA needs" in out
     assert plan.main([*args, "--nocompare_full"]) == 0
     assert "against full fine-tuning" not in capsys.readouterr().out
+
+
+def test_topology_compiles_the_train_step_for_a_tpu_slice(console_script, one_device_env):
+    """The TPU compiler itself (libtpu, no TPU): the real train step with splash attention
+    for v5p-8's 4 chips; XLA's per-chip HBM beside the plan; exit 2 when it exceeds the
+    chip's memory (here a --device of 64 MiB stands in for a small chip)."""
+    pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is in the test extras")
+    tiny_py = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    common = [
+        console_script("sft-jax-plan"),
+        "--config",
+        tiny_py,
+        "--topology",
+        "v5p-8",
+        "--config.model.preset=tiny-llama",
+        "--config.model.dtype=bfloat16",
+        "--config.model.attention=splash",
+    ]
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [*common, *extra], capture_output=True, text=True, timeout=300, env=one_device_env
+    )
+    ok = run()
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    line = next(x for x in ok.stdout.splitlines() if x.startswith("TPU compiler"))
+    assert line.startswith(
+        "TPU compiler, v5p-8 (4 chips, v5:2x2x1, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}, "
+        "attention=splash): "
+    )
+    compiled_gib = float(re.search(r"([\d.]+) GiB per chip compiled", line).group(1))
+    assert 0.01 < compiled_gib < 1.0 and line.endswith(")") and ": fits (" in line
+    assert "the TPU compiler's estimated step time:" in ok.stdout
+    small = run("--device", "64MiB")
+    assert small.returncode == 2, small.stderr[-3000:]
+    assert "HBM 0.0625 GiB: DOES NOT FIT" in small.stdout
+    wrong = run("--devices", "8")
+    assert wrong.returncode == 1 and "v5p-8 has 4 chips" in wrong.stderr

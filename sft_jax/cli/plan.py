@@ -57,6 +57,14 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
         "devices; exit 1 if it cannot be lowered or partitioned.",
         flag_values=values,
     )
+    flags.DEFINE_string(
+        "topology",
+        "",
+        "A Cloud TPU slice (v5p-128, v4-32, v5e-16, v6e-64): compile the real train step for "
+        "it with the TPU compiler (libtpu; no TPU needed), print the compiled per-chip HBM "
+        "beside the plan and the chip's HBM, and exit 2 if it does not fit.",
+        flag_values=values,
+    )
     flags.DEFINE_bool(
         "compare_full",
         True,
@@ -66,15 +74,16 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
     flags.mark_flags_as_required(["config"], flag_values=values)
 
 
-def _abstract_step(run, p):
-    """(step functions on the faked devices' mesh, abstract state, abstract batch)."""
+def _abstract_step(run, p, devices=None):
+    """(step functions on a mesh of `devices` (default: JAX's, e.g. faked CPU devices),
+    abstract state, abstract batch)."""
     import jax
     import numpy as np
 
     from sft_jax import sharding, train
     from sft_jax.model import GPT
 
-    mesh = sharding.make_mesh(**p["mesh"])
+    mesh = sharding.make_mesh(**p["mesh"], devices=devices)
     model = GPT(p["model"], run.lora.layers(p["model"]))
     fns = train.build_steps(model, p["tx"], p["schedule"], mesh, run.train.micro_steps)
     shape = (run.train.batch_size, run.data.max_seq_len)
@@ -96,18 +105,102 @@ def _abstract_step(run, p):
     return fns, state, batch
 
 
-def compiled_bytes(run, p) -> int:
-    """XLA's peak per device for the real train step compiled on the (faked) CPU devices:
-    temp + arguments + outputs − what the donated state aliases."""
-    fns, state, batch = _abstract_step(run, p)
-    with fns.context():
-        m = fns.train_step.lower(state, batch).compile().memory_analysis()
+def _peak_bytes(compiled) -> int:
+    """XLA's peak per device of a compiled step: temp + arguments + outputs − what the
+    donated state aliases."""
+    m = compiled.memory_analysis()
     return (
         m.temp_size_in_bytes
         + m.argument_size_in_bytes
         + m.output_size_in_bytes
         - m.alias_size_in_bytes
     )
+
+
+def compiled_bytes(run, p) -> int:
+    """XLA's peak per device for the real train step compiled on the (faked) CPU devices."""
+    fns, state, batch = _abstract_step(run, p)
+    with fns.context():
+        return _peak_bytes(fns.train_step.lower(state, batch).compile())
+
+
+def compile_for_slice(run, p, devices):
+    """The real train step compiled by the TPU compiler for `devices` (a slice's, from
+    `topology.devices`), with the kernels a TPU runs (splash attention in shard_map)."""
+    from sft_jax import kernels
+
+    with kernels.target_platform("tpu"):
+        fns, state, batch = _abstract_step(run, p, devices)
+        with fns.context():
+            return fns.train_step.lower(state, batch).compile()
+
+
+def _estimated_seconds(compiled) -> float | None:
+    """The TPU compiler's own estimate of one step's time (its cost model's
+    `optimal_seconds`), or None where the backend gives none."""
+    costs = compiled.cost_analysis()
+    costs = costs[0] if isinstance(costs, list) else costs
+    seconds = (costs or {}).get("optimal_seconds")
+    return float(seconds) if seconds and seconds > 0 else None
+
+
+def _print_step_time(run, p, devices, seconds: float | None) -> None:
+    """The compiler's step-time estimate beside the floor the chip's peak FLOP/s sets."""
+    from sft_jax import metrics
+
+    tokens = run.train.batch_size * run.data.max_seq_len
+    flops = p["model"].flops_per_token(run.data.max_seq_len, bool(p["lora"])) * tokens
+    peak = next(
+        (f for kind, f in metrics.PEAK_FLOPS_BF16.items() if kind == devices[0].device_kind), 0.0
+    )
+    floor = flops / len(devices) / peak if peak else None
+    if floor:
+        print(
+            f"  at the chip's bf16 peak ({peak / 1e12:.0f} TFLOP/s) a step takes at least "
+            f"{_seconds(floor)} ({tokens / floor / len(devices):,.0f} tokens/s per chip)"
+        )
+    if seconds:
+        note = "a cost-model estimate, not a measurement"
+        if floor and seconds < floor:
+            # Seen with scanned layers: XLA's cost analysis counts a while loop's body once.
+            note = "below the FLOP floor: the cost model does not count every loop iteration"
+        print(f"  the TPU compiler's estimated step time: {_seconds(seconds)} ({note})")
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms"
+
+
+def _compile_topology(run, p, tpu_slice, devices, hbm: int) -> int:
+    """Compile for the slice and print its verdict; the exit status (2: does not fit)."""
+    from sft_jax import kernels
+
+    model_cfg = p["model"]
+    with kernels.target_platform("tpu"):
+        kernel = kernels.resolve(
+            model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap
+        )
+    try:
+        compiled = compile_for_slice(run, p, devices)
+    except Exception as e:  # any partitioning or compile failure is the answer here
+        print(
+            f"sft-jax-plan: the train step does not compile for {tpu_slice.name} "
+            f"({tpu_slice.topology_name}, mesh {p['mesh']}, attention={kernel}): "
+            f"{type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
+        return 1
+    peak = _peak_bytes(compiled)
+    fits = peak <= hbm
+    print(
+        f"TPU compiler, {tpu_slice.name} ({len(devices)} chips, {tpu_slice.topology_name}, "
+        f"mesh {p['mesh']}, attention={kernel}): {peak / 2**30:.2f} GiB per chip compiled, "
+        f"plan {p['total'] / 2**30:.2f} GiB, HBM {hbm / 2**30:.3g} GiB: "
+        + ("fits" if fits else "DOES NOT FIT")
+        + f" ({(hbm - peak) / 2**30:+.2f} GiB)"
+    )
+    _print_step_time(run, p, devices, _estimated_seconds(compiled))
+    return 0 if fits else 2
 
 
 def lower_train_step(run, p, target: str):
@@ -169,6 +262,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"sft-jax-plan: --device: {e}", file=sys.stderr)
         return 1
+    if args.topology:
+        return _plan_slice(args, device_memory)
     if (args.compile or args.lower) and args.devices:
         # Before jax is imported: fake the planned number of CPU devices.
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -192,6 +287,34 @@ def main(argv=None) -> int:
     if args.lower and _lower(run, p, args.lower):
         return 1
     return 2 if device_memory and p["total"] > device_memory else 0
+
+
+def _plan_slice(args, device_memory: int) -> int:
+    """--topology: the plan for the slice's chips, then the TPU compiler's word on it."""
+    from sft_jax import config as config_lib
+    from sft_jax import topology
+
+    if args.lower or args.compile:
+        print("sft-jax-plan: --topology compiles for the TPU; leave out --lower and --compile")
+        return 1
+    try:
+        tpu_slice = topology.parse(args.topology)
+        devices = topology.devices(tpu_slice)
+    except (ValueError, ImportError) as e:
+        print(f"sft-jax-plan: {e}", file=sys.stderr)
+        return 1
+    if args.devices and args.devices != len(devices):
+        print(
+            f"sft-jax-plan: --devices={args.devices} but {tpu_slice.name} has {len(devices)} "
+            "chips; leave out --devices",
+            file=sys.stderr,
+        )
+        return 1
+    hbm = device_memory or tpu_slice.hbm_bytes
+    run = config_lib.RunConfig.parse(args.config)
+    p = memory_plan.plan(run, len(devices), "tpu")
+    print(memory_plan.report(p, run.data.max_seq_len, hbm))
+    return _compile_topology(run, p, tpu_slice, devices, hbm)
 
 
 if __name__ == "__main__":
