@@ -74,6 +74,9 @@ setup(
             "gcp-storage-emulator>=2026.7",
             # moto's S3 server on loopback for the s3:// tests (tests/storage_emulator.py).
             "moto[server]>=5.0",
+            # libtpu, the TPU compiler: sft-jax-plan --topology compiles for a TPU slice on
+            # this CPU-only machine (tests/test_cli_plan.py); ~140 MB.
+            "jax[tpu]",
         ],
         # Standard benchmarks: sft-jax-eval and eval.harness_tasks (sft_jax/harness.py).
         "eval": ["lm-eval>=0.4.13"],

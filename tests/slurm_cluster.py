@@ -1,0 +1,156 @@
+"""A real one-node SLURM cluster on loopback for the tests: munged, slurmctld and slurmd from
+Debian's `slurm-wlm` and `munge` (`.ci/run` installs them), each with its own key, socket,
+ports, state and logs in a temporary folder, so it neither needs nor touches a system
+SLURM. `srun`, `sbatch` and `scontrol` reach it through `SLURM_CONF`.
+
+    with slurm_cluster(tmp_path) as env:   # os.environ + SLURM_CONF
+        subprocess.run(["srun", "-N1", "-n2", "hostname"], env=env)
+
+Process tracking is `proctrack/linuxproc` and task binding `task/none`: no cgroups, which a
+container may not give. The node offers this machine's cores, and oversubscribes them so a
+job may run more tasks than cores (the tests run 2 tasks on 2 cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "sinfo")
+
+
+def available() -> str | None:
+    """None if SLURM and munge are installed and this process may run them, else why not."""
+    missing = [d for d in DAEMONS if shutil.which(d) is None]
+    if missing:
+        return f"SLURM is not installed ({', '.join(missing)}): apt-get install slurm-wlm munge"
+    if os.geteuid() != 0:
+        return "a test SLURM cluster runs its daemons as root"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(folder: str, node: str) -> str:
+    return f"""\
+ClusterName=sftjaxtest
+SlurmctldHost={node}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+AuthInfo=socket={folder}/munge.socket
+CredType=cred/munge
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+JobRequeue=1
+KillWait=60
+MinJobAge=600
+NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
+PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
+"""
+
+
+@contextlib.contextmanager
+def slurm_cluster(folder: str, timeout: float = 60) -> Iterator[dict[str, str]]:
+    """Start the cluster in `folder`; yield the environment its commands need; stop it."""
+    folder = os.path.abspath(folder)
+    for sub in ("state", "spool"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    node = socket.gethostname().split(".")[0]
+    conf = os.path.join(folder, "slurm.conf")
+    with open(conf, "w") as f:
+        f.write(_config(folder, node))
+    key = os.path.join(folder, "munge.key")
+    with open(key, "wb") as f:
+        f.write(os.urandom(1024))
+    os.chmod(key, 0o600)
+    env = {**os.environ, "SLURM_CONF": conf}
+    for k in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+        del env[k]  # a test run inside a SLURM job must not hand its job to ours
+    subprocess.run(
+        [
+            "munged",
+            "--force",
+            f"--key-file={key}",
+            f"--socket={folder}/munge.socket",
+            f"--pid-file={folder}/munged.pid",
+            f"--log-file={folder}/munged.log",
+            f"--seed-file={folder}/munged.seed",
+        ],
+        check=True,
+    )
+    try:
+        subprocess.run(["slurmctld", "-f", conf], env=env, check=True)
+        subprocess.run(["slurmd", "-f", conf], env=env, check=True)
+        _wait_idle(env, folder, timeout)
+        yield env
+    finally:
+        for name in ("slurmd", "slurmctld", "munged"):
+            _stop(os.path.join(folder, f"{name}.pid"))
+
+
+def _wait_idle(env: dict[str, str], folder: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["sinfo", "--noheader", "--format=%T"], env=env, capture_output=True, text=True
+        )
+        state = out.stdout.strip()
+        if state == "idle":
+            return
+        time.sleep(0.5)
+    logs = "".join(
+        open(os.path.join(folder, f)).read()[-1500:]
+        for f in ("slurmctld.log", "slurmd.log")
+        if os.path.exists(os.path.join(folder, f))
+    )
+    raise RuntimeError(f"the test SLURM node is {state!r}, not idle, after {timeout} s:\n{logs}")
+
+
+def _stop(pid_file: str, timeout: float = 10) -> None:
+    try:
+        pid = int(open(pid_file).read().strip())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+
+
+def job_state(env: dict[str, str], job_id: str) -> str:
+    """SLURM's state of a job (PENDING, RUNNING, COMPLETED, FAILED …)."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True
+    )
+    for field in out.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "UNKNOWN"
