@@ -19,10 +19,13 @@ LAUNCH = os.path.join(ROOT, "launch")
 
 
 def _commands_in_text(text: str) -> list[list[str]]:
-    """Each `python -m sft_jax.main …` in shell text, continuation lines joined, as argv."""
+    """Each `python -m sft_jax.main …` in shell text, continuation lines joined, as argv
+    (`sbatch launch/slurm.sbatch CONFIG WORKDIR` as the main command it runs)."""
     text = re.sub(r"\\\n\s*#?\s*", " ", text)
     commands = []
     for line in text.splitlines():
+        if sbatch := re.search(r"sbatch launch/slurm.sbatch (\S+) (\S+)", line):
+            commands.append(["sft_jax.main", "--config", sbatch[1], "--workdir", sbatch[2]])
         if "sft_jax.main" not in line:
             continue
         rest = line.split("python -m", 1)[-1].strip()
@@ -63,9 +66,10 @@ def test_the_launchers_are_all_found():
     assert {
         "launch/gke_tpu_jobset.yaml",
         "launch/skypilot_h100.yaml",
+        "launch/slurm.sbatch",
         "README.md,",
     } <= names, names
-    assert len(COMMANDS) >= 5
+    assert len(COMMANDS) >= 6
 
 
 def _config(spec: str):
