@@ -4,10 +4,8 @@ parameters and optimizer state sharded over all devices (FSDP).
 
     # TPU v5p-128 (16 hosts × 4 chips), one process per host:
     python -m sft_jax.main --config configs/llama3_70b.py:v5p --workdir gs://BUCKET/llama3_70b
-    # 4 nodes × 8 H100 80GB under SLURM, one process per node:
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 srun --nodes=4 --ntasks-per-node=1 \
-        python -m sft_jax.main --multihost --config configs/llama3_70b.py:h100 \
-        --workdir /shared/llama3_70b
+    # 4 nodes × 8 H100 80GB under SLURM, one process per node (no launch flags):
+    sbatch launch/slurm.sbatch configs/llama3_70b.py:h100 /shared/llama3_70b
 
 FSDP spans all 32 GPUs, across nodes: the float32 weights and Adam moments alone are 16 bytes
 per parameter, ~141 GB per GPU if sharded over one node's 8 (fsdp=8, data=4).
@@ -15,6 +13,8 @@ per parameter, ~141 GB per GPU if sharded over one node's 8 (fsdp=8, data=4).
 Check the memory before paying for the machines (runs on a laptop, no weights needed):
 
     sft-jax-plan --config configs/llama3_70b.py:v5p --devices 64 --device v5p
+    # the TPU compiler's word: the train step compiled for the slice (libtpu, no TPU):
+    sft-jax-plan --config configs/llama3_70b.py:v5p --topology v5p-128
 """
 
 from configs import recipes

@@ -11,6 +11,8 @@ parameters and optimizer state sharded over all devices (FSDP).
 Check the memory before paying for the machines (runs on a laptop, no weights needed):
 
     sft-jax-plan --config configs/llama3_8b.py:v5p --devices 64 --device v5p
+    # the TPU compiler's word: the train step compiled for the slice (libtpu, no TPU):
+    sft-jax-plan --config configs/llama3_8b.py:v5p --topology v5p-128
 """
 
 from configs import recipes
