@@ -324,23 +324,74 @@ def prepare_base(cfg: GPTConfig, layers: LoraLayers, base: dict) -> dict:
     """The frozen base as LoRA stores it: every float in `base_dtype`, and with `quantize`
     every block's dense kernels in NF4 or int8 (`sft_jax.quant`; the embeddings, norms and
     head stay float, as in QLoRA). Logical-axis boxes (the abstract state) carry over to
-    the quantized parts: the codes and scales keep the kernel's leading axes."""
-    in_dims = {m.path: m.in_dims for m in layer_modules(cfg)}
-    stacked = int(cfg.scan_layers)
+    the quantized parts: the codes and scales keep the kernel's leading axes. A base already
+    stored so (`load_transform`'s) is returned as it is."""
+    stored = _storer(cfg, layers)
 
     def leaf(path, x):
         keys = tuple(getattr(k, "key", k) for k in path)
         box = x if isinstance(x, nn.LogicallyPartitioned) else None
         value = box.value if box is not None else x
+        if quant.is_quantized(value):  # stored already
+            return x
+        value = stored(keys, value, box.names if box is not None else None)
+        if box is None or quant.is_quantized(value):  # quantized parts carry their own boxes
+            return value
+        return box.replace(value=value)
+
+    return jax.tree_util.tree_map_with_path(leaf, base, is_leaf=_is_leaf)
+
+
+def _storer(cfg: GPTConfig, layers: LoraLayers, one_layer: bool = False):
+    """f(keys, value, names) → `value` (a leaf of the base at path `keys`, with logical
+    axes `names` or None) as LoRA stores it; with `one_layer`, `value` is one layer of a
+    stacked leaf and the result that layer of what the whole leaf is stored as."""
+    in_dims = {m.path: m.in_dims for m in layer_modules(cfg)}
+    stacked = int(cfg.scan_layers and not one_layer)
+
+    def stored(keys, value, names):
         if layers.base_dtype and jnp.issubdtype(value.dtype, jnp.floating):
             value = value.astype(layers.base_dtype)
         block_path = keys[1:-1]  # (attn, q_proj) of (layers, attn, q_proj, kernel)
-        if layers.quantize and keys[-1] == "kernel" and block_path in in_dims:
-            contracted = tuple(range(stacked, stacked + in_dims[block_path]))
-            return _quantized(layers, value, contracted, box.names if box is not None else None)
-        return box.replace(value=value) if box is not None else value
+        if not (layers.quantize and keys[-1] == "kernel" and block_path in in_dims):
+            return value
+        if one_layer and layers.quantize == "nf4":
+            # The whole leaf's NF4 blocks, scales and scale groups are per layer (each keeps
+            # the layers axis): this layer's are those of a stack of one.
+            q = _quantized(layers, value[None], (), None)
+            return jax.tree.map(lambda x: x[0], q)
+        contracted = tuple(range(stacked, stacked + in_dims[block_path]))
+        return _quantized(layers, value, contracted, names)
 
-    return jax.tree_util.tree_map_with_path(leaf, base, is_leaf=_is_leaf)
+    return stored
+
+
+def load_transform(cfg: GPTConfig, layers: LoraLayers, stored_shardings: dict):
+    """`hf.load_hf`'s `transform` that stores the base as `prepare_base` would, leaf by
+    leaf as the import places it (one layer of a stacked leaf at a time), so a QLoRA import
+    never holds the float base: at most one float tensor beside the stored ones. The result
+    equals `prepare_base` of the float import bitwise. `stored_shardings`: the stored base's
+    NamedShardings (the state's; a stacked leaf's layers axis unsharded)."""
+    whole, per_layer = _storer(cfg, layers), _storer(cfg, layers, one_layer=True)
+    jitted: dict = {}
+
+    def transform(path: tuple[str, ...], x: jax.Array):
+        path = tuple(path)
+        if path not in jitted:
+            shardings = get_path(stored_shardings, path)
+            one_layer = cfg.scan_layers and path[0] == "layers"  # a stacked leaf's layer
+            if one_layer:  # its sharding: the stacked leaf's without the layers axis
+                shardings = jax.tree.map(_drop_first_axis, shardings)
+            store = functools.partial(per_layer if one_layer else whole, path)
+            jitted[path] = jax.jit(lambda v: store(v, None), out_shardings=shardings)
+        return jitted[path](x)
+
+    return transform
+
+
+def _drop_first_axis(s):
+    spec = tuple(s.spec)
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec[1:]))
 
 
 def _quantized(layers: LoraLayers, kernel, contracted: tuple[int, ...], names):

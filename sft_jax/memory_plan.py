@@ -63,8 +63,9 @@ def device_bytes(text: str) -> int:
 class StepShape:
     """What one device computes per micro-step: `rows` of `seq` tokens, with heads, MLP
     width and vocabulary split over `tensor`; `xla_attention` when attention runs as
-    sft_jax.attention's XLA ops (not a fused TPU/GPU kernel); with LoRA, the frozen base's
-    storage and the adapters' width."""
+    sft_jax.attention's XLA ops (not a fused TPU/GPU kernel), `cudnn_mask` when it runs as
+    cuDNN's, which takes the packed rows' mask as a dense bias; with LoRA, the frozen
+    base's storage and the adapters' width."""
 
     rows: int
     seq: int
@@ -75,9 +76,11 @@ class StepShape:
     # block's adapted layers (how wide the x·A activations each adapter keeps are).
     base_bytes: float = 0.0
     adapter_width: int = 0
+    cudnn_mask: bool = False
 
 
 WEIGHTS_TERM = "one layer's gathered weights and gradients"
+CUDNN_MASK_TERM = "cuDNN attention's dense mask (bias) and its gradient"
 
 
 def activation_terms(cfg, step: StepShape) -> dict[str, int]:
@@ -125,6 +128,12 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     # live side by side: 3 × [rows, heads, ~seq²/2]. A fused kernel (splash, cuDNN) keeps
     # its blocks on chip instead.
     attention = 3 * 4 * step.rows * heads / t * step.seq**2 / 2 if step.xla_attention else 0
+    # cuDNN (sft_jax.kernels.cudnn_attention) takes the segment mask as a dense additive
+    # bias [rows, 1, seq, seq] in the compute dtype (JAX's combine_bias_and_mask), and JAX
+    # always asks cuDNN for the bias's gradient, of the same shape and dtype: the mask of a
+    # micro-step's rows is the same in every layer, one of each is live at a time. Heads
+    # are its broadcast axis of 1, so tensor does not split it.
+    cudnn_mask = 2 * b * step.rows * step.seq**2 if step.cudnn_mask else 0
     # The chunked loss (sft_jax.losses.chunked_cross_entropy, per device in shard_map):
     # float32 logits, exp and their gradient for one chunk of 128 of this device's
     # positions (tensor splits the positions, not the vocabulary), the head gathered whole
@@ -138,6 +147,7 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
         "one layer's MLP backward": int(mlp),
         WEIGHTS_TERM: int(weights),
         "attention's query blocks (XLA attention)": int(attention),
+        CUDNN_MASK_TERM: int(cudnn_mask),
         "chunked loss: logits of a chunk, head gradient": int(loss),
     }
 
@@ -205,6 +215,7 @@ def plan(run, n_devices: int, platform: str = "") -> dict:
         sizes["tensor"],
         kernel == "xla",
         *_lora_step(model_cfg, spec, frozen),
+        cudnn_mask=kernel == "cudnn",
     )
     terms = {
         "parameters": params,

@@ -77,7 +77,9 @@ class StepFns:
     load_shapes: dict
     load_shardings: dict
     init: Callable  # rng -> TrainState, laid out by state_shardings
-    init_from_params: Callable  # (loaded params, rng) -> TrainState around them
+    # (loaded params, rng) -> TrainState around them; with LoRA, params are the base as
+    # the state stores it (`_pretrained` casts and quantizes as it loads).
+    init_from_params: Callable
     train_step: Callable  # (state, batch) -> (state, metrics); state donated
     eval_step: Callable  # (params, batch) -> {loss_sum, loss_tokens}
 
@@ -110,6 +112,7 @@ def build_steps(
     )
     boxed_load = lora.split(boxed_load)[0]
     load_shardings = sharding.tree_shardings(boxed_load, mesh)
+    stored_base = lora.split(state_shardings.params)[0]  # with LoRA: the base as stored
     batch_sharding = sharding.batch_sharding(mesh)
     sizes = {"act_heads": cfg.n_heads, "act_mlp": cfg.d_ff, "act_vocab": cfg.vocab_size}
     train_step = functools.partial(
@@ -133,7 +136,7 @@ def build_steps(
         init=jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=state_shardings),
         init_from_params=jax.jit(
             functools.partial(steps.state_from_params, tx=tx, model=model),
-            in_shardings=(load_shardings, None),
+            in_shardings=(load_shardings if model.lora is None else stored_base, None),
             out_shardings=state_shardings,
             donate_argnums=0,
         ),
@@ -287,16 +290,23 @@ def _with_peft_adapters(
 
 def _pretrained(m: config_lib.ModelSection, fns: StepFns) -> dict:
     """The pretrained params of model.init_from (without LoRA adapters), laid out for the
-    mesh."""
-    source = m.init_from
+    mesh; with LoRA, the frozen base as the state stores it (`lora.prepare_base`), each
+    leaf (each layer of a stacked leaf) cast and quantized as it loads: a QLoRA import
+    holds the quantized base and one float tensor, never the float base."""
+    source, cfg = m.init_from, fns.model.cfg
+    transform = None
+    if fns.model.lora is not None:
+        stored = lora.split(fns.state_shardings.params)[0]  # init_from_params takes these
+        transform = lora.load_transform(cfg, fns.model.lora, stored)
     _, params = hf.load_hf(
         source,
         allow_pickle=m.allow_pickle,
-        param_dtype=fns.model.cfg.param_dtype,
-        scan_layers=fns.model.cfg.scan_layers,
+        param_dtype=cfg.param_dtype,
+        scan_layers=cfg.scan_layers,
         # Each process reads only the blocks of the params its own devices hold.
         shardings=fns.load_shardings,
         shapes=fns.load_shapes,
+        transform=transform,
     )
     logging.info("initialised from pretrained weights %s", source)
     return params

@@ -99,6 +99,24 @@ def test_terms_follow_the_code_they_count():
     assert short_split - head == (short - head) // 2
 
 
+def test_cudnn_plan_counts_its_dense_mask_and_the_gradient():
+    # cuDNN takes the packed rows' mask as a bias [rows, 1, seq, seq] in the compute dtype
+    # and returns its gradient (JAX's should_export_dbias is always True): 2 × 2 bytes per
+    # entry in bfloat16, per row of this device, not split by tensor (heads broadcast).
+    c = _config(2, "full", seq=1024)
+    c.model.dtype, c.model.attention = "bfloat16", "auto"
+    c.train.batch_size = 16
+    c.mesh.fsdp, c.mesh.tensor = 4, 2
+    gpu = memory_plan.plan(parse(c), 8, "gpu")
+    assert gpu["attention"] == "cudnn" and gpu["local_rows"] == 4
+    term = gpu["terms"][memory_plan.CUDNN_MASK_TERM]
+    assert term == 2 * 2 * 4 * 1024**2
+    tpu = memory_plan.plan(parse(c), 8, "tpu")  # splash takes segment ids: no mask
+    assert tpu["attention"] == "splash" and tpu["terms"][memory_plan.CUDNN_MASK_TERM] == 0
+    assert gpu["total"] - tpu["total"] == term
+    assert "cuDNN attention's dense mask (bias) and its gradient" in memory_plan.report(gpu, 1024)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

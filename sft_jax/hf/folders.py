@@ -49,17 +49,20 @@ def load_hf(
     scan_layers: bool = True,
     shardings=None,
     shapes: dict | None = None,
+    transform=None,
 ) -> tuple[GPTConfig, dict]:
     """(GPTConfig, params) from a hub id, a local or remote HF folder, a GGUF file or
     `asset:<name>`. With `shardings` (the params' tree of NamedShardings), every leaf is a
     global jax.Array and each process reads only the blocks of its own devices; without,
-    params are numpy arrays."""
+    params are numpy arrays. `transform(path, array)` (with `shardings`): what to keep of
+    each leaf, applied as it is placed, one layer of a stacked leaf at a time (QLoRA's
+    quantized base: `lora.load_transform`)."""
     source = assets.resolve_source(source)
     cfg = dataclasses.replace(load_config(source), param_dtype=param_dtype, scan_layers=scan_layers)
     reader = _tensor_reader(source, allow_pickle)
     if cfg.family == "gemma3":
         reader = LanguageModelReader(reader)
-    return cfg, params_from_hf(cfg, reader, shardings, shapes)
+    return cfg, params_from_hf(cfg, reader, shardings, shapes, transform)
 
 
 def hf_leaves(source: str, cfg: GPTConfig, allow_pickle: bool = False):

@@ -10,7 +10,10 @@ split HF columns across processes (fsdp on q, k, v, gate, up, embedding, lm_head
 would serve each process whole rows, many times its share: those tensors are read by HF
 rows and resharded (`_by_rows`). A stacked (scanned) leaf is filled one layer at a time into
 an array already laid out on the mesh (an in-place update of a donated buffer), so the host
-never holds more than one layer's blocks.
+never holds more than one layer's blocks. A `transform` (QLoRA's quantization,
+`lora.load_transform`) is applied to each layer of a stacked leaf as soon as it is placed
+(and by `tensors.params_from_hf` to each other leaf), so the devices hold one float layer at
+a time beside what is kept.
 
 Export: one tensor (one layer of a stacked leaf) at a time is resharded so that every
 process holds it once, split over its own devices, and process 0 copies its pieces to the
@@ -31,6 +34,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Index = tuple[slice, ...]
 ReadBlock = Callable[[Index], np.ndarray]  # our (per-layer) index → that block, numpy
+# A placed leaf (or one layer of a stacked leaf) → what is kept of it: an array or a pytree
+# of arrays (a quantized tensor), each laid out by a NamedSharding.
+Transform = Callable[[jax.Array], object]
 
 
 def hf_shape(layout: str, shape: tuple[int, ...], in_dims: int) -> tuple[int, ...]:
@@ -205,10 +211,16 @@ def _from_hf(layout: str, shape, sharding: NamedSharding) -> Callable:
 
 
 def place_stacked(
-    shape, sharding: NamedSharding, dtype, read_layer: Callable[[int], ReadBlock]
-) -> jax.Array:
+    shape,
+    sharding: NamedSharding,
+    dtype,
+    read_layer: Callable[[int], ReadBlock],
+    transform: Transform | None = None,
+):
     """A stacked leaf `[layers, …]` built one layer at a time on the mesh:
-    `read_layer(i)` reads blocks of layer i."""
+    `read_layer(i)` reads blocks of layer i. With `transform`, each layer is transformed as
+    soon as it is placed and the results are stacked the same way (each leaf of the result
+    gains a leading, unsharded layers axis): one float layer is held at a time."""
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     if spec[0] is not None:
         raise ValueError(
@@ -216,11 +228,27 @@ def place_stacked(
             "supported by the import; keep the 'layers' rule unsharded"
         )
     layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
-    stacked = _zeros(tuple(shape), jnp.dtype(dtype), sharding)()
+    stacked = None if transform else _zeros(tuple(shape), jnp.dtype(dtype), sharding)()
     for i in range(shape[0]):
         layer = place(shape[1:], layer_sharding, dtype, read_layer(i))
+        layer = layer if transform is None else transform(layer)
+        if stacked is None:  # laid out as the transform lays out one layer
+            stacked = _zeros_stacked(layer, shape[0])
         stacked = _set_layer(stacked, layer, i)
     return stacked
+
+
+def _zeros_stacked(layer, n: int):
+    """Zeros for `n` layers like `layer` (a tree of arrays), each leaf's sharding with an
+    unsharded layers axis in front."""
+    shapes = [((n, *x.shape), x.dtype) for x in jax.tree.leaves(layer)]
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(x.sharding.mesh, PartitionSpec(None, *x.sharding.spec)), layer
+    )
+    zeros = lambda: jax.tree.unflatten(
+        jax.tree.structure(layer), [jnp.zeros(s, d) for s, d in shapes]
+    )
+    return jax.jit(zeros, out_shardings=shardings)()
 
 
 @functools.lru_cache
@@ -229,9 +257,14 @@ def _zeros(shape, dtype, sharding: NamedSharding) -> Callable[[], jax.Array]:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, layer: jax.Array, i) -> jax.Array:
-    # The donated buffer is updated in place: no second copy of the stacked leaf.
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, 0)
+def _set_layer(stacked, layer, i):
+    # The donated buffers are updated in place: no second copy of the stacked leaf. (Trees
+    # of arrays too: a transformed layer.)
+    return jax.tree.map(
+        lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x.astype(s.dtype), i, 0),
+        stacked,
+        layer,
+    )
 
 
 # --------------------------------------------------------------------------- export

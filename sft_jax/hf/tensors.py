@@ -141,12 +141,18 @@ def _layer_reader(reader, t: Tensor, shape: tuple[int, ...]) -> hf_sharded.ReadB
     return hf_sharded.block_reader(read, entry.layout, shape, entry.in_dims)
 
 
-def params_from_hf(cfg: GPTConfig, reader, shardings=None, shapes: dict | None = None) -> dict:
+def params_from_hf(
+    cfg: GPTConfig, reader, shardings=None, shapes: dict | None = None, transform=None
+) -> dict:
     """Our params from HF tensors. `reader` has `shape(name)` and `read(name, index)` (see
     `files`). With `shardings` (our params' tree of `NamedSharding`s), each leaf is a
     global jax.Array of which this process reads only its devices' blocks; without, numpy.
     `shapes`: the abstract params, if the caller has them (else from `eval_shape`, which
-    must then run outside a mesh context: flax constrains boxed params under one)."""
+    must then run outside a mesh context: flax constrains boxed params under one).
+    `transform(path, array)` (with `shardings` only): what to keep of each leaf, applied as
+    it is placed, to one layer at a time of a stacked leaf (`sharded.place_stacked`)."""
+    if transform is not None and shardings is None:
+        raise ValueError("params_from_hf: a transform needs shardings (it runs on devices)")
     shapes = shapes if shapes is not None else _leaf_shapes(cfg)
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     by_leaf: dict[tuple[str, ...], list[Tensor]] = {}
@@ -162,9 +168,11 @@ def params_from_hf(cfg: GPTConfig, reader, shardings=None, shapes: dict | None =
                 leaf = read(tuple(slice(0, n) for n in shape)).astype(dtype)
             else:
                 leaf = hf_sharded.place(shape, sharding, dtype, read)
+                leaf = leaf if transform is None else transform(path, leaf)
         else:  # a stacked leaf: one layer's tensor at a time
             readers = [functools.partial(_layer_reader, reader, t, shape[1:]) for t in parts]
-            leaf = _stacked(shape, dtype, readers, sharding)
+            each = None if transform is None else functools.partial(transform, path)
+            leaf = _stacked(shape, dtype, readers, sharding, each)
         _set(params, path, leaf)
     return params
 
@@ -179,10 +187,11 @@ def leaf_from_hf(cfg: GPTConfig, reader, path: tuple[str, ...], shape, layer: in
     return _layer_reader(reader, t, shape)(whole).astype(dtype)
 
 
-def _stacked(shape, dtype, readers, sharding):
+def _stacked(shape, dtype, readers, sharding, transform=None):
     """A `[layers, …]` leaf, one layer's tensor at a time (`readers[i]()` reads layer i)."""
     if sharding is not None:
-        return hf_sharded.place_stacked(shape, sharding, dtype, lambda i: readers[i]())
+        read_layer = lambda i: readers[i]()
+        return hf_sharded.place_stacked(shape, sharding, dtype, read_layer, transform)
     out = np.empty(shape, dtype)
     whole = tuple(slice(0, n) for n in shape[1:])
     for i, make in enumerate(readers):
