@@ -7,7 +7,8 @@ all of them, and fail the test with each failed process's own stderr.
 Output goes to files, not pipes: a process blocked on a full pipe while the test waits on
 another one would stall a collective and hang both (the pipes of processes that wait on each
 other cannot be drained one after the other). A process that fails or times out stops the
-others, so the test fails at once instead of at the timeout.
+others, so the test fails at once instead of at the timeout. `meanwhile` lets the test act on
+the processes while they run (wait for a line in one's stderr, then signal it).
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ def run_processes(
     *,
     env: dict[str, str] | None = None,
     timeout: float = 600,
+    meanwhile: Callable[[list[subprocess.Popen], list[str]], None] | None = None,
 ) -> list[str]:
     """Start `count` processes, process i running `argv(i, port)` in the repository root with
     one free coordinator `port` for all; wait for every one (at most `timeout` seconds in
     all). Asserts each exited 0, showing the tail of the first failed one's stderr.
-    Returns each process's stderr (stdout is kept apart, unread)."""
+    Returns each process's stderr (stdout is kept apart, unread).
+
+    `meanwhile(processes, stderr_paths)`, if given, runs once all are started, within the
+    timeout; if it raises, the processes are killed and its error is the test's."""
     port = free_port()
     with tempfile.TemporaryDirectory() as logs:
         paths = [os.path.join(logs, f"process{i}.stderr") for i in range(count)]
@@ -62,7 +67,14 @@ def run_processes(
                         list(argv(i, port)), cwd=ROOT, env=env, stdout=out, stderr=err, text=True
                     )
                 )
-        timed_out = not _wait_all(procs, timeout)
+        deadline = time.monotonic() + timeout
+        if meanwhile is not None:
+            try:
+                meanwhile(procs, paths)
+            except BaseException:
+                _wait_all(procs, 0)  # kills them all
+                raise
+        timed_out = not _wait_all(procs, deadline - time.monotonic())
         codes = [p.returncode for p in procs]
         errs = [open(path).read() for path in paths]
     assert not timed_out, f"timed out after {timeout:g} s; process 0's stderr:\n{errs[0][-3000:]}"

@@ -10,11 +10,18 @@ loopback (JAX's CPU collectives over gloo), launched once for two checks:
 
 The checkpoints are in a bucket of the GCS emulator (tests/storage_emulator.py), so both
 processes write their shards to one place and read each other's back.
+
+And the real `python -m sft_jax.main` as 2 processes, one of them sent SIGTERM mid-run:
+JAX's preemption service (the processes' own SIGTERM handling left to it) stops both at the
+same step, each saves it, and the same command run again resumes there.
 """
 
 import json
 import os
+import re
+import signal
 import sys
+import time
 
 import pytest
 
@@ -131,6 +138,95 @@ def test_hosts_agree_on_when_to_save_and_which_checkpoint_to_restore(tmp_path, g
     assert first["restored_exactly"] and second["restored_exactly"]
     assert "cannot be read on processes [1]" in errs[0]
     assert not os.path.exists(os.path.join(ROOT, "gs:"))  # all of it went to the bucket
+
+
+TRAIN = [
+    "--config",
+    "configs/tiny.py",
+    "--config.train.steps=40",
+    "--config.train.log_every=1",  # metrics.jsonl shows the steps as they run
+    "--config.checkpoint.save_every=1000",  # only the stop and the last step save
+    "--config.data.train=synthetic:mix:400",
+    "--config.data.validation=0",
+    "--config.train.progress_bar=False",
+    "--config.train.peak_flops=1e9",  # not measured (a second of matmuls in each process)
+]
+
+
+def _train(workdir, meanwhile=None) -> list[str]:
+    return run_processes(
+        lambda i, port: [
+            sys.executable,
+            "-m",
+            "sft_jax.main",
+            f"--workdir={workdir}",
+            *TRAIN,
+            # The second run loads the first's compiled steps instead of compiling again.
+            f"--config.train.compilation_cache_dir={workdir}/xla_cache",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        ],
+        env=cpu_env(devices=2),
+        timeout=300,
+        meanwhile=meanwhile,
+    )
+
+
+def _logged_steps(workdir) -> list[int]:
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
+def _sigterm_after(workdir, step: int, process: int, signalled: list[int]):
+    """While the processes run: once WORKDIR/metrics.jsonl logs a step past `step`, SIGTERM
+    `process` (only), noting the last logged step in `signalled`."""
+
+    def meanwhile(procs, stderr_paths):
+        deadline = time.monotonic() + 240
+        while not (logged := _logged_steps(workdir)) or logged[-1] <= step:
+            running = all(p.poll() is None for p in procs)
+            assert running and time.monotonic() < deadline, (
+                f"no step past {step} logged; process {process}'s stderr:\n"
+                + open(stderr_paths[process]).read()[-3000:]
+            )
+            time.sleep(0.05)
+        signalled.append(logged[-1])
+        procs[process].send_signal(signal.SIGTERM)
+
+    return meanwhile
+
+
+def _stopped_at(errs: list[str]) -> int:
+    """The step both processes say they stopped at, after saving it."""
+    stopped = [re.findall(r"stopped at step (\d+) of 40", err) for err in errs]
+    assert stopped[0] == stopped[1] and len(stopped[0]) == 1, stopped
+    return int(stopped[0][0])
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
+    workdir = tmp_path / "run"
+    signalled = []
+
+    # Process 1 gets SIGTERM once step 2 is logged (step 1 compiles); process 0, which
+    # writes the metrics, gets nothing.
+    step = _stopped_at(_train(workdir, _sigterm_after(workdir, 1, 1, signalled)))
+    assert signalled[0] < step < 40
+    # Only that step was saved, and committed (Orbax renames a step's folder when done).
+    assert os.listdir(workdir / "checkpoints") == [str(step)]
+    assert _logged_steps(workdir)[-1] == step
+
+    # The same command again resumes there; SIGTERM to process 0 this time, once a step
+    # past the saved one is logged.
+    errs = _train(workdir, _sigterm_after(workdir, step, 0, signalled))
+    assert all(re.search(rf"resumed from \S+ at step {step}\n", err) for err in errs)
+    again = _stopped_at(errs)
+    assert step < signalled[1] < again < 40
+    assert _logged_steps(workdir) == list(range(1, again + 1))  # each step once
+    assert sorted(os.listdir(workdir / "checkpoints"), key=int) == [str(step), str(again)]
 
 
 if __name__ == "__main__":
