@@ -4,6 +4,8 @@ request; and the stop signal it asks."""
 import os
 import signal
 
+import pytest
+
 from sft_jax import preemption
 
 
@@ -44,3 +46,13 @@ def test_a_signal_saves_and_stops_at_once():
         assert policy.decide(2) == (True, True)
     # The previous handler is back once the loop is left.
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_one_process_catches_both_signals_and_a_second_ctrl_c_interrupts():
+    with preemption.StopSignal() as stop:
+        assert not stop.via_jax  # no JAX preemption service in one process: both are ours
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == stop._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.stop_requested(1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
