@@ -140,10 +140,11 @@ def test_hosts_agree_on_when_to_save_and_which_checkpoint_to_restore(tmp_path, g
     assert not os.path.exists(os.path.join(ROOT, "gs:"))  # all of it went to the bucket
 
 
+STOP_STEPS = 100  # far more than run before a stop: a SIGTERM takes ~1 s to reach every host
 TRAIN = [
     "--config",
     "configs/tiny.py",
-    "--config.train.steps=40",
+    f"--config.train.steps={STOP_STEPS}",
     "--config.train.log_every=1",  # metrics.jsonl shows the steps as they run
     "--config.checkpoint.save_every=1000",  # only the stop and the last step save
     "--config.data.train=synthetic:mix:400",
@@ -202,7 +203,7 @@ def _sigterm_after(workdir, step: int, process: int, signalled: list[int]):
 
 def _stopped_at(errs: list[str]) -> int:
     """The step both processes say they stopped at, after saving it."""
-    stopped = [re.findall(r"stopped at step (\d+) of 40", err) for err in errs]
+    stopped = [re.findall(rf"stopped at step (\d+) of {STOP_STEPS}", err) for err in errs]
     assert stopped[0] == stopped[1] and len(stopped[0]) == 1, stopped
     return int(stopped[0][0])
 
@@ -214,7 +215,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
     # Process 1 gets SIGTERM once step 2 is logged (step 1 compiles); process 0, which
     # writes the metrics, gets nothing.
     step = _stopped_at(_train(workdir, _sigterm_after(workdir, 1, 1, signalled)))
-    assert signalled[0] < step < 40
+    assert signalled[0] < step < STOP_STEPS
     # Only that step was saved, and committed (Orbax renames a step's folder when done).
     assert os.listdir(workdir / "checkpoints") == [str(step)]
     assert _logged_steps(workdir)[-1] == step
@@ -224,7 +225,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
     errs = _train(workdir, _sigterm_after(workdir, step, 0, signalled))
     assert all(re.search(rf"resumed from \S+ at step {step}\n", err) for err in errs)
     again = _stopped_at(errs)
-    assert step < signalled[1] < again < 40
+    assert step < signalled[1] < again < STOP_STEPS
     assert _logged_steps(workdir) == list(range(1, again + 1))  # each step once
     assert sorted(os.listdir(workdir / "checkpoints"), key=int) == [str(step), str(again)]
 
