@@ -106,6 +106,17 @@ def _scored(metrics: dict | None) -> bool:
     return bool(metrics) and "score" in metrics
 
 
+class _LoopDecidesPreemption(ocp.CheckpointManager):
+    """Orbax asks JAX's preemption sync point itself, also from the thread that finalizes an
+    async save, with that save's older step. JAX's service keeps each host's last reported
+    step, so a notice arriving just then would choose a stop step the loop has already
+    passed, and the run would never stop. The train loop decides preemption saves
+    (`sft_jax.preemption`): Orbax is told of none."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """A thin, typed face on `ocp.CheckpointManager` for the train loop and tools.
 
@@ -147,7 +158,7 @@ class Checkpointer:
             single_host_load_and_broadcast=True,
             **retention,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = _LoopDecidesPreemption(self.directory, options=options)
         self._best = self._saved_best() if best is not None else None
 
     def _saved_best(self) -> dict | None:

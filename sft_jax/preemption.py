@@ -17,11 +17,10 @@ replaces JAX's, and then the sync point never fires. So with the service, SIGTER
 to JAX, and Ctrl-C, still caught here (a second one interrupts at once), is passed on to
 it as a SIGTERM to this process (also checked: both processes stop at one step). JAX's
 handler swallows SIGTERM outside the train loop too: the process does not die of it.
-Known gap: the service keeps only the step last asked about, and Orbax's CheckpointManager
-asks too, from its finalize thread, with the step of the save it has just committed; a
-notice handled on every host between that call and the next step's would set a sync point
-already passed, and the run would not stop (it would run on until killed, as if the notice
-had not come). The window is under one step per asynchronous save.
+The service keeps only the step last asked about, so nothing else may ask: Orbax's
+CheckpointManager would, from its finalize thread with an older step (setting a sync point
+already passed, and the run would never stop); `checkpoint.Checkpointer`'s manager answers
+Orbax's question itself.
 
 Without the service (one process, or `jax_enable_preemption_service` off), our handlers
 take both signals; several processes then agree by a collective every `agree_every` steps
