@@ -1,4 +1,4 @@
-"""sft_jax/cli: the four user commands are console scripts of the installed package, each
+"""sft_jax/cli: the user commands are console scripts of the installed package, each
 with --help listing the flags of its command line."""
 
 import subprocess
@@ -10,7 +10,8 @@ FLAGS = {
     "sft-jax-generate": "--workdir --hf --step --prompt --input --output --template "
     "--max-new-tokens --temperature --top-k --top-p --seed --stop --batch-size",
     "sft-jax-inspect": "--config --dump_batches --out --html --show --html_rows --[no]color",
-    "sft-jax-plan": "--config --devices --[no]compile",
+    "sft-jax-plan": "--config --devices --[no]compile --topology",
+    "sft-jax-stage": "source dest --revision",
 }
 
 
