@@ -143,7 +143,8 @@ def frozen_base(model: GPT, mesh, init_from: str, seed: int, allow_pickle: bool 
     the base here."""
     cfg = model.cfg
     boxed = lora.split(jax.eval_shape(lambda: steps.init_params(jax.random.key(0), model)))[0]
-    stored = jax.eval_shape(lambda: lora.prepare_base(cfg, model.lora, boxed))
+    # `boxed` as an argument: traced, so prepare_base's astype and quantizers see arrays.
+    stored = jax.eval_shape(functools.partial(lora.prepare_base, cfg, model.lora), boxed)
     out_shardings = sharding.tree_shardings(stored, mesh)
     if not init_from:
         random_base = functools.partial(steps.random_base, model=model)
@@ -178,7 +179,7 @@ class _WhenRead:
 def _merged_when_read(meta: RunMeta, adapters: dict) -> dict:
     """A LoRA run's merged params, each leaf computed when read (`_WhenRead`): the frozen
     base as `frozen_base` rebuilds it (from `init_from`'s files, one tensor at a time; or
-    the random init of `seed`, one leaf at a time), dequantized, and each adapted kernel
+    the random init of `seed`, whole and once: a toy run's), dequantized, and each adapted kernel
     merged with its stored adapters (`lora.merged_kernel`)."""
     cfg, spec = meta.model, meta.lora
     model = GPT(cfg, spec.layers(cfg))
@@ -196,6 +197,8 @@ def _merged_when_read(meta: RunMeta, adapters: dict) -> dict:
         def read(layer):
             if layer is not None and not stacked:
                 return np.asarray(read(None))[layer]
+            if layer is None and stacked:  # init_from's files hold each layer apart
+                return np.stack([read(i) for i in range(shape.shape[0])])
             base = base_leaf(keys, shape.shape, layer if stacked else None)
             if "lora_a" not in site:
                 return np.asarray(base)
@@ -233,9 +236,14 @@ def _base_leaves(model: GPT, meta: RunMeta):
 
         return base
 
+    # A random base (no init_from: a toy run's) is rebuilt whole, once, on one device: one
+    # compile of the model's init, where one per leaf cost seconds each.
+    @functools.lru_cache(maxsize=1)
+    def random_base():
+        return jax.jit(functools.partial(steps.random_base, model=model))(jax.random.key(meta.seed))
+
     @functools.lru_cache(maxsize=1)  # the last leaf, read a layer at a time
     def random_leaf(path):
-        whole = jax.jit(lambda key: sharding.get_path(steps.random_base(key, model), path))
-        return quant.dequantize(whole(jax.random.key(meta.seed)))
+        return quant.dequantize(sharding.get_path(random_base(), path))
 
     return lambda path, shape, layer: random_leaf(path)[() if layer is None else layer]

@@ -32,6 +32,15 @@ def test_env_adds_the_tunable_and_keeps_existing_ones():
     assert env["X"] == "1"
 
 
+def test_env_adds_an_entry_points_tunables_unless_named():
+    # sft-jax-export's: every freed tensor back to the system (README, "Several hosts").
+    env = hostenv.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (hostenv.STREAMING,))
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0:" + hostenv.STREAMING
+    named = "glibc.malloc.hugetlb=0:glibc.malloc.mmap_threshold=4096"
+    assert hostenv.malloc_env({"GLIBC_TUNABLES": named}, (hostenv.STREAMING,)) is None
+    assert hostenv.malloc_env({hostenv.OPT_OUT: "0"}, (hostenv.STREAMING,)) is None
+
+
 def test_env_unchanged_when_opted_out_or_already_set():
     assert hostenv.malloc_env({hostenv.OPT_OUT: "0"}) is None
     assert hostenv.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None

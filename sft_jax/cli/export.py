@@ -16,8 +16,11 @@ from the checkpoint's files, whatever mesh wrote them (`runs.stored_run`), conve
 written, so one CPU host exports a run of any size; a LoRA run's kernels are rebuilt and
 merged a tensor at a time too. Peak memory beyond the interpreter: the largest tensor
 (as read and as converted), one decoded checkpoint chunk (one device's shard of a leaf
-when written), and the safetensors file being filled (--max-shard-gb, held until written).
+when written), and the safetensors file being filled (--max-shard-gb, held until written);
+README.md ("Several hosts") gives the bound and a measurement. The command re-executes
+itself once with glibc's malloc told to return freed tensors (`hostenv.STREAMING`).
 This is the default, not a flag, because it writes the same bytes as restoring the params
+(a double-quantized NF4 base aside: its scales' mean rounds by the mesh, last bits)
 over the devices (`runs.load_run` + `hf.save_hf`, what a multi-process caller does: each
 process restores its shards) and needs less memory everywhere. The folder holds config.json,
 generation_config.json, safetensors and the run's tokenizer;
@@ -28,8 +31,14 @@ is not read.
 import argparse
 import sys
 
+from sft_jax import hostenv
+
 
 def main(argv=None) -> int:
+    if argv is None:  # the process's own command line (the console script, python -m)
+        # Before jax loads: XLA's defaults, and glibc's malloc set to return each freed
+        # tensor to the system (hostenv.STREAMING), on which the memory bound above rests.
+        hostenv.setup(tunables=(hostenv.STREAMING,))
     parser = argparse.ArgumentParser(prog="sft-jax-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the run's --workdir")
     which = parser.add_mutually_exclusive_group()
