@@ -149,6 +149,8 @@ def frozen_base(model: GPT, mesh, init_from: str, seed: int, allow_pickle: bool 
     if not init_from:
         random_base = functools.partial(steps.random_base, model=model)
         return jax.jit(random_base, out_shardings=out_shardings)(jax.random.key(seed))
+    # Each leaf (each layer of a stacked leaf) stored as it loads, as the run's import did:
+    # a QLoRA base is never held in float32 here either.
     _, params = hf.load_hf(
         init_from,
         allow_pickle=allow_pickle,
@@ -156,9 +158,9 @@ def frozen_base(model: GPT, mesh, init_from: str, seed: int, allow_pickle: bool 
         scan_layers=cfg.scan_layers,
         shardings=sharding.tree_shardings(boxed, mesh),
         shapes=nn.meta.unbox(boxed),
+        transform=lora.load_transform(cfg, model.lora, out_shardings),
     )
-    prepare = functools.partial(lora.prepare_base, cfg, model.lora)
-    return jax.jit(prepare, out_shardings=out_shardings)(params)
+    return params
 
 
 class _WhenRead:
