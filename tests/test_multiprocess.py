@@ -13,7 +13,7 @@ import pytest
 
 from tests.processes import ROOT, cpu_env, run_processes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]  # one reference run
 
 ARGS = [
     "--config",

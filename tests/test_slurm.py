@@ -26,6 +26,7 @@ from tests.processes import ROOT, cpu_env
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("slurm"),  # one cluster and one reference run for both tests
     pytest.mark.skipif(
         slurm_cluster.available() is not None, reason=str(slurm_cluster.available())
     ),
