@@ -379,7 +379,7 @@ def load_transform(cfg: GPTConfig, layers: LoraLayers, stored_shardings: dict):
         path = tuple(path)
         if path not in jitted:
             shardings = get_path(stored_shardings, path)
-            one_layer = cfg.scan_layers and path[0] == "layers"  # a stacked leaf's layer
+            one_layer = cfg.scan_layers and path[0] == cfg.names.layers  # a stacked leaf's layer
             if one_layer:  # its sharding: the stacked leaf's without the layers axis
                 shardings = jax.tree.map(_drop_first_axis, shardings)
             store = functools.partial(per_layer if one_layer else whole, path)

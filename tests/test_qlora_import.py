@@ -54,6 +54,17 @@ def _fns(folder, spec: lora.LoraSpec, mesh):
 
 
 @pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """GPT-2's stacked layers are named "h", not "layers": a transform keyed on the name
+    once treated each of its layers as a whole stacked leaf (a rank error on import)."""
+    folder = str(tmp_path_factory.mktemp("gpt2"))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("llama"))
     _save_llama(folder, hidden=128, intermediate=256, layers=3)
@@ -64,30 +75,12 @@ def tiny_llama(tmp_path_factory):
 # on one device.
 @pytest.mark.parametrize("quantize,mesh_shape", [("nf4", (1, 4, 2)), ("int8", (1, 1, 1))])
 def test_quantized_import_equals_prepare_base_of_the_float_import(tiny_llama, quantize, mesh_shape):
-    spec = lora.LoraSpec(rank=4, quantize=quantize, base_dtype="bfloat16")
-    devices = jax.devices()[: int(np.prod(mesh_shape))]
-    fns = _fns(tiny_llama, spec, sharding.make_mesh(*mesh_shape, devices=devices))
-    stored_shardings = lora.split(fns.state_shardings.params)[0]
-    m = types.SimpleNamespace(init_from=tiny_llama, allow_pickle=False)
-    with fns.context():
-        ours = train._pretrained(m, fns)
-        # What the import did before: the float32 base, then prepare_base over all of it.
-        _, floats = hf.load_hf(tiny_llama, shardings=fns.load_shardings, shapes=fns.load_shapes)
-        prepare = lambda p: lora.prepare_base(fns.model.cfg, fns.model.lora, p)
-        want = jax.jit(prepare, out_shardings=stored_shardings)(floats)
-
+    fns, ours, want = _import_both_ways(tiny_llama, quantize, mesh_shape)
     kernel = ours["layers"]["mlp"]["down_proj"]["kernel"]
     assert isinstance(kernel, quant.NF4Tensor if quantize == "nf4" else quant.Int8Tensor)
     if quantize == "nf4":
         assert isinstance(kernel.scales, quant.QuantizedScales)  # double quantization
     assert ours["embed_tokens"]["embedding"].dtype == jax.numpy.bfloat16
-    assert jax.tree.structure(ours) == jax.tree.structure(want)
-    paths = jax.tree_util.tree_leaves_with_path(want)
-    for (path, w), o in zip(paths, jax.tree.leaves(ours), strict=True):
-        name = jax.tree_util.keystr(path)
-        assert o.dtype == w.dtype and o.shape == w.shape, name
-        assert o.sharding.is_equivalent_to(w.sharding, o.ndim), name
-        np.testing.assert_array_equal(np.asarray(o), np.asarray(w), err_msg=name)
 
     if quantize == "int8":
         return
@@ -97,6 +90,35 @@ def test_quantized_import_equals_prepare_base_of_the_float_import(tiny_llama, qu
     base = lora.split(state.params)[0]
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _import_both_ways(folder, quantize, mesh_shape):
+    """(step functions, the base as the import stores it, prepare_base of the float32
+    import), after checking the two equal bitwise with the same shardings."""
+    spec = lora.LoraSpec(rank=4, quantize=quantize, base_dtype="bfloat16")
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    fns = _fns(folder, spec, sharding.make_mesh(*mesh_shape, devices=devices))
+    stored_shardings = lora.split(fns.state_shardings.params)[0]
+    m = types.SimpleNamespace(init_from=folder, allow_pickle=False)
+    with fns.context():
+        ours = train._pretrained(m, fns)
+        # What the import did before: the float32 base, then prepare_base over all of it.
+        _, floats = hf.load_hf(folder, shardings=fns.load_shardings, shapes=fns.load_shapes)
+        prepare = lambda p: lora.prepare_base(fns.model.cfg, fns.model.lora, p)
+        want = jax.jit(prepare, out_shardings=stored_shardings)(floats)
+    assert jax.tree.structure(ours) == jax.tree.structure(want)
+    paths = jax.tree_util.tree_leaves_with_path(want)
+    for (path, w), o in zip(paths, jax.tree.leaves(ours), strict=True):
+        name = jax.tree_util.keystr(path)
+        assert o.dtype == w.dtype and o.shape == w.shape, name
+        assert o.sharding.is_equivalent_to(w.sharding, o.ndim), name
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(w), err_msg=name)
+    return fns, ours, want
+
+
+def test_a_gpt2_base_is_stored_layer_by_layer_too(tiny_gpt2):
+    _, ours, _ = _import_both_ways(tiny_gpt2, "int8", (1, 2, 1))
+    assert isinstance(ours["h"]["mlp"]["c_fc"]["kernel"], quant.Int8Tensor)
 
 
 def test_a_transform_needs_shardings(tiny_llama):
