@@ -75,6 +75,10 @@ class StopSignal:
         self.received: int | None = None
         self.agree_every = agree_every  # steps between cross-process checks of local signals
         self.via_jax = jax_preemption_service()
+        # JAX's sync point counts calls, not training steps: a notice before the first call
+        # picks call 1. The loop asks once per step on every host, so a count of the calls
+        # agrees across hosts where the global step of a resumed run would never match.
+        self._calls = 0
         self.signals = (signal.SIGINT,) if self.via_jax else (signal.SIGTERM, signal.SIGINT)
         self._previous: dict = {}
 
@@ -107,7 +111,8 @@ class StopSignal:
         """Whether to stop after `step` steps; the same on every process. Ask every step:
         JAX's sync point is True at one step only."""
         if self.via_jax:
-            return multihost_utils.reached_preemption_sync_point(step)
+            self._calls += 1
+            return multihost_utils.reached_preemption_sync_point(self._calls)
         if jax.process_count() == 1:
             return self.received is not None
         # Agree across processes (a collective, so not every step): stop if any process
