@@ -30,13 +30,22 @@ LAUNCHERS = {
 }
 
 
-def detected_launcher() -> str | None:
+# Started only with --multihost: any pod has KUBERNETES_SERVICE_HOST, and JAX's Kubernetes
+# start needs the pod's controller and the API's permissions, which a one-pod job (a
+# notebook, a one-GPU pod) lacks. GKE's TPU pods are GkeTpuCluster, detected without it.
+NEEDS_MULTIHOST_FLAG = ("K8sCluster",)
+
+
+def detected_launcher(include_opt_in: bool = False) -> str | None:
     """The name of the JAX cluster environment this process runs in (None: no cluster).
-    Opt-in environments (mpi4py) are left out, as `jax.distributed.initialize()` does."""
+    Opt-in environments (mpi4py) are left out, as `jax.distributed.initialize()` does, and
+    those of `NEEDS_MULTIHOST_FLAG` unless `include_opt_in`."""
     from jax._src.clusters import ClusterEnv
 
     for env in ClusterEnv._cluster_types:
-        if not env.opt_in_only_method and env.is_env_present():
+        if env.opt_in_only_method or (env.__name__ in NEEDS_MULTIHOST_FLAG and not include_opt_in):
+            continue
+        if env.is_env_present():
             return env.__name__
     return None
 
@@ -100,9 +109,12 @@ def start(
 
     An explicit coordinator (arguments or `JAX_COORDINATOR_ADDRESS`) wins; else the launcher
     JAX detects; else one process. `require_cluster` makes "no cluster found" an error
-    (`--multihost`: better than each worker training alone)."""
+    (`--multihost`: better than each worker training alone; it also admits a plain
+    Kubernetes launch, `NEEDS_MULTIHOST_FLAG`)."""
     explicit = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    launcher = None if explicit else detected_launcher()
+    # Detected even with a coordinator given: JAX fills the rest from the launcher (and
+    # picks SLURM tasks' GPUs), so its GPU choice must be corrected then too.
+    launcher = detected_launcher(include_opt_in=require_cluster)
     if explicit or launcher:
         # CPU processes need a collectives library to talk to each other (tests, CPU
         # clusters); GPU and TPU backends ignore this setting.
@@ -112,7 +124,7 @@ def start(
             num_processes=num_processes,
             process_id=process_id,
         )
-        if launcher == "SlurmCluster":
+        if launcher == "SlurmCluster" and not os.environ.get("JAX_LOCAL_DEVICE_IDS"):
             # After initialize(), which set the task's local id; the backend is not up yet.
             gpus = slurm_visible_gpus(os.environ)
             jax.config.update("jax_cuda_visible_devices", gpus)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,7 +23,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "sinfo")
+DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "sinfo", "squeue")
 
 
 def available() -> str | None:
@@ -35,20 +36,28 @@ def available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports nothing listens on now (all bound at once, so distinct)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _config(folder: str, node: str) -> str:
+    ctld_port, d_port = _free_ports(2)
+    # JAX's SLURM coordinator port comes from the job id: a random first id keeps two test
+    # clusters on one machine (two CI runs) from giving their jobs the same port.
+    first_job = random.randrange(1000, 60000)
     return f"""\
 ClusterName=sftjaxtest
 SlurmctldHost={node}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+FirstJobId={first_job}
 AuthType=auth/munge
 AuthInfo=socket={folder}/munge.socket
 CredType=cred/munge
@@ -108,6 +117,12 @@ def slurm_cluster(folder: str, timeout: float = 60) -> Iterator[dict[str, str]]:
         _wait_idle(env, folder, timeout)
         yield env
     finally:
+        # A job a failed test left running would hold the cores (and its tasks would outlive
+        # the daemons): cancel every job, and give slurmd time to kill their steps.
+        subprocess.run(["scancel", "--full", "--partition=test"], env=env, capture_output=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _jobs(env):
+            time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             _stop(os.path.join(folder, f"{name}.pid"))
 
@@ -143,6 +158,14 @@ def _stop(pid_file: str, timeout: float = 10) -> None:
             os.kill(pid, 0)
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
+
+
+def _jobs(env: dict[str, str]) -> list[str]:
+    """The ids of the jobs still pending, running or being killed."""
+    out = subprocess.run(
+        ["squeue", "--noheader", "--format=%i"], env=env, capture_output=True, text=True
+    )
+    return out.stdout.split()
 
 
 def job_state(env: dict[str, str], job_id: str) -> str:

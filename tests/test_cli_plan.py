@@ -12,6 +12,7 @@ from configs import tiny
 from sft_jax import memory_plan, sharding, train
 from sft_jax.cli import plan
 from sft_jax.model import GPT
+from tests import required
 from tests.run_config import parse
 
 
@@ -155,7 +156,7 @@ def test_topology_compiles_the_train_step_for_a_tpu_slice(console_script, one_de
     """The TPU compiler itself (libtpu, no TPU): the real train step with splash attention
     for v5p-8's 4 chips; XLA's per-chip HBM beside the plan; exit 2 when it exceeds the
     chip's memory (here a --device of 64 MiB stands in for a small chip)."""
-    pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is in the test extras")
+    required.importorskip("libtpu", reason="libtpu (the TPU compiler) is in the test extras")
     tiny_py = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
     common = [
         console_script("sft-jax-plan"),

@@ -3,6 +3,7 @@
 import pytest
 
 from sft_jax import topology
+from tests import required
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,6 @@ def test_a_name_that_is_no_slice_is_refused_with_the_forms_accepted(name, messag
 
 
 def test_the_slice_devices_come_from_the_tpu_compiler():
-    pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is in the test extras")
+    required.importorskip("libtpu", reason="libtpu (the TPU compiler) is in the test extras")
     devices = topology.devices(topology.parse("v6e-16"))
     assert len(devices) == 16 and devices[0].device_kind == "TPU v6 lite"
