@@ -295,7 +295,10 @@ def _plan_slice(args, device_memory: int) -> int:
     from sft_jax import topology
 
     if args.lower or args.compile:
-        print("sft-jax-plan: --topology compiles for the TPU; leave out --lower and --compile")
+        print(
+            "sft-jax-plan: --topology compiles for the TPU; leave out --lower and --compile",
+            file=sys.stderr,
+        )
         return 1
     try:
         tpu_slice = topology.parse(args.topology)
