@@ -88,3 +88,16 @@ def test_a_hub_model_passes_through_local_disk_one_file_at_a_time(tmp_path, monk
     assert sorted(downloads) == want and sorted(os.listdir(dest)) == want
     for name in want:
         assert (dest / name).read_bytes() == (src / name).read_bytes(), name
+
+
+def test_a_source_without_safetensors_is_refused_before_anything_is_copied(tmp_path, capsys):
+    src, dest = tmp_path / "bin_only", tmp_path / "dest"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"x")
+    assert stage.main([str(src), str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert "sft-jax-stage SOURCE" in err and "has no *.safetensors" in err
+    assert not dest.exists()
+    assert stage.main([str(src), str(dest), "--revision", "v1"]) == 2
+    assert "is a folder, not a hub id" in capsys.readouterr().err

@@ -19,8 +19,9 @@ from sft_jax.hf.config import config_from_hf
 from sft_jax.model.config import GPTConfig
 
 
-def _hub_download(source: str, **kwargs):
-    """A hub call whose failure (network, auth, missing repo) reads the same to the user."""
+def _hub_download(source: str, key: str = "model.init_from", **kwargs):
+    """A hub call whose failure (network, auth, missing repo) reads the same to the user;
+    `key` names what the user gave `source` as."""
     import huggingface_hub
 
     try:
@@ -29,8 +30,9 @@ def _hub_download(source: str, **kwargs):
         return huggingface_hub.snapshot_download(source, **kwargs)
     except Exception as e:
         raise ValueError(
-            f"model.init_from: could not get {source!r} from the Hugging Face hub ({e}). "
-            "Give a local folder with config.json and *.safetensors, or a GGUF file."
+            f"{key}: could not get {source!r} from the Hugging Face hub ({e}). "
+            "Give a local folder with config.json and *.safetensors"
+            + (", or a GGUF file." if key == "model.init_from" else ".")
         ) from None
 
 
@@ -48,17 +50,18 @@ def _is_hub_id(source: str) -> bool:
     return not (is_url(source) or local)
 
 
-def resolve_folder(source: str, weights: bool = True) -> epath.Path:
+def resolve_folder(source: str, weights: bool = True, key: str = "model.init_from") -> epath.Path:
     """A local or remote (gs://, s3://) folder as is; a hub id downloaded: its config and
-    tokenizer files, and its safetensors if `weights`."""
+    tokenizer files, and its safetensors if `weights`. `key`: what the user gave `source` as."""
     if _is_hub_id(source):
         if weights:
             _warn_every_host_downloads(source)
         patterns = _HUB_SMALL_FILES + (["*.safetensors"] if weights else [])
-        return epath.Path(_hub_download(source, allow_patterns=patterns))
+        return epath.Path(_hub_download(source, key, allow_patterns=patterns))
     path = epath.Path(source).expanduser()
     if not path.is_dir():
-        raise ValueError(f"model.init_from: {source!r} is not a Hugging Face folder or GGUF file")
+        what = "a Hugging Face folder or GGUF file" if key == "model.init_from" else "a folder"
+        raise ValueError(f"{key}: {source!r} is not {what}")
     return path
 
 
@@ -87,12 +90,15 @@ def stage(source: str, dest: str, revision: str | None = None) -> list[str]:
     from sft_jax.hf.files import copy_file
 
     source = source.removeprefix("hf:")
-    out = epath.Path(dest)
-    out.mkdir(parents=True, exist_ok=True)
     wanted = lambda name: any(fnmatch.fnmatch(name, p) for p in _STAGED_FILES)
     if not _is_hub_id(source):
-        folder = resolve_folder(source, weights=False)
+        if revision:
+            raise ValueError(f"--revision {revision}: {source!r} is a folder, not a hub id")
+        folder = resolve_folder(source, weights=False, key=STAGE_SOURCE)
         names = sorted(p.name for p in folder.iterdir() if wanted(p.name) and p.is_file())
+        _check_weights(source, names)
+        out = epath.Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
         for name in names:
             if not _same_size(out / name, (folder / name).stat().length):
                 copy_file(folder / name, out / name)
@@ -100,15 +106,32 @@ def stage(source: str, dest: str, revision: str | None = None) -> list[str]:
         return names
     files = _hub_files(source, revision)
     names = sorted(n for n in files if wanted(n) and "/" not in n)
+    _check_weights(source, names)
+    out = epath.Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             if _same_size(out / name, files[name]):
                 continue
-            local = _hub_download(source, filename=name, revision=revision, local_dir=tmp)
+            local = _hub_download(
+                source, STAGE_SOURCE, filename=name, revision=revision, local_dir=tmp
+            )
             copy_file(epath.Path(local), out / name)
             os.remove(local)
             logging.info("staged %s", out / name)
     return names
+
+
+STAGE_SOURCE = "sft-jax-stage SOURCE"
+
+
+def _check_weights(source: str, names: list[str]) -> None:
+    """Before anything is copied: a source without safetensors cannot be imported."""
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ValueError(
+            f"{STAGE_SOURCE}: {source!r} has no *.safetensors: only safetensors are staged "
+            "(a bucket import reads their byte ranges); convert the weights first"
+        )
 
 
 def _hub_files(source: str, revision: str | None) -> dict[str, int]:
