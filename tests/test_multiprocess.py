@@ -35,7 +35,7 @@ def _losses(workdir):
     return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in records]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # the xdist group keeps it on one worker
 def single_device_run(tmp_path_factory):
     """The reference: the same run in one process on one device."""
     single = tmp_path_factory.mktemp("single")

@@ -26,7 +26,9 @@ from tests.processes import ROOT, cpu_env
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.xdist_group("slurm"),  # one cluster and one reference run for both tests
+    # One worker for both tests; the fixtures are session-scoped because pytest tears a
+    # module's fixtures down whenever the worker runs another module's test in between.
+    pytest.mark.xdist_group("slurm"),
     required.skip_unless_ci(slurm_cluster.available()),
 ]
 
@@ -48,13 +50,13 @@ ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     with slurm_cluster.slurm_cluster(str(tmp_path_factory.mktemp("slurm"))) as env:
         yield env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def xla_cache(tmp_path_factory):
     """One compilation cache for the module's runs: the later ones load the executables."""
     return str(tmp_path_factory.mktemp("xla_cache"))
@@ -83,7 +85,7 @@ def _final_params(workdir) -> list[np.ndarray]:
     return jax.tree.leaves(jax.device_get(run.params))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_process_run(tmp_path_factory, xla_cache):
     workdir = tmp_path_factory.mktemp("one_process")
     out = subprocess.run(
@@ -105,7 +107,7 @@ def one_process_run(tmp_path_factory, xla_cache):
     return workdir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def srun_run(tmp_path_factory, cluster, xla_cache):
     """`srun -N1 -n2` of the real main, no launch flags: (workdir, the tasks' stderr)."""
     workdir = tmp_path_factory.mktemp("srun")
@@ -128,7 +130,7 @@ def srun_run(tmp_path_factory, cluster, xla_cache):
         text=True,
         timeout=600,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[:3000] + "\n[…]\n" + out.stderr[-3000:]
     return workdir, out.stderr
 
 
