@@ -12,7 +12,7 @@ import json
 import sys
 
 import jax
-import numpy as np
+import worker_checks
 
 
 def main(src, result, pid, nproc, port, fsdp, tensor):
@@ -56,16 +56,7 @@ def main(src, result, pid, nproc, port, fsdp, tensor):
         share += sum(shard.data.nbytes for shard in blocks.values())
 
     # What each device holds equals the same block of a single-process (numpy) import.
-    _, reference = hf.load_hf(src)
-    mismatched, wrong_sharding = [], []
-    for path, leaf in leaves:
-        keys = tuple(k.key for k in path)
-        want = sharding.get_path(reference, keys)
-        if leaf.sharding != sharding.get_path(shardings, keys):
-            wrong_sharding.append("/".join(keys))
-        for shard in leaf.addressable_shards:
-            if not np.array_equal(np.asarray(shard.data), want[shard.index]):
-                mismatched.append(f"{'/'.join(keys)} {shard.index}")
+    mismatched, wrong_sharding = worker_checks.blocks_unlike_one_process(src, params, shardings)
     with open(result, "w") as f:
         json.dump(
             {

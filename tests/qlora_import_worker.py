@@ -15,17 +15,7 @@ import types
 
 import jax
 import optax
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
+import worker_checks
 
 
 def main(src, result, mode):
@@ -40,7 +30,7 @@ def main(src, result, mode):
     stored_shardings = lora.split(fns.state_shardings.params)[0]
     # The first compile in a process maps XLA's and LLVM's own memory: not the import's.
     jax.jit(lambda x: x + 1)(jax.numpy.zeros(8)).block_until_ready()
-    before = _reset_peak()
+    before = worker_checks.reset_peak()
     with fns.context():
         if mode == "stored":
             base = train._pretrained(types.SimpleNamespace(init_from=src, allow_pickle=False), fns)
@@ -50,7 +40,7 @@ def main(src, result, mode):
             base = jax.jit(prepare, out_shardings=stored_shardings, donate_argnums=0)(floats)
             del floats
         jax.block_until_ready(base)
-    peak = _status_kib("VmHWM") * 1024 - before
+    peak = worker_checks.peak() - before
     stored = sum(x.nbytes for x in jax.tree.leaves(base))
     with open(result, "w") as f:
         json.dump({"peak": peak, "stored": stored}, f)

@@ -11,23 +11,7 @@ import json
 import sys
 
 import jax
-import numpy as np
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def _reset_peak() -> int:
-    """Reset the high-water mark to the current RSS; returns that RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def _peak() -> int:
-    return _status_kib("VmHWM") * 1024
+import worker_checks
 
 
 def main(src, out, result, pid, nproc, port):
@@ -46,28 +30,19 @@ def main(src, out, result, pid, nproc, port):
 
     # The first compile in a process maps XLA's and LLVM's own memory: not the import's.
     jax.jit(lambda x: x + 1)(jax.numpy.zeros(8)).block_until_ready()
-    before = _reset_peak()
+    before = worker_checks.reset_peak()
     _, params = hf.load_hf(src, shardings=shardings, shapes=shapes)
     jax.block_until_ready(params)
-    import_peak = _peak() - before
+    import_peak = worker_checks.peak() - before
     leaves = jax.tree_util.tree_leaves_with_path(params)
     held = sum(s.data.nbytes for _, leaf in leaves for s in leaf.addressable_shards)
 
-    before = _reset_peak()
+    before = worker_checks.reset_peak()
     hf.save_hf(cfg, params, out, max_shard_bytes=48 * 1024**2)
-    export_peak = _peak() - before
+    export_peak = worker_checks.peak() - before
 
     # What each device holds equals the same block of a single-process (numpy) import.
-    _, reference = hf.load_hf(src)
-    mismatched, wrong_sharding = [], []
-    for path, leaf in leaves:
-        keys = tuple(k.key for k in path)
-        want = sharding.get_path(reference, keys)
-        if leaf.sharding != sharding.get_path(shardings, keys):
-            wrong_sharding.append("/".join(keys))
-        for shard in leaf.addressable_shards:
-            if not np.array_equal(np.asarray(shard.data), want[shard.index]):
-                mismatched.append(f"{'/'.join(keys)} {shard.index}")
+    mismatched, wrong_sharding = worker_checks.blocks_unlike_one_process(src, params, shardings)
     with open(result, "w") as f:
         json.dump(
             {

@@ -173,13 +173,7 @@ def _seconds(s: float) -> str:
 
 def _compile_topology(run, p, tpu_slice, devices, hbm: int) -> int:
     """Compile for the slice and print its verdict; the exit status (2: does not fit)."""
-    from sft_jax import kernels
-
-    model_cfg = p["model"]
-    with kernels.target_platform("tpu"):
-        kernel = kernels.resolve(
-            model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap
-        )
+    kernel = _attention_kernel(p, "tpu")
     try:
         compiled = compile_for_slice(run, p, devices)
     except Exception as e:  # any partitioning or compile failure is the answer here
@@ -214,14 +208,19 @@ def lower_train_step(run, p, target: str):
             return fns.train_step.trace(state, batch).lower(lowering_platforms=(target,))
 
 
-def _lower(run, p, target: str) -> int:
+def _attention_kernel(p, target: str) -> str:
+    """The attention implementation the plan's model runs on `target`."""
     from sft_jax import kernels
 
     model_cfg = p["model"]
     with kernels.target_platform(target):
-        kernel = kernels.resolve(
+        return kernels.resolve(
             model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap
         )
+
+
+def _lower(run, p, target: str) -> int:
+    kernel = _attention_kernel(p, target)
     try:
         lowered = lower_train_step(run, p, target)
     except Exception as e:  # any lowering or partitioning failure is the answer here
