@@ -22,6 +22,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from sft_jax import hostenv
 from tests.processes import ROOT, cpu_env, run_processes
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,10 @@ pytestmark = pytest.mark.slow
 MIB = 1024**2
 # What a process may hold beyond its shards and one tensor: a tensor's blocks on the host
 # and on the devices at once (make_array_from_callback), XLA's memory for compiling the
-# per-layer updates and reshards, and allocator slack. Measured here: the import peaked at
-# 181-187 MiB for 122 MiB held, the export at 155 MiB (process 0) and 55-68 MiB (process 1).
+# per-layer updates and reshards, and allocator slack. Measured here (AMD EPYC, 2 cores): the
+# import peaked at 166-169 MiB for 122 MiB held, the export at 110-112 MiB (process 0) and
+# 62-71 MiB (process 1); a second export in the same processes, its programs compiled,
+# peaks at about 33 MiB on process 1: one tensor on the devices and one gather buffer.
 SLACK = 64 * MIB
 
 
@@ -80,9 +83,13 @@ def _launch(src, out, tmp_path, nproc, devices):
             str(port),
         ],
         # Few malloc arenas: XLA's many threads each grow their own otherwise, which moved
-        # a non-zero process's export peak by ±20 MiB from run to run under load.
+        # a non-zero process's export peak by ±20 MiB from run to run under load. A fixed
+        # mmap threshold (what sft-jax-export sets, hostenv.STREAMING): with glibc's dynamic
+        # one, freed 16 MiB tensors stay in the heap, and process 1's export peak was 62 to
+        # 110 MiB from run to run (over its 96 MiB bound in CI) for the same code; with it,
+        # 62-71 MiB, 7 runs, idle and under load.
         count=nproc,
-        env=cpu_env(devices) | {"MALLOC_ARENA_MAX": "2"},
+        env=cpu_env(devices) | {"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": hostenv.STREAMING},
     )
     return [json.loads(r.read_text()) for r in results]
 
