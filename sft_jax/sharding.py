@@ -39,6 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("layers", None),
     ("lora_rank", None),  # a LoRA adapter's rank: small, replicated
+    ("expert", None),  # a mixture of experts' expert axis
     # activations
     ("batch", BATCH_AXES),
     ("length", None),

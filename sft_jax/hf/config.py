@@ -4,6 +4,7 @@ naming it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from sft_jax.model.config import GPTConfig
@@ -20,6 +21,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
         return _gpt2_config(hf, unsupported)
     if model_type in ("llama", "qwen2", "qwen3", "mistral"):
         return _llama_config(hf, unsupported)
+    if model_type in ("qwen3_moe", "mixtral"):
+        return _moe_config(hf, unsupported)
     if model_type == "gemma3":  # the multimodal checkpoint: its language model only
         hf = {"tie_word_embeddings": hf.get("tie_word_embeddings", True)} | (
             hf.get("text_config") or {}
@@ -29,8 +32,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
         return _gemma_config(hf, unsupported)
     raise ValueError(
         f"{source}: model_type={model_type!r} is not supported; sft_jax imports gpt2, llama "
-        "(Llama 2/3, SmolLM2, TinyLlama), qwen2, qwen3, mistral, gemma2, gemma3_text and "
-        "the text part of gemma3"
+        "(Llama 2/3, SmolLM2, TinyLlama), qwen2, qwen3, qwen3_moe, mistral, mixtral, gemma2, "
+        "gemma3_text and the text part of gemma3"
     )
 
 
@@ -92,6 +95,40 @@ def _llama_config(hf: dict, unsupported: Callable[[str], ValueError]) -> GPTConf
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_llama3_scaling=_rope_scaling(rope, unsupported),
+    )
+
+
+def _moe_config(hf: dict, unsupported: Callable[[str], ValueError]) -> GPTConfig:
+    """Qwen3-MoE (Qwen3's attention, experts in every layer) and Mixtral (Mistral's)."""
+    model_type = hf["model_type"]
+    dense = _llama_config(
+        hf | {"model_type": "qwen3" if model_type == "qwen3_moe" else "mistral"}, unsupported
+    )
+    if model_type == "qwen3_moe":
+        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+            raise unsupported(
+                f"decoder_sparse_step={hf.get('decoder_sparse_step')}, mlp_only_layers="
+                f"{hf.get('mlp_only_layers')} (sft_jax puts experts in every layer)"
+            )
+        experts = hf.get("num_experts") or hf.get("num_local_experts") or 128
+        d_expert, norm_topk = hf.get("moe_intermediate_size", 768), hf.get("norm_topk_prob", False)
+        sliding_window = 0
+    else:
+        if hf.get("router_jitter_noise"):
+            raise unsupported(f"router_jitter_noise={hf['router_jitter_noise']}")
+        experts, d_expert, norm_topk = hf.get("num_local_experts", 8), hf["intermediate_size"], True
+        sliding_window = hf.get("sliding_window") or 0
+    return dataclasses.replace(
+        dense,
+        family=model_type,
+        sliding_window=sliding_window,
+        n_experts=experts,
+        experts_per_token=hf.get("num_experts_per_tok", 8 if model_type == "qwen3_moe" else 2),
+        d_expert=d_expert,
+        router_norm_topk=bool(norm_topk),
+        router_aux_loss_coef=float(
+            hf.get("router_aux_loss_coef", 0.001 if model_type == "qwen3_moe" else 0.02)
+        ),
     )
 
 
@@ -299,7 +336,9 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         extra = {"sliding_window": cfg.sliding_window or None}
     elif cfg.family == "qwen3":
         extra = {"use_sliding_window": False, "sliding_window": None}
-    return extra | {
+    elif cfg.n_experts:
+        extra = _moe_config_to_hf(cfg)
+    return {
         "model_type": cfg.family,
         "architectures": [cfg.names.hf_architecture],
         **_shape_keys(cfg),
@@ -311,6 +350,35 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "attention_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": cfg.param_dtype,
+    } | extra
+
+
+def _moe_config_to_hf(cfg: GPTConfig) -> dict:
+    """The expert keys of a Qwen3-MoE or Mixtral config.json."""
+    common = {
+        "num_experts_per_tok": cfg.experts_per_token,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "output_router_logits": False,
+    }
+    if cfg.family == "mixtral":
+        if not cfg.router_norm_topk:
+            raise ValueError(
+                "model: Mixtral always renormalises its top-k weights; set router_norm_topk=True"
+            )
+        return common | {
+            "num_local_experts": cfg.n_experts,
+            "intermediate_size": cfg.d_expert,
+            "sliding_window": cfg.sliding_window or None,
+            "router_jitter_noise": 0.0,
+        }
+    return common | {
+        "num_experts": cfg.n_experts,
+        "moe_intermediate_size": cfg.d_expert,
+        "norm_topk_prob": cfg.router_norm_topk,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "use_sliding_window": False,
+        "sliding_window": None,
     }
 
 
@@ -335,7 +403,8 @@ def _check_exportable(cfg: GPTConfig) -> None:
     """Fields the family's transformers class cannot express fail by name."""
     gemma = cfg.family in ("gemma2", "gemma3")
     fits = {
-        "sliding_window": gemma or cfg.family == "mistral" or not cfg.sliding_window,
+        "sliding_window": gemma or cfg.family in ("mistral", "mixtral") or not cfg.sliding_window,
+        "router": cfg.router == "softmax_topk",
         "global_every": gemma or not cfg.global_every,
         "rope_local_theta": cfg.family == "gemma3" or not cfg.rope_local_theta,
         "attn_softcap": gemma or not cfg.attn_softcap,

@@ -13,6 +13,7 @@ from etils import epath
 from sft_jax import assets
 from sft_jax.hf import files as hf_files
 from sft_jax.hf.config import config_to_hf
+from sft_jax.hf.experts import ExpertsReader
 from sft_jax.hf.hub import is_url, load_config, resolve_folder
 from sft_jax.hf.tensors import leaf_from_hf, params_from_hf, params_to_hf, shard_plan
 from sft_jax.model.config import GPTConfig
@@ -59,9 +60,7 @@ def load_hf(
     quantized base: `lora.load_transform`)."""
     source = assets.resolve_source(source)
     cfg = dataclasses.replace(load_config(source), param_dtype=param_dtype, scan_layers=scan_layers)
-    reader = _tensor_reader(source, allow_pickle)
-    if cfg.family == "gemma3":
-        reader = LanguageModelReader(reader)
+    reader = _family_reader(_tensor_reader(source, allow_pickle), cfg)
     return cfg, params_from_hf(cfg, reader, shardings, shapes, transform)
 
 
@@ -70,10 +69,18 @@ def hf_leaves(source: str, cfg: GPTConfig, allow_pickle: bool = False):
     leaf) as `load_hf(source)` gives it, read alone: a model too big to load at once, one
     tensor at a time."""
     source = assets.resolve_source(source)
-    reader = _tensor_reader(source, allow_pickle)
+    reader = _family_reader(_tensor_reader(source, allow_pickle), cfg)
+    return lambda path, shape, layer=None: leaf_from_hf(cfg, reader, path, shape, layer)
+
+
+def _family_reader(reader, cfg: GPTConfig):
+    """`reader` with what the family's checkpoints need: Gemma 3's language model inside a
+    multimodal checkpoint, experts stored one tensor each (or fused)."""
     if cfg.family == "gemma3":
         reader = LanguageModelReader(reader)
-    return lambda path, shape, layer=None: leaf_from_hf(cfg, reader, path, shape, layer)
+    if cfg.n_experts:
+        reader = ExpertsReader(reader, cfg)
+    return reader
 
 
 class LanguageModelReader:

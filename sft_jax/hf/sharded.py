@@ -45,6 +45,8 @@ def hf_shape(layout: str, shape: tuple[int, ...], in_dims: int) -> tuple[int, ..
         return tuple(shape)
     if layout == "vector":
         return (math.prod(shape),)
+    if layout == "experts":  # [experts, in…, out…] → [experts, out, in]
+        return (shape[0], *hf_shape("linear", shape[1:], in_dims))
     n_in, n_out = math.prod(shape[:in_dims]), math.prod(shape[in_dims:])
     return (n_out, n_in) if layout == "linear" else (n_in, n_out)
 
@@ -55,6 +57,9 @@ def _hf_groups(layout: str, ndim: int, in_dims: int) -> list[tuple[int, ...]]:
         return [(d,) for d in range(ndim)]
     if layout == "vector":
         return [tuple(range(ndim))]
+    if layout == "experts":
+        ins, outs = tuple(range(1, 1 + in_dims)), tuple(range(1 + in_dims, ndim))
+        return [(0,), outs, ins]
     ins, outs = tuple(range(in_dims)), tuple(range(in_dims, ndim))
     return [outs, ins] if layout == "linear" else [ins, outs]
 
@@ -103,6 +108,8 @@ class BlockReader:
         block = np.asarray(self.read_hf(self.hf_index(index)))
         if self.layout == "linear":
             block = block.T  # [out, in] → [in, out], our dims' order
+        elif self.layout == "experts":
+            block = block.transpose(0, 2, 1)  # [experts, out, in] → [experts, in, out]
         leads, shape = self._leads, self.shape
         rows = [index[d].stop - index[d].start if d in leads else n for d, n in enumerate(shape)]
         inner_index = tuple(slice(None) if d in leads else index[d] for d in range(len(shape)))
@@ -205,6 +212,8 @@ def _from_hf(layout: str, shape, sharding: NamedSharding) -> Callable:
     def ours(x):
         if layout == "linear":
             x = x.T  # [out, in] → [in, out]
+        elif layout == "experts":
+            x = x.transpose(0, 2, 1)
         return x.reshape(shape)
 
     return jax.jit(ours, out_shardings=sharding)

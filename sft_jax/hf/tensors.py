@@ -22,7 +22,7 @@ class Entry(NamedTuple):
 
     path: tuple[str, ...]  # our path within a layer, or from the top
     hf_name: str  # "{i}" stands for the layer index
-    layout: str  # "table" | "vector" | "linear" | "conv1d" (the module docstring)
+    layout: str  # "table" | "vector" | "linear" | "conv1d" | "experts" (module docstring)
     in_dims: int = 0  # kernels: how many leading dims of ours are the matmul's input
 
 
@@ -71,11 +71,25 @@ def _entries(cfg: GPTConfig) -> tuple[list[Entry], list[Entry]]:
     if cfg.sandwich_norms:
         layer += norm(layer_prefix, names.attn_out_norm)
     layer += norm(layer_prefix, names.norm_2)
-    for proj in (*names.mlp_in, names.mlp_out):
-        layer += dense("mlp", proj)
+    if cfg.n_experts:
+        layer += dense(names.moe, names.router, bias=False) + _expert_entries(cfg, layer_prefix)
+    else:
+        for proj in (*names.mlp_in, names.mlp_out):
+            layer += dense("mlp", proj)
     if cfg.sandwich_norms:
         layer += norm(layer_prefix, names.mlp_out_norm)
     return top, layer
+
+
+def _expert_entries(cfg: GPTConfig, layer_prefix: str) -> list[Entry]:
+    """A mixture of experts' stacked expert weights: one HF tensor per expert, `{e}` in the
+    name standing for the expert's index (`hf.experts`)."""
+    names = cfg.names
+    experts = f"{layer_prefix}{names.moe}.{names.experts}.{{{{e}}}}"
+    return [
+        Entry((names.moe, names.experts, proj), f"{experts}.{proj}.weight", "experts", 1)
+        for proj in (*names.expert_in, names.expert_out)
+    ]
 
 
 class Tensor(NamedTuple):
@@ -109,6 +123,8 @@ def _to_hf(ours: np.ndarray, layout: str, in_dims: int) -> np.ndarray:
         return ours
     if layout == "vector":
         return ours.reshape(-1)
+    if layout == "experts":
+        return np.stack([_to_hf(expert, "linear", in_dims) for expert in ours])
     two_d = ours.reshape(math.prod(ours.shape[:in_dims]), -1)  # [in, out]
     return np.ascontiguousarray(two_d.T if layout == "linear" else two_d)
 
@@ -205,7 +221,12 @@ def params_to_hf(cfg: GPTConfig, params) -> Iterator[tuple[str, np.ndarray | Non
     the end; the tensors are on process 0, None on the others."""
     for t in tensors(cfg):
         ours = hf_sharded.to_host(get_path(params, t.path), t.layer)
-        yield t.name, None if ours is None else _to_hf(ours, t.entry.layout, t.entry.in_dims)
+        hf = None if ours is None else _to_hf(ours, t.entry.layout, t.entry.in_dims)
+        if t.entry.layout != "experts":
+            yield t.name, hf
+            continue
+        for e in range(get_path(params, t.path).shape[t.layer is not None]):
+            yield t.name.format(e=e), None if hf is None else hf[e]
 
 
 def shard_plan(cfg: GPTConfig, params, itemsize: int, max_shard_bytes: int) -> dict:
@@ -216,11 +237,15 @@ def shard_plan(cfg: GPTConfig, params, itemsize: int, max_shard_bytes: int) -> d
     for t in tensors(cfg):
         shape = get_path(params, t.path).shape[(t.layer is not None) :]
         nbytes = math.prod(hf_sharded.hf_shape(t.entry.layout, shape, t.entry.in_dims)) * itemsize
-        if size and size + nbytes > max_shard_bytes:
-            files.append([])
-            size = 0
-        files[-1].append(t.name)
-        size += nbytes
+        names = [t.name]
+        if t.entry.layout == "experts":  # one HF tensor per expert
+            names, nbytes = [t.name.format(e=e) for e in range(shape[0])], nbytes // shape[0]
+        for name in names:
+            if size and size + nbytes > max_shard_bytes:
+                files.append([])
+                size = 0
+            files[-1].append(name)
+            size += nbytes
     if len(files) == 1:
         return {"model.safetensors": files[0]}
     n = len(files)

@@ -1,5 +1,6 @@
 """A transformer block: attention (grouped-query, sliding windows, q/k norms, KV cache)
-and the MLP, each a `Sublayer` whose dense layers may carry LoRA adapters."""
+and the MLP (or the mixture of experts, `moe`), each a `Sublayer` whose dense layers may
+carry LoRA adapters."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from sft_jax.model.layers import (
     swiglu,
     with_recomputed_activation,
 )
+from sft_jax.model.moe import MoE
 from sft_jax.model.rope import layer_rope_frequencies, rope
 
 Array = jax.Array
@@ -153,7 +155,11 @@ class Block(nn.Module):
         if cfg.sandwich_norms:
             h = norm_layer(cfg, names.attn_out_norm)(h)
         x = x + drop(h)
-        h = MLP(cfg, self.lora, self.deterministic, name="mlp")(norm_layer(cfg, names.norm_2)(x))
+        h = norm_layer(cfg, names.norm_2)(x)
+        if cfg.n_experts:
+            h = MoE(cfg, self.lora, self.deterministic, name=names.moe)(h, segment_ids)
+        else:
+            h = MLP(cfg, self.lora, self.deterministic, name="mlp")(h)
         if cfg.sandwich_norms:
             h = norm_layer(cfg, names.mlp_out_norm)(h)
         x = x + drop(h)

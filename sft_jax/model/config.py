@@ -63,6 +63,26 @@ class GPTConfig:
     # 0 = every layer local (Mistral)
     rope_local_theta: float = 0.0  # RoPE base of local layers, unscaled; 0 = rope_theta (Gemma 3)
     rope_linear_factor: float = 1.0  # linear RoPE scaling of global layers (Gemma 3 4B+)
+    # Mixture of experts (Qwen3-MoE, Mixtral; off with n_experts=0): every block's MLP is
+    # `n_experts` SwiGLU experts of width `d_expert`, `experts_per_token` of them per token
+    # (sft_jax.model.moe).
+    n_experts: int = 0
+    experts_per_token: int = 0
+    d_expert: int = 0
+    # "softmax_topk": softmax over all experts, then the top k (Qwen3-MoE, Mixtral);
+    # "topk_softmax": the top k logits, then a softmax over them (gpt-oss).
+    router: str = "softmax_topk"
+    router_norm_topk: bool = False  # renormalise the k weights to sum to 1 (Mixtral; Qwen3)
+    # The loss adds coef × the load-balancing loss (Switch / transformers'
+    # `load_balancing_loss_func`, over real tokens) and coef × the router z-loss (ST-MoE).
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    # 0 = dropless; else each expert takes at most ceil(factor · tokens · k / n_experts)
+    # token slots per layer call, later ones dropped (their weight goes nowhere).
+    moe_capacity_factor: float = 0.0
+    # The grouped matmul: "ragged" (`lax.ragged_dot`: native on GPU and TPU), "blocked"
+    # (row blocks of one expert each, batched: CPU, where ragged_dot is dense), "auto".
+    moe_matmul: str = "auto"
 
     def __post_init__(self):
         _check(self.family in FAMILIES, "family", self.family)
@@ -94,6 +114,7 @@ class GPTConfig:
             )
         self._check_family_parts()
         self._check_attention_fields()
+        self._check_experts()
 
     def _check_family_parts(self) -> None:
         """q/k norms and sandwich norms exist exactly where the family names them."""
@@ -105,6 +126,32 @@ class GPTConfig:
                     f"family, which {'has' if name else 'has no'} such norms; set "
                     f"{field}={bool(name)} or another family"
                 )
+
+    def _check_experts(self) -> None:
+        _check(self.router in ("softmax_topk", "topk_softmax"), "router", self.router)
+        _check(self.moe_matmul in ("auto", "ragged", "blocked"), "moe_matmul", self.moe_matmul)
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor"):
+            _check(getattr(self, field) >= 0, field, getattr(self, field))
+        has_moe_names = bool(FAMILIES[self.family].experts)
+        if not self.n_experts:
+            if has_moe_names:
+                raise ValueError(
+                    f"model: the {self.family} family is a mixture of experts; set n_experts, "
+                    "experts_per_token and d_expert"
+                )
+            return
+        if not has_moe_names:
+            raise ValueError(
+                f"model: n_experts={self.n_experts} but the {self.family} family has no "
+                "expert layers; use qwen3_moe or mixtral, or n_experts=0"
+            )
+        if not 0 < self.experts_per_token <= self.n_experts or self.d_expert <= 0:
+            raise ValueError(
+                f"model: experts_per_token={self.experts_per_token} must be in 1..n_experts="
+                f"{self.n_experts}, and d_expert={self.d_expert} positive"
+            )
+        if self.mlp != "swiglu":
+            raise ValueError(f"model: experts are SwiGLU MLPs; mlp={self.mlp!r} must be 'swiglu'")
 
     def _check_attention_fields(self) -> None:
         for field in ("sliding_window", "global_every", "query_pre_attn_scalar"):
@@ -153,12 +200,16 @@ class GPTConfig:
             for i in range(self.n_layers)
         )
 
-    def num_params(self, include_embeddings: bool = True) -> int:
-        """Parameter count from the shapes (no arrays allocated)."""
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count from the shapes (no arrays allocated). `active`: a mixture of
+        experts counts the `experts_per_token` experts a token uses, not all of them."""
         d, f, hd = self.d_model, self.d_ff, self.dim_per_head
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
         attn = d * (q + 2 * kv) + q * d
         mlp = (2 if self.mlp == "gelu" else 3) * d * f
+        if self.n_experts:  # the router, then each expert's gate, up and down
+            experts = self.experts_per_token if active else self.n_experts
+            mlp = d * self.n_experts + experts * 3 * d * self.d_expert
         norms = (2 if self.bias else 1) * d * (4 if self.sandwich_norms else 2)
         norms += 2 * hd if self.qk_norm else 0
         biases = 0
@@ -179,10 +230,12 @@ class GPTConfig:
     def flops_per_token(self, seq_len: int, frozen_layers: bool = False) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention
         scores and values over the keys each query sees (2·2·keys·q_dim per layer, ×3):
+        a mixture of experts counts its active weights (the experts a token uses)
         the causal half of the row, or a local layer's window. `frozen_layers` (LoRA's
         frozen base): the blocks' weights take no gradient, 4 per weight (the adapters'
         own FLOPs, 6·r·(in + out) per layer, are left out: under 1% at r = 16)."""
-        weights = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+        weights = self.num_params(include_embeddings=False, active=True)
+        weights += self.vocab_size * self.d_model
         if not self.tie_embeddings:
             weights -= self.vocab_size * self.d_model  # already counted as a weight
         matmul = (4 if frozen_layers else 6) * weights

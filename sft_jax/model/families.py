@@ -31,6 +31,14 @@ class Family:
     k_norm: str = ""
     attn_out_norm: str = ""
     mlp_out_norm: str = ""
+    # Mixture of experts ("" = dense MLPs): the block's MoE module (where `mlp` is), its
+    # router, and the experts' module with each expert's (gate, up) and down projections
+    # as the published checkpoints name them (`{moe}.{experts}.{e}.{name}.weight`).
+    moe: str = ""
+    router: str = ""
+    experts: str = ""
+    expert_in: tuple[str, ...] = ()
+    expert_out: str = ""
 
 
 _LLAMA_NAMES = Family(
@@ -81,6 +89,27 @@ FAMILIES: dict[str, Family] = {
     "qwen2": dataclasses.replace(_LLAMA_NAMES, hf_architecture="Qwen2ForCausalLM"),
     "qwen3": dataclasses.replace(_LLAMA_NAMES, hf_architecture="Qwen3ForCausalLM", **_QK_NORMS),
     "mistral": dataclasses.replace(_LLAMA_NAMES, hf_architecture="MistralForCausalLM"),
+    "qwen3_moe": dataclasses.replace(
+        _LLAMA_NAMES,
+        hf_architecture="Qwen3MoeForCausalLM",
+        moe="mlp",
+        router="gate",
+        experts="experts",
+        expert_in=("gate_proj", "up_proj"),
+        expert_out="down_proj",
+        **_QK_NORMS,
+    ),
+    # transformers 5 calls Mixtral's MoE module `mlp` in memory; its checkpoints (and
+    # save_pretrained) keep `block_sparse_moe` and w1 (gate), w3 (up), w2 (down).
+    "mixtral": dataclasses.replace(
+        _LLAMA_NAMES,
+        hf_architecture="MixtralForCausalLM",
+        moe="block_sparse_moe",
+        router="gate",
+        experts="experts",
+        expert_in=("w1", "w3"),
+        expert_out="w2",
+    ),
     "gemma2": _GEMMA_NAMES,
     "gemma3": dataclasses.replace(_GEMMA_NAMES, hf_architecture="Gemma3ForCausalLM", **_QK_NORMS),
 }

@@ -135,7 +135,7 @@ class GPT(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
                 length=cfg.n_layers,
