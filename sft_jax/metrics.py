@@ -167,6 +167,9 @@ class MetricsWindow:
             "tokens": sum(float(m["tokens"]) for m in window),
             "loss_tokens": loss_tokens,
         }
+        for key in ("router_aux_loss", "router_z_loss"):  # a mixture of experts' (steps.py)
+            if key in window[-1]:
+                record[key] = sum(float(m[key]) for m in window) / len(window)
         if timed:  # a window of the compiling step alone has no throughput to report
             flops = sum(self._flops_per_row(m["width"]) * self._batch_size for m in timed)
             record["tokens_per_sec"] = sum(float(m["tokens"]) for m in timed) / elapsed

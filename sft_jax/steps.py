@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 
 from sft_jax import lora, losses
 from sft_jax.model import head_weight, unstack_layers
+from sft_jax.model.moe import router_losses
 
 Batch = dict[str, jax.Array]
 
@@ -118,12 +119,19 @@ def loss_sums(
     rng: jax.Array | None = None,
     label_smoothing: float = 0.0,
 ):
-    """(Σ mask·nll, Σ mask) of one (micro-)batch; dropout on when `rng` is given.
+    """(Σ mask·nll, Σ mask) of one (micro-)batch; dropout on when `rng` is given."""
+    return _sums(params, batch, model, rng, label_smoothing)[:2]
+
+
+def _sums(params, batch: Batch, model: nn.Module, rng=None, label_smoothing: float = 0.0):
+    """(Σ mask·nll, Σ mask, load-balancing loss, router z-loss) of one (micro-)batch; the
+    router losses are 0 for a dense model.
 
     The logits are never materialised whole: the loss applies the output projection to the
     final hidden states chunk by chunk (`losses.chunked_cross_entropy`), soft-capping them
     there as the model's own logits are (`final_softcap`, Gemma 2)."""
-    hidden = model.apply(
+    cfg = model.cfg
+    hidden, state = model.apply(
         {"params": params},
         batch["tokens"],
         positions=batch["positions"],
@@ -131,16 +139,30 @@ def loss_sums(
         deterministic=rng is None,
         rngs=None if rng is None else {"dropout": rng},
         method="hidden_states",
+        mutable=["intermediates"],  # the router statistics (a dense model sows none)
     )
-    return losses.chunked_cross_entropy(
+    loss_sum, count = losses.chunked_cross_entropy(
         hidden,
-        head_weight(model.cfg, params),
+        head_weight(cfg, params),
         batch["targets"],
         batch["loss_mask"],
         layout=loss_layout(*batch["targets"].shape),
-        softcap=model.cfg.final_softcap,
+        softcap=cfg.final_softcap,
         label_smoothing=label_smoothing,
     )
+    aux = z = jnp.zeros((), jnp.float32)
+    if cfg.n_experts:
+        aux, z = router_losses(cfg, state["intermediates"])
+    return loss_sum, count, aux, z
+
+
+def _objective(trained, frozen, batch, model, rng, label_smoothing, router_weight):
+    """What a micro-batch's gradient is taken of: Σ mask·nll plus `router_weight` × the
+    router losses (weighted by their coefficients), and (Σ nll, Σ mask, aux, z) beside."""
+    loss_sum, count, aux, z = _sums(join(trained, frozen), batch, model, rng, label_smoothing)
+    cfg = model.cfg
+    router = cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z
+    return loss_sum + router_weight * router, (loss_sum, count, aux, z)
 
 
 def loss_layout(rows: int, seq: int) -> PartitionSpec | None:
@@ -190,31 +212,32 @@ def train_step(
     state unchanged and reports `finite=False`, so a bad state never exists to be saved."""
     rng = jax.random.fold_in(state.rng, state.step)
     trained, frozen = partition(model, state.params)
+    # The router losses are means per micro-batch; the gradient is divided by the global
+    # loss-token count at the end, so each micro-batch's is weighted by count / micro_steps
+    # to come out as their mean (docs/design.md, "Mixture of experts").
+    router_weight = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0) / micro_steps
     grad_fn = jax.value_and_grad(
-        lambda trained, *args: loss_sums(join(trained, frozen), *args, label_smoothing),
+        lambda trained, mb, mb_rng: _objective(
+            trained, frozen, mb, model, mb_rng, label_smoothing, router_weight
+        ),
         has_aux=True,
     )
 
     def micro(carry, xs):
-        grads_acc, loss_acc, count_acc = carry
+        grads_acc, sums_acc = carry
         mb, i = xs
-        (loss_sum, count), grads = grad_fn(
-            trained, mb, model, jax.random.fold_in(rng, i) if dropout else None
-        )
+        (_, sums), grads = grad_fn(trained, mb, jax.random.fold_in(rng, i) if dropout else None)
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-        return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+        return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
 
     if micro_steps == 1:  # no accumulator: a zero-filled float32 copy of the params is not free
-        (loss_sum, count), grads = grad_fn(
-            trained, batch, model, jax.random.fold_in(rng, 0) if dropout else None
-        )
+        (_, sums), grads = grad_fn(trained, batch, jax.random.fold_in(rng, 0) if dropout else None)
     else:
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        init = (zeros, (jnp.zeros((), jnp.float32),) * 4)
         micro_batches = _split_micro(batch, micro_steps)
-        (grads, loss_sum, count), _ = jax.lax.scan(
-            micro, init, (micro_batches, jnp.arange(micro_steps))
-        )
+        (grads, sums), _ = jax.lax.scan(micro, init, (micro_batches, jnp.arange(micro_steps)))
+    loss_sum, count, aux_sum, z_sum = sums
 
     denom = jnp.maximum(count, 1.0)
     loss = loss_sum / denom
@@ -243,6 +266,8 @@ def train_step(
         "loss_tokens": count,
         "finite": finite,
     }
+    if model.cfg.n_experts:  # logged apart from the LM loss, which they do not enter
+        metrics |= {"router_aux_loss": aux_sum / micro_steps, "router_z_loss": z_sum / micro_steps}
     return kept, metrics
 
 

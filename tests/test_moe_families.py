@@ -237,3 +237,124 @@ def test_fine_tuned_export_gives_the_runs_logits(family, tmp_path):
     ours = _our_logits(cfg, tuned, tokens, mask)
     assert np.abs(ours[real] - ref[real]).max() > 1e-2
     np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ours[real], atol=1e-4)
+
+
+def _hf_names_of_torch_grads(model, cfg) -> dict:
+    """transformers' gradients under the saved (per-expert) names that `params_to_hf` uses."""
+    names = cfg.names
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.numpy()
+        if ".mlp.experts." in name:
+            layer, what = name.split(".mlp.experts.")
+            base = f"{layer}.{names.moe}.{names.experts}"
+            f = cfg.d_expert
+            for e in range(g.shape[0]):
+                if what == "gate_up_proj":
+                    out[f"{base}.{e}.{names.expert_in[0]}.weight"] = g[e, :f]
+                    out[f"{base}.{e}.{names.expert_in[1]}.weight"] = g[e, f:]
+                else:
+                    out[f"{base}.{e}.{names.expert_out}.weight"] = g[e]
+        else:
+            out[name.replace(".mlp.gate.", f".{names.moe}.{names.router}.")] = g
+    return out
+
+
+def test_train_step_gradient_is_transformers_loss_with_its_aux_loss(family):
+    """One SGD step (learning rate 1) of `steps.train_step` moves every parameter by the
+    gradient of transformers' training loss: the token-mean cross-entropy plus
+    router_aux_loss_coef × its load-balancing loss (output_router_logits=True)."""
+    import dataclasses
+    import functools
+
+    import jax.numpy as jnp
+    import optax
+
+    from sft_jax import steps
+
+    name, model, folder, _ = family
+    cfg, params = hf.load_hf(folder)
+    cfg = dataclasses.replace(cfg, router_aux_loss_coef=0.3)  # large enough to matter
+    tokens, mask = _batch()
+    labels = np.where(mask.astype(bool), tokens, -100)
+    model.zero_grad()
+    coef, model.router_aux_loss_coef = model.router_aux_loss_coef, 0.3  # read by forward
+    try:
+        out = model(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            labels=torch.tensor(labels),
+            output_router_logits=True,
+        )
+        out.loss.backward()
+    finally:
+        model.router_aux_loss_coef = coef
+    want = _hf_names_of_torch_grads(model, cfg)
+
+    batch = {
+        "tokens": jnp.asarray(tokens, jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(SEQ), tokens.shape),
+        "segment_ids": jnp.asarray(mask, jnp.int32),
+        "targets": jnp.asarray(np.roll(tokens, -1, axis=1), jnp.int32),
+        # position t predicts token t+1: counted where both are real (transformers' shift)
+        "loss_mask": jnp.asarray(mask * np.roll(mask, -1, axis=1), jnp.float32).at[:, -1].set(0),
+    }
+    tx = optax.sgd(1.0)
+    state = steps.state_from_params(jax.tree.map(jnp.asarray, params), jax.random.key(0), tx)
+    step = functools.partial(steps.train_step, model=GPT(cfg), tx=tx, schedule=lambda s: 0.0)
+    new, metrics = jax.jit(step)(state, batch)
+    np.testing.assert_allclose(
+        float(metrics["loss"]) + 0.3 * float(metrics["router_aux_loss"]), out.loss.item(), rtol=1e-5
+    )
+    np.testing.assert_allclose(float(metrics["router_aux_loss"]), out.aux_loss.item(), rtol=1e-5)
+    grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, new.params)
+    got = dict(hf.params_to_hf(cfg, grads))
+    if cfg.tie_embeddings:
+        want.pop("lm_head.weight")
+    assert got.keys() == want.keys()
+    for k, g in got.items():
+        np.testing.assert_allclose(g, want[k], atol=2e-6, rtol=1e-4, err_msg=k)
+    # The router's gradient has an aux-loss part: without it, it differs.
+    no_aux = dataclasses.replace(cfg, router_aux_loss_coef=0.0)
+    step0 = functools.partial(steps.train_step, model=GPT(no_aux), tx=tx, schedule=lambda s: 0.0)
+    new0, _ = jax.jit(step0)(state, batch)
+    router = (cfg.names.moe, cfg.names.router, "kernel")
+    layers = cfg.names.layers
+    moved = lambda n: (
+        np.asarray(state.params[layers][router[0]][router[1]]["kernel"])
+        - np.asarray(n.params[layers][router[0]][router[1]]["kernel"])
+    )
+    assert np.abs(moved(new) - moved(new0)).max() > 1e-4
+
+
+def test_router_losses_are_the_mean_over_micro_batches(family):
+    """With gradient accumulation each micro-batch's router losses are its own (as each
+    device batch's are in transformers' Trainer), averaged: the metric equals the mean of
+    the two halves' losses computed alone."""
+    import functools
+
+    import jax.numpy as jnp
+    import optax
+
+    from sft_jax import steps
+    from tests.test_families import train_batch
+
+    _, _, folder, _ = family
+    cfg, params = hf.load_hf(folder)
+    batch = train_batch(*_batch())
+    tx = optax.sgd(0.0)
+    state = steps.state_from_params(jax.tree.map(jnp.asarray, params), jax.random.key(0), tx)
+    step = functools.partial(
+        steps.train_step, model=GPT(cfg), tx=tx, schedule=lambda s: 0.0, micro_steps=2
+    )
+    _, metrics = jax.jit(step)(state, batch)
+    halves = []
+    for row in (0, 1):  # micro-batch j holds rows j, j + 2, …
+        _, st = GPT(cfg).apply(
+            {"params": params},
+            batch["tokens"][row : row + 1],
+            segment_ids=batch["segment_ids"][row : row + 1],
+            mutable=["intermediates"],
+        )
+        halves.append(float(router_losses(cfg, st["intermediates"])[0]))
+    np.testing.assert_allclose(float(metrics["router_aux_loss"]), np.mean(halves), rtol=1e-5)
