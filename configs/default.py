@@ -223,4 +223,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1  # replicated data parallelism
     c.mesh.fsdp = -1  # sharded data parallelism (params + optimizer state); -1 = the rest
     c.mesh.tensor = 1  # tensor parallelism over heads, MLP width and vocabulary
+    c.mesh.expert = 1  # expert parallelism: a mixture of experts' experts split over devices
     return c

@@ -189,6 +189,7 @@ class MeshSection:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    expert: int = 1  # expert parallelism: a mixture of experts' experts split this many ways
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,7 +335,8 @@ def check(run: RunConfig, model_cfg: GPTConfig, mesh_shape: dict[str, int]) -> N
     t = run.train
     if t.steps <= 0 and t.epochs <= 0:
         raise ValueError("config: set train.steps > 0 or train.epochs > 0")
-    _check_batch_sizes(t, mesh_shape["data"] * mesh_shape["fsdp"])
+    _check_batch_sizes(t, math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert")))
+    _check_expert_axis(model_cfg, mesh_shape.get("expert", 1))
     judge.from_config(run.eval, {})  # its keys, before any data or weights load
     # e.g. cuDNN needs bf16 and has no soft cap
     kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap)
@@ -356,6 +358,20 @@ def check(run: RunConfig, model_cfg: GPTConfig, mesh_shape: dict[str, int]) -> N
     trackers.check_trackers(t.trackers)  # an unknown name, or its package not installed
 
 
+def _check_expert_axis(model_cfg: GPTConfig, expert: int) -> None:
+    if expert == 1:
+        return
+    if not model_cfg.n_experts:
+        raise ValueError(
+            f"config: mesh.expert={expert} splits a mixture of experts' experts, and this model "
+            "has none; use mesh.data or mesh.fsdp for more data parallelism"
+        )
+    if model_cfg.n_experts % expert:
+        raise ValueError(
+            f"config: mesh.expert={expert} must divide the model's {model_cfg.n_experts} experts"
+        )
+
+
 def _check_batch_sizes(t: TrainConfig, batch_shards: int) -> None:
     """Every micro-batch and evaluation batch must divide over the batch axes of the mesh."""
     b, k = t.batch_size, t.micro_steps
@@ -367,14 +383,14 @@ def _check_batch_sizes(t: TrainConfig, batch_shards: int) -> None:
     if (b // k) % batch_shards:
         raise ValueError(
             f"config: each micro-batch of {b // k} rows (train.batch_size / train.micro_steps) "
-            f"must divide over mesh.data × mesh.fsdp = {batch_shards} devices; use a "
+            f"must divide over mesh.data × mesh.fsdp × mesh.expert = {batch_shards} devices; use a "
             f"train.batch_size that is a multiple of {batch_shards * k}"
         )
     eval_b = t.eval_batch_size or b
     if eval_b % batch_shards:
         raise ValueError(
             f"config: train.eval_batch_size={eval_b} must be a multiple of "
-            f"mesh.data × mesh.fsdp = {batch_shards}"
+            f"mesh.data × mesh.fsdp × mesh.expert = {batch_shards}"
         )
 
 

@@ -155,7 +155,7 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
 
 def mesh_sizes(mesh, n_devices: int) -> dict[str, int]:
     """The mesh.* sizes (`config.MeshSection`) on `n_devices`, -1 filled in."""
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "expert": mesh.expert, "tensor": mesh.tensor}
     free = [k for k, v in sizes.items() if v == -1]
     if free:
         sizes[free[0]] = n_devices // math.prod(v for v in sizes.values() if v != -1)
@@ -192,7 +192,7 @@ def plan(run, n_devices: int, platform: str = "") -> dict:
         model_section = dataclasses.replace(model_section, init_from="")
         model_cfg = config_lib.model_config(dataclasses.replace(run, model=model_section))
     config_lib.check(run, model_cfg, sizes)
-    mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * 3)
+    mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * 4)
     tx, schedule = optim.make_optimizer(run.optim, max(run.train.steps, 10**6))
     spec = run.lora
     model = GPT(model_cfg, spec.layers(model_cfg))
@@ -208,7 +208,8 @@ def plan(run, n_devices: int, platform: str = "") -> dict:
     trained_shardings, frozen_shardings = steps.partition(model, shardings.params)
     grads = per_device(trained, trained_shardings, itemsize=4)
     grads *= 2 if run.train.micro_steps > 1 else 1
-    local_rows = run.train.batch_size // run.train.micro_steps // (sizes["data"] * sizes["fsdp"])
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    local_rows = run.train.batch_size // run.train.micro_steps // batch_shards
     kernel = kernels.resolve(model_cfg.attention, platform or None, model_cfg.dtype)
     step = StepShape(
         local_rows,

@@ -5,9 +5,11 @@ The model names every parameter and activation dimension with a logical axis ("e
 
 - `data`:   pure data parallelism (parameters replicated);
 - `fsdp`:   data parallelism whose parameters and optimizer state are sharded (ZeRO-3);
+- `expert`: a mixture of experts' experts split across devices (expert parallelism); the
+            batch is split over it too, and the other parameters as over fsdp;
 - `tensor`: heads, MLP width and vocabulary split across devices (Megatron-style).
 
-The batch is split over (`data`, `fsdp`). A dimension that a mesh axis does not divide is
+The batch is split over (`data`, `fsdp`, `expert`). A dimension that a mesh axis does not divide is
 replicated instead of failing (e.g. GPT-2's 50 257-token vocabulary on tensor=4).
 """
 
@@ -23,14 +25,14 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (or axes, or None = replicated)
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),  # experts take `expert` first: their embed is fsdp's
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
@@ -39,7 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("layers", None),
     ("lora_rank", None),  # a LoRA adapter's rank: small, replicated
-    ("expert", None),  # a mixture of experts' expert axis
+    ("expert", "expert"),  # a mixture of experts' experts
     # activations
     ("batch", BATCH_AXES),
     ("length", None),
@@ -51,18 +53,23 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    expert: int = 1,
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 (= the rest)."""
+    """A (data, fsdp, expert, tensor) mesh over all devices; one size may be -1 (= the rest)."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     free = [k for k, v in sizes.items() if v == -1]
     bad = [k for k, v in sizes.items() if v == 0 or v < -1]
     if bad or len(free) > 1:
         raise ValueError(
-            f"mesh: sizes {sizes} are invalid; each of mesh.data, mesh.fsdp, mesh.tensor must be "
-            "a positive integer, and at most one may be -1 (= the remaining devices)"
+            f"mesh: sizes {sizes} are invalid; each of mesh.data, mesh.fsdp, mesh.expert, "
+            "mesh.tensor must be a positive integer, and at most one may be -1 (= the "
+            "remaining devices)"
         )
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
@@ -74,7 +81,8 @@ def make_mesh(
         sizes[free[0]] = n // fixed
     if math.prod(sizes.values()) != n:
         raise ValueError(
-            f"mesh: mesh.data × mesh.fsdp × mesh.tensor = {math.prod(sizes.values())} "
+            f"mesh: mesh.data × mesh.fsdp × mesh.expert × mesh.tensor = "
+            f"{math.prod(sizes.values())} "
             f"but there are {n} devices; make the product {n} or set one size to -1"
         )
     shape = tuple(sizes[a] for a in MESH_AXES)
@@ -91,23 +99,23 @@ def make_mesh(
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def _multislice_mesh(shape: tuple[int, int, int], slices: int, devices) -> Mesh:
+def _multislice_mesh(shape: tuple[int, ...], slices: int, devices) -> Mesh:
     """Several TPU slices joined over the data-centre network (DCN): only the data axis
-    crosses slices (one gradient all-reduce per step); fsdp and tensor, which talk every
-    layer, stay on the fast links (ICI) inside a slice."""
-    data, fsdp, tensor = shape
+    crosses slices (one gradient all-reduce per step); fsdp, expert and tensor, which talk
+    every layer, stay on the fast links (ICI) inside a slice."""
+    data, *inner = shape
     if data % slices:
         raise ValueError(
             f"mesh: {slices} TPU slices need mesh.data to be a multiple of {slices} (it is "
             f"{data}): the data axis is the one that spans slices"
         )
-    ici, dcn = (data // slices, fsdp, tensor), (slices, 1, 1)
+    ici, dcn = (data // slices, *inner), (slices,) + (1,) * len(inner)
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over (data, fsdp); the sequence dimension whole."""
+    """Rows over (data, fsdp, expert); the sequence dimension whole."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
@@ -134,7 +142,7 @@ def logical_to_sharding(
     for dim, name in zip(shape, names, strict=True):
         axes = []
         for axis in _mesh_axes_for(name, rules):
-            size = mesh.shape[axis]
+            size = mesh.shape.get(axis, 1)  # an axis the mesh lacks splits nothing
             if axis in used or size == 1:
                 continue
             if dim % (math.prod(mesh.shape[a] for a in axes) * size):
@@ -167,11 +175,12 @@ def tree_shardings(boxed_abstract_tree, mesh: Mesh, rules=LOGICAL_RULES):
 def activation_rules(mesh: Mesh, sizes: dict[str, int], rules=LOGICAL_RULES):
     """The rules for `nn.logical_axis_rules` while tracing the model: activation axes whose
     size (e.g. sizes={"act_heads": 9}) the mesh axis does not divide are replicated, because
-    a sharding constraint cannot split 9 heads over 4 devices."""
+    a sharding constraint cannot split 9 heads over 4 devices. Mesh axes the mesh lacks are
+    left out."""
     out = []
-    for name, target in rules:
-        axes = _mesh_axes_for(name, rules)
+    for name, _ in rules:
+        axes = tuple(a for a in _mesh_axes_for(name, rules) if a in mesh.shape)
         if name in sizes and sizes[name] % math.prod(mesh.shape[a] for a in axes):
-            target = None
-        out.append((name, target))
+            axes = ()
+        out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
     return tuple(out)

@@ -177,7 +177,7 @@ def setup(run: config_lib.RunConfig, workdir: str) -> Setup:
     if run.train.compilation_cache_dir:  # before the first compile
         jax.config.update("jax_compilation_cache_dir", run.train.compilation_cache_dir)
     model_cfg = config_lib.model_config(run, hf.load_config)
-    mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh))
     config_lib.check(run, model_cfg, dict(mesh.shape))
     if run.eval.harness_task_list:  # a misspelt task stops the run before it trains
         from sft_jax import harness  # needs the optional lm-eval (the eval extra)

@@ -25,7 +25,7 @@ def test_planned_bytes_equal_the_real_shards(mesh):
     c = tiny.get_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     p = memory_plan.plan(parse(c), 8)
-    assert p["mesh"] == dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
+    assert p["mesh"] == dict(zip(("data", "fsdp", "tensor"), mesh, strict=True)) | {"expert": 1}
     fns = train.build_steps(GPT(p["model"]), p["tx"], p["schedule"], sharding.make_mesh(*mesh))
     with fns.context():
         state = fns.init(jax.random.key(0))
@@ -56,7 +56,7 @@ def test_the_command_line_prints_the_plan_and_whether_it_fits(console_script):
         [*command, "--device", "v5p"], capture_output=True, text=True, timeout=300
     )
     assert fits.returncode == 0, fits.stderr[-2000:]
-    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4}" in fits.stdout
+    assert "mesh {'data': 1, 'fsdp': 2, 'expert': 1, 'tensor': 4}" in fits.stdout
     assert "per device, biggest first:" in fits.stdout
     for term in ("parameters", "optimizer state", "gradients", "activations kept", "total"):
         assert term in fits.stdout
@@ -111,8 +111,9 @@ def test_lower_command_exits_nonzero_with_the_lowering_error(console_script, one
         env=one_device_env,
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "lowered for tpu on mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (attention=splash)" in (
-        ok.stdout
+    assert (
+        "lowered for tpu on mesh {'data': 1, 'fsdp': 8, "
+        "'expert': 1, 'tensor': 1} (attention=splash)" in (ok.stdout)
     )
     # Rows splash cannot take on a TPU: the error is the answer, and the exit is 1.
     bad = subprocess.run(
@@ -175,7 +176,8 @@ def test_topology_compiles_the_train_step_for_a_tpu_slice(console_script, one_de
     assert ok.returncode == 0, ok.stderr[-3000:]
     line = next(x for x in ok.stdout.splitlines() if x.startswith("TPU compiler"))
     assert line.startswith(
-        "TPU compiler, v5p-8 (4 chips, v5:2x2x1, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}, "
+        "TPU compiler, v5p-8 (4 chips, v5:2x2x1, mesh {'data': 1, 'fsdp': 4, "
+        "'expert': 1, 'tensor': 1}, "
         "attention=splash): "
     )
     compiled_gib = float(re.search(r"([\d.]+) GiB per chip compiled", line).group(1))

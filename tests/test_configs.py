@@ -138,8 +138,9 @@ def test_pod_recipe_plans_and_lowers_for_tpu_on_its_mesh(name, console_script, o
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fits in 95.0 GiB per device" in done.stdout
-    assert "lowered for tpu on mesh {'data': 1, 'fsdp': 64, 'tensor': 1} (attention=splash)" in (
-        done.stdout
+    assert (
+        "lowered for tpu on mesh {'data': 1, 'fsdp': 64, "
+        "'expert': 1, 'tensor': 1} (attention=splash)" in (done.stdout)
     )
 
 

@@ -15,9 +15,19 @@ VOCAB = 256
 
 def test_make_mesh_fills_the_free_axis_and_checks_sizes():
     assert len(jax.devices()) == 8
-    assert dict(sharding.make_mesh(2, -1, 1).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert dict(sharding.make_mesh(1, 2, 4).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
-    with pytest.raises(ValueError, match="mesh.data × mesh.fsdp × mesh.tensor = 6"):
+    assert dict(sharding.make_mesh(2, -1, 1).shape) == {
+        "data": 2,
+        "fsdp": 4,
+        "expert": 1,
+        "tensor": 1,
+    }
+    assert dict(sharding.make_mesh(1, 2, 4).shape) == {
+        "data": 1,
+        "fsdp": 2,
+        "expert": 1,
+        "tensor": 4,
+    }
+    with pytest.raises(ValueError, match="mesh.data × mesh.fsdp × mesh.expert × mesh.tensor = 6"):
         sharding.make_mesh(2, 3, 1)
     with pytest.raises(ValueError, match="3 does not divide 8"):
         sharding.make_mesh(3, -1, 1)

@@ -242,7 +242,7 @@ def build(c):
 
     run = c if isinstance(c, config_lib.RunConfig) else config_lib.RunConfig.parse(c)
     model_cfg = config_lib.model_config(run, hf.load_config)
-    mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh))
     config_lib.check(run, model_cfg, dict(mesh.shape))
     tx, schedule = optim.make_optimizer(run.optim, max(run.train.steps, 1))
     model = GPT(model_cfg, run.lora.layers(model_cfg))

@@ -19,6 +19,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from sft_jax.model.config import GPTConfig
 from sft_jax.model.layers import Sublayer, dense_init, logical_param, swiglu
@@ -69,10 +70,10 @@ def router_losses(cfg: GPTConfig, intermediates) -> tuple[Array, Array]:
     return e * jnp.sum(counts * prob_sums), total[2 * e] / n
 
 
-def _capacity_slots(cfg: GPTConfig, slot_expert: Array) -> Array:
-    """`slot_expert` with the slots past each expert's capacity sent nowhere (id E)."""
-    e = cfg.n_experts
-    capacity = math.ceil(cfg.moe_capacity_factor * slot_expert.shape[0] / e)
+def _capacity_slots(cfg: GPTConfig, slot_expert: Array, e: int) -> Array:
+    """`slot_expert` (ids 0..e-1, e = none) with the slots past each expert's capacity sent
+    nowhere: at most ceil(factor · slots / n_experts) slots per expert, the earliest kept."""
+    capacity = math.ceil(cfg.moe_capacity_factor * slot_expert.shape[0] / cfg.n_experts)
     order = jnp.argsort(slot_expert, stable=True)
     sizes = jnp.zeros(e + 1, jnp.int32).at[slot_expert].add(1)
     starts = jnp.cumsum(sizes) - sizes
@@ -129,14 +130,71 @@ def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array, impl: str = "auto
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
 
+def expert_mlps(rows: Array, group_sizes: Array, gate: Array, up: Array, down: Array, impl: str):
+    """Rows sorted by expert (`group_sizes` rows each) → each row through its own expert's
+    SwiGLU MLP (gate, up [experts, d_model, d_expert]; down [experts, d_expert, d_model])."""
+
+    def matmul(x, w):
+        return grouped_matmul(x, w, group_sizes, impl)
+
+    return matmul(swiglu(matmul(rows, gate), matmul(rows, up)), down)
+
+
+def mix(cfg: GPTConfig, tokens, experts, weights, real, gate, up, down, first: Array | int = 0):
+    """Σ over each token's slots of weight · expert(token), for the experts held here:
+    `gate.shape[0]` of them, numbered from `first`. tokens [N, d_model]; experts, weights
+    [N, k]; real [N] (padding goes to no expert). Slots of other experts give nothing."""
+    n, k = experts.shape
+    held = gate.shape[0]
+    local = experts - first
+    here = real[:, None] & (local >= 0) & (local < held)
+    slot_expert = jnp.where(here, local, held).reshape(-1)  # `held`: no expert here
+    if cfg.moe_capacity_factor:
+        slot_expert = _capacity_slots(cfg, slot_expert, held)
+    order = jnp.argsort(slot_expert, stable=True)
+    group_sizes = jnp.zeros(held + 1, jnp.int32).at[slot_expert].add(1)[:held]
+    out = expert_mlps(tokens[order // k], group_sizes, gate, up, down, cfg.moe_matmul)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    out = out[inverse].reshape(n, k, -1)
+    return jnp.einsum("tkd,tk->td", out, weights.astype(out.dtype))
+
+
+def _expert_parallel(cfg: GPTConfig, mesh, tokens, experts, weights, real, gate, up, down):
+    """`mix` with the experts split over the mesh's `expert` axis: each device gathers the
+    tokens of its expert group (all-gather over `expert`), runs them through the experts
+    it holds, and the partial outputs are summed back onto the tokens' own devices
+    (reduce-scatter). Per layer and device that moves ep × its tokens' d_model values each
+    way, where an all-to-all of token slots moves about k × its tokens' (both less
+    (ep − 1) / ep): no more for ep ≤ k, with static shapes and no dropped tokens. The
+    weights enter whole on the expert axis (gathered over fsdp, as FSDP gathers a layer)."""
+    batch = nn.logical_to_mesh_axes(("batch",))[0]
+    rows, split = PartitionSpec(batch), PartitionSpec("expert")
+
+    def body(tokens, experts, weights, real, gate, up, down):
+        gathered = [
+            jax.lax.all_gather(x, "expert", axis=0, tiled=True)
+            for x in (tokens, experts, weights, real)
+        ]
+        first = jax.lax.axis_index("expert") * gate.shape[0]
+        y = mix(cfg, *gathered, gate, up, down, first)
+        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(rows, rows, rows, rows, split, split, split),
+        out_specs=rows,
+    )(tokens, experts, weights, real, gate, up, down)
+
+
 class Experts(nn.Module):
-    """`n_experts` SwiGLU MLPs, their weights stacked on a leading expert axis: rows sorted
-    by expert (`group_sizes` rows each) → each row through its own expert."""
+    """`n_experts` SwiGLU MLPs, their weights stacked on a leading expert axis (split over
+    the mesh's `expert` axis when it has one: `_expert_parallel`)."""
 
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, rows: Array, group_sizes: Array) -> Array:
+    def __call__(self, tokens: Array, experts: Array, weights: Array, real: Array) -> Array:
         cfg, names = self.cfg, self.cfg.names
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_expert
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -149,12 +207,10 @@ class Experts(nn.Module):
         gate = weight(gate_name, (e, d, f), ("expert", "embed", "mlp"))
         up = weight(up_name, (e, d, f), ("expert", "embed", "mlp"))
         down = weight(names.expert_out, (e, f, d), ("expert", "mlp", "embed"))
-
-        def matmul(x, w):
-            return grouped_matmul(x, w, group_sizes, cfg.moe_matmul)
-
-        h = swiglu(matmul(rows, gate), matmul(rows, up))
-        return matmul(h, down)
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.shape.get("expert", 1) > 1:
+            return _expert_parallel(cfg, mesh, tokens, experts, weights, real, gate, up, down)
+        return mix(cfg, tokens, experts, weights, real, gate, up, down)
 
 
 class MoE(Sublayer):
@@ -165,21 +221,11 @@ class MoE(Sublayer):
     def __call__(self, x: Array, segment_ids: Array) -> Array:
         cfg, names = self.cfg, self.cfg.names
         b, t, d = x.shape
-        e, k = cfg.n_experts, cfg.experts_per_token
         tokens = x.reshape(b * t, d)
         real = segment_ids.reshape(-1) > 0
-        router = self.dense((e,), ("embed", None), False, names.router)
+        router = self.dense((cfg.n_experts,), ("embed", None), False, names.router)
         logits = router(tokens).astype(jnp.float32)
         weights, experts, probs = route(cfg, logits)
         self.sow("intermediates", ROUTER_STATS, router_stats(cfg, logits, experts, probs, real))
-
-        slot_expert = jnp.where(real[:, None], experts, e).reshape(-1)  # padding: nowhere
-        if cfg.moe_capacity_factor:
-            slot_expert = _capacity_slots(cfg, slot_expert)
-        order = jnp.argsort(slot_expert, stable=True)
-        group_sizes = jnp.zeros(e + 1, jnp.int32).at[slot_expert].add(1)[:e]
-        out = Experts(cfg, name=names.experts)(tokens[order // k], group_sizes)
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-        out = out[inverse].reshape(b * t, k, d)
-        y = jnp.einsum("tkd,tk->td", out, weights.astype(out.dtype))
+        y = Experts(cfg, name=names.experts)(tokens, experts, weights, real)
         return y.reshape(b, t, d)
