@@ -174,6 +174,10 @@ def test_every_parameter_has_logical_axes():
         ("gemma2-2b", 2614.3),
         ("gemma3-1b", 999.9),
         ("gemma3-4b", 3880.3),
+        # Mixtures of experts: Qwen3-30B-A3B "30.5B, 3.3B activated" (model card),
+        # Mixtral 8x7B 46,702,792,704 (transformers' count of the published checkpoint).
+        ("qwen3-30b-a3b", 30532.1),
+        ("mixtral-8x7b", 46702.8),
     ],
 )
 def test_real_size_presets_have_the_published_parameter_counts(name, expected_millions):
@@ -182,6 +186,11 @@ def test_real_size_presets_have_the_published_parameter_counts(name, expected_mi
     count = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(boxed)))
     assert count == cfg.num_params()
     assert abs(count / 1e6 - expected_millions) < 0.1, count
+
+
+@pytest.mark.parametrize("name,active_billions", [("qwen3-30b-a3b", 3.3), ("mixtral-8x7b", 12.9)])
+def test_mixtures_of_experts_count_their_active_parameters(name, active_billions):
+    assert abs(PRESETS[name].num_params(active=True) / 1e9 - active_billions) < 0.06
 
 
 def test_sliding_window_saves_the_attention_flops_it_skips():
