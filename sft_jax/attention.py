@@ -106,6 +106,7 @@ def dot_product_attention(
     scale: float | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: Array | None = None,
 ) -> Array:
     """Grouped-query attention with softmax in float32, masked as `attention_mask` says, one
     query block's mask at a time: never a whole [batch, queries, keys] mask (64 MiB per
@@ -115,7 +116,8 @@ def dot_product_attention(
     segment_ids: [batch, seq] int; key_segment_ids [batch, keys] (default: segment_ids),
     query_offset and window (static) as in `attention_mask`. scale multiplies q·k (default
     1/sqrt(head_dim)); softcap (static, 0 = off) maps the scaled scores s to
-    softcap·tanh(s / softcap) before masking (Gemma 2). Returns [batch, seq, heads,
+    softcap·tanh(s / softcap) before masking (Gemma 2). sinks [heads] (gpt-oss): a logit
+    per head in every query's softmax, its probability dropped. Returns [batch, seq, heads,
     head_dim]."""
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
@@ -132,7 +134,9 @@ def dot_product_attention(
     if window and t != s and t + window - 1 < s:  # a few queries against a long cache
         k, v, key_segment_ids, q_slots = _window_of_cache(k, v, key_segment_ids, q_slots, window)
     mask = Masking(block, int(window), float(softcap))
-    out = attend(q, k, v, segment_ids, key_segment_ids, q_slots, mask)
+    if sinks is not None:
+        sinks = sinks.astype(jnp.float32).reshape(kv, h // kv)
+    out = attend(q, k, v, segment_ids, key_segment_ids, q_slots, sinks, mask)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -181,16 +185,17 @@ class Masking(NamedTuple):
         return self.softcap * tanh, 1.0 - tanh * tanh
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def attend(q: Array, k: Array, v: Array, q_seg, k_seg, q_slots, mask: Masking) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def attend(q: Array, k: Array, v: Array, q_seg, k_seg, q_slots, sinks, mask: Masking) -> Array:
     """softmax(cap(q·kᵀ), masked)·v per query block. q: [batch, kv_heads, group, seq,
     head_dim] (already scaled); k, v: [batch, kv_heads, keys, head_dim]; q_seg [batch,
     seq], k_seg [batch, keys], q_slots [seq] and `mask.window` say what each query sees
-    (`_visible`). Returns q's shape and dtype."""
-    return _attend_fwd(q, k, v, q_seg, k_seg, q_slots, mask)[0]
+    (`_visible`); sinks: None, or [kv_heads, group] float32 logits each softmax includes
+    and drops (their exp joins the denominator only). Returns q's shape and dtype."""
+    return _attend_fwd(q, k, v, q_seg, k_seg, q_slots, sinks, mask)[0]
 
 
-def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, mask):
+def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, sinks, mask):
     outs, tops, inv_totals = [], [], []
     for qs, qe, ks, ke in mask.blocks(q.shape[3], k.shape[2]):
         scores = jnp.einsum(
@@ -207,8 +212,13 @@ def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, mask):
         )
         scores = jnp.where(visible[:, None, None], scores, _MIN)
         top = jnp.max(scores, axis=-1)
+        if sinks is not None:
+            top = jnp.maximum(top, sinks[None, :, :, None])
         exp = jnp.exp(scores - top[..., None])
-        inv_total = 1.0 / jnp.sum(exp, axis=-1)
+        total = jnp.sum(exp, axis=-1)
+        if sinks is not None:
+            total = total + jnp.exp(sinks[None, :, :, None] - top)
+        inv_total = 1.0 / total
         # Normalised after the matmul: [block, head_dim] multiplies, not [block, keys].
         out = jnp.einsum(
             "bkgts,bksd->bkgtd",
@@ -224,13 +234,18 @@ def _attend_fwd(q, k, v, q_seg, k_seg, q_slots, mask):
     # float32 minimum, where max + log(Σ) rounds back to the minimum and the recomputed
     # probabilities would be 1 instead of 1/keys.
     top, inv_total = jnp.concatenate(tops, axis=3), jnp.concatenate(inv_totals, axis=3)
-    return out, (q, k, v, q_seg, k_seg, q_slots, out, top, inv_total)
+    return out, (q, k, v, q_seg, k_seg, q_slots, sinks, out, top, inv_total)
 
 
 def _attend_bwd(mask, res, d_out):
-    q, k, v, q_seg, k_seg, q_slots, out, top, inv_total = res
-    # softmax's backward: p·(dp − Σ_keys p·dp), and Σ_keys p·dp = Σ_head_dim dO·O.
+    q, k, v, q_seg, k_seg, q_slots, sinks, out, top, inv_total = res
+    # softmax's backward: p·(dp − Σ_keys p·dp), and Σ_keys p·dp = Σ_head_dim dO·O (a sink
+    # carries no value, so this holds with it too).
     row = jnp.einsum("bkgtd,bkgtd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    d_sinks = None
+    if sinks is not None:  # ∂O/∂sink = −p_sink·O, so d sink = −Σ_queries p_sink·(dO·O)
+        p_sink = jnp.exp(sinks[None, :, :, None] - top) * inv_total
+        d_sinks = -jnp.sum(p_sink * row, axis=(0, 3))
     # Everything [keys, queries]-shaped below is transposed: [batch, kv_heads, keys, group,
     # block]; the per-query terms broadcast over keys.
     top, inv_total, row = (x[:, :, None] for x in (top, inv_total, row))
@@ -274,7 +289,7 @@ def _attend_bwd(mask, res, d_out):
         )
         d_q_t.append(jnp.einsum("bkds,bksgt->bkdgt", k_t[..., ks:ke], d_scores))
     d_q = jnp.concatenate(d_q_t, axis=-1).transpose(0, 1, 3, 4, 2)
-    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
+    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None, d_sinks
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

@@ -339,7 +339,12 @@ def check(run: RunConfig, model_cfg: GPTConfig, mesh_shape: dict[str, int]) -> N
     _check_expert_axis(model_cfg, mesh_shape.get("expert", 1))
     judge.from_config(run.eval, {})  # its keys, before any data or weights load
     # e.g. cuDNN needs bf16 and has no soft cap
-    kernels.resolve(model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap)
+    kernels.resolve(
+        model_cfg.attention,
+        dtype=model_cfg.dtype,
+        softcap=model_cfg.attn_softcap,
+        sinks=model_cfg.attention_sinks,
+    )
     hf.export_dtype(model_cfg, run.export.dtype)  # a bad export.dtype fails now, not after training
     run.lora.layers(model_cfg)  # unknown lora.targets for this family, named with the valid ones
     if run.export.adapter_dir and not run.lora.enabled:

@@ -354,7 +354,9 @@ def _cut(text: str, until: Sequence[str]) -> str:
 def _width_multiple(cfg: GPTConfig) -> int:
     """Rows are a multiple of this wide: whole blocks for TPU splash attention (the kernel
     takes no other), else the generator's bucket (few shapes, few compiles)."""
-    kernel = kernels.resolve(cfg.attention, dtype=cfg.dtype, softcap=cfg.attn_softcap)
+    kernel = kernels.resolve(
+        cfg.attention, dtype=cfg.dtype, softcap=cfg.attn_softcap, sinks=cfg.attention_sinks
+    )
     return kernels.SPLASH_BLOCK if kernel == "splash" else BUCKET
 
 

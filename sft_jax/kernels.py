@@ -76,12 +76,24 @@ def platform() -> str:
 
 
 def resolve(
-    name: str, backend: str | None = None, dtype: str = "bfloat16", softcap: float = 0.0
+    name: str,
+    backend: str | None = None,
+    dtype: str = "bfloat16",
+    softcap: float = 0.0,
+    sinks: bool = False,
 ) -> str:
     """The implementation `name` stands for on `backend` (default: JAX's default) when the
-    model computes in `dtype` with attention scores soft-capped at `softcap` (0 = off)."""
+    model computes in `dtype` with attention scores soft-capped at `softcap` (0 = off) and
+    with attention sinks or not (gpt-oss: the XLA path alone has them)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    if sinks and name in ("splash", "cudnn"):
+        raise ValueError(
+            f"model.attention={name!r} has no attention sinks (gpt-oss's learned per-head "
+            "logit); set model.attention='xla' or 'auto', which takes xla for such models"
+        )
+    if sinks:
+        return "xla"
     backend = backend or platform()
     half = jnp.dtype(dtype).name in HALF
     if name == "cudnn" and softcap:
@@ -114,6 +126,7 @@ def attention(
     scale: float | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention within segments (the batch contract: query i sees key j only if
     j <= i and both carry the same non-zero segment id), and with `window` > 0 only the
@@ -125,8 +138,9 @@ def attention(
     `key_segment_ids` [batch, keys] the keys are a KV cache's slots, query i at slot
     `query_offset + i` (the window counts slots), and the XLA path runs. `scale` multiplies
     q·k (default 1/sqrt(head_dim)); `softcap` > 0 maps the scaled scores s to
-    softcap·tanh(s / softcap) before masking. `window` and `softcap` are static. Returns
-    q's shape and dtype."""
+    softcap·tanh(s / softcap) before masking. `window` and `softcap` are static. `sinks`
+    [heads] (gpt-oss): a logit per head that every query's softmax includes and whose
+    probability is dropped (XLA path only). Returns q's shape and dtype."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     window, softcap = int(window), float(softcap)
     if key_segment_ids is not None:
@@ -140,14 +154,17 @@ def attention(
             scale=scale,
             window=window,
             softcap=softcap,
+            sinks=sinks,
         )
-    kernel = resolve(implementation, dtype=q.dtype, softcap=softcap)
+    kernel = resolve(implementation, dtype=q.dtype, softcap=softcap, sinks=sinks is not None)
     if kernel == "splash":  # masks by segment ids itself
         return splash_attention(q, k, v, segment_ids, scale=scale, window=window, softcap=softcap)
     if kernel == "cudnn":
         return cudnn_attention(q, k, v, attention_mask(segment_ids), scale=scale, window=window)
     # The XLA path masks each query block itself.
-    return dot_product_attention(q, k, v, segment_ids, scale=scale, window=window, softcap=softcap)
+    return dot_product_attention(
+        q, k, v, segment_ids, scale=scale, window=window, softcap=softcap, sinks=sinks
+    )
 
 
 def cudnn_attention(q, k, v, mask, scale: float | None = None, window: int = 0):

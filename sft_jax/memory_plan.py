@@ -210,7 +210,9 @@ def plan(run, n_devices: int, platform: str = "") -> dict:
     grads *= 2 if run.train.micro_steps > 1 else 1
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     local_rows = run.train.batch_size // run.train.micro_steps // batch_shards
-    kernel = kernels.resolve(model_cfg.attention, platform or None, model_cfg.dtype)
+    kernel = kernels.resolve(
+        model_cfg.attention, platform or None, model_cfg.dtype, sinks=model_cfg.attention_sinks
+    )
     step = StepShape(
         local_rows,
         run.data.max_seq_len,

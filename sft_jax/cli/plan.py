@@ -215,7 +215,10 @@ def _attention_kernel(p, target: str) -> str:
     model_cfg = p["model"]
     with kernels.target_platform(target):
         return kernels.resolve(
-            model_cfg.attention, dtype=model_cfg.dtype, softcap=model_cfg.attn_softcap
+            model_cfg.attention,
+            dtype=model_cfg.dtype,
+            softcap=model_cfg.attn_softcap,
+            sinks=model_cfg.attention_sinks,
         )
 
 

@@ -17,13 +17,14 @@ from sft_jax.model.layers import (
     Sublayer,
     geglu,
     gelu,
+    logical_param,
     norm_layer,
     select_local,
     swiglu,
     with_recomputed_activation,
 )
 from sft_jax.model.moe import MoE
-from sft_jax.model.rope import layer_rope_frequencies, rope
+from sft_jax.model.rope import layer_rope_frequencies, rope, rope_scale
 
 Array = jax.Array
 
@@ -75,12 +76,23 @@ class Attention(Sublayer):
         if cfg.qk_norm:  # over head_dim, per head, before RoPE
             q, k = norm_layer(cfg, names.q_norm)(q), norm_layer(cfg, names.k_norm)(k)
         if cfg.positions == "rope":
-            inv_freq = layer_rope_frequencies(cfg, local)
-            q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+            inv_freq, scale = layer_rope_frequencies(cfg, local), rope_scale(cfg)
+            q, k = rope(q, positions, inv_freq, scale), rope(k, positions, inv_freq, scale)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        sinks = None
+        if cfg.attention_sinks:  # one logit per head, float32 as transformers keeps it
+            init = logical_param(nn.initializers.zeros, "heads")
+            sinks = self.param("sinks", init, (cfg.n_heads,), jnp.float32)
         if cache is None:
             out = _attend(
-                cfg, local, q, k, v, segment_ids=segment_ids, implementation=cfg.attention
+                cfg,
+                local,
+                q,
+                k,
+                v,
+                segment_ids=segment_ids,
+                implementation=cfg.attention,
+                sinks=sinks,
             )
             new_cache = None
         else:
@@ -97,10 +109,12 @@ class Attention(Sublayer):
                 segment_ids=segment_ids,
                 key_segment_ids=key_segment_ids,
                 query_offset=slot,
+                sinks=sinks,
             )
         # [batch, seq, heads, head_dim] → [batch, seq, d_model]
         axes = ("heads", "head_dim", "embed")
-        out = self.dense((cfg.d_model,), axes, cfg.bias, names.attn_out, in_dims=2)(out)
+        out_bias = cfg.bias or cfg.attn_out_bias
+        out = self.dense((cfg.d_model,), axes, out_bias, names.attn_out, in_dims=2)(out)
         return out if cache is None else (out, new_cache)
 
 

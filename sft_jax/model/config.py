@@ -63,7 +63,14 @@ class GPTConfig:
     # 0 = every layer local (Mistral)
     rope_local_theta: float = 0.0  # RoPE base of local layers, unscaled; 0 = rope_theta (Gemma 3)
     rope_linear_factor: float = 1.0  # linear RoPE scaling of global layers (Gemma 3 4B+)
-    # Mixture of experts (Qwen3-MoE, Mixtral; off with n_experts=0): every block's MLP is
+    # gpt-oss (each off by default): a bias on the attention output projection, a learned
+    # per-head attention sink (a logit every query's softmax includes, whose value it
+    # drops), and YaRN RoPE scaling: (factor, beta_fast, beta_slow,
+    # original_max_position_embeddings, truncate, attention_factor), or () for none.
+    attn_out_bias: bool = False
+    attention_sinks: bool = False
+    rope_yarn: tuple = ()
+    # Mixture of experts (Qwen3-MoE, Mixtral, gpt-oss; off with n_experts=0): every block's MLP is
     # `n_experts` SwiGLU experts of width `d_expert`, `experts_per_token` of them per token
     # (sft_jax.model.moe).
     n_experts: int = 0
@@ -73,6 +80,12 @@ class GPTConfig:
     # "topk_softmax": the top k logits, then a softmax over them (gpt-oss).
     router: str = "softmax_topk"
     router_norm_topk: bool = False  # renormalise the k weights to sum to 1 (Mixtral; Qwen3)
+    router_bias: bool = False  # the router's logits have a bias (gpt-oss)
+    # "swiglu": silu(gate)·up; "gpt_oss": gate and up interleaved in one biased projection,
+    # clamped at ±swiglu_limit (gate only from above), (up + 1)·gate·σ(1.702·gate), a biased
+    # down projection.
+    expert_mlp: str = "swiglu"
+    swiglu_limit: float = 7.0
     # The loss adds coef × the load-balancing loss (Switch / transformers'
     # `load_balancing_loss_func`, over real tokens) and coef × the router z-loss (ST-MoE).
     router_aux_loss_coef: float = 0.0
@@ -130,6 +143,13 @@ class GPTConfig:
     def _check_experts(self) -> None:
         _check(self.router in ("softmax_topk", "topk_softmax"), "router", self.router)
         _check(self.moe_matmul in ("auto", "ragged", "blocked"), "moe_matmul", self.moe_matmul)
+        _check(self.expert_mlp in ("swiglu", "gpt_oss"), "expert_mlp", self.expert_mlp)
+        fused = len(FAMILIES[self.family].expert_in) == 1
+        if self.n_experts and fused != (self.expert_mlp == "gpt_oss"):
+            raise ValueError(
+                f"model: expert_mlp={self.expert_mlp!r} does not fit the {self.family} family's "
+                "expert weights; gpt_oss's experts are expert_mlp='gpt_oss', the others 'swiglu'"
+            )
         for field in ("router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor"):
             _check(getattr(self, field) >= 0, field, getattr(self, field))
         has_moe_names = bool(FAMILIES[self.family].experts)
@@ -164,12 +184,19 @@ class GPTConfig:
                 f"model: global_every={self.global_every} needs a sliding_window (the other "
                 "layers' window); set sliding_window or global_every=0"
             )
-        rope_only = ("rope_local_theta", "rope_linear_factor", "rope_llama3_scaling")
+        rope_only = ("rope_local_theta", "rope_linear_factor", "rope_llama3_scaling", "rope_yarn")
         if self.positions != "rope" and any(getattr(self, f) != _DEFAULTS[f] for f in rope_only):
             raise ValueError(f"model: {', '.join(rope_only)} need positions='rope'")
-        if self.rope_llama3_scaling and self.rope_linear_factor != 1.0:
+        scalings = [self.rope_llama3_scaling, self.rope_linear_factor != 1.0, self.rope_yarn]
+        if sum(map(bool, scalings)) > 1:
             raise ValueError(
-                "model: rope_llama3_scaling and rope_linear_factor are two RoPE scalings; set one"
+                "model: rope_llama3_scaling, rope_linear_factor and rope_yarn are three RoPE "
+                "scalings; set one"
+            )
+        if self.rope_yarn and len(self.rope_yarn) != 6:
+            raise ValueError(
+                f"model: rope_yarn={self.rope_yarn} must be (factor, beta_fast, beta_slow, "
+                "original_max_position_embeddings, truncate, attention_factor)"
             )
 
     @property
@@ -209,7 +236,10 @@ class GPTConfig:
         mlp = (2 if self.mlp == "gelu" else 3) * d * f
         if self.n_experts:  # the router, then each expert's gate, up and down
             experts = self.experts_per_token if active else self.n_experts
-            mlp = d * self.n_experts + experts * 3 * d * self.d_expert
+            expert = 3 * d * self.d_expert
+            if self.expert_mlp == "gpt_oss":  # and their biases
+                expert += 2 * self.d_expert + d
+            mlp = (d + self.router_bias) * self.n_experts + experts * expert
         norms = (2 if self.bias else 1) * d * (4 if self.sandwich_norms else 2)
         norms += 2 * hd if self.qk_norm else 0
         biases = 0
@@ -217,6 +247,8 @@ class GPTConfig:
             biases = (q + 2 * kv) + d + f + d
         elif self.qkv_bias:
             biases = q + 2 * kv
+        biases += d if self.attn_out_bias and not self.bias else 0
+        biases += self.n_heads if self.attention_sinks else 0
         per_layer = attn + mlp + norms + biases
         total = self.n_layers * per_layer + (2 if self.bias else 1) * d
         if include_embeddings:

@@ -110,6 +110,17 @@ FAMILIES: dict[str, Family] = {
         expert_in=("w1", "w3"),
         expert_out="w2",
     ),
+    # gpt-oss: experts fused as transformers holds (and saves) them, gate and up
+    # interleaved in one [experts, d_model, 2·d_expert] projection.
+    "gpt_oss": dataclasses.replace(
+        _LLAMA_NAMES,
+        hf_architecture="GptOssForCausalLM",
+        moe="mlp",
+        router="router",
+        experts="experts",
+        expert_in=("gate_up_proj",),
+        expert_out="down_proj",
+    ),
     "gemma2": _GEMMA_NAMES,
     "gemma3": dataclasses.replace(_GEMMA_NAMES, hf_architecture="Gemma3ForCausalLM", **_QK_NORMS),
 }

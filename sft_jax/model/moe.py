@@ -1,5 +1,6 @@
-"""The mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router picks `experts_per_token` of
-`n_experts` SwiGLU experts for each token, and the token's output is their outputs weighted.
+"""The mixture-of-experts MLP (Qwen3-MoE, Mixtral, gpt-oss): a router picks
+`experts_per_token` of `n_experts` experts for each token, and the token's output is their
+outputs weighted.
 
 Dropless by default: every (token, expert) slot is computed. The slots are sorted by expert
 so that each expert's rows are contiguous, and one grouped matmul (`grouped_matmul`) runs
@@ -130,22 +131,39 @@ def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array, impl: str = "auto
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
 
-def expert_mlps(rows: Array, group_sizes: Array, gate: Array, up: Array, down: Array, impl: str):
-    """Rows sorted by expert (`group_sizes` rows each) → each row through its own expert's
-    SwiGLU MLP (gate, up [experts, d_model, d_expert]; down [experts, d_expert, d_model])."""
-
-    def matmul(x, w):
-        return grouped_matmul(x, w, group_sizes, impl)
-
-    return matmul(swiglu(matmul(rows, gate), matmul(rows, up)), down)
+GPT_OSS_ALPHA = 1.702  # gpt-oss's gate: gate·σ(1.702·gate)
 
 
-def mix(cfg: GPTConfig, tokens, experts, weights, real, gate, up, down, first: Array | int = 0):
+def expert_mlps(cfg: GPTConfig, rows: Array, group_sizes: Array, row_expert: Array, w: dict):
+    """Rows sorted by expert (`group_sizes` rows each; `row_expert`: each row's expert,
+    for the biases) → each row through its own expert's MLP. `w`: the stacked weights,
+    named as the family names them (`Experts`)."""
+    names = cfg.names
+
+    def matmul(x, weight):
+        return grouped_matmul(x, weight, group_sizes, cfg.moe_matmul)
+
+    if cfg.expert_mlp == "swiglu":
+        gate, up = (w[n] for n in names.expert_in)
+        return matmul(swiglu(matmul(rows, gate), matmul(rows, up)), w[names.expert_out])
+    # gpt-oss: one biased projection, gate and up interleaved; clamped; biased down.
+    (fused,), out = names.expert_in, names.expert_out
+    gate_up = matmul(rows, w[fused]) + w[fused + "_bias"][row_expert]
+    gate, up = gate_up[:, ::2], gate_up[:, 1::2]
+    limit = cfg.swiglu_limit
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    h = (up + 1) * gate * jax.nn.sigmoid(GPT_OSS_ALPHA * gate)
+    return matmul(h, w[out]) + w[out + "_bias"][row_expert]
+
+
+def mix(cfg: GPTConfig, tokens, experts, weights, real, w: dict, first: Array | int = 0):
     """Σ over each token's slots of weight · expert(token), for the experts held here:
-    `gate.shape[0]` of them, numbered from `first`. tokens [N, d_model]; experts, weights
-    [N, k]; real [N] (padding goes to no expert). Slots of other experts give nothing."""
+    those of the stacked weights `w` (its leading axis), numbered from `first`. tokens
+    [N, d_model]; experts, weights [N, k]; real [N] (padding goes to no expert). Slots of
+    other experts give nothing."""
     n, k = experts.shape
-    held = gate.shape[0]
+    held = next(iter(w.values())).shape[0]
     local = experts - first
     here = real[:, None] & (local >= 0) & (local < held)
     slot_expert = jnp.where(here, local, held).reshape(-1)  # `held`: no expert here
@@ -153,13 +171,15 @@ def mix(cfg: GPTConfig, tokens, experts, weights, real, gate, up, down, first: A
         slot_expert = _capacity_slots(cfg, slot_expert, held)
     order = jnp.argsort(slot_expert, stable=True)
     group_sizes = jnp.zeros(held + 1, jnp.int32).at[slot_expert].add(1)[:held]
-    out = expert_mlps(tokens[order // k], group_sizes, gate, up, down, cfg.moe_matmul)
+    row_expert = jnp.minimum(slot_expert[order], held - 1)
+    out = expert_mlps(cfg, tokens[order // k], group_sizes, row_expert, w)
+    out = jnp.where((slot_expert[order] < held)[:, None], out, 0)  # biases: experts' rows only
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
     out = out[inverse].reshape(n, k, -1)
     return jnp.einsum("tkd,tk->td", out, weights.astype(out.dtype))
 
 
-def _expert_parallel(cfg: GPTConfig, mesh, tokens, experts, weights, real, gate, up, down):
+def _expert_parallel(cfg: GPTConfig, mesh, tokens, experts, weights, real, w: dict):
     """`mix` with the experts split over the mesh's `expert` axis: each device gathers the
     tokens of its expert group (all-gather over `expert`), runs them through the experts
     it holds, and the partial outputs are summed back onto the tokens' own devices
@@ -170,26 +190,27 @@ def _expert_parallel(cfg: GPTConfig, mesh, tokens, experts, weights, real, gate,
     batch = nn.logical_to_mesh_axes(("batch",))[0]
     rows, split = PartitionSpec(batch), PartitionSpec("expert")
 
-    def body(tokens, experts, weights, real, gate, up, down):
+    def body(tokens, experts, weights, real, w):
         gathered = [
             jax.lax.all_gather(x, "expert", axis=0, tiled=True)
             for x in (tokens, experts, weights, real)
         ]
-        first = jax.lax.axis_index("expert") * gate.shape[0]
-        y = mix(cfg, *gathered, gate, up, down, first)
+        first = jax.lax.axis_index("expert") * next(iter(w.values())).shape[0]
+        y = mix(cfg, *gathered, w, first)
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(rows, rows, rows, rows, split, split, split),
+        in_specs=(rows, rows, rows, rows, split),
         out_specs=rows,
-    )(tokens, experts, weights, real, gate, up, down)
+    )(tokens, experts, weights, real, w)
 
 
 class Experts(nn.Module):
-    """`n_experts` SwiGLU MLPs, their weights stacked on a leading expert axis (split over
-    the mesh's `expert` axis when it has one: `_expert_parallel`)."""
+    """`n_experts` MLPs, their weights stacked on a leading expert axis (split over the
+    mesh's `expert` axis when it has one: `_expert_parallel`): SwiGLU with separate gate,
+    up and down weights, or gpt-oss's fused, biased, clamped form."""
 
     cfg: GPTConfig
 
@@ -199,18 +220,31 @@ class Experts(nn.Module):
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_expert
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
-        def weight(name: str, shape, axes):
-            w = self.param(name, logical_param(dense_init(), *axes), shape, pdt)
-            return w.astype(dt)
+        def weight(name: str, shape, axes, init=None):
+            init = logical_param(init or dense_init(), *axes)
+            return self.param(name, init, shape, pdt).astype(dt)
 
-        gate_name, up_name = names.expert_in
-        gate = weight(gate_name, (e, d, f), ("expert", "embed", "mlp"))
-        up = weight(up_name, (e, d, f), ("expert", "embed", "mlp"))
-        down = weight(names.expert_out, (e, f, d), ("expert", "mlp", "embed"))
+        zeros = nn.initializers.zeros
+        if cfg.expert_mlp == "swiglu":
+            gate_name, up_name = names.expert_in
+            w = {
+                gate_name: weight(gate_name, (e, d, f), ("expert", "embed", "mlp")),
+                up_name: weight(up_name, (e, d, f), ("expert", "embed", "mlp")),
+            }
+        else:
+            (fused,) = names.expert_in
+            w = {
+                fused: weight(fused, (e, d, 2 * f), ("expert", "embed", "mlp")),
+                fused + "_bias": weight(fused + "_bias", (e, 2 * f), ("expert", "mlp"), zeros),
+            }
+        out = names.expert_out
+        w[out] = weight(out, (e, f, d), ("expert", "mlp", "embed"))
+        if cfg.expert_mlp == "gpt_oss":
+            w[out + "_bias"] = weight(out + "_bias", (e, d), ("expert", None), zeros)
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and mesh.shape.get("expert", 1) > 1:
-            return _expert_parallel(cfg, mesh, tokens, experts, weights, real, gate, up, down)
-        return mix(cfg, tokens, experts, weights, real, gate, up, down)
+            return _expert_parallel(cfg, mesh, tokens, experts, weights, real, w)
+        return mix(cfg, tokens, experts, weights, real, w)
 
 
 class MoE(Sublayer):
@@ -223,7 +257,7 @@ class MoE(Sublayer):
         b, t, d = x.shape
         tokens = x.reshape(b * t, d)
         real = segment_ids.reshape(-1) > 0
-        router = self.dense((cfg.n_experts,), ("embed", None), False, names.router)
+        router = self.dense((cfg.n_experts,), ("embed", None), cfg.router_bias, names.router)
         logits = router(tokens).astype(jnp.float32)
         weights, experts, probs = route(cfg, logits)
         self.sow("intermediates", ROUTER_STATS, router_stats(cfg, logits, experts, probs, real))
