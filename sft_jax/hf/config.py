@@ -23,6 +23,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
         return _llama_config(hf, unsupported)
     if model_type in ("qwen3_moe", "mixtral"):
         return _moe_config(hf, unsupported)
+    if model_type == "gpt_oss":
+        return _gpt_oss_config(hf, unsupported)
     if model_type == "gemma3":  # the multimodal checkpoint: its language model only
         hf = {"tie_word_embeddings": hf.get("tie_word_embeddings", True)} | (
             hf.get("text_config") or {}
@@ -32,8 +34,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
         return _gemma_config(hf, unsupported)
     raise ValueError(
         f"{source}: model_type={model_type!r} is not supported; sft_jax imports gpt2, llama "
-        "(Llama 2/3, SmolLM2, TinyLlama), qwen2, qwen3, qwen3_moe, mistral, mixtral, gemma2, "
-        "gemma3_text and the text part of gemma3"
+        "(Llama 2/3, SmolLM2, TinyLlama), qwen2, qwen3, qwen3_moe, mistral, mixtral, gpt_oss, "
+        "gemma2, gemma3_text and the text part of gemma3"
     )
 
 
@@ -129,6 +131,71 @@ def _moe_config(hf: dict, unsupported: Callable[[str], ValueError]) -> GPTConfig
         router_aux_loss_coef=float(
             hf.get("router_aux_loss_coef", 0.001 if model_type == "qwen3_moe" else 0.02)
         ),
+    )
+
+
+def _gpt_oss_config(hf: dict, unsupported: Callable[[str], ValueError]) -> GPTConfig:
+    """gpt-oss: q/k/v/o biases, attention sinks, sliding and full layers alternating, YaRN,
+    experts fused and clamped with biases. Published checkpoints store the experts in
+    MXFP4, which the import dequantizes (`hf.experts`)."""
+    quant = (hf.get("quantization_config") or {}).get("quant_method")
+    if quant not in (None, "mxfp4"):
+        raise unsupported(f"quantization_config.quant_method={quant!r}")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 150000.0)))
+    n = hf["num_hidden_layers"]
+    window = hf.get("sliding_window") or 0
+    pattern = {"sliding_window_pattern": 2} if not hf.get("layer_types") else {}
+    return GPTConfig(
+        family="gpt_oss",
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 131072),
+        d_model=hf["hidden_size"],
+        n_layers=n,
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf["num_key_value_heads"],
+        d_ff=hf["intermediate_size"],
+        head_dim=_head_dim(hf | {"head_dim": hf.get("head_dim", 64)}),
+        positions="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        qkv_bias=bool(hf.get("attention_bias", True)),
+        attn_out_bias=bool(hf.get("attention_bias", True)),
+        attention_sinks=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        rope_yarn=_yarn(rope, unsupported),
+        sliding_window=window,
+        global_every=_global_every(hf | pattern, unsupported) if window else 0,
+        n_experts=hf.get("num_local_experts") or hf.get("num_experts") or 128,
+        experts_per_token=hf.get("num_experts_per_tok", 4),
+        d_expert=hf["intermediate_size"],
+        router="topk_softmax",
+        router_bias=True,
+        expert_mlp="gpt_oss",
+        swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
+
+
+def _yarn(rope: dict, unsupported: Callable[[str], ValueError]) -> tuple:
+    """GPTConfig.rope_yarn from HF's rope parameters: () for plain RoPE."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return ()
+    if rope_type != "yarn":
+        raise unsupported(f"rope type {rope_type!r}")
+    if rope.get("mscale") or rope.get("mscale_all_dim"):
+        raise unsupported("yarn's mscale / mscale_all_dim")
+    return (
+        float(rope["factor"]),
+        float(rope.get("beta_fast") or 32.0),
+        float(rope.get("beta_slow") or 1.0),
+        int(rope["original_max_position_embeddings"]),
+        bool(rope.get("truncate", True)),
+        float(rope.get("attention_factor") or 0.0),
     )
 
 
@@ -322,12 +389,14 @@ def config_to_hf(cfg: GPTConfig) -> dict:
             "tie_word_embeddings": True,
             "torch_dtype": cfg.param_dtype,
         }
-    if cfg.qkv_bias and cfg.family != "qwen2":
+    if cfg.qkv_bias and cfg.family not in ("qwen2", "gpt_oss"):
         raise ValueError(
             f"model: a {cfg.family} model with q/k/v biases has no Hugging Face equivalent; "
             "set family='qwen2'"
         )
     _check_exportable(cfg)
+    if cfg.family == "gpt_oss":
+        return _gpt_oss_config_to_hf(cfg)
     if cfg.family in ("gemma2", "gemma3"):
         return _gemma_config_to_hf(cfg)
     rope = _rope_to_hf(cfg)
@@ -351,6 +420,33 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": cfg.param_dtype,
     } | extra
+
+
+def _gpt_oss_config_to_hf(cfg: GPTConfig) -> dict:
+    if not (cfg.qkv_bias and cfg.attn_out_bias and cfg.attention_sinks and cfg.router_bias):
+        raise ValueError(
+            "model: a gpt_oss model has q/k/v/o biases, attention sinks and a router bias"
+        )
+    types = ["sliding_attention" if local else "full_attention" for local in cfg.local_layers]
+    return {
+        "model_type": "gpt_oss",
+        "architectures": [cfg.names.hf_architecture],
+        **_shape_keys(cfg),
+        "intermediate_size": cfg.d_expert,
+        "num_local_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "output_router_logits": False,
+        "swiglu_limit": cfg.swiglu_limit,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": _rope_to_hf(cfg),
+        "sliding_window": cfg.sliding_window or cfg.max_seq_len,
+        "layer_types": types,
+        "attention_bias": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": cfg.param_dtype,
+    }
 
 
 def _moe_config_to_hf(cfg: GPTConfig) -> dict:
@@ -396,16 +492,33 @@ def _rope_to_hf(cfg: GPTConfig) -> dict:
         )
     elif cfg.rope_linear_factor != 1.0:
         rope.update(rope_type="linear", factor=cfg.rope_linear_factor)
+    elif cfg.rope_yarn:
+        factor, beta_fast, beta_slow, original, truncate, attention_factor = cfg.rope_yarn
+        rope.update(
+            rope_type="yarn",
+            factor=factor,
+            beta_fast=beta_fast,
+            beta_slow=beta_slow,
+            original_max_position_embeddings=original,
+            truncate=truncate,
+        )
+        if attention_factor:
+            rope["attention_factor"] = attention_factor
     return rope
 
 
 def _check_exportable(cfg: GPTConfig) -> None:
     """Fields the family's transformers class cannot express fail by name."""
-    gemma = cfg.family in ("gemma2", "gemma3")
+    gemma, oss = cfg.family in ("gemma2", "gemma3"), cfg.family == "gpt_oss"
+    windows = gemma or oss or cfg.family in ("mistral", "mixtral")
     fits = {
-        "sliding_window": gemma or cfg.family in ("mistral", "mixtral") or not cfg.sliding_window,
-        "router": cfg.router == "softmax_topk",
-        "global_every": gemma or not cfg.global_every,
+        "sliding_window": windows or not cfg.sliding_window,
+        "router": cfg.router == ("topk_softmax" if oss else "softmax_topk"),
+        "global_every": gemma or oss or not cfg.global_every,
+        "attn_out_bias": oss or not cfg.attn_out_bias,
+        "attention_sinks": oss or not cfg.attention_sinks,
+        "router_bias": oss or not cfg.router_bias,
+        "rope_yarn": oss or not cfg.rope_yarn,
         "rope_local_theta": cfg.family == "gemma3" or not cfg.rope_local_theta,
         "attn_softcap": gemma or not cfg.attn_softcap,
         "final_softcap": gemma or not cfg.final_softcap,

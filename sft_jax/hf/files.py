@@ -147,6 +147,7 @@ _SAFETENSORS_DTYPES = {
     "BF16": ml_dtypes.bfloat16,
     "I64": "int64",
     "I32": "int32",
+    "U8": "uint8",  # MXFP4 blocks and scales (gpt-oss)
 }
 
 

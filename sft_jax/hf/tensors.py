@@ -67,24 +67,37 @@ def _entries(cfg: GPTConfig) -> tuple[list[Entry], list[Entry]]:
     if cfg.qk_norm:
         layer += norm(layer_prefix, names.attn, names.q_norm)
         layer += norm(layer_prefix, names.attn, names.k_norm)
-    layer += dense(names.attn, names.attn_out, in_dims=2)
+    layer += dense(names.attn, names.attn_out, bias=cfg.bias or cfg.attn_out_bias, in_dims=2)
+    if cfg.attention_sinks:  # gpt-oss: [heads], a bare parameter
+        layer.append(Entry((names.attn, "sinks"), f"{layer_prefix}{names.attn}.sinks", "vector"))
     if cfg.sandwich_norms:
         layer += norm(layer_prefix, names.attn_out_norm)
     layer += norm(layer_prefix, names.norm_2)
-    if cfg.n_experts:
-        layer += dense(names.moe, names.router, bias=False) + _expert_entries(cfg, layer_prefix)
-    else:
-        for proj in (*names.mlp_in, names.mlp_out):
-            layer += dense("mlp", proj)
+    layer += _mlp_entries(cfg, dense, layer_prefix)
     if cfg.sandwich_norms:
         layer += norm(layer_prefix, names.mlp_out_norm)
     return top, layer
 
 
+def _mlp_entries(cfg: GPTConfig, dense, layer_prefix: str) -> list[Entry]:
+    """The MLP's entries, or the router's and the experts' (`dense(*path, bias=…)`: a
+    dense layer's entries)."""
+    names = cfg.names
+    if not cfg.n_experts:
+        return [e for proj in (*names.mlp_in, names.mlp_out) for e in dense("mlp", proj)]
+    router = dense(names.moe, names.router, bias=cfg.router_bias)
+    return router + _expert_entries(cfg, layer_prefix)
+
+
 def _expert_entries(cfg: GPTConfig, layer_prefix: str) -> list[Entry]:
     """A mixture of experts' stacked expert weights: one HF tensor per expert, `{e}` in the
-    name standing for the expert's index (`hf.experts`)."""
+    name standing for the expert's index (`hf.experts`); gpt-oss's, stacked and fused as
+    transformers holds and saves them, as they are ("table")."""
     names = cfg.names
+    if cfg.expert_mlp == "gpt_oss":
+        stacked = f"{layer_prefix}{names.moe}.{names.experts}."
+        parts = [p + bias for p in (*names.expert_in, names.expert_out) for bias in ("", "_bias")]
+        return [Entry((names.moe, names.experts, p), stacked + p, "table") for p in parts]
     experts = f"{layer_prefix}{names.moe}.{names.experts}.{{{{e}}}}"
     return [
         Entry((names.moe, names.experts, proj), f"{experts}.{proj}.weight", "experts", 1)
