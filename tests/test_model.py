@@ -178,6 +178,9 @@ def test_every_parameter_has_logical_axes():
         # Mixtral 8x7B 46,702,792,704 (transformers' count of the published checkpoint).
         ("qwen3-30b-a3b", 30532.1),
         ("mixtral-8x7b", 46702.8),
+        # gpt-oss's model card: 20.91B and 116.83B.
+        ("gpt-oss-20b", 20914.8),
+        ("gpt-oss-120b", 116829.2),
     ],
 )
 def test_real_size_presets_have_the_published_parameter_counts(name, expected_millions):
@@ -188,9 +191,20 @@ def test_real_size_presets_have_the_published_parameter_counts(name, expected_mi
     assert abs(count / 1e6 - expected_millions) < 0.1, count
 
 
-@pytest.mark.parametrize("name,active_billions", [("qwen3-30b-a3b", 3.3), ("mixtral-8x7b", 12.9)])
-def test_mixtures_of_experts_count_their_active_parameters(name, active_billions):
-    assert abs(PRESETS[name].num_params(active=True) / 1e9 - active_billions) < 0.06
+@pytest.mark.parametrize(
+    "name,active_billions,counts_lookup",
+    [
+        ("qwen3-30b-a3b", 3.3, True),
+        ("mixtral-8x7b", 12.9, True),
+        # OpenAI's active counts (3.61B, 5.13B) leave out the embedding lookup.
+        ("gpt-oss-20b", 3.61, False),
+        ("gpt-oss-120b", 5.13, False),
+    ],
+)
+def test_mixtures_of_experts_count_their_active_parameters(name, active_billions, counts_lookup):
+    cfg = PRESETS[name]
+    active = cfg.num_params(active=True) - (0 if counts_lookup else cfg.vocab_size * cfg.d_model)
+    assert abs(active / 1e9 - active_billions) < 0.06
 
 
 def test_sliding_window_saves_the_attention_flops_it_skips():

@@ -307,6 +307,38 @@ _GEMMA = dict(
     tie_embeddings=True,
 )
 
+# gpt-oss-20b and -120b differ only in depth and experts (20.9B, 3.6B active; 116.8B,
+# 5.1B active): attention sinks, q/k/v/o biases, alternating 128-token windows, YaRN.
+_GPT_OSS = dict(
+    family="gpt_oss",
+    vocab_size=201088,
+    max_seq_len=131072,
+    d_model=2880,
+    n_heads=64,
+    n_kv_heads=8,
+    d_ff=2880,
+    head_dim=64,
+    positions="rope",
+    norm="rmsnorm",
+    mlp="swiglu",
+    bias=False,
+    qkv_bias=True,
+    attn_out_bias=True,
+    attention_sinks=True,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+    rope_theta=150000.0,
+    rope_yarn=(32.0, 32.0, 1.0, 4096, False, 0.0),
+    sliding_window=128,
+    global_every=2,
+    experts_per_token=4,
+    d_expert=2880,
+    router="topk_softmax",
+    router_bias=True,
+    expert_mlp="gpt_oss",
+    router_aux_loss_coef=0.001,
+)
+
 PRESETS: dict[str, GPTConfig] = {
     "gpt2": GPTConfig(**_GPT2),
     "gpt2-medium": GPTConfig(
@@ -521,6 +553,8 @@ PRESETS: dict[str, GPTConfig] = {
         router_aux_loss_coef=0.02,
         **_ROPE_SWIGLU,
     ),
+    "gpt-oss-20b": GPTConfig(n_layers=24, n_experts=32, **_GPT_OSS),
+    "gpt-oss-120b": GPTConfig(n_layers=36, n_experts=128, **_GPT_OSS),
     # Tiny models for tests and CPU demos; the GPT-2 one uses the real GPT-2 vocabulary.
     "tiny": GPTConfig(
         max_seq_len=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, **_GPT2
