@@ -78,6 +78,7 @@ class StepShape:
     base_bytes: float = 0.0
     adapter_width: int = 0
     cudnn_mask: bool = False
+    expert: int = 1  # the mesh's expert axis (a mixture of experts' experts split over it)
 
 
 WEIGHTS_TERM = "one layer's gathered weights and gradients"
@@ -124,6 +125,9 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
     # Its MLP's backward: float32 [tokens, d_ff] gradients of the pre-activations and the
     # recomputed activation (three for SwiGLU's gate and up, two for GELU).
     mlp = 4 * tokens * (mlp_in + cfg.d_ff) / t
+    dispatch = 0
+    if cfg.n_experts:
+        weights, mlp, dispatch = _expert_terms(cfg, step, b)
     # The XLA attention's backward (sft_jax.attention._attend_bwd): float32 scores,
     # probabilities and score gradients of every causal query block, the unrolled blocks
     # live side by side: 3 × [rows, heads, ~seq²/2]. A fused kernel (splash, cuDNN) keeps
@@ -150,7 +154,38 @@ def activation_terms(cfg, step: StepShape) -> dict[str, int]:
         "attention's query blocks (XLA attention)": int(attention),
         CUDNN_MASK_TERM: int(cudnn_mask),
         "chunked loss: logits of a chunk, head gradient": int(loss),
+        DISPATCH_TERM: int(dispatch),
     }
+
+
+DISPATCH_TERM = "experts' dispatch: gathered tokens, sorted slots, outputs"
+
+
+def _expert_terms(cfg, step: StepShape, b: int) -> tuple[float, float, float]:
+    """A mixture of experts' (weights, MLP backward, dispatch) terms for the layer being
+    differentiated (sft_jax.model.moe). The expert group's tokens are gathered onto each
+    device (ep × its tokens) and sorted into k slots each; the experts it holds enter whole
+    (gathered over fsdp and tensor at the shard_map's edge, E / ep of them), with their
+    float32 gradients. Not read off a compiled CPU step as the dense terms are (XLA:CPU
+    runs another grouped matmul): `sft-jax-plan --topology` compiles the TPU one."""
+    d, f, k, ep = cfg.d_model, cfg.d_expert, cfg.experts_per_token, step.expert
+    hd = cfg.dim_per_head
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    held = cfg.n_experts // ep * 3 * d * f  # each expert's gate, up (or gate_up) and down
+    attention = (d * (q + 2 * kv) + q * d) / step.tensor
+    router = d * cfg.n_experts
+    weights = (b + (step.base_bytes or 4)) * (attention + router + held)
+    gathered = ep * step.rows * step.seq  # tokens this device runs through its experts
+    slots = gathered * k
+    # The backward of the experts: float32 gradients of the gate and up pre-activations
+    # and of the activation, [slots, d_expert] each, as the dense MLP's are.
+    mlp = 4 * slots * 3 * f
+    # The gathered tokens, the sorted slot rows and the slot outputs (compute dtype), and
+    # float32 gradients of each; the router's float32 logits and probabilities.
+    dispatch = (b + 4) * (
+        gathered * d + 2 * slots * d
+    ) + 2 * 4 * step.rows * step.seq * cfg.n_experts
+    return weights, mlp, dispatch
 
 
 def mesh_sizes(mesh, n_devices: int) -> dict[str, int]:
@@ -220,6 +255,7 @@ def plan(run, n_devices: int, platform: str = "") -> dict:
         kernel == "xla",
         *_lora_step(model_cfg, spec, frozen),
         cudnn_mask=kernel == "cudnn",
+        expert=sizes["expert"],
     )
     terms = {
         "parameters": params,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from sft_jax import kernels
 from sft_jax.model.config import GPTConfig
 from sft_jax.model.layers import Sublayer, dense_init, logical_param, swiglu
 
@@ -122,9 +123,10 @@ def _blocked_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
 def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array, impl: str = "auto") -> Array:
     """lhs [rows, in] · rhs[g] [in, out] for the g-th contiguous run of `group_sizes[g]`
     rows; rows past the groups give zeros. `impl`: "ragged" (`lax.ragged_dot`), "blocked"
-    (`_blocked_matmul`), "auto" (blocked on CPU, ragged elsewhere)."""
+    (`_blocked_matmul`), "auto" (blocked on CPU, ragged elsewhere: the platform traced for,
+    `kernels.platform`, so a TPU compile on a CPU host gets ragged)."""
     if impl == "auto":
-        impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+        impl = "blocked" if kernels.platform() == "cpu" else "ragged"
     group_sizes = group_sizes.astype(jnp.int32)
     if impl == "blocked":
         return _blocked_matmul(lhs, rhs, group_sizes)
