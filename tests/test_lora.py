@@ -234,6 +234,21 @@ def _tiny_hf(family: str):
             max_position_embeddings=64,
             tie_word_embeddings=False,
         )
+    elif family == "qwen3_moe":  # adapters on a mixture of experts' attention
+        config = transformers.Qwen3MoeConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
     else:
         config = transformers.GPT2Config(
             vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64
@@ -245,6 +260,7 @@ def _tiny_hf(family: str):
 PEFT_CASES = {
     "llama": (["q_proj", "v_proj", "o_proj", "down_proj"], True, True),
     "gpt2": (["c_attn", "attn.c_proj", "c_fc"], False, False),
+    "qwen3_moe": (["q_proj", "k_proj", "o_proj"], False, True),
 }
 
 
