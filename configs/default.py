@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     # A GPTConfig preset (sft_jax.model.PRESETS): gpt2, gpt2-medium, gpt2-large, gpt2-xl,
     # smollm2-135m, llama3.1-8b, llama3.1-70b, qwen2.5-72b, qwen3-0.6b, qwen3-8b, mistral-7b,
     # gemma2-2b, gemma3-1b, gemma3-4b, qwen3-30b-a3b, mixtral-8x7b, gpt-oss-20b, gpt-oss-120b,
-    # tiny, tiny-llama.
+    # tiny, tiny-llama, tiny-moe.
     c.model.preset = "tiny"
     # "" = random init; "hf:<hub id | HF folder | GGUF file | asset:name>" starts from
     # pretrained weights, and the architecture comes from there (model.preset is unused).

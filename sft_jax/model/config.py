@@ -559,6 +559,28 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(
         max_seq_len=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256, **_GPT2
     ),
+    # A small Qwen3-MoE for tests, CPU demos and the benchmark: 8 experts, 2 per token.
+    "tiny-moe": GPTConfig(
+        family="qwen3_moe",
+        vocab_size=49152,
+        max_seq_len=2048,
+        d_model=512,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=1024,
+        head_dim=64,
+        qk_norm=True,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_embeddings=True,
+        n_experts=8,
+        experts_per_token=2,
+        d_expert=1024,
+        router_norm_topk=True,
+        router_aux_loss_coef=0.001,
+        **_ROPE_SWIGLU,
+    ),
     "tiny-llama": GPTConfig(
         vocab_size=49152,
         max_seq_len=256,
