@@ -77,6 +77,27 @@ def test_contract_with_torch_and_padding(one_device_env):
     assert "ratio: sft_jax / torch" in out
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is a test-only dependency")
+def test_mixture_of_experts_against_transformers(one_device_env):
+    """The MoE benchmark row: tiny-moe against transformers' Qwen3MoeForCausalLM on the same
+    batches; MFU counts the active parameters only (k of the experts)."""
+    from sft_jax.model import GPTConfig
+
+    r, _ = _run(
+        one_device_env,
+        "--config.model.preset=tiny-moe",
+        "--config.train.batch_size=2",
+        "--compare-torch",
+    )
+    _check_sft_jax(r, 2, 64)
+    assert r["torch_model"] == "Qwen3MoeForCausalLM" and r["torch_trainable_params"] > 0
+    assert r["ratio"] == pytest.approx(r["tokens_per_sec"] / r["torch_tokens_per_sec"])
+    assert abs(r["first_loss"] - r["torch_first_loss"]) < 0.5
+    cfg = GPTConfig.preset("tiny-moe")
+    assert r["flops_per_token"] == cfg.flops_per_token(64)
+    assert cfg.num_params(active=True) < cfg.num_params()
+
+
 def test_measured_peak_is_the_best_of_runs_for_the_time_given():
     from sft_jax import metrics
 
