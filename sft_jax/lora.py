@@ -192,7 +192,10 @@ def resolve_targets(cfg: GPTConfig, spec: LoraSpec) -> tuple[Module, ...]:
     listing the valid ones."""
     modules = layer_modules(cfg)
     if ALL_LINEAR in spec.targets:
-        return modules
+        # PEFT's all-linear: gpt-oss's router (with its bias) is not among them.
+        names = cfg.names
+        router = (names.moe, names.router) if cfg.family == "gpt_oss" else None
+        return tuple(m for m in modules if m.path != router)
     unknown = [t for t in spec.targets if not any(_matches(m, t) for m in modules)]
     if unknown:
         raise ValueError(
@@ -547,7 +550,6 @@ _UNSUPPORTED = {
     "rank_pattern": {},
     "alpha_pattern": {},
     "exclude_modules": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
 }
@@ -564,6 +566,22 @@ def _read_peft_config(folder: epath.Path) -> dict:
         if config.get(key, ok) not in (ok, None, [], {}):
             raise ValueError(f"{path}: {key}={config[key]!r} is not supported (want {ok!r})")
     return config
+
+
+def _check_target_parameters(cfg: GPTConfig, config: dict, path) -> None:
+    """PEFT adapts a mixture of experts' router as a parameter (`target_parameters`
+    ["gate.weight"]; its tensors are a dense layer's, read as such). The experts' stacked
+    weights (`mlp.experts.gate_up_proj` …) are not adapted here yet: refused by name."""
+    router = f"{cfg.names.router}.weight" if cfg.n_experts else None
+    others = [
+        p for p in config.get("target_parameters") or [] if not router or not p.endswith(router)
+    ]
+    if others:
+        raise ValueError(
+            f"{path}: target_parameters={others} is not supported: sft_jax adapts attention "
+            "and a mixture of experts' router, not the experts' stacked weights; train "
+            "the adapter with target_modules for those layers"
+        )
 
 
 def _read_weights(folder: epath.Path) -> dict[str, np.ndarray]:
@@ -639,6 +657,7 @@ def read_peft_adapter(folder: str, cfg: GPTConfig) -> PeftAdapter:
     per-layer ranks, modules_to_save, some layers only) are refused by name."""
     path = epath.Path(folder)
     config = _read_peft_config(path)
+    _check_target_parameters(cfg, config, path / _CONFIG)
     tensors = _read_weights(path)
     modules = _present_modules(cfg, tensors, folder)
     spec = LoraSpec(

@@ -256,11 +256,13 @@ def _tiny_hf(family: str):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-# (family, PEFT target_modules, use_rslora, our scan_layers): stacked and per-layer adapters.
+# (family, PEFT target_modules, use_rslora, our scan_layers, dropout): stacked and
+# per-layer adapters. A MoE router ("gate") is a parameter PEFT wraps (ParamWrapper), which
+# takes no dropout.
 PEFT_CASES = {
-    "llama": (["q_proj", "v_proj", "o_proj", "down_proj"], True, True),
-    "gpt2": (["c_attn", "attn.c_proj", "c_fc"], False, False),
-    "qwen3_moe": (["q_proj", "k_proj", "o_proj"], False, True),
+    "llama": (["q_proj", "v_proj", "o_proj", "down_proj"], True, True, 0.1),
+    "gpt2": (["c_attn", "attn.c_proj", "c_fc"], False, False, 0.1),
+    "qwen3_moe": (["q_proj", "k_proj", "o_proj", "gate"], False, True, 0.0),
 }
 
 
@@ -272,7 +274,7 @@ def test_peft_adapter_round_trip(family, tmp_path):
     peft = pytest.importorskip("peft")
     import transformers
 
-    targets, rslora, scan = PEFT_CASES[family]
+    targets, rslora, scan, dropout = PEFT_CASES[family]
     torch.manual_seed(0)
     base = _tiny_hf(family)
     base.save_pretrained(tmp_path / "base")
@@ -281,7 +283,7 @@ def test_peft_adapter_round_trip(family, tmp_path):
         lora_alpha=8,
         target_modules=targets,
         use_rslora=rslora,
-        lora_dropout=0.1,
+        lora_dropout=dropout,
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(base, config)
@@ -296,7 +298,7 @@ def test_peft_adapter_round_trip(family, tmp_path):
 
     cfg, params = hf.load_hf(str(tmp_path / "base"), scan_layers=scan)
     spec, adapters, _ = lora.read_peft_adapter(str(tmp_path / "peft"), cfg)
-    assert (spec.rank, spec.alpha, spec.dropout, spec.use_rslora) == (4, 8.0, 0.1, rslora)
+    assert (spec.rank, spec.alpha, spec.dropout, spec.use_rslora) == (4, 8.0, dropout, rslora)
     assert list(spec.targets) == targets
     merged_logits = lambda p, a: GPT(cfg).apply({"params": lora.merge(p, a, spec)}, tokens)
     ours = jax.jit(merged_logits)(params, adapters)  # one compile, not one per op
@@ -312,6 +314,24 @@ def test_peft_adapter_round_trip(family, tmp_path):
     with torch.no_grad():
         got = again(torch.from_numpy(tokens)).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "preset, want",
+    [
+        ("tiny-moe", ["q_proj", "k_proj", "v_proj", "o_proj", "gate"]),
+        ("gpt-oss-20b", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ],
+)
+def test_all_linear_on_a_mixture_of_experts_is_peft_s(preset, want):
+    """PEFT's all-linear on transformers' Qwen3-MoE adapts attention and the router (and
+    the experts' stacked weights, which sft_jax does not adapt yet), on gpt-oss attention
+    alone."""
+    from sft_jax.model import PRESETS
+
+    cfg = PRESETS[preset]
+    modules = lora.resolve_targets(cfg, lora.LoraSpec(rank=4, targets=("all-linear",)))
+    assert lora.target_names(cfg, modules) == want
 
 
 # --------------------------------------------------------------------------- bad folders
@@ -330,6 +350,7 @@ def _write_q_proj_adapter(folder) -> None:
         (dict(use_dora=True), "use_dora=True is not supported"),
         (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
         (dict(r=3), r"expected \(3, 64\)"),
+        (dict(target_parameters=["mlp.experts.gate_up_proj"]), "not the experts' stacked"),
     ],
 )
 def test_unsupported_peft_folders_are_refused(change, message, tmp_path):
