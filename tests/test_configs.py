@@ -88,6 +88,35 @@ def test_recipe_fits_its_devices_with_headroom(name):
         )
 
 
+def test_gpt_oss_lora_recipes_fit_their_gpus_with_headroom():
+    """gpt-oss-20b LoRA on one H100 and gpt-oss-120b on 8 (their experts split 8 ways): the
+    bfloat16 base as published in size (20.91B, 116.83B), adapters on attention, planned
+    from the written-down architecture (no hub)."""
+    module = _module(os.path.join(ROOT, "configs", "gpt_oss_lora.py"))
+    counts = {"gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672}
+    for target, (
+        devices,
+        device,
+        batch_size,
+        micro_steps,
+        preset,
+        expert,
+    ) in module.TARGETS.items():
+        c = module.get_config(target)
+        assert (c.train.batch_size, c.train.micro_steps, c.mesh.expert) == (
+            batch_size,
+            micro_steps,
+            expert,
+        )
+        assert c.lora.rank > 0 and c.lora.base_dtype == "bfloat16"
+        p = memory_plan.plan(parse(c), devices, "gpu")
+        assert p["model"].num_params() == counts[preset] and p["model"].attention_sinks
+        memory = memory_plan.device_bytes(device)
+        assert p["total"] <= (1 - HEADROOM) * memory, memory_plan.report(
+            p, c.data.max_seq_len, memory
+        )
+
+
 def test_model_architecture_replaces_preset_fields_and_must_match_init_from(tmp_path):
     import json
 
