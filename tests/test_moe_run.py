@@ -1,0 +1,69 @@
+"""What a user does with a mixture of experts, end to end: `python -m sft_jax.main` with
+`model.init_from` a Qwen3-MoE folder (written by transformers) and `mesh.expert=2` on the 8
+faked devices, a few steps, then the run's Hugging Face export loaded by transformers gives
+the run's own logits, and the router losses are in metrics.jsonl beside the LM loss."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from sft_jax import hf
+from tests.test_families import _our_logits, _torch_logits
+from tests.test_train import _main
+
+pytestmark = pytest.mark.slow
+
+
+def test_main_trains_a_qwen3_moe_folder_with_expert_parallelism_and_exports_it(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=50304,  # the GPT-2 tokenizer's 50257 ids fit
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.01,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    workdir = tmp_path / "run"
+    done = _main(
+        workdir,
+        f"--config.model.init_from=hf:{source}",
+        "--config.model.tokenizer=gpt2",
+        "--config.mesh.expert=2",
+        "--config.mesh.fsdp=-1",
+        "--config.train.steps=4",
+        "--config.train.log_every=2",
+        "--config.train.eval_every=0",
+        "--config.checkpoint.save_every=4",
+        "--config.export.hf_dir=hf",
+        "--config.optim.learning_rate=1e-2",
+        "--config.optim.warmup_steps=1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'expert': 2" in done.stderr  # the mesh it logged
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    trained = [r for r in records if "router_aux_loss" in r]
+    assert trained and all(r["router_aux_loss"] > 0 and np.isfinite(r["loss"]) for r in trained)
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").eval()
+    assert type(exported) is transformers.Qwen3MoeForCausalLM
+    tokens = np.random.default_rng(0).integers(0, 50257, (2, 12))
+    mask = np.ones_like(tokens)
+    cfg, params = hf.load_hf(str(workdir / "hf"))
+    ours = _our_logits(cfg, params, tokens, mask)
+    np.testing.assert_allclose(_torch_logits(exported, tokens, mask), ours, atol=1e-4)
+    assert np.abs(ours - _torch_logits(model, tokens, mask)).max() > 1e-3  # it trained
