@@ -41,6 +41,7 @@ from sft_jax.hf import files as hf_files
 from sft_jax.hf import sharded as hf_sharded
 from sft_jax.matmul import lora_output  # noqa: F401  (re-exported: the adapter's output)
 from sft_jax.model import GPT, LORA_RANK_AXIS, GPTConfig, LoraLayers, unstack_layers
+from sft_jax.model.moe import EXPERT_ADAPTERS
 from sft_jax.sharding import get_path
 
 Array = jax.Array
@@ -108,7 +109,14 @@ class LoraSpec:
         """What the model `cfg` needs to carry these adapters (None when LoRA is off)."""
         if not self.enabled:
             return None
-        paths = frozenset(m.path for m in resolve_targets(cfg, self))
+        chosen = resolve_targets(cfg, self)
+        if self.dropout and any(m.experts for m in chosen):
+            raise ValueError(
+                f"lora.dropout={self.dropout}: adapters on the experts' stacked weights take no "
+                "dropout (nor do PEFT's target_parameters); set lora.dropout=0 or leave "
+                "gate_up_proj and down_proj out of lora.targets"
+            )
+        paths = frozenset(m.path for m in chosen)
         gaussian = self.init == "gaussian"
         return LoraLayers(
             self.rank,
@@ -153,6 +161,10 @@ class Module:
     name: str  # its HF module name within a layer: "self_attn.q_proj", "mlp.c_proj"
     path: tuple[str, ...]  # our path to it within a layer: ("self_attn", "q_proj")
     in_dims: int  # how many leading kernel dims are the matmul's input
+    # A mixture of experts' stacked expert weights (PEFT's `target_parameters`, e.g.
+    # "mlp.experts.gate_up_proj"): adapters per expert, A [experts, in, r], B [experts, r,
+    # out], beside the experts' weights (`model.moe`).
+    experts: bool = False
 
     @property
     def short_name(self) -> str:
@@ -169,7 +181,20 @@ def layer_modules(cfg: GPTConfig) -> tuple[Module, ...]:
             continue  # top-level tensors (embeddings, head), norms and biases
         name = entry.hf_name.split("{i}.", 1)[1].removesuffix(".weight")
         modules.setdefault(name, Module(name, entry.path[:-1], entry.in_dims))
-    return tuple(modules.values())
+    return tuple(modules.values()) + expert_modules(cfg)
+
+
+def expert_modules(cfg: GPTConfig) -> tuple[Module, ...]:
+    """The stacked expert weights PEFT adapts as parameters, by transformers' in-memory
+    names (`mlp.experts.gate_up_proj`: gate and up fused, as transformers 5 holds them for
+    every MoE family; `mlp.experts.down_proj`)."""
+    if not cfg.n_experts:
+        return ()
+    names = cfg.names
+    return tuple(
+        Module(f"mlp.experts.{proj}", (names.moe, names.experts, EXPERT_ADAPTERS[proj]), 1, True)
+        for proj in ("gate_up_proj", "down_proj")
+    )
 
 
 def _matches(module: Module, target: str) -> bool:
@@ -192,10 +217,11 @@ def resolve_targets(cfg: GPTConfig, spec: LoraSpec) -> tuple[Module, ...]:
     listing the valid ones."""
     modules = layer_modules(cfg)
     if ALL_LINEAR in spec.targets:
-        # PEFT's all-linear: gpt-oss's router (with its bias) is not among them.
+        # PEFT's all-linear: gpt-oss's router (with its bias) and experts are not among them.
         names = cfg.names
-        router = (names.moe, names.router) if cfg.family == "gpt_oss" else None
-        return tuple(m for m in modules if m.path != router)
+        if cfg.family != "gpt_oss":
+            return modules
+        return tuple(m for m in modules if m.path != (names.moe, names.router) and not m.experts)
     unknown = [t for t in spec.targets if not any(_matches(m, t) for m in modules)]
     if unknown:
         raise ValueError(
@@ -213,6 +239,9 @@ def target_names(cfg: GPTConfig, chosen: Sequence[Module]) -> list[str]:
     names: list[str] = []
     for m in modules:
         if m.name not in chosen_names:
+            continue
+        if m.experts:  # PEFT's target_parameters: full names ("mlp.experts.down_proj")
+            names.append(m.name)
             continue
         namesakes = {s.name for s in modules if s.short_name == m.short_name}
         name = m.short_name if namesakes <= chosen_names else m.name
@@ -443,25 +472,56 @@ def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, scale: float) -> 
     return merged.astype(kernel.dtype)
 
 
-def merge(params: dict, adapters: dict, spec: LoraSpec) -> dict:
+def merge(params: dict, adapters: dict, spec: LoraSpec, cfg: GPTConfig | None = None) -> dict:
     """The params with every adapted kernel replaced by W + scale·A·B: a plain model that
     computes what the base with adapters computes. `params` is not changed; a quantized
-    kernel (QLoRA's base, `sft_jax.quant`) is dequantized first."""
+    kernel (QLoRA's base, `sft_jax.quant`) is dequantized first. Adapters on a mixture of
+    experts' stacked weights need the model's `cfg` (which weights they fuse)."""
+    expert_adapters = set(EXPERT_ADAPTERS.values())
 
     def walk(p, a):
         if "lora_a" in a:
             base = quant.dequantize(p["kernel"])
             kernel = merged_kernel(base, a["lora_a"], a["lora_b"], spec.scale)
             return {**p, "kernel": kernel}
-        return {**p, **{k: walk(p[k], v) for k, v in a.items()}}
+        out = dict(p)
+        for k, v in a.items():
+            if k not in expert_adapters:
+                out[k] = walk(p[k], v)
+            elif cfg is None:
+                raise ValueError("lora.merge: adapters on experts need the model's GPTConfig")
+            else:
+                out.update(_merged_experts(cfg, p, k, v, spec.scale))
+        return out
 
     return walk(params, adapters)
 
 
-def merged(params: dict, spec: LoraSpec | None) -> dict:
+def _merged_experts(cfg: GPTConfig, weights: dict, name: str, adapter: dict, scale: float):
+    """The stacked expert weights one experts' adapter changes (`model.moe.expert_mlps`):
+    W[e] + scale·A[e]·B[e], PEFT's fused gate_up split into gate and up where ours are
+    apart (gate columns first)."""
+    a = jnp.asarray(adapter["lora_a"], jnp.float32)
+    b = jnp.asarray(adapter["lora_b"], jnp.float32)
+    delta = scale * jnp.einsum("...eir,...ero->...eio", a, b, precision="highest")
+    names = cfg.names
+    if name == EXPERT_ADAPTERS["down_proj"]:
+        parts = {names.expert_out: delta}
+    elif cfg.expert_mlp == "gpt_oss":
+        parts = {names.expert_in[0]: delta}
+    else:
+        gate, up = names.expert_in
+        parts = {gate: delta[..., : cfg.d_expert], up: delta[..., cfg.d_expert :]}
+    return {
+        k: (jnp.asarray(weights[k], jnp.float32) + d).astype(weights[k].dtype)
+        for k, d in parts.items()
+    }
+
+
+def merged(params: dict, spec: LoraSpec | None, cfg: GPTConfig | None = None) -> dict:
     """A model's params (adapters beside their kernels, if any) as a plain model's: each
     adapted kernel merged (`merge`), the adapters gone. Without LoRA, `params` as they are."""
-    return merge(*split(params), spec) if spec is not None and spec.enabled else params
+    return merge(*split(params), spec, cfg) if spec is not None and spec.enabled else params
 
 
 # --------------------------------------------------------------------------- PEFT folders
@@ -470,10 +530,21 @@ _CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter_model.safetensors"
 
 
-def _peft_name(cfg: GPTConfig, module: Module, layer: int, which: str) -> str:
-    """PEFT's tensor name (the adapter name `default` left out, as PEFT saves it)."""
+def _peft_name(
+    cfg: GPTConfig, module: Module, layer: int, which: str, chosen: Sequence[Module] = ()
+) -> str:
+    """PEFT's tensor name (the adapter name `default` left out, as PEFT saves it). The
+    experts' adapters are named after their module (`mlp.experts`), not the parameter:
+    with both adapted, PEFT wraps gate_up_proj inside down_proj's wrapper, so gate_up's
+    tensors are under `base_layer` (`chosen`: the adapted modules)."""
     block = f"{cfg.names.hf_prefix}{cfg.names.layers}.{layer}"
-    return f"base_model.model.{block}.{module.name}.lora_{which}.weight"
+    name = module.name
+    if module.experts:
+        nested = module.name.endswith("gate_up_proj") and any(
+            m.experts and m.name.endswith("down_proj") for m in chosen
+        )
+        name = "mlp.experts.base_layer" if nested else "mlp.experts"
+    return f"base_model.model.{block}.{name}.lora_{which}.weight"
 
 
 def _layer_adapters(cfg: GPTConfig, adapters: dict, module: Module, layer: int):
@@ -486,6 +557,8 @@ def _layer_adapters(cfg: GPTConfig, adapters: dict, module: Module, layer: int):
 
 def peft_config(cfg: GPTConfig, spec: LoraSpec, base_model_name_or_path: str = "") -> dict:
     """adapter_config.json of `spec` on `cfg`'s model, as PEFT writes it."""
+    chosen = resolve_targets(cfg, spec)
+    experts = [m.name for m in chosen if m.experts]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -493,7 +566,8 @@ def peft_config(cfg: GPTConfig, spec: LoraSpec, base_model_name_or_path: str = "
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": target_names(cfg, resolve_targets(cfg, spec)),
+        "target_modules": target_names(cfg, [m for m in chosen if not m.experts]),
+        "target_parameters": experts or None,
         "use_rslora": spec.use_rslora,
         "fan_in_fan_out": cfg.names.hf_kernels == "conv1d",  # GPT-2's Conv1D: W is [in, out]
         "bias": "none",
@@ -515,15 +589,15 @@ def write_peft_adapter(
     (gathering sharded adapters is collective); process 0 writes."""
     out = epath.Path(out_dir)
     tensors: dict[str, np.ndarray] = {}
-    for m in resolve_targets(cfg, spec):
+    chosen = resolve_targets(cfg, spec)
+    for m in chosen:
         for i in range(cfg.n_layers):
             a, b = _layer_adapters(cfg, adapters, m, i)
             if a is None:  # not process 0
                 continue
-            # ours A [*in, r], B [r, *out] → PEFT's lora_A [r, in], lora_B [out, r]
-            a, b = a.astype(np.float32), b.astype(np.float32)
-            tensors[_peft_name(cfg, m, i, "A")] = np.ascontiguousarray(a.reshape(-1, spec.rank).T)
-            tensors[_peft_name(cfg, m, i, "B")] = np.ascontiguousarray(b.reshape(spec.rank, -1).T)
+            a, b = _to_peft(a.astype(np.float32), b.astype(np.float32), m, spec.rank)
+            tensors[_peft_name(cfg, m, i, "A", chosen)] = np.ascontiguousarray(a)
+            tensors[_peft_name(cfg, m, i, "B", chosen)] = np.ascontiguousarray(b)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         hf_files.write_safetensors(tensors, out / _WEIGHTS)
@@ -568,20 +642,26 @@ def _read_peft_config(folder: epath.Path) -> dict:
     return config
 
 
-def _check_target_parameters(cfg: GPTConfig, config: dict, path) -> None:
-    """PEFT adapts a mixture of experts' router as a parameter (`target_parameters`
-    ["gate.weight"]; its tensors are a dense layer's, read as such). The experts' stacked
-    weights (`mlp.experts.gate_up_proj` …) are not adapted here yet: refused by name."""
+def _expert_targets(cfg: GPTConfig, config: dict, path) -> tuple[Module, ...]:
+    """The experts' modules an adapter folder's `target_parameters` adapts. PEFT also lists
+    a mixture of experts' router there (["gate.weight"]: its tensors are a dense layer's,
+    read as such); anything else is refused by name."""
     router = f"{cfg.names.router}.weight" if cfg.n_experts else None
-    others = [
-        p for p in config.get("target_parameters") or [] if not router or not p.endswith(router)
-    ]
+    experts = {m.name.rsplit(".", 1)[1]: m for m in expert_modules(cfg)}
+    chosen, others = [], []
+    for p in config.get("target_parameters") or []:
+        proj = p.rsplit(".", 1)[-1]
+        if p.endswith(f"experts.{proj}") and proj in experts:
+            chosen.append(experts[proj])
+        elif not (router and p.endswith(router)):
+            others.append(p)
     if others:
+        valid = [m.name for m in experts.values()] + ([router] if router else [])
         raise ValueError(
-            f"{path}: target_parameters={others} is not supported: sft_jax adapts attention "
-            "and a mixture of experts' router, not the experts' stacked weights; train "
-            "the adapter with target_modules for those layers"
+            f"{path}: target_parameters={others} is not supported: sft_jax adapts "
+            f"{', '.join(valid) or 'no parameters'} of a {cfg.family} model"
         )
+    return tuple(m for m in experts.values() if m in chosen)
 
 
 def _read_weights(folder: epath.Path) -> dict[str, np.ndarray]:
@@ -597,21 +677,32 @@ def _read_weights(folder: epath.Path) -> dict[str, np.ndarray]:
     return load(path.read_bytes())
 
 
-def _adapted_layers(cfg: GPTConfig, module: Module, tensors: dict) -> list[bool]:
-    return [_peft_name(cfg, module, i, "A") in tensors for i in range(cfg.n_layers)]
+def _adapted_layers(cfg: GPTConfig, module: Module, tensors: dict, chosen=()) -> list[bool]:
+    return [_peft_name(cfg, module, i, "A", chosen) in tensors for i in range(cfg.n_layers)]
 
 
-def _present_modules(cfg: GPTConfig, tensors: dict, folder) -> tuple[Module, ...]:
-    """The layers the folder adapts (every block, or it is refused); unknown tensors too."""
+def _present_modules(
+    cfg: GPTConfig, tensors: dict, folder, experts: tuple[Module, ...] = ()
+) -> tuple[Module, ...]:
+    """The layers the folder adapts (every block, or it is refused); unknown tensors too.
+    `experts`: the experts' modules its config names (their tensors' names do not say
+    which parameter they adapt)."""
     present = []
     for m in layer_modules(cfg):
-        layers = _adapted_layers(cfg, m, tensors)
+        if m.experts and m not in experts:
+            continue
+        layers = _adapted_layers(cfg, m, tensors, experts)
         if any(layers) and not all(layers):
             missing = [i for i, there in enumerate(layers) if not there]
             raise ValueError(f"{folder}: {m.name} is adapted in some layers but not {missing}")
         if all(layers):
             present.append(m)
-    known = {_peft_name(cfg, m, i, w) for m in present for i in range(cfg.n_layers) for w in "AB"}
+    known = {
+        _peft_name(cfg, m, i, w, present)
+        for m in present
+        for i in range(cfg.n_layers)
+        for w in "AB"
+    }
     unknown = sorted(set(tensors) - known)
     if unknown:
         raise ValueError(
@@ -623,8 +714,31 @@ def _present_modules(cfg: GPTConfig, tensors: dict, folder) -> tuple[Module, ...
     return tuple(present)
 
 
-def _to_ours(tensors: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """PEFT's lora_A [r, in] or lora_B [out, r] as ours of `shape` ([*in, r] or [r, *out])."""
+def _to_peft(a: np.ndarray, b: np.ndarray, module: Module, rank: int):
+    """Ours A [*in, r], B [r, *out] → PEFT's lora_A [r, in], lora_B [out, r]; an experts'
+    adapter (A [experts, in, r], B [experts, r, out]) → lora_A [r·experts, in], expert-
+    major, and lora_B [out, r·experts], the expert varying fastest (PEFT's ParamWrapper)."""
+    if module.experts:
+        return a.transpose(0, 2, 1).reshape(-1, a.shape[1]), b.transpose(2, 1, 0).reshape(
+            b.shape[2], -1
+        )
+    return a.reshape(-1, rank).T, b.reshape(rank, -1).T
+
+
+def _to_ours(tensors: dict, name: str, shape: tuple[int, ...], experts: bool = False):
+    """PEFT's lora_A [r, in] or lora_B [out, r] as ours of `shape` ([*in, r] or [r, *out]);
+    an experts' adapter's ([r·E, in], [out, r·E]) as [E, in, r] or [E, r, out]."""
+    if experts:
+        e = shape[0]
+        is_a = name.endswith("lora_A.weight")
+        want = (shape[2] * e, shape[1]) if is_a else (shape[2], shape[1] * e)
+        got = tuple(tensors[name].shape)
+        if got != want:
+            raise ValueError(f"{name}: shape {got}, expected {want}")
+        x = np.asarray(tensors[name], np.float32)
+        if is_a:
+            return x.reshape(e, shape[2], shape[1]).transpose(0, 2, 1)
+        return x.reshape(shape[2], shape[1], e).transpose(2, 1, 0)
     is_a = name.endswith("lora_A.weight")
     rank, rest = (shape[-1], math.prod(shape[:-1])) if is_a else (shape[0], math.prod(shape[1:]))
     want = (rank, rest) if is_a else (rest, rank)
@@ -657,9 +771,9 @@ def read_peft_adapter(folder: str, cfg: GPTConfig) -> PeftAdapter:
     per-layer ranks, modules_to_save, some layers only) are refused by name."""
     path = epath.Path(folder)
     config = _read_peft_config(path)
-    _check_target_parameters(cfg, config, path / _CONFIG)
+    experts = _expert_targets(cfg, config, path / _CONFIG)
     tensors = _read_weights(path)
-    modules = _present_modules(cfg, tensors, folder)
+    modules = _present_modules(cfg, tensors, folder, experts)
     spec = LoraSpec(
         rank=int(config["r"]),
         alpha=float(config.get("lora_alpha", 8)),
@@ -670,8 +784,8 @@ def read_peft_adapter(folder: str, cfg: GPTConfig) -> PeftAdapter:
     adapters: dict = {}
     for m in modules:
         for which, shape in zip("ab", _layer_shapes(cfg, m, spec.rank), strict=True):
-            names = [_peft_name(cfg, m, i, which.upper()) for i in range(cfg.n_layers)]
-            per_layer = [_to_ours(tensors, name, shape) for name in names]
+            names = [_peft_name(cfg, m, i, which.upper(), modules) for i in range(cfg.n_layers)]
+            per_layer = [_to_ours(tensors, name, shape, m.experts) for name in names]
             for site in _sites(cfg, [m]):
                 value = np.stack(per_layer) if site.layer is None else per_layer[site.layer]
                 _set(adapters, (*site.path, f"lora_{which}"), value)

@@ -41,7 +41,7 @@ class Run:
 
     def merged_params(self) -> dict:
         """The params with any LoRA adapters merged into the kernels: a plain model."""
-        return lora.merged(self.params, self.lora)
+        return lora.merged(self.params, self.lora, self.model_cfg)
 
 
 def load_run(workdir: str, step: int | None = None, best: bool = False) -> Run:

@@ -320,7 +320,7 @@ def _export(s: Setup, workdir: str, params) -> None:
         out = paths.under(workdir, export_cfg.hf_dir)
         hf.save_hf(
             s.model_cfg,
-            lora.merged(params, spec),
+            lora.merged(params, spec, s.model_cfg),
             out,
             tokenizer=s.tokenizer,
             dtype=hf.export_dtype(s.model_cfg, export_cfg.dtype),

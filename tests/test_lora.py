@@ -234,6 +234,34 @@ def _tiny_hf(family: str):
             max_position_embeddings=64,
             tie_word_embeddings=False,
         )
+    elif family == "gpt_oss":
+        config = transformers.GptOssConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            max_position_embeddings=64,
+            attn_implementation="eager",
+        )
+    elif family == "mixtral":
+        config = transformers.MixtralConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=3,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
     elif family == "qwen3_moe":  # adapters on a mixture of experts' attention
         config = transformers.Qwen3MoeConfig(
             vocab_size=256,
@@ -256,13 +284,28 @@ def _tiny_hf(family: str):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-# (family, PEFT target_modules, use_rslora, our scan_layers, dropout): stacked and
-# per-layer adapters. A MoE router ("gate") is a parameter PEFT wraps (ParamWrapper), which
-# takes no dropout.
+# (family, PEFT target_modules, use_rslora, our scan_layers, dropout, target_parameters):
+# stacked and per-layer adapters. A MoE router ("gate") and the experts' stacked weights are
+# parameters PEFT wraps (ParamWrapper), which take no dropout; with both experts' weights
+# adapted PEFT nests one wrapper in the other, with one alone it does not.
 PEFT_CASES = {
-    "llama": (["q_proj", "v_proj", "o_proj", "down_proj"], True, True, 0.1),
-    "gpt2": (["c_attn", "attn.c_proj", "c_fc"], False, False, 0.1),
-    "qwen3_moe": (["q_proj", "k_proj", "o_proj", "gate"], False, True, 0.0),
+    "llama": (["q_proj", "v_proj", "o_proj", "down_proj"], True, True, 0.1, []),
+    "gpt2": (["c_attn", "attn.c_proj", "c_fc"], False, False, 0.1, []),
+    "qwen3_moe": (
+        ["q_proj", "k_proj", "o_proj", "gate"],
+        False,
+        True,
+        0.0,
+        ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    ),
+    "gpt_oss": (
+        ["q_proj"],
+        True,
+        False,
+        0.0,
+        ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    ),
+    "mixtral": (["v_proj"], False, True, 0.0, ["mlp.experts.down_proj"]),
 }
 
 
@@ -274,7 +317,7 @@ def test_peft_adapter_round_trip(family, tmp_path):
     peft = pytest.importorskip("peft")
     import transformers
 
-    targets, rslora, scan, dropout = PEFT_CASES[family]
+    targets, rslora, scan, dropout, parameters = PEFT_CASES[family]
     torch.manual_seed(0)
     base = _tiny_hf(family)
     base.save_pretrained(tmp_path / "base")
@@ -284,6 +327,7 @@ def test_peft_adapter_round_trip(family, tmp_path):
         target_modules=targets,
         use_rslora=rslora,
         lora_dropout=dropout,
+        target_parameters=parameters or None,
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(base, config)
@@ -299,10 +343,14 @@ def test_peft_adapter_round_trip(family, tmp_path):
     cfg, params = hf.load_hf(str(tmp_path / "base"), scan_layers=scan)
     spec, adapters, _ = lora.read_peft_adapter(str(tmp_path / "peft"), cfg)
     assert (spec.rank, spec.alpha, spec.dropout, spec.use_rslora) == (4, 8.0, dropout, rslora)
-    assert list(spec.targets) == targets
-    merged_logits = lambda p, a: GPT(cfg).apply({"params": lora.merge(p, a, spec)}, tokens)
+    assert list(spec.targets) == targets + parameters
+    merged_logits = lambda p, a: GPT(cfg).apply({"params": lora.merge(p, a, spec, cfg)}, tokens)
     ours = jax.jit(merged_logits)(params, adapters)  # one compile, not one per op
     np.testing.assert_allclose(ours, want, atol=1e-4)
+    # The adapters in the model (not merged) compute the same: attention's, the router's
+    # and the experts' (through the grouped matmuls).
+    adapted = GPT(cfg, spec.layers(cfg)).apply({"params": lora.combine(params, adapters)}, tokens)
+    np.testing.assert_allclose(adapted, want, atol=1e-4)
 
     lora.write_peft_adapter(cfg, spec, adapters, str(tmp_path / "ours"), "some/base")
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
@@ -319,14 +367,24 @@ def test_peft_adapter_round_trip(family, tmp_path):
 @pytest.mark.parametrize(
     "preset, want",
     [
-        ("tiny-moe", ["q_proj", "k_proj", "v_proj", "o_proj", "gate"]),
+        (
+            "tiny-moe",
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate",
+                "mlp.experts.gate_up_proj",
+                "mlp.experts.down_proj",
+            ],
+        ),
         ("gpt-oss-20b", ["q_proj", "k_proj", "v_proj", "o_proj"]),
     ],
 )
 def test_all_linear_on_a_mixture_of_experts_is_peft_s(preset, want):
-    """PEFT's all-linear on transformers' Qwen3-MoE adapts attention and the router (and
-    the experts' stacked weights, which sft_jax does not adapt yet), on gpt-oss attention
-    alone."""
+    """PEFT's all-linear on transformers' Qwen3-MoE adapts attention, the router and the
+    experts' stacked weights (as target_parameters), on gpt-oss attention alone."""
     from sft_jax.model import PRESETS
 
     cfg = PRESETS[preset]
@@ -350,7 +408,7 @@ def _write_q_proj_adapter(folder) -> None:
         (dict(use_dora=True), "use_dora=True is not supported"),
         (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
         (dict(r=3), r"expected \(3, 64\)"),
-        (dict(target_parameters=["mlp.experts.gate_up_proj"]), "not the experts' stacked"),
+        (dict(target_parameters=["mlp.experts.gate_up_proj"]), "adapts no parameters of a llama"),
     ],
 )
 def test_unsupported_peft_folders_are_refused(change, message, tmp_path):

@@ -17,7 +17,7 @@ from tests.test_train import _main
 pytestmark = pytest.mark.slow
 
 
-def test_main_trains_a_qwen3_moe_folder_with_expert_parallelism_and_exports_it(tmp_path):
+def _qwen3_moe():
     torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(
         vocab_size=50304,  # the GPT-2 tokenizer's 50257 ids fit
@@ -35,7 +35,11 @@ def test_main_trains_a_qwen3_moe_folder_with_expert_parallelism_and_exports_it(t
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+def test_main_trains_a_qwen3_moe_folder_with_expert_parallelism_and_exports_it(tmp_path):
+    model = _qwen3_moe()
     source = tmp_path / "source"
     model.save_pretrained(source)
     workdir = tmp_path / "run"
@@ -67,3 +71,41 @@ def test_main_trains_a_qwen3_moe_folder_with_expert_parallelism_and_exports_it(t
     ours = _our_logits(cfg, params, tokens, mask)
     np.testing.assert_allclose(_torch_logits(exported, tokens, mask), ours, atol=1e-4)
     assert np.abs(ours - _torch_logits(model, tokens, mask)).max() > 1e-3  # it trained
+
+
+def test_lora_on_experts_trains_with_expert_parallelism_and_exports_for_peft(tmp_path):
+    """all-linear LoRA on a Qwen3-MoE (attention, router, and the experts' stacked weights
+    as PEFT's target_parameters) under mesh.expert=2: PEFT loads the run's adapter folder
+    over the source model and gives the logits of the run's merged export."""
+    import peft
+
+    model = _qwen3_moe()
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    workdir = tmp_path / "run"
+    done = _main(
+        workdir,
+        f"--config.model.init_from=hf:{source}",
+        "--config.model.tokenizer=gpt2",
+        "--config.mesh.expert=2",
+        "--config.lora.rank=4",
+        "--config.lora.targets=all-linear",
+        "--config.train.steps=3",
+        "--config.train.eval_every=0",
+        "--config.checkpoint.save_every=3",
+        "--config.export.hf_dir=hf",
+        "--config.export.adapter_dir=adapter",
+        "--config.optim.learning_rate=1e-2",
+        "--config.optim.warmup_steps=1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
+    assert written["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    tokens = np.random.default_rng(1).integers(0, 50257, (2, 12))
+    mask = np.ones_like(tokens)
+    before = _torch_logits(model, tokens, mask)  # PEFT wraps the model in place below
+    adapted = peft.PeftModel.from_pretrained(model, str(workdir / "adapter")).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").eval()
+    want = _torch_logits(merged, tokens, mask)
+    np.testing.assert_allclose(_torch_logits(adapted, tokens, mask), want, atol=1e-4)
+    assert np.abs(want - before).max() > 1e-4  # the adapters changed the model

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from sft_jax import kernels
-from sft_jax.model.config import GPTConfig
-from sft_jax.model.layers import Sublayer, dense_init, logical_param, swiglu
+from sft_jax.model.config import LORA_RANK_AXIS, GPTConfig
+from sft_jax.model.layers import LoraLayers, Sublayer, dense_init, logical_param, swiglu
 
 Array = jax.Array
 
@@ -134,32 +134,50 @@ def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array, impl: str = "auto
 
 
 GPT_OSS_ALPHA = 1.702  # gpt-oss's gate: gate·σ(1.702·gate)
+# LoRA on the experts (PEFT's target_parameters `mlp.experts.gate_up_proj` and `…down_proj`):
+# the adapters' module names beside the experts' weights, and their leaves in `w` below.
+EXPERT_ADAPTERS = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
 
 
-def expert_mlps(cfg: GPTConfig, rows: Array, group_sizes: Array, row_expert: Array, w: dict):
+def expert_mlps(
+    cfg: GPTConfig, rows: Array, group_sizes: Array, row_expert: Array, w: dict, scale=0.0
+):
     """Rows sorted by expert (`group_sizes` rows each; `row_expert`: each row's expert,
     for the biases) → each row through its own expert's MLP. `w`: the stacked weights,
-    named as the family names them (`Experts`)."""
+    named as the family names them (`Experts`), and any LoRA adapters of the experts
+    (`lora_gate_up.a` [experts, d_model, r], `….b` [experts, r, 2·d_expert]; `lora_down.*`),
+    whose output `scale` multiplies: PEFT's fused gate_up adapter, gate columns first
+    (Qwen3-MoE, Mixtral) or interleaved as gpt-oss's weight is."""
     names = cfg.names
 
     def matmul(x, weight):
         return grouped_matmul(x, weight, group_sizes, cfg.moe_matmul)
 
+    def adapted(x, which: str):
+        a, b = w.get(f"{which}.a"), w.get(f"{which}.b")
+        return 0.0 if a is None else scale * matmul(matmul(x, a), b)
+
+    gate_up_delta = adapted(rows, EXPERT_ADAPTERS["gate_up_proj"])
     if cfg.expert_mlp == "swiglu":
-        gate, up = (w[n] for n in names.expert_in)
-        return matmul(swiglu(matmul(rows, gate), matmul(rows, up)), w[names.expert_out])
+        gate, up = (matmul(rows, w[n]) for n in names.expert_in)
+        if not isinstance(gate_up_delta, float):
+            f = cfg.d_expert
+            gate, up = gate + gate_up_delta[:, :f], up + gate_up_delta[:, f:]
+        h = swiglu(gate, up)
+        return matmul(h, w[names.expert_out]) + adapted(h, EXPERT_ADAPTERS["down_proj"])
     # gpt-oss: one biased projection, gate and up interleaved; clamped; biased down.
     (fused,), out = names.expert_in, names.expert_out
-    gate_up = matmul(rows, w[fused]) + w[fused + "_bias"][row_expert]
+    gate_up = matmul(rows, w[fused]) + w[fused + "_bias"][row_expert] + gate_up_delta
     gate, up = gate_up[:, ::2], gate_up[:, 1::2]
     limit = cfg.swiglu_limit
     gate = jnp.minimum(gate, limit)
     up = jnp.clip(up, -limit, limit)
     h = (up + 1) * gate * jax.nn.sigmoid(GPT_OSS_ALPHA * gate)
-    return matmul(h, w[out]) + w[out + "_bias"][row_expert]
+    down = matmul(h, w[out]) + w[out + "_bias"][row_expert]
+    return down + adapted(h, EXPERT_ADAPTERS["down_proj"])
 
 
-def mix(cfg: GPTConfig, tokens, experts, weights, real, w: dict, first: Array | int = 0):
+def mix(cfg: GPTConfig, tokens, experts, weights, real, w: dict, first: Array | int = 0, scale=0.0):
     """Σ over each token's slots of weight · expert(token), for the experts held here:
     those of the stacked weights `w` (its leading axis), numbered from `first`. tokens
     [N, d_model]; experts, weights [N, k]; real [N] (padding goes to no expert). Slots of
@@ -174,14 +192,14 @@ def mix(cfg: GPTConfig, tokens, experts, weights, real, w: dict, first: Array | 
     order = jnp.argsort(slot_expert, stable=True)
     group_sizes = jnp.zeros(held + 1, jnp.int32).at[slot_expert].add(1)[:held]
     row_expert = jnp.minimum(slot_expert[order], held - 1)
-    out = expert_mlps(cfg, tokens[order // k], group_sizes, row_expert, w)
+    out = expert_mlps(cfg, tokens[order // k], group_sizes, row_expert, w, scale)
     out = jnp.where((slot_expert[order] < held)[:, None], out, 0)  # biases: experts' rows only
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
     out = out[inverse].reshape(n, k, -1)
     return jnp.einsum("tkd,tk->td", out, weights.astype(out.dtype))
 
 
-def _expert_parallel(cfg: GPTConfig, mesh, tokens, experts, weights, real, w: dict):
+def _expert_parallel(cfg: GPTConfig, mesh, tokens, experts, weights, real, w: dict, scale):
     """`mix` with the experts split over the mesh's `expert` axis: each device gathers the
     tokens of its expert group (all-gather over `expert`), runs them through the experts
     it holds, and the partial outputs are summed back onto the tokens' own devices
@@ -198,7 +216,7 @@ def _expert_parallel(cfg: GPTConfig, mesh, tokens, experts, weights, real, w: di
             for x in (tokens, experts, weights, real)
         ]
         first = jax.lax.axis_index("expert") * next(iter(w.values())).shape[0]
-        y = mix(cfg, *gathered, w, first)
+        y = mix(cfg, *gathered, w, first, scale)
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
     return jax.shard_map(
@@ -209,12 +227,60 @@ def _expert_parallel(cfg: GPTConfig, mesh, tokens, experts, weights, real, w: di
     )(tokens, experts, weights, real, w)
 
 
+def _splits_over_experts(n_tokens: int) -> bool:
+    """Whether the mesh in force has an expert axis and `n_tokens` split evenly over the
+    batch axes (`_expert_parallel`'s layout). Otherwise (no mesh; a trace of a token or
+    two, as an init is) the experts run as `mix` under the compiler's own partitioning:
+    the same result."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("expert", 1) == 1:
+        return False
+    batch = nn.logical_to_mesh_axes(("batch",))[0]
+    axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
+    return n_tokens % math.prod(mesh.shape[a] for a in axes) == 0
+
+
+class ExpertAdapter(nn.Module):
+    """A LoRA adapter per expert on a stacked expert weight [experts, in, out]: A
+    [experts, in, r] (Kaiming-uniform over `in`, as PEFT's lora_A; or N(0, 1/r²)), B
+    [experts, r, out] zero, float32."""
+
+    experts: int
+    features_in: int
+    features_out: int
+    axes: tuple[str, str]  # the logical names of in and out
+    lora: LoraLayers
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        lora, axes = self.lora, self.axes
+        if lora.gaussian:
+            a_init = nn.initializers.normal(stddev=1.0 / lora.rank)
+        else:
+            a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", 1, 2, (0,))
+        a = self.param(
+            "lora_a",
+            logical_param(a_init, "expert", axes[0], LORA_RANK_AXIS),
+            (self.experts, self.features_in, lora.rank),
+            jnp.float32,
+        )
+        b = self.param(
+            "lora_b",
+            logical_param(nn.initializers.zeros, "expert", LORA_RANK_AXIS, axes[1]),
+            (self.experts, lora.rank, self.features_out),
+            jnp.float32,
+        )
+        return a, b
+
+
 class Experts(nn.Module):
     """`n_experts` MLPs, their weights stacked on a leading expert axis (split over the
     mesh's `expert` axis when it has one: `_expert_parallel`): SwiGLU with separate gate,
-    up and down weights, or gpt-oss's fused, biased, clamped form."""
+    up and down weights, or gpt-oss's fused, biased, clamped form; with LoRA adapters on
+    the fused gate_up and on down where `lora` names them (`EXPERT_ADAPTERS`)."""
 
     cfg: GPTConfig
+    lora: LoraLayers | None = None
 
     @nn.compact
     def __call__(self, tokens: Array, experts: Array, weights: Array, real: Array) -> Array:
@@ -243,10 +309,21 @@ class Experts(nn.Module):
         w[out] = weight(out, (e, f, d), ("expert", "mlp", "embed"))
         if cfg.expert_mlp == "gpt_oss":
             w[out + "_bias"] = weight(out + "_bias", (e, d), ("expert", None), zeros)
-        mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.empty and mesh.shape.get("expert", 1) > 1:
-            return _expert_parallel(cfg, mesh, tokens, experts, weights, real, w)
-        return mix(cfg, tokens, experts, weights, real, w)
+        shapes = {
+            "gate_up_proj": (d, 2 * f, ("embed", "mlp")),
+            "down_proj": (f, d, ("mlp", "embed")),
+        }
+        scale = 0.0
+        for proj, name in EXPERT_ADAPTERS.items():
+            lora = self.lora and self.lora.on(names.moe, names.experts, name)
+            if lora:
+                n_in, n_out, axes = shapes[proj]
+                a, b = ExpertAdapter(e, n_in, n_out, axes, lora, name=name)()
+                w[f"{name}.a"], w[f"{name}.b"], scale = a.astype(dt), b.astype(dt), lora.scale
+        if _splits_over_experts(tokens.shape[0]):
+            mesh = jax.sharding.get_abstract_mesh()
+            return _expert_parallel(cfg, mesh, tokens, experts, weights, real, w, scale)
+        return mix(cfg, tokens, experts, weights, real, w, scale=scale)
 
 
 class MoE(Sublayer):
@@ -263,5 +340,5 @@ class MoE(Sublayer):
         logits = router(tokens).astype(jnp.float32)
         weights, experts, probs = route(cfg, logits)
         self.sow("intermediates", ROUTER_STATS, router_stats(cfg, logits, experts, probs, real))
-        y = Experts(cfg, name=names.experts)(tokens, experts, weights, real)
+        y = Experts(cfg, self.lora, name=names.experts)(tokens, experts, weights, real)
         return y.reshape(b, t, d)
