@@ -497,24 +497,28 @@ def merge(params: dict, adapters: dict, spec: LoraSpec, cfg: GPTConfig | None = 
     return walk(params, adapters)
 
 
-def _merged_experts(cfg: GPTConfig, weights: dict, name: str, adapter: dict, scale: float):
-    """The stacked expert weights one experts' adapter changes (`model.moe.expert_mlps`):
-    W[e] + scale·A[e]·B[e], PEFT's fused gate_up split into gate and up where ours are
-    apart (gate columns first)."""
+def expert_deltas(cfg: GPTConfig, name: str, adapter: dict, scale: float) -> dict:
+    """What one experts' adapter (`name`: a value of `EXPERT_ADAPTERS`) adds to the stacked
+    expert weights it changes (`model.moe.expert_mlps`), by weight name: scale·A[e]·B[e]
+    in float32, PEFT's fused gate_up split into gate and up where ours are apart (gate
+    columns first)."""
     a = jnp.asarray(adapter["lora_a"], jnp.float32)
     b = jnp.asarray(adapter["lora_b"], jnp.float32)
-    delta = scale * jnp.einsum("...eir,...ero->...eio", a, b, precision="highest")
+    delta = scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [..., e, in, out]
     names = cfg.names
     if name == EXPERT_ADAPTERS["down_proj"]:
-        parts = {names.expert_out: delta}
-    elif cfg.expert_mlp == "gpt_oss":
-        parts = {names.expert_in[0]: delta}
-    else:
-        gate, up = names.expert_in
-        parts = {gate: delta[..., : cfg.d_expert], up: delta[..., cfg.d_expert :]}
+        return {names.expert_out: delta}
+    if cfg.expert_mlp == "gpt_oss":
+        return {names.expert_in[0]: delta}
+    gate, up = names.expert_in
+    return {gate: delta[..., : cfg.d_expert], up: delta[..., cfg.d_expert :]}
+
+
+def _merged_experts(cfg: GPTConfig, weights: dict, name: str, adapter: dict, scale: float):
+    """The stacked expert weights one experts' adapter changes, merged (`expert_deltas`)."""
     return {
         k: (jnp.asarray(weights[k], jnp.float32) + d).astype(weights[k].dtype)
-        for k, d in parts.items()
+        for k, d in expert_deltas(cfg, name, adapter, scale).items()
     }
 
 

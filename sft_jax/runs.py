@@ -194,6 +194,7 @@ def _merged_when_read(meta: RunMeta, adapters: dict) -> dict:
         site = adapters
         for key in keys[:-1] if keys[-1] == "kernel" else ("",):
             site = site.get(key, {})  # {"lora_a", "lora_b"} of an adapted kernel
+        experts = _experts_site(cfg, adapters, keys)  # adapters beside stacked expert weights
         stacked = cfg.scan_layers and keys[0] == cfg.names.layers
 
         def read(layer):
@@ -202,15 +203,37 @@ def _merged_when_read(meta: RunMeta, adapters: dict) -> dict:
             if layer is None and stacked:  # init_from's files hold each layer apart
                 return np.stack([read(i) for i in range(shape.shape[0])])
             base = base_leaf(keys, shape.shape, layer if stacked else None)
+            for name, adapter in experts.items():
+                # A stored adapter (`checkpoint.StoredArray`) is read here: whole, or a layer.
+                at = (lambda x: np.asarray(x)) if layer is None else (lambda x: x[layer])
+                adapter = {w: at(adapter[w]) for w in ("lora_a", "lora_b")}
+                delta = lora.expert_deltas(cfg, name, adapter, spec.scale).get(keys[-1])
+                if delta is not None:
+                    base = (jnp.asarray(base, jnp.float32) + delta).astype(base.dtype)
             if "lora_a" not in site:
                 return np.asarray(base)
-            a, b = (site[w] if layer is None else site[w][layer] for w in ("lora_a", "lora_b"))
+            # Read from the checkpoint here (`checkpoint.StoredArray`): whole, or one layer.
+            a, b = (
+                np.asarray(site[w]) if layer is None else site[w][layer]
+                for w in ("lora_a", "lora_b")
+            )
             return np.asarray(lora.merged_kernel(base, a, b, spec.scale))
 
         dtype = spec.base_dtype or cfg.param_dtype
         return _WhenRead(tuple(shape.shape), jnp.dtype(dtype), read)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _experts_site(cfg, adapters: dict, keys: tuple[str, ...]) -> dict:
+    """The experts' adapters (`lora.EXPERT_ADAPTERS` → {lora_a, lora_b}) beside the
+    stacked expert weight at `keys`, if any."""
+    if not cfg.n_experts or len(keys) < 3 or keys[-2] != cfg.names.experts:
+        return {}
+    node = adapters
+    for key in keys[:-1]:
+        node = node.get(key, {})
+    return {k: v for k, v in node.items() if k in lora.EXPERT_ADAPTERS.values()}
 
 
 def _base_leaves(model: GPT, meta: RunMeta):
