@@ -29,6 +29,7 @@ from sft_jax import (
     lora,
     optim,
     paths,
+    peft_adapter,
     preemption,
     runs,
     sharding,
@@ -277,8 +278,8 @@ def _with_peft_adapters(
     """`state` with the adapters of the PEFT folder `folder` (`lora.init_from`), which
     must be what the `lora.*` settings (`spec`) describe."""
     cfg = fns.model.cfg
-    adapter = lora.read_peft_adapter(folder, cfg)
-    lora.check_same_adapter(cfg, adapter.spec, spec, folder)
+    adapter = peft_adapter.read_peft_adapter(folder, cfg)
+    peft_adapter.check_same_adapter(cfg, adapter.spec, spec, folder)
     base, fresh = lora.split(state.params)
     shardings = lora.split(fns.state_shardings.params)[1]
     adapters = jax.tree.map(
@@ -329,7 +330,7 @@ def _export(s: Setup, workdir: str, params) -> None:
     if export_cfg.adapter_dir:
         out = paths.under(workdir, export_cfg.adapter_dir)
         adapters = lora.split(params)[1]
-        lora.write_peft_adapter(s.model_cfg, spec, adapters, out, s.run.model.init_from)
+        peft_adapter.write_peft_adapter(s.model_cfg, spec, adapters, out, s.run.model.init_from)
         logging.info("exported the LoRA adapters to %s (PEFT format)", out)
 
 

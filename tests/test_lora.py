@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sft_jax import hf, lora
+from sft_jax import hf, lora, peft_adapter
 from sft_jax.matmul import dense_matmul
 from sft_jax.model import GPT, GPTConfig
 
@@ -341,7 +341,7 @@ def test_peft_adapter_round_trip(family, tmp_path):
         want = model.eval()(torch.from_numpy(tokens)).logits.numpy()
 
     cfg, params = hf.load_hf(str(tmp_path / "base"), scan_layers=scan)
-    spec, adapters, _ = lora.read_peft_adapter(str(tmp_path / "peft"), cfg)
+    spec, adapters, _ = peft_adapter.read_peft_adapter(str(tmp_path / "peft"), cfg)
     assert (spec.rank, spec.alpha, spec.dropout, spec.use_rslora) == (4, 8.0, dropout, rslora)
     assert list(spec.targets) == targets + parameters
     merged_logits = lambda p, a: GPT(cfg).apply({"params": lora.merge(p, a, spec, cfg)}, tokens)
@@ -352,7 +352,7 @@ def test_peft_adapter_round_trip(family, tmp_path):
     adapted = GPT(cfg, spec.layers(cfg)).apply({"params": lora.combine(params, adapters)}, tokens)
     np.testing.assert_allclose(adapted, want, atol=1e-4)
 
-    lora.write_peft_adapter(cfg, spec, adapters, str(tmp_path / "ours"), "some/base")
+    peft_adapter.write_peft_adapter(cfg, spec, adapters, str(tmp_path / "ours"), "some/base")
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert written["fan_in_fan_out"] == (family == "gpt2")
     assert written["base_model_name_or_path"] == "some/base"
@@ -398,7 +398,7 @@ def test_all_linear_on_a_mixture_of_experts_is_peft_s(preset, want):
 def _write_q_proj_adapter(folder) -> None:
     spec = lora.LoraSpec(rank=2, targets=("q_proj",))
     adapters = lora.init_adapters(TINY_LLAMA, spec, jax.random.key(0))
-    lora.write_peft_adapter(TINY_LLAMA, spec, adapters, str(folder))
+    peft_adapter.write_peft_adapter(TINY_LLAMA, spec, adapters, str(folder))
 
 
 @pytest.mark.parametrize(
@@ -416,7 +416,7 @@ def test_unsupported_peft_folders_are_refused(change, message, tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text()) | change
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
-        lora.read_peft_adapter(str(tmp_path), TINY_LLAMA)
+        peft_adapter.read_peft_adapter(str(tmp_path), TINY_LLAMA)
 
 
 def test_partial_or_foreign_tensors_are_refused(tmp_path):
@@ -430,10 +430,10 @@ def test_partial_or_foreign_tensors_are_refused(tmp_path):
     with pytest.raises(
         ValueError, match=r"self_attn.q_proj is adapted in some layers but not \[1\]"
     ):
-        lora.read_peft_adapter(str(tmp_path), TINY_LLAMA)
+        peft_adapter.read_peft_adapter(str(tmp_path), TINY_LLAMA)
     save_file(tensors | {"base_model.model.lm_head.lora_A.weight": np.zeros((2, 64))}, path)
     with pytest.raises(ValueError, match="lm_head.lora_A.weight"):
-        lora.read_peft_adapter(str(tmp_path), TINY_LLAMA)
+        peft_adapter.read_peft_adapter(str(tmp_path), TINY_LLAMA)
     (tmp_path / "adapter_model.safetensors").unlink()
     with pytest.raises(ValueError, match="no adapter_model.safetensors"):
-        lora.read_peft_adapter(str(tmp_path), TINY_LLAMA)
+        peft_adapter.read_peft_adapter(str(tmp_path), TINY_LLAMA)

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from sft_jax import config as config_lib
-from sft_jax import hf, lora, quant, run_meta, sharding, steps, train
+from sft_jax import hf, lora, peft_adapter, quant, run_meta, sharding, steps, train
 from sft_jax.model import GPT, GPTConfig
 from sft_jax.optim import OptimConfig, make_optimizer
 from tests.test_families import train_batch
@@ -117,7 +117,7 @@ def test_lora_run_loads_in_peft_with_its_logits(base, tmp_path):
     ours = _logits(model, state.params, batch)
     assert np.abs(ours[real] - _logits(GPT(cfg), params, batch)[real]).max() > 1e-2
     adapter_dir = str(tmp_path / "adapter")
-    lora.write_peft_adapter(cfg, spec, adapters, adapter_dir, folder)
+    peft_adapter.write_peft_adapter(cfg, spec, adapters, adapter_dir, folder)
     reference = peft.PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(folder), adapter_dir
     ).eval()

@@ -357,12 +357,12 @@ def peft_lora(c, model_cfg) -> dict | None:
     same layers as `target_modules`, rsLoRA, GPT-2's fan_in_fan_out), init PEFT's default
     (Kaiming-uniform A, zero B, as ours), and the base's float dtype (`lora.base_dtype`)."""
     from sft_jax import config as config_lib
-    from sft_jax import lora
+    from sft_jax import peft_adapter
 
     spec = config_lib.lora_spec(c)
     if not spec.enabled:
         return None
-    written = lora.peft_config(model_cfg, spec)
+    written = peft_adapter.peft_config(model_cfg, spec)
     settings = {k: written[k] for k in PEFT_KEYS}
     # PEFT on CPU has no 4-bit or 8-bit base (bitsandbytes' kernels are CUDA's): a QLoRA
     # run is compared with PEFT over a float base.

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import jax
 
-    from sft_jax import hf, lora, runs
+    from sft_jax import hf, lora, peft_adapter, runs
 
     # One process reads a tensor at a time; several restore their shards and gather.
     stream = jax.process_count() == 1 and not args.adapter
@@ -77,7 +77,9 @@ def main(argv=None) -> int:
         return 2
     if args.adapter:
         adapters = lora.split(run.params)[1]
-        lora.write_peft_adapter(run.model_cfg, run.lora, adapters, args.out, run.meta.init_from)
+        peft_adapter.write_peft_adapter(
+            run.model_cfg, run.lora, adapters, args.out, run.meta.init_from
+        )
         print(f"exported the LoRA adapters of step {run.step} of {args.workdir} to {args.out}")
         return 0
     hf.save_hf(
