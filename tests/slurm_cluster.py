@@ -47,9 +47,12 @@ def _free_ports(count: int) -> list[int]:
 
 def _config(folder: str, node: str) -> str:
     ctld_port, d_port = _free_ports(2)
-    # JAX's SLURM coordinator port comes from the job id: a random first id keeps two test
-    # clusters on one machine (two CI runs) from giving their jobs the same port.
-    first_job = random.randrange(1000, 60000)
+    # JAX's SLURM coordinator port comes from the job id (id % 4096 + 61440): a random first
+    # id keeps two test clusters on one machine from giving their jobs the same port, whose
+    # coordinators gRPC would then both bind (SO_REUSEPORT) and mix up. From the OS, not
+    # `random`: a test run seeds that (Hypothesis), and two clusters started in one CI run
+    # both had job 31942, and each srun's task 1 reached the other's coordinator.
+    first_job = random.SystemRandom().randrange(1000, 60000)
     return f"""\
 ClusterName=sftjaxtest
 SlurmctldHost={node}(127.0.0.1)

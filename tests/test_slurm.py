@@ -110,35 +110,26 @@ def one_process_run(tmp_path_factory, xla_cache):
 @pytest.fixture(scope="session")
 def srun_run(tmp_path_factory, cluster, xla_cache):
     """`srun -N1 -n2` of the real main, no launch flags: (workdir, the tasks' stderr)."""
-    for attempt in range(2):
-        workdir = tmp_path_factory.mktemp("srun")
-        out = subprocess.run(
-            [
-                "srun",
-                "-N1",
-                "-n2",
-                "--kill-on-bad-exit=1",
-                "python",
-                "-m",
-                "sft_jax.main",
-                f"--workdir={workdir}",
-                *ARGS,
-                f"--config.train.compilation_cache_dir={xla_cache}",
-            ],
-            cwd=ROOT,
-            env=_task_env(cluster, devices=2),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        # Seen twice on this 2-core machine under full load (never alone): JAX's coordination
-        # service saw task 1 register a second time ("1 unexpectedly tried to connect with a
-        # different incarnation") 1.5 s after both tasks had joined, and aborted the step.
-        # Cause not found (not our code's second initialize: there is none; see the stop
-        # note of 2026-12-07); one more srun, said aloud, rather than a red CI on it.
-        if out.returncode == 0 or "different incarnation" not in out.stderr or attempt:
-            break
-        print(f"srun attempt {attempt + 1} aborted on a re-registered task; running it again")
+    workdir = tmp_path_factory.mktemp("srun")
+    out = subprocess.run(
+        [
+            "srun",
+            "-N1",
+            "-n2",
+            "--kill-on-bad-exit=1",
+            "python",
+            "-m",
+            "sft_jax.main",
+            f"--workdir={workdir}",
+            *ARGS,
+            f"--config.train.compilation_cache_dir={xla_cache}",
+        ],
+        cwd=ROOT,
+        env=_task_env(cluster, devices=2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[:3000] + "\n[…]\n" + out.stderr[-3000:]
     return workdir, out.stderr
 
