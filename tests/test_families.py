@@ -7,31 +7,14 @@ One module-scoped fixture per family builds the transformers model and saves it 
 Greedy generation with the KV cache against transformers' is tests/test_family_generate.py,
 a Gemma-shaped model on 8 faked devices against one tests/test_family_mesh.py."""
 
-import functools
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import transformers
 
-from sft_jax import hf, steps
-from sft_jax.model import GPT
-
-VOCAB = 160
-SEQ = 12  # longer than every window below
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=48,
-    intermediate_size=80,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-6,
-)
+from sft_jax import hf
+from tests import hf_parity
+from tests.hf_parity import COMMON, SEQ, VOCAB
 
 
 def _qwen3():
@@ -87,49 +70,9 @@ def _gemma3():
 BUILDERS = {"qwen3": _qwen3, "mistral": _mistral, "gemma2": _gemma2, "gemma3": _gemma3}
 
 
-def _batch():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, VOCAB, (2, SEQ))
-    mask = np.ones((2, SEQ), np.int64)
-    mask[1, 9:] = 0  # right padding in the second row
-    return tokens, mask
-
-
-def train_batch(tokens, mask) -> dict:
-    """Padded rows [rows, seq] (mask 1 on real tokens) as a training batch: next-token
-    targets, loss on every real position but the last, one segment per row."""
-    seq = tokens.shape[1]
-    return {
-        "tokens": jnp.asarray(tokens, jnp.int32),
-        "positions": jnp.broadcast_to(jnp.arange(seq), tokens.shape),
-        "segment_ids": jnp.asarray(mask, jnp.int32),
-        "targets": jnp.asarray(np.roll(tokens, -1, axis=1), jnp.int32),
-        "loss_mask": jnp.asarray(mask, jnp.float32).at[:, -1].set(0),
-    }
-
-
-def _torch_logits(model, tokens, mask):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
-    return out.logits.float().numpy()
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(cfg, params, tokens, segment_ids, positions):
-    # Jitted once per config and shape: the tests of a family share one compile.
-    return GPT(cfg).apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
-
-
-def _our_logits(cfg, params, tokens, segment_ids, positions=None):
-    if positions is None:
-        positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-    args = (tokens, segment_ids, positions)
-    return np.asarray(_forward(cfg, params, *(jnp.asarray(a, jnp.int32) for a in args)))
-
-
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def family(request, tmp_path_factory):
-    """(name, transformers model, its folder, its logits on `_batch()`)."""
+    """(name, transformers model, its folder, its logits on `hf_parity.batch()`)."""
     torch.manual_seed(0)
     model = BUILDERS[request.param]()
     # Random init leaves the norms at 1 (or 0 for Gemma's 1 + w): perturb every tensor.
@@ -139,8 +82,8 @@ def family(request, tmp_path_factory):
     model.eval()
     folder = str(tmp_path_factory.mktemp(request.param))
     model.save_pretrained(folder)
-    tokens, mask = _batch()
-    return request.param, model, folder, _torch_logits(model, tokens, mask)
+    tokens, mask = hf_parity.batch()
+    return request.param, model, folder, hf_parity.torch_logits(model, tokens, mask)
 
 
 def test_config_is_the_family_s(family):
@@ -159,9 +102,9 @@ def test_config_is_the_family_s(family):
 def test_imported_logits_equal_transformers(family, scan_layers):
     _, _, folder, ref = family
     cfg, params = hf.load_hf(folder, scan_layers=scan_layers)
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
+    assert np.abs(hf_parity.our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
 
 
 def test_packed_rows_equal_each_example_alone(family):
@@ -171,7 +114,7 @@ def test_packed_rows_equal_each_example_alone(family):
     batch above: the same compiled forward."""
     _, _, folder, ref = family
     cfg, params = hf.load_hf(folder)
-    tokens, _ = _batch()
+    tokens, _ = hf_parity.batch()
     n0, n1 = 7, 9  # the first example's length in each row; the second fills the row
     rows = np.stack(
         [np.r_[tokens[0, :n0], tokens[1, : SEQ - n0]], np.r_[tokens[1, :n1], tokens[0, : SEQ - n1]]]
@@ -180,7 +123,7 @@ def test_packed_rows_equal_each_example_alone(family):
     positions = np.stack(
         [np.r_[np.arange(n0), np.arange(SEQ - n0)], np.r_[np.arange(n1), np.arange(SEQ - n1)]]
     )
-    out = _our_logits(cfg, params, rows, segments, positions)
+    out = hf_parity.our_logits(cfg, params, rows, segments, positions)
     for got, want in [
         (out[0, :n0], ref[0, :n0]),
         (out[0, n0:], ref[1, : SEQ - n0]),
@@ -203,38 +146,28 @@ def test_export_is_bitwise_and_reloads_in_transformers(family, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
     reloaded.eval()
     assert type(reloaded) is type(model)
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)
-
-
-def _fine_tune(cfg, params, n_steps=3):
-    """A few optimizer steps of `steps.train_step` on the padded batch."""
-    model = GPT(cfg)
-    tx = optax.adam(1e-2)
-    state = steps.state_from_params(jax.tree.map(jnp.asarray, params), jax.random.key(0), tx)
-    batch = train_batch(*_batch())
-    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=lambda s: 0.0))
-    losses = []
-    for _ in range(n_steps):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-    return state.params, losses
+    np.testing.assert_allclose(
+        hf_parity.torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5
+    )
 
 
 def test_fine_tuned_export_gives_the_runs_logits(family, tmp_path):
     _, model, folder, ref = family
     cfg, params = hf.load_hf(folder)
-    tuned, losses = _fine_tune(cfg, params)
+    tuned, losses = hf_parity.fine_tune(cfg, params)
     assert losses[-1] < losses[0]
     hf.save_hf(cfg, tuned, str(tmp_path))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
     reloaded.eval()
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    ours = _our_logits(cfg, tuned, tokens, mask)
+    ours = hf_parity.our_logits(cfg, tuned, tokens, mask)
     assert np.abs(ours[real] - ref[real]).max() > 1e-2  # the run changed the model
-    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ours[real], atol=1e-4)
+    np.testing.assert_allclose(
+        hf_parity.torch_logits(reloaded, tokens, mask)[real], ours[real], atol=1e-4
+    )
 
 
 def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
@@ -265,13 +198,15 @@ def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(tmp_path / "src"))
-    tokens, mask = _batch()
-    ref = _torch_logits(model, tokens, mask)
+    tokens, mask = hf_parity.batch()
+    ref = hf_parity.torch_logits(model, tokens, mask)
     cfg, params = hf.load_hf(str(tmp_path / "src"))
     assert cfg.family == "gemma3" and cfg.local_layers == (True, False)
     real = mask.astype(bool)
-    assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
+    assert np.abs(hf_parity.our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
     hf.save_hf(cfg, params, str(tmp_path / "out"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     assert type(reloaded) is transformers.Gemma3ForCausalLM
-    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)
+    np.testing.assert_allclose(
+        hf_parity.torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5
+    )

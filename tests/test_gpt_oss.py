@@ -23,7 +23,8 @@ from sft_jax.generate import Generator, Sampling
 from sft_jax.hf.experts import dequantize_mxfp4
 from sft_jax.model import GPT
 from sft_jax.model.moe import router_losses
-from tests.test_families import SEQ, VOCAB, _batch, _our_logits, _torch_logits
+from tests import hf_parity
+from tests.hf_parity import SEQ, VOCAB
 
 WINDOW = 5
 
@@ -67,8 +68,8 @@ def oss(tmp_path_factory):
     model.eval()
     folder = str(tmp_path_factory.mktemp("gpt_oss"))
     model.save_pretrained(folder)
-    tokens, mask = _batch()
-    return model, folder, _torch_logits(model, tokens, mask)
+    tokens, mask = hf_parity.batch()
+    return model, folder, hf_parity.torch_logits(model, tokens, mask)
 
 
 def test_config_reads_every_gpt_oss_part(oss):
@@ -85,20 +86,20 @@ def test_config_reads_every_gpt_oss_part(oss):
 def test_imported_logits_equal_transformers(oss, scan_layers):
     _, folder, ref = oss
     cfg, params = hf.load_hf(folder, scan_layers=scan_layers)
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
+    assert np.abs(hf_parity.our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
 
 
 def test_packed_rows_equal_each_example_alone(oss):
     _, folder, ref = oss
     cfg, params = hf.load_hf(folder)
-    tokens, _ = _batch()
+    tokens, _ = hf_parity.batch()
     n0 = 7
     rows = np.stack([np.r_[tokens[0, :n0], tokens[1, : SEQ - n0]]] * 2)
     segments = np.stack([np.r_[[1] * n0, [2] * (SEQ - n0)]] * 2)
     positions = np.stack([np.r_[np.arange(n0), np.arange(SEQ - n0)]] * 2)
-    out = _our_logits(cfg, params, rows, segments, positions)
+    out = hf_parity.our_logits(cfg, params, rows, segments, positions)
     assert np.abs(out[0, :n0] - ref[0, :n0]).max() <= 1e-4
     assert np.abs(out[0, n0:] - ref[1, : SEQ - n0]).max() <= 1e-4
 
@@ -114,9 +115,11 @@ def test_export_is_bitwise_and_reloads_in_transformers(oss, tmp_path):
     hf.save_hf(cfg, params, str(tmp_path))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(reloaded) is transformers.GptOssForCausalLM
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)
+    np.testing.assert_allclose(
+        hf_parity.torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5
+    )
 
 
 def test_train_step_gradient_is_transformers_loss_with_its_aux_loss(oss):
@@ -125,7 +128,7 @@ def test_train_step_gradient_is_transformers_loss_with_its_aux_loss(oss):
     load-balancing loss)."""
     model, folder, _ = oss
     cfg, params = hf.load_hf(folder)
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     model.zero_grad()
     out = model(
         input_ids=torch.tensor(tokens),
@@ -157,7 +160,7 @@ def test_train_step_gradient_is_transformers_loss_with_its_aux_loss(oss):
 
 def test_load_balancing_loss_equals_transformers(oss):
     model, folder, _ = oss
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     with torch.no_grad():
         out = model(
             input_ids=torch.tensor(tokens),
@@ -243,8 +246,8 @@ def test_mxfp4_experts_import_as_transformers_dequantizes_them(tmp_path):
         dtype=torch.float32,
         quantization_config=transformers.Mxfp4Config(dequantize=True),
     ).eval()
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    ref = _torch_logits(reference, tokens, mask)
+    ref = hf_parity.torch_logits(reference, tokens, mask)
     cfg = dataclasses.replace(cfg, param_dtype="float32")
-    assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
+    assert np.abs(hf_parity.our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4

@@ -23,7 +23,7 @@ from sft_jax import config as config_lib
 from sft_jax import hf, lora, peft_adapter, quant, run_meta, sharding, steps, train
 from sft_jax.model import GPT, GPTConfig
 from sft_jax.optim import OptimConfig, make_optimizer
-from tests.test_families import train_batch
+from tests import hf_parity
 from tests.test_steps import VOCAB, make_batch
 
 SEQ = 12
@@ -66,7 +66,7 @@ def _batch():
     tokens = rng.integers(0, VOCAB, (2, SEQ))
     mask = np.ones((2, SEQ), np.int64)
     mask[1, 9:] = 0  # right padding in the second row
-    return train_batch(tokens, mask), mask.astype(bool)
+    return hf_parity.train_batch(tokens, mask), mask.astype(bool)
 
 
 def _logits(model, params, batch):

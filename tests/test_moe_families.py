@@ -12,15 +12,8 @@ import transformers
 from sft_jax import hf
 from sft_jax.model import GPT
 from sft_jax.model.moe import router_losses
-from tests.test_families import (
-    COMMON,
-    SEQ,
-    VOCAB,
-    _batch,
-    _fine_tune,
-    _our_logits,
-    _torch_logits,
-)
+from tests import hf_parity
+from tests.hf_parity import COMMON, SEQ, VOCAB
 
 
 def _qwen3_moe_top3():
@@ -71,7 +64,7 @@ BUILDERS = {
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def family(request, tmp_path_factory):
-    """(family, transformers model, its folder, its logits on `_batch()`)."""
+    """(family, transformers model, its folder, its logits on `hf_parity.batch()`)."""
     torch.manual_seed(0)
     model = BUILDERS[request.param]()
     with torch.no_grad():  # norms start at 1: perturb every tensor
@@ -80,8 +73,8 @@ def family(request, tmp_path_factory):
     model.eval()
     folder = str(tmp_path_factory.mktemp(request.param))
     model.save_pretrained(folder)
-    tokens, mask = _batch()
-    return request.param.split("-")[0], model, folder, _torch_logits(model, tokens, mask)
+    tokens, mask = hf_parity.batch()
+    return request.param.split("-")[0], model, folder, hf_parity.torch_logits(model, tokens, mask)
 
 
 def test_config_is_the_family_s(family):
@@ -105,9 +98,9 @@ def test_config_is_the_family_s(family):
 def test_imported_logits_equal_transformers(family, scan_layers):
     _, _, folder, ref = family
     cfg, params = hf.load_hf(folder, scan_layers=scan_layers)
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
+    assert np.abs(hf_parity.our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
 
 
 @pytest.mark.parametrize("matmul", ["ragged", "blocked"])
@@ -117,15 +110,15 @@ def test_both_grouped_matmuls_give_transformers_logits(family, matmul):
     _, _, folder, ref = family
     cfg, params = hf.load_hf(folder)
     cfg = dataclasses.replace(cfg, moe_matmul=matmul)
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    assert np.abs(_our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
+    assert np.abs(hf_parity.our_logits(cfg, params, tokens, mask)[real] - ref[real]).max() <= 1e-4
 
 
 def test_packed_rows_equal_each_example_alone(family):
     _, _, folder, ref = family
     cfg, params = hf.load_hf(folder)
-    tokens, _ = _batch()
+    tokens, _ = hf_parity.batch()
     n0, n1 = 7, 9
     rows = np.stack(
         [np.r_[tokens[0, :n0], tokens[1, : SEQ - n0]], np.r_[tokens[1, :n1], tokens[0, : SEQ - n1]]]
@@ -134,7 +127,7 @@ def test_packed_rows_equal_each_example_alone(family):
     positions = np.stack(
         [np.r_[np.arange(n0), np.arange(SEQ - n0)], np.r_[np.arange(n1), np.arange(SEQ - n1)]]
     )
-    out = _our_logits(cfg, params, rows, segments, positions)
+    out = hf_parity.our_logits(cfg, params, rows, segments, positions)
     for got, want in [
         (out[0, :n0], ref[0, :n0]),
         (out[0, n0:], ref[1, : SEQ - n0]),
@@ -148,7 +141,7 @@ def test_load_balancing_loss_equals_transformers(family):
     """transformers' aux_loss (output_router_logits=True, the padded batch's attention
     mask) is ours over real tokens; padding changes neither."""
     _, model, folder, _ = family
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     with torch.no_grad():
         out = model(
             input_ids=torch.tensor(tokens),
@@ -199,9 +192,11 @@ def test_export_is_bitwise_and_reloads_in_transformers(family, tmp_path):
     hf.save_hf(cfg, params, str(tmp_path))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(reloaded) is type(model)
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5)
+    np.testing.assert_allclose(
+        hf_parity.torch_logits(reloaded, tokens, mask)[real], ref[real], atol=1e-5
+    )
 
 
 def test_transformers_fused_layout_imports(family, tmp_path):
@@ -228,15 +223,17 @@ def _safetensors(folder):
 def test_fine_tuned_export_gives_the_runs_logits(family, tmp_path):
     _, _, folder, ref = family
     cfg, params = hf.load_hf(folder)
-    tuned, losses = _fine_tune(cfg, params)
+    tuned, losses = hf_parity.fine_tune(cfg, params)
     assert losses[-1] < losses[0]
     hf.save_hf(cfg, tuned, str(tmp_path))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     real = mask.astype(bool)
-    ours = _our_logits(cfg, tuned, tokens, mask)
+    ours = hf_parity.our_logits(cfg, tuned, tokens, mask)
     assert np.abs(ours[real] - ref[real]).max() > 1e-2
-    np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask)[real], ours[real], atol=1e-4)
+    np.testing.assert_allclose(
+        hf_parity.torch_logits(reloaded, tokens, mask)[real], ours[real], atol=1e-4
+    )
 
 
 def _hf_names_of_torch_grads(model, cfg) -> dict:
@@ -275,7 +272,7 @@ def test_train_step_gradient_is_transformers_loss_with_its_aux_loss(family):
     name, model, folder, _ = family
     cfg, params = hf.load_hf(folder)
     cfg = dataclasses.replace(cfg, router_aux_loss_coef=0.3)  # large enough to matter
-    tokens, mask = _batch()
+    tokens, mask = hf_parity.batch()
     labels = np.where(mask.astype(bool), tokens, -100)
     model.zero_grad()
     coef, model.router_aux_loss_coef = model.router_aux_loss_coef, 0.3  # read by forward
@@ -337,11 +334,10 @@ def test_router_losses_are_the_mean_over_micro_batches(family):
     import optax
 
     from sft_jax import steps
-    from tests.test_families import train_batch
 
     _, _, folder, _ = family
     cfg, params = hf.load_hf(folder)
-    batch = train_batch(*_batch())
+    batch = hf_parity.train_batch(*hf_parity.batch())
     tx = optax.sgd(0.0)
     state = steps.state_from_params(jax.tree.map(jnp.asarray, params), jax.random.key(0), tx)
     step = functools.partial(

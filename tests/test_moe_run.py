@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from sft_jax import hf
-from tests.test_families import _our_logits, _torch_logits
+from tests import hf_parity
 from tests.test_train import _main
 
 pytestmark = pytest.mark.slow
@@ -68,9 +68,9 @@ def test_main_trains_a_qwen3_moe_folder_with_expert_parallelism_and_exports_it(t
     tokens = np.random.default_rng(0).integers(0, 50257, (2, 12))
     mask = np.ones_like(tokens)
     cfg, params = hf.load_hf(str(workdir / "hf"))
-    ours = _our_logits(cfg, params, tokens, mask)
-    np.testing.assert_allclose(_torch_logits(exported, tokens, mask), ours, atol=1e-4)
-    assert np.abs(ours - _torch_logits(model, tokens, mask)).max() > 1e-3  # it trained
+    ours = hf_parity.our_logits(cfg, params, tokens, mask)
+    np.testing.assert_allclose(hf_parity.torch_logits(exported, tokens, mask), ours, atol=1e-4)
+    assert np.abs(ours - hf_parity.torch_logits(model, tokens, mask)).max() > 1e-3  # it trained
 
 
 def test_lora_on_experts_trains_with_expert_parallelism_and_exports_for_peft(tmp_path):
@@ -103,9 +103,9 @@ def test_lora_on_experts_trains_with_expert_parallelism_and_exports_for_peft(tmp
     assert written["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     tokens = np.random.default_rng(1).integers(0, 50257, (2, 12))
     mask = np.ones_like(tokens)
-    before = _torch_logits(model, tokens, mask)  # PEFT wraps the model in place below
+    before = hf_parity.torch_logits(model, tokens, mask)  # PEFT wraps the model in place below
     adapted = peft.PeftModel.from_pretrained(model, str(workdir / "adapter")).eval()
     merged = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").eval()
-    want = _torch_logits(merged, tokens, mask)
-    np.testing.assert_allclose(_torch_logits(adapted, tokens, mask), want, atol=1e-4)
+    want = hf_parity.torch_logits(merged, tokens, mask)
+    np.testing.assert_allclose(hf_parity.torch_logits(adapted, tokens, mask), want, atol=1e-4)
     assert np.abs(want - before).max() > 1e-4  # the adapters changed the model
