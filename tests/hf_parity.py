@@ -79,3 +79,46 @@ def fine_tune(cfg, params, n_steps=3):
         state, metrics = step(state, rows)
         losses.append(float(metrics["loss"]))
     return state.params, losses
+
+
+def packed_rows_error(cfg, params, ref) -> float:
+    """Rows of two examples each (positions restart, segment ids differ), both longer than
+    the window: the largest difference between our logits of each packed example and
+    `ref`, transformers' logits of `batch()`'s rows alone (a causal model's logits of a
+    prefix are the prefix's). Same shape as `batch()`: the same compiled forward."""
+    tokens, _ = batch()
+    n0, n1 = 7, 9  # the first example's length in each row; the second fills the row
+    rows = np.stack(
+        [np.r_[tokens[0, :n0], tokens[1, : SEQ - n0]], np.r_[tokens[1, :n1], tokens[0, : SEQ - n1]]]
+    )
+    segments = np.stack([np.r_[[1] * n0, [2] * (SEQ - n0)], np.r_[[1] * n1, [2] * (SEQ - n1)]])
+    positions = np.stack(
+        [np.r_[np.arange(n0), np.arange(SEQ - n0)], np.r_[np.arange(n1), np.arange(SEQ - n1)]]
+    )
+    out = our_logits(cfg, params, rows, segments, positions)
+    pairs = [
+        (out[0, :n0], ref[0, :n0]),
+        (out[0, n0:], ref[1, : SEQ - n0]),
+        (out[1, :n1], ref[1, :n1]),
+        (out[1, n1:], ref[0, : SEQ - n1]),
+    ]
+    return max(float(np.abs(got - want).max()) for got, want in pairs)
+
+
+def shifted_batch(tokens, mask) -> dict:
+    """`train_batch` with transformers' label shift: position t predicts token t + 1 and
+    counts where both are real (labels -100 on padding)."""
+    rows = train_batch(tokens, mask)
+    rows["loss_mask"] = jnp.asarray(mask * np.roll(mask, -1, axis=1), jnp.float32).at[:, -1].set(0)
+    return rows
+
+
+def sgd_step(cfg, params, rows) -> tuple[dict, dict]:
+    """(the gradient, as the change one SGD step of learning rate 1 makes to every
+    parameter, and the step's metrics) of `steps.train_step` on `rows`."""
+    tx = optax.sgd(1.0)
+    state = steps.state_from_params(jax.tree.map(jnp.asarray, params), jax.random.key(0), tx)
+    step = functools.partial(steps.train_step, model=GPT(cfg), tx=tx, schedule=lambda s: 0.0)
+    new, metrics = jax.jit(step)(state, rows)
+    grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, new.params)
+    return grads, metrics
